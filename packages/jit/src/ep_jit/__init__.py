@@ -1,0 +1,67 @@
+"""ep-jit: compile, cache and launch CUDA C++ kernels; symmetric peer memory; test helpers.
+
+Start with :class:`KernelSpec` and :func:`build` (``spec.py``, ``launch.py``), then
+:class:`SymmetricBuffer` (``symm.py``). Environment variables are in :mod:`ep_jit.knobs`; the
+multi-process test launcher and timers are in :mod:`ep_jit.testing`. Importing this package
+initialises no CUDA context and compiles nothing.
+"""
+
+from __future__ import annotations
+
+from ep_jit import knobs as knobs
+from ep_jit._version import __version__ as __version__
+from ep_jit.cache import CacheEntry as CacheEntry
+from ep_jit.cache import CacheStats as CacheStats
+from ep_jit.cache import cache_stats as cache_stats
+from ep_jit.cache import clear_memory_cache as clear_memory_cache
+from ep_jit.cache import compile_spec as compile_spec
+from ep_jit.cache import reset_cache_stats as reset_cache_stats
+from ep_jit.compiler import FunctionUsage as FunctionUsage
+from ep_jit.compiler import parse_ptxas as parse_ptxas
+from ep_jit.errors import JitCompileError as JitCompileError
+from ep_jit.errors import JitError as JitError
+from ep_jit.errors import JitLaunchError as JitLaunchError
+from ep_jit.errors import JitPtxasCheckError as JitPtxasCheckError
+from ep_jit.errors import JitTimeoutError as JitTimeoutError
+from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
+from ep_jit.launch import Kernel as Kernel
+from ep_jit.launch import build as build
+from ep_jit.spec import KernelSpec as KernelSpec
+from ep_jit.symm import SymmetricBuffer as SymmetricBuffer
+from ep_jit.symm import is_single_nvlink_domain as is_single_nvlink_domain
+from ep_jit.toolchain import include_roots as include_roots
+from ep_jit.toolchain import register_include_root as register_include_root
+from ep_jit.toolchain import resolve_arch as resolve_arch
+from ep_jit.toolchain import unregister_include_root as unregister_include_root
+from ep_jit.watchdog import DeviceWatchdog as DeviceWatchdog
+from ep_jit.watchdog import WaitContext as WaitContext
+
+__all__ = [
+    "CacheEntry",
+    "CacheStats",
+    "DeviceWatchdog",
+    "FunctionUsage",
+    "JitCompileError",
+    "JitError",
+    "JitLaunchError",
+    "JitPtxasCheckError",
+    "JitTimeoutError",
+    "Kernel",
+    "KernelSpec",
+    "SymmetricBuffer",
+    "WaitContext",
+    "__version__",
+    "build",
+    "cache_stats",
+    "clear_memory_cache",
+    "compile_spec",
+    "include_roots",
+    "is_single_nvlink_domain",
+    "iter_shipped_kernels",
+    "knobs",
+    "parse_ptxas",
+    "register_include_root",
+    "reset_cache_stats",
+    "resolve_arch",
+    "unregister_include_root",
+]

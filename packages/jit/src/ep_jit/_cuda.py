@@ -1,0 +1,89 @@
+"""Thin helpers over ``cuda.bindings.driver``: result checking and torch's primary context.
+
+Importing this module loads no driver library; the first driver call does.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from cuda.bindings import driver
+
+from ep_jit.errors import JitLaunchError
+
+__all__ = ["check", "current_stream_handle", "driver", "ensure_context"]
+
+_SUCCESS = driver.CUresult.CUDA_SUCCESS
+_init_lock = threading.Lock()
+_initialized = False
+_primary: dict[int, Any] = {}
+
+
+def _error_name(err: object) -> str:
+    try:
+        res, name = driver.cuGetErrorName(err)
+        if res == _SUCCESS and name:
+            return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # the name is a courtesy; never mask the original failure
+        pass
+    return str(err)
+
+
+def check(call: str, result: object, detail: str = "") -> Any:
+    """Unpacks a cuda-bindings result tuple, raising on any error.
+
+    Args:
+        call: Name of the driver function, for the message.
+        result: What the binding returned: ``(CUresult, *values)`` or a bare ``CUresult``.
+        detail: Context added to the message (kernel name, sizes).
+
+    Returns:
+        ``None``, the single value, or a tuple of values.
+
+    Raises:
+        JitLaunchError: The ``CUresult`` is not ``CUDA_SUCCESS``.
+    """
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    if err != _SUCCESS:
+        raise JitLaunchError(call, _error_name(err), detail)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def ensure_context(device: int) -> None:
+    """Makes torch's primary context of ``device`` current on this thread (no-op if it is).
+
+    torch initialises CUDA lazily; driver calls made before torch touched the device would
+    otherwise fail with ``CUDA_ERROR_INVALID_CONTEXT`` or create a context torch does not use.
+    """
+    global _initialized
+    if not _initialized:
+        with _init_lock:
+            torch.cuda.current_device()  # torch initialises CUDA lazily
+            check("cuInit", driver.cuInit(0))
+            _initialized = True
+    ctx = check("cuCtxGetCurrent", driver.cuCtxGetCurrent())
+    if ctx is not None and int(ctx) != 0:
+        current = check("cuCtxGetDevice", driver.cuCtxGetDevice())
+        if int(current) == device:
+            return
+    primary = _primary.get(device)
+    if primary is None:
+        dev = check("cuDeviceGet", driver.cuDeviceGet(device))
+        # Retained once per device for the life of the process: the same context the CUDA
+        # runtime (and so torch) uses.
+        primary = _primary[device] = check(
+            "cuDevicePrimaryCtxRetain", driver.cuDevicePrimaryCtxRetain(dev)
+        )
+    check("cuCtxSetCurrent", driver.cuCtxSetCurrent(primary))
+
+
+def current_stream_handle() -> int:
+    """The raw ``cudaStream_t`` of torch's current stream on the current device."""
+    return int(torch.cuda.current_stream().cuda_stream)

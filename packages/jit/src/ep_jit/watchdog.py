@@ -1,0 +1,131 @@
+"""Host side of device timeouts: turns a stuck spin wait into a ``JitTimeoutError``.
+
+A :class:`DeviceWatchdog` owns one ``ep_jit::ErrorRecord`` in pinned host memory (readable even
+after a kernel trapped and killed the context) and one claim word in device memory. Kernels take
+``watchdog.context()`` (an ``ep_jit::WaitContext`` by value) and call ``ep_jit::wait_ge`` /
+``wait_until`` from ``<ep_jit/smxx_timeout.cuh>``; after the kernel (or when a sync raises),
+``watchdog.check()`` raises a ``JitTimeoutError`` naming the stage and the peer::
+
+    wd = DeviceWatchdog(stages=["notify", "recv"], rank=rank, timeout_s=30)
+    kernel.launch(grid, block, ..., wd.context())
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as exc:  # the kernel trapped
+        wd.check(cause=exc)
+        raise
+    wd.check()
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ep_jit.errors import JitTimeoutError
+
+__all__ = ["ERROR_TIMEOUT", "DeviceWatchdog", "WaitContext"]
+
+ERROR_TIMEOUT = 1
+"""``ep_jit::kErrorTimeout``."""
+
+_RECORD_WORDS = 8  # 64 bytes as int64; field offsets mirror smxx_timeout.cuh
+
+
+class WaitContext(ctypes.Structure):
+    """``ep_jit::WaitContext`` (32 bytes), passed to kernels by value."""
+
+    _fields_ = [
+        ("record", ctypes.c_void_p),
+        ("claim", ctypes.c_void_p),
+        ("timeout_ns", ctypes.c_uint64),
+        ("rank", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+assert ctypes.sizeof(WaitContext) == 32  # internal invariant shared with the header
+
+
+class DeviceWatchdog:
+    """A failure record that kernels fill in when a wait times out.
+
+    Args:
+        stages: Names of the stage ids kernels pass to the waits (a list indexes from 0).
+        rank: This process's rank, reported in the error.
+        timeout_s: How long a wait may spin before it records a timeout.
+        device: CUDA device of the claim word; default the current device.
+
+    Raises:
+        ValueError: ``timeout_s`` is not positive.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[str] | Mapping[int, str] = (),
+        *,
+        rank: int = 0,
+        timeout_s: float = 100.0,
+        device: torch.device | int | str | None = None,
+    ) -> None:
+        """Allocates the record and the claim word (see the class docstring)."""
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.stages: dict[int, str] = (
+            dict(stages) if isinstance(stages, Mapping) else dict(enumerate(stages))
+        )
+        self.rank = rank
+        self.timeout_s = timeout_s
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if device is None
+            else (torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+        )
+        # Pinned host memory is device-accessible at the same address under UVA.
+        self._record = torch.zeros(_RECORD_WORDS, dtype=torch.int64, pin_memory=True)
+        self._claim = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def context(self) -> WaitContext:
+        """The ``ep_jit::WaitContext`` to pass to a kernel."""
+        return WaitContext(
+            record=self._record.data_ptr(),
+            claim=self._claim.data_ptr(),
+            timeout_ns=int(self.timeout_s * 1e9),
+            rank=self.rank,
+            reserved=0,
+        )
+
+    def _fields(self) -> tuple[int, int, int, int, int, int, int, int]:
+        raw = bytes(ctypes.string_at(self._record.data_ptr(), 64))
+        i32 = [int.from_bytes(raw[i : i + 4], "little", signed=True) for i in range(0, 24, 4)]
+        i64 = [int.from_bytes(raw[i : i + 8], "little", signed=True) for i in (24, 32)]
+        return (*i32, *i64)  # type: ignore[return-value]
+
+    @property
+    def failed(self) -> bool:
+        """Whether a kernel recorded a failure (reads host memory; does not synchronise)."""
+        return self._fields()[0] != 0
+
+    def check(self, cause: BaseException | None = None) -> None:
+        """Raises if a failure was recorded. Call after synchronising with the kernel's stream.
+
+        Args:
+            cause: The exception that revealed the failure (e.g. a launch failure after a trap);
+                chained as ``__cause__``.
+
+        Raises:
+            JitTimeoutError: A wait timed out; names the stage, the peer and the values.
+        """
+        code, stage, peer, rank, block, thread, observed, expected = self._fields()
+        if code == 0:
+            return
+        name = self.stages.get(stage, f"stage {stage}")
+        if code != ERROR_TIMEOUT:
+            name = f"{name} (error code {code})"
+        raise JitTimeoutError(name, peer, rank, observed, expected, block, thread) from cause
+
+    def reset(self) -> None:
+        """Clears the record and the claim word (the latter on the current stream, async)."""
+        self._record.zero_()
+        self._claim.zero_()
