@@ -1,0 +1,330 @@
+// High-throughput intranode combine over NVLink (Hopper, TMA), the reverse of sm90_ht_dispatch.
+//
+// Push warps walk the (chunk, source) units of the dispatch that made the handle (same chunks,
+// same rows), TMA-load each received row of `x` and TMA-store it into the source's region
+// (`cdata[from = me][source token]`), with the row's top-k weights beside it; rows of this rank's
+// own tokens are not moved. A finished unit raises its flag at the source.
+//
+// Reducer warps own chunks of this rank's tokens: once every peer has raised the chunk's flag they
+// add, per token and in increasing rank order, the float32 values of every contribution (own rows
+// read straight from `x`), then the biases, and store bf16. Reduction overlaps the transfer.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cuda/std/cstdint>
+
+#include <ep_core/smxx_ht_common.cuh>
+
+namespace ep_core {
+
+struct HtCombineArgs {
+    const uint8_t* x;              // [M, H] bf16, rows in dispatch order
+    const float* topk_weights;     // [M, k] or null
+    const int32_t* src_meta;       // [M, 2] (src_rank * Nmax + src_token, src_rank)
+    const int32_t* psum_rank;      // [R] inclusive
+    const int32_t* chunk_end;      // [R, Cmax]
+    const int32_t* nchunks;        // [R]
+    const int64_t* topk_idx;       // [T, k] this rank's tokens
+    const int32_t* send_row;       // [T, R]
+    const uint8_t* bias0;          // [T, H] bf16 or null
+    const uint8_t* bias1;          // [T, H] bf16 or null
+    const uint64_t* peer_bases;    // [R]
+    uint8_t* out;                  // [T, H] bf16
+    float* out_weights;            // [T, k] or null
+    ErrorRecord* error;
+    int64_t num_tokens;
+    int64_t num_max_tokens;
+    int64_t num_local_experts;
+    int64_t max_chunks;
+    int64_t timeout_cycles;
+    int64_t rank;
+    SymLayout lay;
+};
+
+enum CombineStage : int {
+    kStageCombineChunk = 11,
+    kStageCombineLoad = 12,
+    kStageCombineArrive = 13,
+};
+
+template <int kRanks, int kTopk, int kHidden, int kNumPushWarps, int kNumReduceWarps, int kSlots,
+          int kChunk>
+struct HtCombine {
+    static constexpr int kRowBytes = kHidden * 2;
+    static constexpr int kWBytes = (kTopk * 4 + 15) / 16 * 16;
+    // bf16 row | top-k weights, padded to whole 128-byte lines.
+    static constexpr int kPayload = (kRowBytes + kWBytes + 127) / 128 * 128;
+    static constexpr int kThreads = (kNumPushWarps + kNumReduceWarps) * 32;
+    static constexpr int kVecs = kHidden / 8;  // 16-byte vectors per row
+    // Vectors per lane in flight in the reducer (x up to kRanks sources).
+    static constexpr int kUnroll = kRanks <= 2 ? 8 : (kRanks <= 4 ? 4 : 2);
+    static_assert(kHidden % 8 == 0, "hidden must be a multiple of 8");
+
+    static constexpr int64_t smem_bytes() {
+        return static_cast<int64_t>(kNumPushWarps) * kSlots * (kPayload + 8 + 4);
+    }
+
+    struct Unit {
+        int64_t u, i, end;
+        int s;
+        bool valid;
+    };
+
+    // Next unit at or after `u` that this rank must push (source != me, chunk exists).
+    static __device__ __forceinline__ void next_unit(const HtCombineArgs& a, Unit& cur, int64_t u,
+                                                     int64_t nunits, int64_t stride, int nch_lane) {
+        const int me = static_cast<int>(a.rank);
+        for (; u < nunits; u += stride) {
+            const int s = static_cast<int>(u % kRanks);
+            const int64_t c = u / kRanks;
+            if (s == me || c >= __shfl_sync(0xffffffffu, nch_lane, s)) continue;
+            cur.u = u;
+            cur.s = s;
+            cur.i = c == 0 ? 0 : a.chunk_end[s * a.max_chunks + c - 1];
+            cur.end = a.chunk_end[s * a.max_chunks + c];
+            cur.valid = true;
+            return;
+        }
+        cur.valid = false;
+    }
+
+    // Lane 0 only: raise unit `u`'s flag at source `s` (its stores must be complete).
+    static __device__ __forceinline__ void raise_flag(const HtCombineArgs& a, int64_t u, int s,
+                                                      uint32_t tag, int parity) {
+        fence_proxy_async();
+        auto* flag = reinterpret_cast<uint64_t*>(
+                         peer_ptr(a.peer_bases, s, a.lay.region[parity] + a.lay.cflag)) +
+                     a.rank * a.max_chunks + u / kRanks;
+        st_release_sys(flag, make_tagged(tag, 0));
+    }
+
+    // Fills slot `item` with received row `o` (data by TMA, weights by lanes) and records the
+    // source token it returns to.
+    static __device__ __forceinline__ void stage_row(const HtCombineArgs& a,
+                                                     const WarpRing<kSlots, kPayload>& ring,
+                                                     int32_t* tok_of_slot, int64_t item, int64_t o,
+                                                     int s, int lane) {
+        uint8_t* slot = ring.slot(item);
+        if (lane == 0) {
+            uint64_t* bar = &ring.bars[item % kSlots];
+            mbar_expect_tx(bar, kRowBytes);
+            tma_load(slot, a.x + o * kRowBytes, kRowBytes, bar);
+            tok_of_slot[item % kSlots] =
+                static_cast<int32_t>(a.src_meta[o * 2] - s * a.num_max_tokens);
+        }
+        if (lane < kTopk)
+            reinterpret_cast<float*>(slot + kRowBytes)[lane] =
+                a.topk_weights != nullptr ? a.topk_weights[o * kTopk + lane] : 0.0f;
+        fence_proxy_async_smem();
+        __syncwarp();
+    }
+
+    static __device__ __forceinline__ void push(const HtCombineArgs& a, const WaitContext& ctx,
+                                                WarpRing<kSlots, kPayload> ring, int32_t* tok_of_slot,
+                                                int gw, int nw, uint32_t tag, int parity, int lane) {
+        const int me = static_cast<int>(a.rank);
+        const int nch_lane = lane < kRanks ? a.nchunks[lane] : 0;
+        int max_nch = nch_lane;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) max_nch = max(max_nch, __shfl_xor_sync(0xffffffffu, max_nch, o));
+        const int base_lane = lane < kRanks && lane > 0 ? a.psum_rank[lane - 1] : 0;
+        const int64_t nunits = static_cast<int64_t>(max_nch) * kRanks;
+        const int64_t region = a.lay.region[parity];
+
+        // Units may be empty; they still raise their flag (at once: nothing to wait for). A unit
+        // with rows raises its flag one unit later, once its stores are known complete without
+        // draining the pipeline (`since` = groups committed after the pending unit).
+        Unit ld, pr;
+        next_unit(a, ld, gw, nunits, nw, nch_lane);
+        while (ld.valid && ld.i == ld.end) {  // leading empty units
+            if (lane == 0) raise_flag(a, ld.u, ld.s, tag, parity);
+            next_unit(a, ld, ld.u + nw, nunits, nw, nch_lane);
+        }
+        pr = ld;
+        auto src_row = [&](const Unit& cur) {
+            return __shfl_sync(0xffffffffu, base_lane, cur.s) + cur.i;
+        };
+        auto step_ld = [&]() {
+            if (++ld.i < ld.end) return;
+            do next_unit(a, ld, ld.u + nw, nunits, nw, nch_lane);
+            while (ld.valid && ld.i == ld.end);
+        };
+        int64_t n_loaded = 0;
+        for (; n_loaded < kSlots - 1 && ld.valid; ++n_loaded) {
+            stage_row(a, ring, tok_of_slot, n_loaded, src_row(ld), ld.s, lane);
+            step_ld();
+        }
+        int64_t pending_u = -1;
+        int pending_s = 0, since = 0;
+        for (int64_t item = 0; pr.valid; ++item) {
+            bool ok = true;
+            if (lane == 0) {
+                ok = ring.wait(ctx, item, kStageCombineLoad);
+                if (ok) {
+                    const int64_t idx = me * a.num_max_tokens + tok_of_slot[item % kSlots];
+                    tma_store(peer_ptr(a.peer_bases, pr.s, region + a.lay.data) + idx * kPayload,
+                              ring.slot(item), kPayload);
+                }
+                tma_commit();
+            }
+            if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
+            ++since;
+            if (ld.valid) {
+                if (lane == 0) tma_wait_read<1>();
+                __syncwarp();
+                stage_row(a, ring, tok_of_slot, n_loaded++, src_row(ld), ld.s, lane);
+                step_ld();
+            }
+            if (++pr.i == pr.end) {
+                if (pending_u >= 0 && lane == 0) {
+                    tma_wait_group_dyn(since);
+                    raise_flag(a, pending_u, pending_s, tag, parity);
+                }
+                pending_u = pr.u;
+                pending_s = pr.s;
+                since = 0;
+                next_unit(a, pr, pr.u + nw, nunits, nw, nch_lane);
+                while (pr.valid && pr.i == pr.end) {
+                    if (lane == 0) raise_flag(a, pr.u, pr.s, tag, parity);
+                    next_unit(a, pr, pr.u + nw, nunits, nw, nch_lane);
+                }
+            }
+        }
+        if (pending_u >= 0 && lane == 0) {
+            tma_wait_all();
+            raise_flag(a, pending_u, pending_s, tag, parity);
+        }
+    }
+
+    static __device__ __forceinline__ void add_row(float (&acc)[8], const int4& v) {
+        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const float2 f = __bfloat1622float2(h[q]);
+            acc[2 * q] = __fadd_rn(acc[2 * q], f.x);
+            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], f.y);
+        }
+    }
+
+    static __device__ __forceinline__ void reduce(const HtCombineArgs& a, const WaitContext& ctx,
+                                                  int gw, int nw, uint32_t tag, int parity,
+                                                  int lane) {
+        const int me = static_cast<int>(a.rank);
+        const int64_t T = a.num_tokens;
+        const int64_t nchunks = (T + kChunk - 1) / kChunk;
+        const uint8_t* region = peer_ptr(a.peer_bases, me, a.lay.region[parity]);
+        const int64_t my_base = me > 0 ? a.psum_rank[me - 1] : 0;
+        for (int64_t c = gw; c < nchunks; c += nw) {
+            // Every lane acquires every peer's flag, so its own later loads are ordered.
+            for (int d = 0; d < kRanks; ++d) {
+                if (d == me) continue;
+                const auto* flag =
+                    reinterpret_cast<const uint64_t*>(region + a.lay.cflag) + d * a.max_chunks + c;
+                if (!warp_wait_tag(ctx, flag, tag, nullptr, kStageCombineChunk, d)) return;
+            }
+            const int64_t t_end = min((c + 1) * kChunk, T);
+            for (int64_t t = c * kChunk; t < t_end; ++t) {
+                const int32_t row = lane < kRanks ? a.send_row[t * kRanks + lane] : -1;
+                const uint32_t mask = __ballot_sync(0xffffffffu, row >= 0);
+                const int64_t my_row = __shfl_sync(0xffffffffu, row, me);
+                const int4* srcs[kRanks];
+#pragma unroll
+                for (int d = 0; d < kRanks; ++d)
+                    srcs[d] = reinterpret_cast<const int4*>(
+                        d == me ? a.x + (my_base + my_row) * kRowBytes
+                                : region + a.lay.data + (d * a.num_max_tokens + t) * kPayload);
+                auto* dst = reinterpret_cast<int4*>(a.out + t * kRowBytes);
+                const auto* b0 = reinterpret_cast<const int4*>(a.bias0 + t * kRowBytes);
+                const auto* b1 = reinterpret_cast<const int4*>(a.bias1 + t * kRowBytes);
+                // -0.0 is the identity of IEEE addition, so the sum starts from the first
+                // contribution exactly; with nothing at all the result is +0.
+                const bool empty = mask == 0 && a.bias0 == nullptr && a.bias1 == nullptr;
+                for (int v0 = lane; v0 < kVecs; v0 += 32 * kUnroll) {
+                    int4 vals[kUnroll][kRanks];
+#pragma unroll
+                    for (int u = 0; u < kUnroll; ++u) {
+                        const int v = v0 + 32 * u;
+#pragma unroll
+                        for (int d = 0; d < kRanks; ++d)
+                            if (v < kVecs && (mask & (1u << d))) vals[u][d] = srcs[d][v];
+                    }
+#pragma unroll
+                    for (int u = 0; u < kUnroll; ++u) {
+                        const int v = v0 + 32 * u;
+                        if (v >= kVecs) break;
+                        float acc[8];
+#pragma unroll
+                        for (int q = 0; q < 8; ++q) acc[q] = empty ? 0.0f : -0.0f;
+#pragma unroll
+                        for (int d = 0; d < kRanks; ++d)
+                            if (mask & (1u << d)) add_row(acc, vals[u][d]);
+                        if (a.bias0 != nullptr) add_row(acc, b0[v]);
+                        if (a.bias1 != nullptr) add_row(acc, b1[v]);
+                        int4 outv;
+                        auto* h = reinterpret_cast<__nv_bfloat162*>(&outv);
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+                        dst[v] = outv;
+                    }
+                }
+                if (a.out_weights != nullptr && lane < kTopk) {
+                    const int64_t e = a.topk_idx[t * kTopk + lane];
+                    float w = 0.0f;
+                    if (e >= 0) {
+                        const int d = static_cast<int>(e / a.num_local_experts);
+                        w = d == me ? a.topk_weights[(my_base + my_row) * kTopk + lane]
+                                    : reinterpret_cast<const float*>(
+                                          region + a.lay.data +
+                                          (d * a.num_max_tokens + t) * kPayload + kRowBytes)[lane];
+                    }
+                    a.out_weights[t * kTopk + lane] = w;
+                }
+            }
+        }
+    }
+
+    static __device__ __forceinline__ void run(const HtCombineArgs& a) {
+        extern __shared__ __align__(128) uint8_t smem[];
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const int me = static_cast<int>(a.rank);
+        auto* ctrl = reinterpret_cast<Ctrl*>(peer_ptr(a.peer_bases, me, a.lay.ctrl));
+        const uint64_t epoch = *reinterpret_cast<volatile uint64_t*>(&ctrl->epoch) + 1;
+        const uint32_t tag = static_cast<uint32_t>(epoch);
+        const int parity = static_cast<int>(epoch & 1);
+        const WaitContext ctx{a.error, &ctrl->abort, a.timeout_cycles, me};
+
+        if (blockIdx.x == 0 && warp == 0) announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
+        if (warp < kNumPushWarps) {
+            const int64_t slot_bytes = static_cast<int64_t>(kNumPushWarps) * kSlots * kPayload;
+            auto* bars = reinterpret_cast<uint64_t*>(smem + slot_bytes);
+            auto* toks = reinterpret_cast<int32_t*>(bars + kNumPushWarps * kSlots);
+            WarpRing<kSlots, kPayload> ring{smem + static_cast<int64_t>(warp) * kSlots * kPayload,
+                                            bars + warp * kSlots};
+            ring.init(lane);
+            push(a, ctx, ring, toks + warp * kSlots, blockIdx.x * kNumPushWarps + warp,
+                 gridDim.x * kNumPushWarps, tag, parity, lane);
+            if (lane == 0) tma_wait_all();
+        } else {
+            reduce(a, ctx, blockIdx.x * kNumReduceWarps + (warp - kNumPushWarps),
+                   gridDim.x * kNumReduceWarps, tag, parity, lane);
+        }
+        __syncthreads();
+        if (finish_cta(ctrl) && threadIdx.x == 0) {
+            __threadfence();
+            wait_all_started<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, kStageCombineArrive);
+            ctrl->finish = 0;
+            ctrl->epoch = epoch;
+            __threadfence_system();
+        }
+    }
+};
+
+// Entry point for the JIT's generated wrapper (one instantiation per shape).
+template <int kRanks, int kTopk, int kHidden, int kNumPushWarps, int kNumReduceWarps, int kSlots,
+          int kChunk>
+__device__ __forceinline__ void ht_combine(const HtCombineArgs& args) {
+    HtCombine<kRanks, kTopk, kHidden, kNumPushWarps, kNumReduceWarps, kSlots, kChunk>::run(args);
+}
+
+}  // namespace ep_core

@@ -1,0 +1,462 @@
+// High-throughput intranode dispatch over NVLink (Hopper, TMA).
+//
+// One launch of `num_sms` CTAs, each with kNumSendWarps sender warps and kNumRecvWarps receiver
+// warps. Tokens are cut into chunks of kChunk consecutive tokens; sender warp g owns chunks
+// g, g + G, ... (G = all sender warps). For each token a warp assembles one "payload" row in a
+// shared-memory slot (the token's data by TMA load, its scale packs and metadata by lane stores)
+// and TMA-stores the whole payload into the staging region of every destination rank at
+// `data[src = me][send_row]`. When a warp has finished a chunk it waits for its stores to complete
+// and raises the chunk's flag at every destination (tagged with the epoch, low half = the chunk's
+// end row for that destination).
+//
+// Receiver warps take the (chunk, source) units in the same order, wait for the unit's flag,
+// TMA-load each payload row from the local staging region and write the outputs: the data by TMA
+// store into the packed output (row = rows of lower sources + row inside the source), scale packs,
+// local expert ids, weights and source metadata by lane stores. Copy-out overlaps the transfer.
+#pragma once
+
+#include <cuda/std/cstdint>
+
+#include <ep_core/smxx_ht_common.cuh>
+
+namespace ep_core {
+
+struct HtDispatchArgs {
+    const uint8_t* x;             // [T, row bytes]
+    const uint32_t* x_sf;         // [T, P] 4-byte packs (any strides), may be null
+    const int64_t* topk_idx;      // [T, k]
+    const float* topk_weights;    // [T, k] or null
+    const int32_t* send_row;      // [T, R] from the layout kernel
+    const int32_t* chunk_prefix;  // [nchunks + 1, R]
+    const uint64_t* peer_bases;   // [R] base address of every rank's symmetric buffer
+    uint8_t* out_x;               // [R * Nmax, row bytes]
+    uint32_t* out_sf;             // [R * Nmax, P] or null
+    int64_t* out_topk_idx;        // [R * Nmax, k]
+    float* out_topk_weights;      // [R * Nmax, k] or null
+    int32_t* out_src_meta;        // [R * Nmax, 2]
+    int32_t* out_counts;          // [R psum per source | El counts | El aligned psum], zeroed
+    int32_t* out_chunk_end;       // [R, Cmax]
+    int32_t* out_nchunks;         // [R]
+    ErrorRecord* error;           // host-mapped
+    int64_t sf_stride_t;          // in 4-byte elements
+    int64_t sf_stride_p;
+    int64_t num_tokens;
+    int64_t num_max_tokens;
+    int64_t num_local_experts;
+    int64_t max_chunks;
+    int64_t expert_alignment;
+    int64_t timeout_cycles;
+    int64_t rank;
+    SymLayout lay;
+};
+
+enum DispatchStage : int {
+    kStageDispatchInfo = 1,
+    kStageDispatchChunk = 2,
+    kStageDispatchLoad = 3,
+    kStageDispatchArrive = 4,
+};
+
+template <int kRanks, int kTopk, int kRowBytes, int kNumSF, int kNumSendWarps, int kNumRecvWarps,
+          int kSendSlots, int kRecvSlots, int kChunk>
+struct HtDispatch {
+    static constexpr int kSFBytes = (kNumSF * 4 + 15) / 16 * 16;
+    static constexpr int kMetaBytes = (8 + 12 * kTopk + 15) / 16 * 16;
+    // Rows are padded to whole 128-byte lines: NVLink and HBM writes of partial lines cost more.
+    static constexpr int kPayload = (kRowBytes + kSFBytes + kMetaBytes + 127) / 128 * 128;
+    static constexpr int kThreads = (kNumSendWarps + kNumRecvWarps) * 32;
+    static constexpr int kNumSendSlots = kNumSendWarps * kSendSlots;
+    static constexpr int kNumSlots = kNumSendSlots + kNumRecvWarps * kRecvSlots;
+    static constexpr int kInfoInts = 1 + kRanks;  // per send slot: mask, rows per destination
+    static_assert(kRanks <= 32 && kTopk <= 32, "ranks and top-k must fit a warp");
+    static_assert(kRowBytes % 16 == 0, "rows must be a multiple of 16 bytes");
+
+    static constexpr int64_t smem_bytes(int64_t num_local_experts) {
+        return static_cast<int64_t>(kNumSlots) * kPayload + kNumSlots * 8 +
+               kNumSendSlots * kInfoInts * 4 + num_local_experts * 4;
+    }
+    static_assert(kChunk <= 8, "lagged chunk flags wait with at most 8 groups in flight");
+
+    // ---- sender -------------------------------------------------------------------------------
+    struct SendCursor {
+        int64_t c, t, t_end;
+        __device__ __forceinline__ void start(int64_t first_chunk, int64_t num_tokens) {
+            c = first_chunk;
+            t = c * kChunk;
+            t_end = min(t + kChunk, num_tokens);
+        }
+        __device__ __forceinline__ bool valid(int64_t nchunks) const { return c < nchunks; }
+        // Returns true when the token just left was the last of its chunk.
+        __device__ __forceinline__ bool advance(int64_t stride, int64_t num_tokens) {
+            if (++t < t_end) return false;
+            start(c + stride, num_tokens);
+            return true;
+        }
+    };
+
+    static constexpr int kSFPerLane = (kNumSF + 31) / 32;
+
+    // What a lane holds of one token before it is written into a slot.
+    struct TokenRegs {
+        int64_t t;
+        int64_t e;
+        float w;
+        int32_t row;
+        uint32_t sf[kSFPerLane > 0 ? kSFPerLane : 1];
+    };
+
+    // Issues the global loads of token t's metadata (consumed one iteration later).
+    static __device__ __forceinline__ void fetch(const HtDispatchArgs& a, TokenRegs& r, int64_t t,
+                                                 int lane) {
+        r.t = t;
+        r.e = lane < kTopk ? a.topk_idx[t * kTopk + lane] : -1;
+        r.w = (lane < kTopk && a.topk_weights != nullptr) ? a.topk_weights[t * kTopk + lane] : 0.0f;
+        r.row = lane < kRanks ? a.send_row[t * kRanks + lane] : -1;
+#pragma unroll
+        for (int j = 0; j < kSFPerLane; ++j) {
+            const int p = lane + 32 * j;
+            if (p < kNumSF) r.sf[j] = a.x_sf[t * a.sf_stride_t + p * a.sf_stride_p];
+        }
+    }
+
+    // Fills slot `item` with the fetched token: data by TMA (lane 0), the rest by lane stores.
+    static __device__ __forceinline__ void stage(const HtDispatchArgs& a,
+                                                 const WarpRing<kSendSlots, kPayload>& ring,
+                                                 int32_t* info, int64_t item, const TokenRegs& r,
+                                                 int lane) {
+        uint8_t* slot = ring.slot(item);
+        if (lane == 0) {
+            uint64_t* bar = &ring.bars[item % kSendSlots];
+            mbar_expect_tx(bar, kRowBytes);
+            tma_load(slot, a.x + r.t * kRowBytes, kRowBytes, bar);
+        }
+#pragma unroll
+        for (int j = 0; j < kSFPerLane; ++j) {
+            const int p = lane + 32 * j;
+            if (p < kNumSF) reinterpret_cast<uint32_t*>(slot + kRowBytes)[p] = r.sf[j];
+        }
+        uint8_t* meta = slot + kRowBytes + kSFBytes;
+        if (lane == 0) *reinterpret_cast<int32_t*>(meta) = static_cast<int32_t>(r.t);
+        if (lane < kTopk) {
+            reinterpret_cast<int64_t*>(meta + 8)[lane] = r.e;
+            reinterpret_cast<float*>(meta + 8 + 8 * kTopk)[lane] = r.w;
+        }
+        int32_t* slot_info = info + (item % kSendSlots) * kInfoInts;
+        const uint32_t mask = __ballot_sync(0xffffffffu, r.row >= 0) & ((1u << kRanks) - 1u);
+        if (lane < kRanks) slot_info[1 + lane] = r.row;
+        if (lane == 0) slot_info[0] = static_cast<int32_t>(mask);
+        fence_proxy_async_smem();
+        __syncwarp();
+    }
+
+    // Lane 0: raise chunk c's flag at every destination (its writes must be complete).
+    static __device__ __forceinline__ void raise_chunk(const HtDispatchArgs& a, int64_t c,
+                                                       uint32_t tag, int64_t region) {
+        const int me = static_cast<int>(a.rank);
+        fence_proxy_async();
+        for (int d = 0; d < kRanks; ++d) {
+            uint8_t* base = peer_ptr(a.peer_bases, d, region);
+            reinterpret_cast<int32_t*>(base + a.lay.drstart)[me * a.max_chunks + c] =
+                a.chunk_prefix[c * kRanks + d];
+            st_release_sys(reinterpret_cast<uint64_t*>(base + a.lay.dflag) + me * a.max_chunks + c,
+                           make_tagged(tag, static_cast<uint32_t>(a.chunk_prefix[(c + 1) * kRanks + d])));
+        }
+    }
+
+    static __device__ __forceinline__ void send(const HtDispatchArgs& a, const WaitContext& ctx,
+                                                WarpRing<kSendSlots, kPayload> ring, int32_t* info,
+                                                int gw, int nsw, uint32_t tag, int parity,
+                                                int lane) {
+        const int me = static_cast<int>(a.rank);
+        const int64_t T = a.num_tokens;
+        const int64_t nchunks = (T + kChunk - 1) / kChunk;
+        const int64_t region = a.lay.region[parity];
+
+        SendCursor ld, pr;
+        ld.start(gw, T);
+        pr.start(gw, T);
+        TokenRegs nxt;
+        bool have_nxt = ld.valid(nchunks);
+        if (have_nxt) {
+            fetch(a, nxt, ld.t, lane);
+            ld.advance(nsw, T);
+        }
+        int64_t n_loaded = 0;
+        for (; n_loaded < kSendSlots - 1 && have_nxt; ++n_loaded) {
+            stage(a, ring, info, n_loaded, nxt, lane);
+            have_nxt = ld.valid(nchunks);
+            if (have_nxt) {
+                fetch(a, nxt, ld.t, lane);
+                ld.advance(nsw, T);
+            }
+        }
+        // A finished chunk's flag is raised one chunk later, once its stores are known complete
+        // without draining the pipeline: `since` = groups committed after the pending chunk.
+        int64_t pending = -1;
+        int since = 0;
+        for (int64_t i = 0; pr.valid(nchunks); ++i) {
+            bool ok = true;
+            if (lane == 0) {
+                ok = ring.wait(ctx, i, kStageDispatchLoad);
+                if (ok) {
+                    const int32_t* slot_info = info + (i % kSendSlots) * kInfoInts;
+                    const uint32_t mask = static_cast<uint32_t>(slot_info[0]);
+#pragma unroll
+                    for (int d = 0; d < kRanks; ++d) {
+                        if (!(mask & (1u << d))) continue;
+                        const int64_t idx = me * a.num_max_tokens + slot_info[1 + d];
+                        tma_store(peer_ptr(a.peer_bases, d, region + a.lay.data) + idx * kPayload,
+                                  ring.slot(i), kPayload);
+                    }
+                }
+                tma_commit();
+            }
+            if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
+            ++since;
+            // Refill the slot of item i - 1 (its stores are done reading once <= 1 group pends).
+            if (have_nxt) {
+                if (lane == 0) tma_wait_read<1>();
+                __syncwarp();
+                stage(a, ring, info, n_loaded++, nxt, lane);
+                have_nxt = ld.valid(nchunks);
+                if (have_nxt) {
+                    fetch(a, nxt, ld.t, lane);
+                    ld.advance(nsw, T);
+                }
+            }
+            const int64_t c = pr.c;
+            if (pr.advance(nsw, T)) {
+                if (pending >= 0 && lane == 0) {
+                    tma_wait_group_dyn(since);
+                    raise_chunk(a, pending, tag, region);
+                }
+                pending = c;
+                since = 0;
+            }
+        }
+        if (pending >= 0 && lane == 0) {
+            tma_wait_all();
+            raise_chunk(a, pending, tag, region);
+        }
+    }
+
+    // ---- receiver -----------------------------------------------------------------------------
+    struct RecvCursor {
+        int64_t u, i, end;
+        int s;
+        bool valid;
+    };
+
+    // Moves `cur` to the first non-empty unit at or after `u`. Every lane waits for the unit flags
+    // itself (so each lane's later reads are ordered after the acquire).
+    static __device__ __forceinline__ bool enter(const HtDispatchArgs& a, const WaitContext& ctx,
+                                                 RecvCursor& cur, int64_t u, int64_t nunits,
+                                                 int64_t stride, int nch_lane, uint32_t tag,
+                                                 const uint8_t* my_region, bool record, int lane) {
+        for (; u < nunits; u += stride) {
+            const int s = static_cast<int>(u % kRanks);
+            const int64_t c = u / kRanks;
+            const int nch = __shfl_sync(0xffffffffu, nch_lane, s);
+            if (c >= nch) continue;
+            uint64_t v = 0;
+            const auto* flag =
+                reinterpret_cast<const uint64_t*>(my_region + a.lay.dflag) + s * a.max_chunks + c;
+            if (!warp_wait_tag(ctx, flag, tag, &v, kStageDispatchChunk, s)) {
+                cur.valid = false;
+                return false;
+            }
+            // The rows were written by TMA (async proxy); order our TMA loads after the flag.
+            if (lane == 0) fence_proxy_async();
+            const int64_t end = static_cast<uint32_t>(v);
+            const int64_t start =
+                reinterpret_cast<const int32_t*>(my_region + a.lay.drstart)[s * a.max_chunks + c];
+            if (record && lane == 0) a.out_chunk_end[s * a.max_chunks + c] = static_cast<int32_t>(end);
+            if (start < end) {
+                cur.u = u;
+                cur.s = s;
+                cur.i = start;
+                cur.end = end;
+                cur.valid = true;
+                return true;
+            }
+        }
+        cur.valid = false;
+        return true;
+    }
+
+    static __device__ __forceinline__ void recv(const HtDispatchArgs& a, const WaitContext& ctx,
+                                                WarpRing<kRecvSlots, kPayload> ring, int rw,
+                                                int nrw, uint32_t tag, int parity, int lane,
+                                                int* smem_counts) {
+        const int me = static_cast<int>(a.rank);
+        const uint8_t* my_region = peer_ptr(a.peer_bases, me, a.lay.region[parity]);
+        // Per-source totals, published by each sender at the start of the op.
+        int cnt = 0, ntok = 0;
+        if (lane < kRanks) {
+            const auto* info = reinterpret_cast<const uint64_t*>(my_region + a.lay.info) + lane * 2;
+            uint64_t v0 = 0, v1 = 0;
+            if (wait_tag(ctx, info, tag, &v0, kStageDispatchInfo, lane) &&
+                wait_tag(ctx, info + 1, tag, &v1, kStageDispatchInfo, lane)) {
+                cnt = static_cast<int>(static_cast<uint32_t>(v0));
+                ntok = static_cast<int>(static_cast<uint32_t>(v1));
+            }
+        }
+        if (__any_sync(0xffffffffu, aborted(ctx))) return;
+        int incl = cnt;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        const int base_lane = incl - cnt;  // rows of lower sources
+        const int nch_lane = (ntok + kChunk - 1) / kChunk;
+        int max_nch = nch_lane;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) max_nch = max(max_nch, __shfl_xor_sync(0xffffffffu, max_nch, o));
+        if (rw == 0 && lane < kRanks) {
+            a.out_counts[lane] = incl;
+            a.out_nchunks[lane] = nch_lane;
+        }
+        const int64_t nunits = static_cast<int64_t>(max_nch) * kRanks;
+        const int64_t lo = me * a.num_local_experts, hi = lo + a.num_local_experts;
+
+        RecvCursor ld, pr;
+        if (!enter(a, ctx, ld, rw, nunits, nrw, nch_lane, tag, my_region, true, lane)) return;
+        pr = ld;
+        int64_t n_loaded = 0;
+        auto issue_load = [&](int64_t item) {
+            if (lane == 0) {
+                uint64_t* bar = &ring.bars[item % kRecvSlots];
+                mbar_expect_tx(bar, kPayload);
+                tma_load(ring.slot(item),
+                         my_region + a.lay.data + (ld.s * a.num_max_tokens + ld.i) * kPayload,
+                         kPayload, bar);
+            }
+        };
+        auto step = [&](RecvCursor& cur, bool record) -> bool {
+            if (++cur.i < cur.end) return true;
+            return enter(a, ctx, cur, cur.u + nrw, nunits, nrw, nch_lane, tag, my_region, record, lane);
+        };
+        for (; n_loaded < kRecvSlots - 1 && ld.valid; ++n_loaded) {
+            issue_load(n_loaded);
+            if (!step(ld, true)) return;
+        }
+        for (int64_t item = 0; pr.valid; ++item) {
+            const int s = pr.s;
+            const int64_t o = __shfl_sync(0xffffffffu, base_lane, s) + pr.i;
+            bool ok = true;
+            if (lane == 0) ok = ring.wait(ctx, item, kStageDispatchLoad);
+            if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
+            const uint8_t* slot = ring.slot(item);
+            if (lane == 0) {
+                tma_store(a.out_x + o * kRowBytes, slot, kRowBytes);
+                tma_commit();
+            }
+            const uint8_t* meta = slot + kRowBytes + kSFBytes;
+            if (lane < kTopk) {
+                const int64_t e = reinterpret_cast<const int64_t*>(meta + 8)[lane];
+                const bool local = e >= lo && e < hi;
+                a.out_topk_idx[o * kTopk + lane] = local ? e - lo : -1;
+                if (a.out_topk_weights != nullptr)
+                    a.out_topk_weights[o * kTopk + lane] =
+                        local ? reinterpret_cast<const float*>(meta + 8 + 8 * kTopk)[lane] : 0.0f;
+                if (local) atomicAdd(&smem_counts[e - lo], 1);
+            }
+            if (lane == 0) {
+                const int32_t tok = *reinterpret_cast<const int32_t*>(meta);
+                a.out_src_meta[o * 2] = static_cast<int32_t>(s * a.num_max_tokens + tok);
+                a.out_src_meta[o * 2 + 1] = s;
+            }
+            if constexpr (kNumSF > 0) {
+                const auto* sf = reinterpret_cast<const uint32_t*>(slot + kRowBytes);
+                for (int p = lane; p < kNumSF; p += 32) a.out_sf[o * kNumSF + p] = sf[p];
+            }
+            if (ld.valid) {
+                // Reuse the slot of item - 1 once its store has read it; lanes are done with it.
+                if (lane == 0) tma_wait_read<1>();
+                __syncwarp();
+                issue_load(n_loaded++);
+                if (!step(ld, true)) return;
+            }
+            if (!step(pr, false)) return;
+        }
+    }
+
+    // ---- kernel body --------------------------------------------------------------------------
+    static __device__ __forceinline__ void run(const HtDispatchArgs& a) {
+        extern __shared__ __align__(128) uint8_t smem[];
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const int me = static_cast<int>(a.rank);
+        auto* ctrl = reinterpret_cast<Ctrl*>(peer_ptr(a.peer_bases, me, a.lay.ctrl));
+        const uint64_t epoch = *reinterpret_cast<volatile uint64_t*>(&ctrl->epoch) + 1;
+        const uint32_t tag = static_cast<uint32_t>(epoch);
+        const int parity = static_cast<int>(epoch & 1);
+        const WaitContext ctx{a.error, &ctrl->abort, a.timeout_cycles, me};
+
+        uint8_t* slots = smem;
+        auto* bars = reinterpret_cast<uint64_t*>(smem + static_cast<int64_t>(kNumSlots) * kPayload);
+        auto* info = reinterpret_cast<int32_t*>(bars + kNumSlots);
+        int* counts = info + kNumSendSlots * kInfoInts;
+        for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x) counts[i] = 0;
+        __syncthreads();
+
+        if (blockIdx.x == 0 && warp == 0) {
+            announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
+            if (lane < kRanks) {
+                const int64_t nchunks = (a.num_tokens + kChunk - 1) / kChunk;
+                auto* info_words = reinterpret_cast<uint64_t*>(peer_ptr(
+                                       a.peer_bases, lane, a.lay.region[parity] + a.lay.info)) +
+                                   me * 2;
+                st_release_sys(info_words + 1, make_tagged(tag, static_cast<uint32_t>(a.num_tokens)));
+                st_release_sys(info_words, make_tagged(tag, static_cast<uint32_t>(
+                                                                a.chunk_prefix[nchunks * kRanks + lane])));
+            }
+        }
+        if (warp < kNumSendWarps) {
+            WarpRing<kSendSlots, kPayload> ring{
+                slots + static_cast<int64_t>(warp) * kSendSlots * kPayload, bars + warp * kSendSlots};
+            ring.init(lane);
+            send(a, ctx, ring, info + warp * kSendSlots * kInfoInts, blockIdx.x * kNumSendWarps + warp,
+                 gridDim.x * kNumSendWarps, tag, parity, lane);
+        } else {
+            const int rwarp = warp - kNumSendWarps;
+            const int64_t off = kNumSendSlots;
+            WarpRing<kRecvSlots, kPayload> ring{
+                slots + (off + static_cast<int64_t>(rwarp) * kRecvSlots) * kPayload,
+                bars + off + rwarp * kRecvSlots};
+            ring.init(lane);
+            recv(a, ctx, ring, blockIdx.x * kNumRecvWarps + rwarp, gridDim.x * kNumRecvWarps, tag,
+                 parity, lane, counts);
+        }
+        if (lane == 0) tma_wait_all();
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x)
+            if (counts[i] != 0) atomicAdd(&a.out_counts[kRanks + i], counts[i]);
+        __syncthreads();
+        if (finish_cta(ctrl) && threadIdx.x == 0) {
+            __threadfence();
+            wait_all_started<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, kStageDispatchArrive);
+            // Aligned inclusive prefix sum of the per-expert counts.
+            int32_t acc = 0;
+            for (int64_t i = 0; i < a.num_local_experts; ++i) {
+                const int32_t n = atomicAdd(&a.out_counts[kRanks + i], 0);
+                acc += static_cast<int32_t>((n + a.expert_alignment - 1) / a.expert_alignment *
+                                            a.expert_alignment);
+                a.out_counts[kRanks + a.num_local_experts + i] = acc;
+            }
+            ctrl->finish = 0;
+            ctrl->epoch = epoch;
+            __threadfence_system();
+        }
+    }
+};
+
+// Entry point for the JIT's generated wrapper (one instantiation per shape).
+template <int kRanks, int kTopk, int kRowBytes, int kNumSF, int kNumSendWarps, int kNumRecvWarps,
+          int kSendSlots, int kRecvSlots, int kChunk>
+__device__ __forceinline__ void ht_dispatch(const HtDispatchArgs& args) {
+    HtDispatch<kRanks, kTopk, kRowBytes, kNumSF, kNumSendWarps, kNumRecvWarps, kSendSlots,
+               kRecvSlots, kChunk>::run(args);
+}
+
+}  // namespace ep_core

@@ -1,0 +1,954 @@
+// Low-latency (decode) dispatch and combine over NVLink, in DeepEP's legacy layout.
+//
+// Layout of the outputs (L = R * Nmax): recv_x [El, L, H] (e4m3 or bf16), the rows of local
+// expert e packed by (source rank, source token); scales [El, L, P] column-major (stride 1 along
+// rows); recv_count [El]; recv_src_info [El, L] (source token, -1 past the count);
+// recv_layout_range [El, R] ((count << 32) | begin). Exact semantics: docs/design.md.
+//
+// Protocol (one symmetric buffer per engine; offsets in LlArgs, computed in nvlink_ll.py):
+// * Ops. Every send kernel (dispatch or combine, fused or split) is one op with an epoch
+//   e = 1, 2, ... kept on the device: CTA c reads ctrl.cta_epoch[c] + 1 and stores it back at its
+//   end, so graph replays need no host argument. All ranks run the same op sequence with the same
+//   grid, so epochs agree. A split receive kernel (the hook) finds its op's epoch in
+//   ctrl.slot_epoch[kind][slot], written by its send kernel (the host alternates the slot per
+//   kind; at most two ops of the engine wait for their hook at any time).
+// * Regions. Op e writes only into region e % 2 of its peers. Flags are 64-bit words that hold
+//   the epoch (or (epoch << 32) | value); they are never reset. Before writing into a peer, a send
+//   kernel waits until every CTA of every peer has released op e - 2 (rel[e % 2][peer][cta] >=
+//   e - 2, written by the peer at the end of op e - 2's receive), so a region is never
+//   overwritten while its owner still reads it.
+// * Dispatch (sender s, every CTA): per (token, chunk of 2048 channels) a warp loads x, casts
+//   to FP8 (per 128 channels, float32 IEEE arithmetic) into shared memory and TMA-stores the
+//   chunk once per destination rank into stage[s][t] of that rank (a token goes once per rank,
+//   not once per expert); FP8 scales follow as plain stores. Then each CTA builds a per-expert
+//   bitmap of this rank's tokens, writes its share of the per-expert counts (tagged words), and
+//   for its tokens the lane table meta[s][t][j] = (local expert << 16) | position-in-expert, or
+//   -1, at every rank. After its TMA stores completed, it releases done[s][cta] at every rank.
+// * Dispatch (receiver d): waits for every source's counts (prefix over sources gives each
+//   (expert, source) its first row), then copies each staged (source, token) row into the packed
+//   rows of its local experts as soon as the source CTAs that wrote its chunks and its lane table
+//   are done (work item u of a kernel always belongs to CTA u % num_ctas, so a receiver knows
+//   which flag covers which item).
+// * Combine (source s): writes its top-k weights and per-destination lane masks to every rank,
+//   releases wdone[s][cta]. Each rank d, per (source, token, chunk) with lanes on d, computes
+//   p_d = bf16(sum over those lanes, increasing j, of w * float(y)) (__fmul_rn/__fadd_rn, starting
+//   from the first term) and TMA-stores it into stage[d][t] of s; releases done[d][cta]. The
+//   source waits for the CTA of every destination that made the token's partial (it knows every
+//   rank's token count from the dispatch, hence d's item numbering) and sums in rank order.
+// * Timeouts: every spin wait is timed (WaitContext); a timeout records stage and peer in the
+//   host-mapped ErrorRecord, raises the local abort flag, and every kernel unwinds.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cuda/std/cstdint>
+
+#include <ep_core/smxx_ptx.cuh>
+
+namespace ep_core {
+
+// Arguments of every low-latency kernel (passed by value as __grid_constant__). Every field is
+// 8 bytes wide so the ctypes mirror in nvlink_ll.py has no padding to get wrong.
+struct LlArgs {
+    uint64_t x;             // dispatch: [T, H] bf16; combine: y [El, L, H] bf16
+    uint64_t topk_idx;      // [T, k] int64 of this rank's tokens
+    uint64_t topk_weights;  // combine: [T, k] float32
+    uint64_t recv_x;        // dispatch out: [El, L, H] e4m3 or bf16
+    uint64_t recv_scales;   // dispatch out: [El, P, L] 4-byte scales (column-major view)
+    uint64_t recv_count;    // dispatch out: [El] int32
+    uint64_t recv_src_info; // dispatch out: [El, L] int32
+    uint64_t recv_range;    // dispatch out: [El, R] int64
+    uint64_t cmap;          // dispatch out / combine in: [R, Nmax, k] int32 packed row or -1
+    uint64_t recv_ntok;     // dispatch out / combine in: [R] int32 tokens of each source
+    uint64_t out;           // combine out: [T, H] bf16
+    uint64_t peer_bases;    // [R] base address of every rank's symmetric buffer
+    uint64_t error;         // ErrorRecord in host-mapped memory
+    int64_t num_tokens;     // T (this rank)
+    int64_t num_experts;    // E
+    int64_t num_local_experts;  // El
+    int64_t num_max_tokens;     // Nmax of this call (L = R * Nmax)
+    int64_t timeout_cycles;
+    int64_t rank;
+    int64_t slot;           // host-alternated slot of a split op (0/1)
+    int64_t buf_max_tokens; // Nmax the buffer is sized for (stride of the staged arrays)
+    int64_t buf_local_experts;  // El the buffer is sized for (stride of the count words)
+    int64_t row_bytes;      // stride of a staged row
+    int64_t off_abort;      // u32 abort flag (local use)
+    int64_t off_slot_epoch; // [2 kinds][2 slots] u64
+    int64_t off_cta_epoch;  // [num CTAs] u64
+    int64_t off_rel;        // [2 parities][R][num CTAs] u64, written by peers
+    int64_t region[2];      // bases of the two alternating regions
+    int64_t r_cnt;          // [R][buf El] u64 (epoch << 32) | count
+    int64_t r_ntok;         // [R] u64 (epoch << 32) | T of the source
+    int64_t r_done;         // [R][num CTAs] u64 epoch: rows/partials of a source CTA complete
+    int64_t r_wdone;        // [R][num CTAs] u64 epoch: combine weights of a source CTA written
+    int64_t r_meta;         // [R][buf Nmax][k] int32
+    int64_t r_cmask;        // [R][buf Nmax] u32 combine lanes on this rank
+    int64_t r_cw;           // [R][buf Nmax][k] float32 combine weights
+    int64_t r_stage;        // [R][buf Nmax][row_bytes] staged rows / combine partials
+};
+
+enum LlStage : int {
+    kStageLlRelease = 21,
+    kStageLlCounts = 22,
+    kStageLlRows = 23,
+    kStageLlWeights = 24,
+    kStageLlPartials = 25,
+};
+
+namespace ll {
+
+constexpr uint32_t kFull = 0xffffffffu;
+constexpr int kChunk = 2048;      // channels of one work item
+constexpr int kSlotBytes = kChunk * 2;  // one shared-memory staging slot (a bf16 chunk)
+constexpr int kPhaseSend = 1;
+constexpr int kPhaseRecv = 2;
+constexpr int kKindDispatch = 0;
+constexpr int kKindCombine = 1;
+
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t tagged(uint64_t epoch, uint32_t value) {
+    return (epoch << 32) | value;
+}
+
+// max that propagates NaN, as torch.amax.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Two floats to two e4m3 bytes (x in the low byte), round to nearest even, saturating.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+    uint16_t r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Eight bf16 (one 16-byte vector) to float, channel order.
+template <int kN>
+__device__ __forceinline__ void unpack8(const int4& v, float (&f)[kN], int at) {
+    f[at + 0] = bf16_lo(static_cast<uint32_t>(v.x));
+    f[at + 1] = bf16_hi(static_cast<uint32_t>(v.x));
+    f[at + 2] = bf16_lo(static_cast<uint32_t>(v.y));
+    f[at + 3] = bf16_hi(static_cast<uint32_t>(v.y));
+    f[at + 4] = bf16_lo(static_cast<uint32_t>(v.z));
+    f[at + 5] = bf16_hi(static_cast<uint32_t>(v.z));
+    f[at + 6] = bf16_lo(static_cast<uint32_t>(v.w));
+    f[at + 7] = bf16_hi(static_cast<uint32_t>(v.w));
+}
+
+// Everything a kernel derives once from its arguments.
+struct Env {
+    const uint64_t* bases;
+    uint8_t* local;
+    int me;
+    int nc;  // CTAs of every kernel of this engine (gridDim.x)
+    int parity;
+    uint64_t epoch;
+    WaitContext ctx;
+
+    __device__ __forceinline__ uint8_t* region(const LlArgs& a, int peer) const {
+        return reinterpret_cast<uint8_t*>(bases[peer]) + a.region[parity];
+    }
+    __device__ __forceinline__ uint8_t* my_region(const LlArgs& a) const {
+        return local + a.region[parity];
+    }
+};
+
+// Every lane waits for the same word (so each lane's later loads are ordered after its own
+// acquire). Returns false (on every lane) after a timeout or an abort.
+__device__ __forceinline__ bool warp_wait_one(const Env& env, const uint64_t* flag, uint64_t target,
+                                              int stage, int peer) {
+    const bool ok = wait_geq(env.ctx, flag, target, stage, peer);
+    __syncwarp();
+    return __all_sync(kFull, ok);
+}
+
+// Each lane waits for its own word (`flag` may be null: nothing to wait for), then the warp
+// proceeds together: the acquires and __syncwarp order every lane's later loads after them.
+__device__ __forceinline__ bool warp_wait_lanes(const Env& env, const uint64_t* flag,
+                                                uint64_t target, int stage, int peer) {
+    const bool ok = flag == nullptr || wait_geq(env.ctx, flag, target, stage, peer);
+    __syncwarp();
+    return __all_sync(kFull, ok);
+}
+
+// Prologue shared by every kernel: abort check, epoch, and for send kernels the release gate.
+// Returns false (uniformly over the CTA) when the kernel must not run.
+template <int kRanks, int kKind, int kPhase>
+__device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
+    __shared__ uint64_t s_epoch;
+    __shared__ int s_stop;
+    const int tid = threadIdx.x;
+    env.bases = reinterpret_cast<const uint64_t*>(a.peer_bases);
+    env.me = static_cast<int>(a.rank);
+    env.local = reinterpret_cast<uint8_t*>(env.bases[env.me]);
+    env.nc = static_cast<int>(gridDim.x);
+    auto* abort_flag = reinterpret_cast<uint32_t*>(env.local + a.off_abort);
+    env.ctx = WaitContext{reinterpret_cast<ErrorRecord*>(a.error), abort_flag, a.timeout_cycles,
+                          env.me};
+    if (tid == 0) {
+        s_stop = ld_volatile(abort_flag) != 0 ? 1 : 0;
+        const auto* word =
+            (kPhase & kPhaseSend)
+                ? reinterpret_cast<const uint64_t*>(env.local + a.off_cta_epoch) + blockIdx.x
+                : reinterpret_cast<const uint64_t*>(env.local + a.off_slot_epoch) + kKind * 2 +
+                      a.slot;
+        const uint64_t stored = *reinterpret_cast<const volatile uint64_t*>(word);
+        s_epoch = (kPhase & kPhaseSend) ? stored + 1 : stored;
+    }
+    __syncthreads();
+    env.epoch = s_epoch;
+    env.parity = static_cast<int>(env.epoch & 1);
+    if (s_stop) return false;
+    if constexpr ((kPhase & kPhaseSend) != 0) {
+        // Every CTA of every peer must have finished reading this region for op epoch - 2. The
+        // words are read in batches (relaxed, independent loads); a fence turns the observed
+        // values into an acquire before this CTA writes into any peer.
+        if (env.epoch > 2) {
+            const auto* rel = reinterpret_cast<const uint64_t*>(env.local + a.off_rel) +
+                              static_cast<int64_t>(env.parity) * kRanks * env.nc;
+            const int n = kRanks * env.nc;
+            constexpr int kBatch = 4;
+            for (int base = tid; base < n; base += kBatch * static_cast<int>(blockDim.x)) {
+                uint64_t v[kBatch];
+#pragma unroll
+                for (int q = 0; q < kBatch; ++q) {
+                    const int i = base + q * static_cast<int>(blockDim.x);
+                    v[q] = i < n ? ld_relaxed_sys(rel + i) : env.epoch;
+                }
+#pragma unroll
+                for (int q = 0; q < kBatch; ++q) {
+                    const int i = base + q * static_cast<int>(blockDim.x);
+                    if (v[q] < env.epoch - 2 &&
+                        !wait_geq(env.ctx, rel + i, env.epoch - 2, kStageLlRelease, i / env.nc))
+                        s_stop = 1;
+                }
+            }
+            fence_acq_rel_sys();
+        }
+        __syncthreads();
+        if (s_stop) return false;
+    }
+    return true;
+}
+
+// Send kernels: remember the op's epoch for this CTA's next op and, for a split op only, for
+// its receive kernel (a fused op must not touch the slot a pending split op may own).
+template <int kKind, int kPhase>
+__device__ __forceinline__ void store_epoch(const LlArgs& a, const Env& env) {
+    if (threadIdx.x == 0) {
+        reinterpret_cast<uint64_t*>(env.local + a.off_cta_epoch)[blockIdx.x] = env.epoch;
+        if (kPhase == kPhaseSend && blockIdx.x == 0)
+            reinterpret_cast<uint64_t*>(env.local + a.off_slot_epoch)[kKind * 2 + a.slot] = env.epoch;
+    }
+}
+
+// Receive end: this CTA no longer reads region epoch % 2; tell every peer.
+template <int kRanks>
+__device__ __forceinline__ void release_region(const LlArgs& a, const Env& env) {
+    __syncthreads();
+    if (threadIdx.x < kRanks && !aborted(env.ctx)) {
+        auto* rel = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(env.bases[threadIdx.x]) +
+                                                a.off_rel);
+        st_release_sys(rel + (static_cast<int64_t>(env.parity) * kRanks + env.me) * env.nc +
+                           blockIdx.x,
+                       env.epoch);
+    }
+}
+
+// After a send phase: wait for this CTA's TMA stores and make every store of the CTA visible
+// before `flags` (a [R][num CTAs] array in region epoch % 2) is raised at every rank.
+template <int kRanks>
+__device__ __forceinline__ void signal_sent(const LlArgs& a, const Env& env, int64_t flags_off) {
+    if ((threadIdx.x & 31) == 0) {
+        tma_wait_all();
+        fence_proxy_async();
+    }
+    fence_acq_rel_sys();
+    __syncthreads();
+    if (threadIdx.x < kRanks && !aborted(env.ctx)) {
+        auto* flag = reinterpret_cast<uint64_t*>(env.region(a, threadIdx.x) + flags_off) +
+                     static_cast<int64_t>(env.me) * env.nc + blockIdx.x;
+        st_release_sys(flag, env.epoch);
+    }
+}
+
+// Rotated source order (this rank first): item prefix sums over sources, `spoff[0..R]`.
+template <int kRanks, int kNumChunks>
+__device__ __forceinline__ void source_offsets(int me, const int* ntok, int* spoff) {
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int i = 0; i < kRanks; ++i) {
+            spoff[i] = acc;
+            acc += ntok[(me + i) % kRanks] * kNumChunks;
+        }
+        spoff[kRanks] = acc;
+    }
+}
+
+// ==============================================================================================
+// Dispatch
+// ==============================================================================================
+template <int kRanks, int kTopk, int kHidden, int kNumWarps, bool kFp8, bool kRoundScale,
+          bool kUe8m0, int kPhase>
+struct Dispatch {
+    static constexpr int kThreads = kNumWarps * 32;
+    static constexpr int kNumChunks = (kHidden + kChunk - 1) / kChunk;
+    static constexpr int kElemBytes = kFp8 ? 1 : 2;
+    static constexpr int kDataBytes = kHidden * kElemBytes;
+    static constexpr int kNumScales = !kFp8 ? 0 : (kUe8m0 ? (kHidden / 128 + 3) / 4 : kHidden / 128);
+    static constexpr int kScaleWords = kChunk / 128;  // per warp, per chunk
+    static constexpr int kIters = kChunk / 512;       // 16 channels per lane per iteration
+    static_assert(kRanks >= 1 && kRanks <= 32, "1..32 ranks");
+    static_assert(kTopk >= 1 && kTopk <= 32, "top-k must fit a warp");
+    static_assert(kHidden % (kFp8 ? 128 : 64) == 0, "hidden: multiple of 128 (FP8) or 64 (BF16)");
+    static_assert(!kUe8m0 || (kFp8 && kRoundScale), "UE8M0 needs FP8 with round_scale");
+    static_assert(kChunk % 512 == 0, "a chunk is whole UE8M0 packs");
+    static_assert(kNumChunks < 32, "one lane per chunk waits for its flag");
+
+    // ---- send ---------------------------------------------------------------------------------
+    // One (token, chunk): load, cast, stage in shared memory, TMA-store to every rank of the token.
+    static __device__ __forceinline__ void send_chunk(const LlArgs& a, const Env& env, int t, int ch,
+                                                      uint32_t dmask, uint8_t* slot,
+                                                      uint32_t* scl, int lane) {
+        const int c0 = ch * kChunk;
+        const int c1 = min(kHidden, c0 + kChunk);
+        const auto* xrow = reinterpret_cast<const uint8_t*>(a.x) + static_cast<int64_t>(t) * kHidden * 2;
+        int4 v[kIters][2];
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int cb = c0 + it * 512 + lane * 16;
+            v[it][0] = v[it][1] = make_int4(0, 0, 0, 0);
+            if (cb < c1) {
+                v[it][0] = __ldg(reinterpret_cast<const int4*>(xrow + cb * 2));
+                v[it][1] = __ldg(reinterpret_cast<const int4*>(xrow + cb * 2 + 16));
+            }
+        }
+#pragma unroll
+        for (int it = 0; it < kIters; ++it) {
+            const int cb = c0 + it * 512 + lane * 16;
+            const bool active = cb < c1;
+            if constexpr (kFp8) {
+                float f[16];
+                unpack8(v[it][0], f, 0);
+                unpack8(v[it][1], f, 8);
+                float amax = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 16; ++i) amax = nan_max(amax, fabsf(f[i]));
+                // 8 lanes hold one 128-channel block.
+                amax = nan_max(amax, __shfl_xor_sync(kFull, amax, 1));
+                amax = nan_max(amax, __shfl_xor_sync(kFull, amax, 2));
+                amax = nan_max(amax, __shfl_xor_sync(kFull, amax, 4));
+                const float floor_amax = amax != amax ? amax : fmaxf(amax, 1e-4f);
+                float sf = __fdiv_rn(floor_amax, 448.0f);
+                if constexpr (kRoundScale) {
+                    const uint32_t bits = __float_as_uint(sf);
+                    const uint32_t ex = (bits >> 23) + ((bits & 0x7fffffu) != 0u ? 1u : 0u);
+                    sf = __uint_as_float(ex << 23);
+                }
+                const float inv = __frcp_rn(sf);
+                uint32_t q[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float p[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const float y = __fmul_rn(f[4 * i + k], inv);
+                        p[k] = y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y);
+                    }
+                    q[i] = e4m3x2(p[0], p[1]) | (e4m3x2(p[2], p[3]) << 16);
+                }
+                if (active)
+                    *reinterpret_cast<int4*>(slot + (cb - c0)) =
+                        make_int4(static_cast<int>(q[0]), static_cast<int>(q[1]),
+                                  static_cast<int>(q[2]), static_cast<int>(q[3]));
+                if constexpr (!kUe8m0) {
+                    if (active && (lane & 7) == 0) scl[(cb - c0) / 128] = __float_as_uint(sf);
+                } else {
+                    const uint32_t byte = active ? ((__float_as_uint(sf) >> 23) & 0xffu) : 0u;
+                    const uint32_t b0 = __shfl_sync(kFull, byte, 0);
+                    const uint32_t b1 = __shfl_sync(kFull, byte, 8);
+                    const uint32_t b2 = __shfl_sync(kFull, byte, 16);
+                    const uint32_t b3 = __shfl_sync(kFull, byte, 24);
+                    if (lane == 0 && c0 + it * 512 < c1) scl[it] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+                }
+            } else {
+                if (active) {
+                    *reinterpret_cast<int4*>(slot + (cb - c0) * 2) = v[it][0];
+                    *reinterpret_cast<int4*>(slot + (cb - c0) * 2 + 16) = v[it][1];
+                }
+            }
+        }
+        fence_proxy_async_smem();
+        __syncwarp();
+        const int64_t row_off = a.r_stage + (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes;
+        if (lane == 0) {
+            for (uint32_t m = dmask; m != 0; m &= m - 1) {
+                const int d = __ffs(m) - 1;
+                tma_store(env.region(a, d) + row_off + c0 * kElemBytes, slot,
+                          static_cast<uint32_t>((c1 - c0) * kElemBytes));
+            }
+            tma_commit();
+        }
+        if constexpr (kFp8) {
+            const int nsc = kUe8m0 ? (c1 - c0 + 511) / 512 : (c1 - c0) / 128;
+            const int sc0 = kUe8m0 ? c0 / 512 : c0 / 128;
+            if (lane < nsc) {
+                const uint32_t val = scl[lane];
+                for (uint32_t m = dmask; m != 0; m &= m - 1) {
+                    const int d = __ffs(m) - 1;
+                    reinterpret_cast<uint32_t*>(env.region(a, d) + row_off + kDataBytes)[sc0 + lane] = val;
+                }
+            }
+            __syncwarp();
+        }
+    }
+
+    static __device__ __forceinline__ void send(const LlArgs& a, const Env& env, uint8_t* smem) {
+        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+        const int T = static_cast<int>(a.num_tokens);
+        const int E = static_cast<int>(a.num_experts);
+        const int El = static_cast<int>(a.num_local_experts);
+        const int nc = env.nc;
+        const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
+        uint8_t* ring = smem + warp * 2 * kSlotBytes;
+        uint32_t* scl = reinterpret_cast<uint32_t*>(smem + kNumWarps * 2 * kSlotBytes) + warp * kScaleWords;
+        auto* bm = reinterpret_cast<uint32_t*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+
+        // 1. Rows: item u = (t, chunk) belongs to CTA u % nc (consecutive items on different SMs).
+        const int gw = warp * nc + static_cast<int>(blockIdx.x);
+        int nitem = 0;
+        for (int u = gw; u < T * kNumChunks; u += nc * kNumWarps) {
+            const int t = u / kNumChunks, ch = u - t * kNumChunks;
+            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const bool valid = e >= 0 && e < E;
+            const int d = valid ? static_cast<int>(e) / El : 0;
+            const uint32_t dmask = __reduce_or_sync(kFull, valid ? (1u << d) : 0u);
+            if (dmask == 0) continue;
+            if (nitem >= 2 && lane == 0) tma_wait_read<1>();  // slot nitem % 2 is read out
+            __syncwarp();
+            send_chunk(a, env, t, ch, dmask, ring + (nitem & 1) * kSlotBytes, scl, lane);
+            ++nitem;
+        }
+
+        // 2. Per-expert bitmap of this rank's tokens: bm[e][w] bit b = token 32w + b chose e.
+        const int W = (T + 31) / 32;
+        for (int i = tid; i < E * W; i += kThreads) bm[i] = 0;
+        __syncthreads();
+        constexpr int kBatch = 4;  // independent loads in flight per thread
+        for (int base = tid; base < T * kTopk; base += kBatch * kThreads) {
+            int64_t ev[kBatch];
+#pragma unroll
+            for (int q = 0; q < kBatch; ++q) {
+                const int i = base + q * kThreads;
+                ev[q] = i < T * kTopk ? __ldg(topk + i) : -1;
+            }
+#pragma unroll
+            for (int q = 0; q < kBatch; ++q) {
+                const int t = (base + q * kThreads) / kTopk;
+                if (ev[q] >= 0 && ev[q] < E)
+                    atomicOr(&bm[static_cast<int>(ev[q]) * W + (t >> 5)], 1u << (t & 31));
+            }
+        }
+        __syncthreads();
+
+        // 3. Counts: expert e is written by CTA e % nc; the token count by CTA 0.
+        for (int e = static_cast<int>(blockIdx.x) + nc * tid; e < E; e += nc * kThreads) {
+            int cnt = 0;
+            for (int w = 0; w < W; ++w) cnt += __popc(bm[e * W + w]);
+            const int d = e / El, el = e - d * El;
+            auto* word = reinterpret_cast<uint64_t*>(env.region(a, d) + a.r_cnt) +
+                         static_cast<int64_t>(env.me) * a.buf_local_experts + el;
+            st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(cnt)));
+        }
+        if (blockIdx.x == 0 && tid < kRanks) {
+            auto* word = reinterpret_cast<uint64_t*>(env.region(a, tid) + a.r_ntok) + env.me;
+            st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(T)));
+        }
+
+        // 4. Lane table of token t (written by CTA t % nc) at every rank.
+        for (int t = static_cast<int>(blockIdx.x) + nc * warp; t < T; t += nc * kNumWarps) {
+            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            int d = -1;
+            int32_t val = -1;
+            if (e >= 0 && e < E) {
+                const int ei = static_cast<int>(e);
+                const uint32_t* bits = bm + ei * W;
+                int pos = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
+                for (int w = 0; w < (t >> 5); ++w) pos += __popc(bits[w]);
+                d = ei / El;
+                val = ((ei - d * El) << 16) | pos;
+            }
+            if (lane < kTopk) {
+                const int64_t idx = (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * kTopk + lane;
+#pragma unroll 4
+                for (int r = 0; r < kRanks; ++r)
+                    reinterpret_cast<int32_t*>(env.region(a, r) + a.r_meta)[idx] = r == d ? val : -1;
+            }
+        }
+        signal_sent<kRanks>(a, env, a.r_done);
+    }
+
+    // ---- receive ------------------------------------------------------------------------------
+    static __device__ __forceinline__ void recv(const LlArgs& a, const Env& env, uint8_t* smem) {
+        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+        const int El = static_cast<int>(a.num_local_experts);
+        const int nmax = static_cast<int>(a.num_max_tokens);
+        const int L = kRanks * nmax;
+        const int nc = env.nc;
+        const uint8_t* reg = env.my_region(a);
+        __shared__ int s_stop;
+        // Tables (after the send phase's bitmap, which they overwrite).
+        int* sbase = reinterpret_cast<int*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+        int* stot = sbase + kRanks * El;
+        int* sntok = stot + El;
+        int* spoff = sntok + kRanks;
+        if (tid == 0) s_stop = 0;
+        __syncthreads();
+
+        // Count words carry their own tag (no payload behind them): batched relaxed loads, and a
+        // timed spin only for a word not written yet.
+        const uint32_t tag = static_cast<uint32_t>(env.epoch);
+        const auto* cnt_words = reinterpret_cast<const uint64_t*>(reg + a.r_cnt);
+        const int ncnt = kRanks * El;
+        constexpr int kBatch = 8;
+        for (int base = tid; base < ncnt; base += kBatch * kThreads) {
+            uint64_t v[kBatch];
+#pragma unroll
+            for (int q = 0; q < kBatch; ++q) {
+                const int i = base + q * kThreads;
+                const int s = i / El;
+                v[q] = i < ncnt ? ld_relaxed_sys(cnt_words + static_cast<int64_t>(s) * a.buf_local_experts + (i - s * El))
+                                : 0;
+            }
+#pragma unroll
+            for (int q = 0; q < kBatch; ++q) {
+                const int i = base + q * kThreads;
+                if (i >= ncnt) continue;
+                const int s = i / El;
+                if (static_cast<uint32_t>(v[q] >> 32) != tag &&
+                    !wait_tag(env.ctx, cnt_words + static_cast<int64_t>(s) * a.buf_local_experts + (i - s * El),
+                              tag, &v[q], kStageLlCounts, s))
+                    s_stop = 1;
+                sbase[i] = static_cast<int>(static_cast<uint32_t>(v[q]));
+            }
+        }
+        for (int s = tid; s < kRanks; s += kThreads) {
+            uint64_t v = 0;
+            if (!wait_tag(env.ctx, reinterpret_cast<const uint64_t*>(reg + a.r_ntok) + s, tag, &v,
+                          kStageLlCounts, s))
+                s_stop = 1;
+            sntok[s] = static_cast<int>(static_cast<uint32_t>(v));
+        }
+        __syncthreads();
+        if (s_stop) return;
+
+        // First row of (source, expert) = rows of lower sources; outputs from CTA 0.
+        auto* range = reinterpret_cast<int64_t*>(a.recv_range);
+        for (int el = tid; el < El; el += kThreads) {
+            int run = 0;
+            for (int s = 0; s < kRanks; ++s) {
+                const int c = sbase[s * El + el];
+                if (blockIdx.x == 0)
+                    range[el * kRanks + s] = (static_cast<int64_t>(c) << 32) | static_cast<uint32_t>(run);
+                sbase[s * El + el] = run;
+                run += c;
+            }
+            stot[el] = run;
+            if (blockIdx.x == 0) reinterpret_cast<int32_t*>(a.recv_count)[el] = run;
+        }
+        if (blockIdx.x == 0 && tid < kRanks) reinterpret_cast<int32_t*>(a.recv_ntok)[tid] = sntok[tid];
+        source_offsets<kRanks, 1>(env.me, sntok, spoff);
+        __syncthreads();
+
+        auto* src_info = reinterpret_cast<int32_t*>(a.recv_src_info);
+        for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + tid; i < static_cast<int64_t>(El) * L;
+             i += static_cast<int64_t>(nc) * kThreads) {
+            const int el = static_cast<int>(i / L);
+            if (static_cast<int>(i - static_cast<int64_t>(el) * L) >= stot[el]) src_info[i] = -1;
+        }
+
+        // Items: one (source, token) each, this rank's own tokens first. The whole staged row is
+        // copied with every load in flight.
+        const auto* done = reinterpret_cast<const uint64_t*>(reg + a.r_done);
+        auto* cmap = reinterpret_cast<int32_t*>(a.cmap);
+        auto* recv_x = reinterpret_cast<uint8_t*>(a.recv_x);
+        const int total = spoff[kRanks];
+        int i_src = 0;
+        for (int u = warp * nc + static_cast<int>(blockIdx.x); u < total; u += nc * kNumWarps) {
+            while (spoff[i_src + 1] <= u) ++i_src;
+            const int s = (env.me + i_src) % kRanks;
+            const int t = u - spoff[i_src];
+            // Chunk ch of the row was staged by source CTA (t * chunks + ch) % nc, the lane table by
+            // CTA t % nc: lane ch waits for the former, lane `chunks` for the latter.
+            const uint64_t* flags = done + static_cast<int64_t>(s) * nc;
+            const uint64_t* mine = lane < kNumChunks    ? flags + (t * kNumChunks + lane) % nc
+                                   : lane == kNumChunks ? flags + t % nc
+                                                        : nullptr;
+            if (!warp_wait_lanes(env, mine, env.epoch, kStageLlRows, s)) break;
+            const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
+            const int32_t m = lane < kTopk ? reinterpret_cast<const int32_t*>(reg + a.r_meta)[slot_idx * kTopk + lane] : -1;
+            const bool valid = m >= 0;
+            int el = 0, row = 0;
+            if (valid) {
+                el = m >> 16;
+                row = sbase[s * El + el] + (m & 0xffff);
+            }
+            if (lane < kTopk) {
+                cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] = valid ? el * L + row : -1;
+                if (valid) src_info[static_cast<int64_t>(el) * L + row] = t;
+            }
+            const uint32_t vmask = __ballot_sync(kFull, valid);
+            if (vmask == 0) continue;
+            const uint8_t* src_row = reg + a.r_stage + slot_idx * a.row_bytes;
+            copy_row(src_row, recv_x, vmask, el, row, L, lane);
+            if constexpr (kFp8) {
+                auto* scales = reinterpret_cast<uint32_t*>(a.recv_scales);
+                const auto* src_sf = reinterpret_cast<const uint32_t*>(src_row + kDataBytes);
+#pragma unroll
+                for (int q0 = 0; q0 < kNumScales; q0 += 32) {
+                    const int q = q0 + lane;
+                    const uint32_t val = q < kNumScales ? src_sf[q] : 0u;
+                    for (uint32_t mm = vmask; mm != 0; mm &= mm - 1) {
+                        const int j = __ffs(mm) - 1;
+                        const int tel = __shfl_sync(kFull, el, j);
+                        const int trow = __shfl_sync(kFull, row, j);
+                        if (q < kNumScales) scales[(static_cast<int64_t>(tel) * kNumScales + q) * L + trow] = val;
+                    }
+                }
+            }
+        }
+    }
+
+    // Copies a staged row's data to row (el, row) of every lane in `vmask`, 8 KiB per round with
+    // all of the round's loads in flight.
+    static __device__ __forceinline__ void copy_row(const uint8_t* src, uint8_t* dst_base, uint32_t vmask,
+                                                    int el, int row, int L, int lane) {
+        constexpr int kVec = kDataBytes / 16;
+        constexpr int kU = 16;
+#pragma unroll
+        for (int v0 = 0; v0 < kVec; v0 += 32 * kU) {
+            int4 buf[kU];
+#pragma unroll
+            for (int q = 0; q < kU; ++q) {
+                const int vi = v0 + q * 32 + lane;
+                buf[q] = vi < kVec ? *reinterpret_cast<const int4*>(src + vi * 16) : make_int4(0, 0, 0, 0);
+            }
+            for (uint32_t mm = vmask; mm != 0; mm &= mm - 1) {
+                const int j = __ffs(mm) - 1;
+                const int tel = __shfl_sync(kFull, el, j);
+                const int trow = __shfl_sync(kFull, row, j);
+                uint8_t* dst = dst_base + (static_cast<int64_t>(tel) * L + trow) * kDataBytes;
+#pragma unroll
+                for (int q = 0; q < kU; ++q) {
+                    const int vi = v0 + q * 32 + lane;
+                    if (vi < kVec) *reinterpret_cast<int4*>(dst + vi * 16) = buf[q];
+                }
+            }
+        }
+    }
+
+    static __device__ __forceinline__ void run(const LlArgs& a) {
+        extern __shared__ __align__(128) uint8_t smem[];
+        Env env;
+        if (!prologue<kRanks, kKindDispatch, kPhase>(a, env)) return;
+        if constexpr ((kPhase & kPhaseSend) != 0) {
+            send(a, env, smem);
+            store_epoch<kKindDispatch, kPhase>(a, env);
+        }
+        if constexpr ((kPhase & kPhaseRecv) != 0) {
+            __syncthreads();
+            recv(a, env, smem);
+            release_region<kRanks>(a, env);
+        }
+    }
+};
+
+// ==============================================================================================
+// Combine
+// ==============================================================================================
+template <int kRanks, int kTopk, int kHidden, int kNumWarps, int kPhase>
+struct Combine {
+    static constexpr int kThreads = kNumWarps * 32;
+    static constexpr int kNumChunks = (kHidden + kChunk - 1) / kChunk;
+    static constexpr int kU = 4;      // 8-channel vectors per lane and row in one round
+    static constexpr int kGroup = 4;  // rows (expert lanes / destinations) loaded together
+    static_assert(kRanks >= 1 && kRanks <= 32, "1..32 ranks");
+    static_assert(kTopk >= 1 && kTopk <= 32, "top-k must fit a warp");
+    static_assert(kHidden % 64 == 0, "hidden: multiple of 64");
+
+    // Source: weights and per-destination lane masks of every token, at every rank.
+    static __device__ __forceinline__ void send_weights(const LlArgs& a, const Env& env) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const int T = static_cast<int>(a.num_tokens);
+        const int E = static_cast<int>(a.num_experts);
+        const int El = static_cast<int>(a.num_local_experts);
+        const int nc = env.nc;
+        const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
+        const auto* weights = reinterpret_cast<const float*>(a.topk_weights);
+        // Token t belongs to CTA t % nc (receivers wait for exactly that CTA's flag).
+        for (int t = warp * nc + static_cast<int>(blockIdx.x); t < T; t += nc * kNumWarps) {
+            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const float w = lane < kTopk ? __ldg(weights + static_cast<int64_t>(t) * kTopk + lane) : 0.0f;
+            const int d = (e >= 0 && e < E) ? static_cast<int>(e) / El : -1;
+            const int64_t slot_idx = static_cast<int64_t>(env.me) * a.buf_max_tokens + t;
+#pragma unroll 4
+            for (int r = 0; r < kRanks; ++r) {
+                const uint32_t m = __ballot_sync(kFull, d == r);
+                uint8_t* reg = env.region(a, r);
+                if (lane == 0) reinterpret_cast<uint32_t*>(reg + a.r_cmask)[slot_idx] = m;
+                if (d == r) reinterpret_cast<float*>(reg + a.r_cw)[slot_idx * kTopk + lane] = w;
+            }
+        }
+        fence_acq_rel_sys();
+        __syncthreads();
+        if (threadIdx.x < kRanks && !aborted(env.ctx)) {
+            auto* flag = reinterpret_cast<uint64_t*>(env.region(a, threadIdx.x) + a.r_wdone) +
+                         static_cast<int64_t>(env.me) * nc + blockIdx.x;
+            st_release_sys(flag, env.epoch);
+        }
+    }
+
+    // Destination: partial sums of every (source, token, chunk) with lanes here, to the source.
+    static __device__ __forceinline__ void send_partials(const LlArgs& a, const Env& env, uint8_t* smem) {
+        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+        const int nc = env.nc;
+        const int nmax = static_cast<int>(a.num_max_tokens);
+        const uint8_t* reg = env.my_region(a);
+        int* spoff = reinterpret_cast<int*>(smem + kNumWarps * 2 * kSlotBytes);
+        int* sntok = spoff + kRanks + 1;
+        if (tid < kRanks) sntok[tid] = reinterpret_cast<const int32_t*>(a.recv_ntok)[tid];
+        __syncthreads();
+        source_offsets<kRanks, kNumChunks>(env.me, sntok, spoff);
+        __syncthreads();
+
+        const auto* wdone = reinterpret_cast<const uint64_t*>(reg + a.r_wdone);
+        const auto* cmap = reinterpret_cast<const int32_t*>(a.cmap);
+        const auto* y = reinterpret_cast<const uint8_t*>(a.x);
+        uint8_t* ring = smem + warp * 2 * kSlotBytes;
+        const int total = spoff[kRanks];
+        int i_src = 0, nitem = 0;
+        for (int u = warp * nc + static_cast<int>(blockIdx.x); u < total; u += nc * kNumWarps) {
+            while (spoff[i_src + 1] <= u) ++i_src;
+            const int s = (env.me + i_src) % kRanks;
+            const int rem = u - spoff[i_src];
+            const int t = rem / kNumChunks, ch = rem - t * kNumChunks;
+            if (!warp_wait_one(env, wdone + static_cast<int64_t>(s) * nc + t % nc, env.epoch,
+                               kStageLlWeights, s))
+                break;
+            // One round of independent loads: the lane mask, and per lane its weight and row.
+            const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
+            const uint32_t mask = reinterpret_cast<const uint32_t*>(reg + a.r_cmask)[slot_idx];
+            const float w_lane = lane < kTopk ? reinterpret_cast<const float*>(reg + a.r_cw)[slot_idx * kTopk + lane] : 0.0f;
+            const int row_lane = lane < kTopk ? cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] : -1;
+            if (mask == 0) continue;
+            uint8_t* slot = ring + (nitem & 1) * kSlotBytes;
+            if (nitem >= 2 && lane == 0) tma_wait_read<1>();
+            __syncwarp();
+            const int c0 = ch * kChunk, c1 = min(kHidden, c0 + kChunk);
+            const int nvec = (c1 - c0) / 8;
+            for (int v0 = 0; v0 < nvec; v0 += 32 * kU) {
+                float acc[kU][8];
+#pragma unroll
+                for (int q = 0; q < kU; ++q)
+#pragma unroll
+                    for (int h = 0; h < 8; ++h) acc[q][h] = 0.0f;
+                bool first = true;
+                // Lanes of the token in increasing order, kGroup at a time with all loads in flight.
+                for (uint32_t rest = mask; rest != 0;) {
+                    const int taken = min(__popc(rest), kGroup);  // uniform
+                    float w[kGroup];
+                    int4 yv[kGroup][kU];
+#pragma unroll
+                    for (int g = 0; g < kGroup; ++g) {
+                        const bool have = g < taken;
+                        const int j = have ? __ffs(rest) - 1 : 0;
+                        rest = have ? rest & (rest - 1) : rest;
+                        w[g] = __shfl_sync(kFull, w_lane, j);
+                        // A lane that dispatch did not route here reads as a zero row.
+                        const int row = have ? __shfl_sync(kFull, row_lane, j) : -1;
+#pragma unroll
+                        for (int q = 0; q < kU; ++q) {
+                            const int vi = v0 + q * 32 + lane;
+                            yv[g][q] = make_int4(0, 0, 0, 0);
+                            if (row >= 0 && vi < nvec)
+                                yv[g][q] = __ldg(reinterpret_cast<const int4*>(
+                                    y + (static_cast<int64_t>(row) * kHidden + c0 + vi * 8) * 2));
+                        }
+                    }
+#pragma unroll
+                    for (int g = 0; g < kGroup; ++g) {
+                        if (g >= taken) break;
+#pragma unroll
+                        for (int q = 0; q < kU; ++q) {
+                            float f[8];
+                            unpack8(yv[g][q], f, 0);
+#pragma unroll
+                            for (int h = 0; h < 8; ++h) {
+                                const float term = __fmul_rn(w[g], f[h]);
+                                acc[q][h] = first ? term : __fadd_rn(acc[q][h], term);
+                            }
+                        }
+                        first = false;
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < kU; ++q) {
+                    const int vi = v0 + q * 32 + lane;
+                    if (vi < nvec)
+                        *reinterpret_cast<int4*>(slot + vi * 16) = make_int4(
+                            static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
+                            static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
+                            static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
+                            static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
+                }
+            }
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+                uint8_t* dst = env.region(a, s) + a.r_stage +
+                               (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes + c0 * 2;
+                tma_store(dst, slot, static_cast<uint32_t>((c1 - c0) * 2));
+                tma_commit();
+            }
+            ++nitem;
+        }
+        signal_sent<kRanks>(a, env, a.r_done);
+    }
+
+    // Source: out[t] = bf16(sum over destinations d of t, increasing d, of float(p_d(t))).
+    static __device__ __forceinline__ void reduce(const LlArgs& a, const Env& env, uint8_t* smem) {
+        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+        const int T = static_cast<int>(a.num_tokens);
+        const int E = static_cast<int>(a.num_experts);
+        const int El = static_cast<int>(a.num_local_experts);
+        const int nc = env.nc;
+        const uint8_t* reg = env.my_region(a);
+        const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
+        const auto* done = reinterpret_cast<const uint64_t*>(reg + a.r_done);
+        auto* out = reinterpret_cast<uint8_t*>(a.out);
+        // Destination d numbers its partial items in its rotated source order (see
+        // send_partials); sfirst[d] is the number of d's items before this rank's tokens, so the
+        // item (t, chunk) of this rank was made by d's CTA (sfirst[d] + t * chunks + chunk) % nc.
+        int* sfirst = reinterpret_cast<int*>(smem + kNumWarps * 2 * kSlotBytes);
+        __syncthreads();
+        if (tid < kRanks) {
+            const auto* ntok = reinterpret_cast<const int32_t*>(a.recv_ntok);
+            int acc = 0;
+            for (int i = 0; i < (env.me - tid + kRanks) % kRanks; ++i) acc += ntok[(tid + i) % kRanks] * kNumChunks;
+            sfirst[tid] = acc;
+        }
+        __syncthreads();
+        for (int u = warp * nc + static_cast<int>(blockIdx.x); u < T * kNumChunks; u += nc * kNumWarps) {
+            const int t = u / kNumChunks, ch = u - t * kNumChunks;
+            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const bool valid = e >= 0 && e < E;
+            const uint32_t dmask = __reduce_or_sync(kFull, valid ? (1u << (static_cast<int>(e) / El)) : 0u);
+            // Lane i waits for the i-th destination of the token.
+            const uint64_t* flag = nullptr;
+            int peer = -1;
+            if (lane < __popc(dmask)) {
+                uint32_t mm = dmask;
+                for (int i = 0; i < lane; ++i) mm &= mm - 1;
+                peer = __ffs(mm) - 1;
+                flag = done + static_cast<int64_t>(peer) * nc + (sfirst[peer] + t * kNumChunks + ch) % nc;
+            }
+            if (!warp_wait_lanes(env, flag, env.epoch, kStageLlPartials, peer)) break;
+            const int c0 = ch * kChunk, c1 = min(kHidden, c0 + kChunk);
+            const int nvec = (c1 - c0) / 8;
+            for (int v0 = 0; v0 < nvec; v0 += 32 * kU) {
+                float acc[kU][8];
+#pragma unroll
+                for (int q = 0; q < kU; ++q)
+#pragma unroll
+                    for (int h = 0; h < 8; ++h) acc[q][h] = 0.0f;
+                bool first = true;
+                // Destinations in increasing order, kGroup at a time with all loads in flight.
+                for (uint32_t rest = dmask; rest != 0;) {
+                    const int taken = min(__popc(rest), kGroup);  // uniform
+                    int4 pv[kGroup][kU];
+#pragma unroll
+                    for (int g = 0; g < kGroup; ++g) {
+                        const bool have = g < taken;
+                        const int d = have ? __ffs(rest) - 1 : 0;
+                        rest = have ? rest & (rest - 1) : rest;
+                        const uint8_t* part = reg + a.r_stage +
+                                              (static_cast<int64_t>(d) * a.buf_max_tokens + t) * a.row_bytes + c0 * 2;
+#pragma unroll
+                        for (int q = 0; q < kU; ++q) {
+                            const int vi = v0 + q * 32 + lane;
+                            pv[g][q] = make_int4(0, 0, 0, 0);
+                            if (have && vi < nvec) pv[g][q] = *reinterpret_cast<const int4*>(part + vi * 16);
+                        }
+                    }
+#pragma unroll
+                    for (int g = 0; g < kGroup; ++g) {
+                        if (g >= taken) break;
+#pragma unroll
+                        for (int q = 0; q < kU; ++q) {
+                            float f[8];
+                            unpack8(pv[g][q], f, 0);
+#pragma unroll
+                            for (int h = 0; h < 8; ++h) acc[q][h] = first ? f[h] : __fadd_rn(acc[q][h], f[h]);
+                        }
+                        first = false;
+                    }
+                }
+                // A token with no valid lane gives +0.
+#pragma unroll
+                for (int q = 0; q < kU; ++q) {
+                    const int vi = v0 + q * 32 + lane;
+                    if (vi < nvec)
+                        *reinterpret_cast<int4*>(out + (static_cast<int64_t>(t) * kHidden + c0 + vi * 8) * 2) =
+                            make_int4(static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
+                                      static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
+                                      static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
+                                      static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
+                }
+            }
+        }
+    }
+
+    static __device__ __forceinline__ void run(const LlArgs& a) {
+        extern __shared__ __align__(128) uint8_t smem[];
+        Env env;
+        if (!prologue<kRanks, kKindCombine, kPhase>(a, env)) return;
+        if constexpr ((kPhase & kPhaseSend) != 0) {
+            send_weights(a, env);
+            send_partials(a, env, smem);
+            store_epoch<kKindCombine, kPhase>(a, env);
+        }
+        if constexpr ((kPhase & kPhaseRecv) != 0) {
+            reduce(a, env, smem);
+            release_region<kRanks>(a, env);
+        }
+    }
+};
+
+}  // namespace ll
+
+// Entry points for the JIT's generated wrappers (one instantiation per shape).
+// kPhase: 1 = send only, 2 = receive only (the hook), 3 = both.
+template <int kRanks, int kTopk, int kHidden, int kNumWarps, bool kFp8, bool kRoundScale,
+          bool kUe8m0, int kPhase>
+__device__ __forceinline__ void ll_dispatch(const LlArgs& args) {
+    ll::Dispatch<kRanks, kTopk, kHidden, kNumWarps, kFp8, kRoundScale, kUe8m0, kPhase>::run(args);
+}
+
+template <int kRanks, int kTopk, int kHidden, int kNumWarps, int kPhase>
+__device__ __forceinline__ void ll_combine(const LlArgs& args) {
+    ll::Combine<kRanks, kTopk, kHidden, kNumWarps, kPhase>::run(args);
+}
+
+}  // namespace ep_core

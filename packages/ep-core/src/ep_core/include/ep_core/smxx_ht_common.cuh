@@ -1,0 +1,180 @@
+// Shared pieces of the high-throughput (intranode, NVLink) dispatch/combine kernels:
+// the symmetric-buffer layout, the routing-layout kernel, and the epoch/finish protocol.
+//
+// Protocol summary (see docs/kernels.md):
+// * Every op (dispatch or combine) on a buffer has an epoch e (1, 2, ...), kept on the device in
+//   the buffer's control block, so a launch needs no host argument that changes per call (the
+//   calls can be captured in a CUDA graph). All ranks run the same sequence of ops, so epochs agree.
+// * Op e writes into region e % 2 of its peers. Every op waits for a word from every peer that the
+//   peer writes at the start of the same op, so when op e runs, every peer has finished op e - 2 and
+//   region e % 2 is free again.
+// * Flags are 64-bit words tagged with (uint32)e in the high half: no reset is ever needed.
+#pragma once
+
+#include <cuda/std/cstdint>
+
+#include <ep_core/smxx_ptx.cuh>
+
+namespace ep_core {
+
+// Byte offsets inside one rank's symmetric buffer. Computed on the host (ep_core/nvlink_layout.py).
+struct SymLayout {
+    int64_t ctrl;       // u64 epoch, u32 finish counter, u32 abort flag
+    int64_t arrive;     // [R] u64: op number each peer has started
+    int64_t region[2];  // base of the two alternating regions
+    // Offsets relative to a region base:
+    int64_t info;     // [R][2] u64: (tag, rows sent to me), (tag, tokens of the sender)
+    int64_t dflag;    // [R][Cmax] u64: dispatch chunk done, low half = row end
+    int64_t drstart;  // [R][Cmax] i32: dispatch chunk row start
+    int64_t cflag;    // [R][Cmax] u64: combine chunk done
+    int64_t data;     // [R][Nmax][payload]: dispatch rows (data | scale packs | metadata) or
+                      // combine rows (bf16 data | weights); never live in the same op
+};
+
+struct Ctrl {
+    uint64_t epoch;
+    uint32_t finish;
+    uint32_t abort;
+};
+
+__device__ __forceinline__ uint8_t* peer_ptr(const uint64_t* peer_bases, int peer, int64_t off) {
+    return reinterpret_cast<uint8_t*>(peer_bases[peer]) + off;
+}
+
+__device__ __forceinline__ uint64_t make_tagged(uint32_t tag, uint32_t low) {
+    return (static_cast<uint64_t>(tag) << 32) | low;
+}
+
+// Block-wide exclusive scan of one int per thread (blockDim.x multiple of 32, <= 1024).
+__device__ __forceinline__ int block_exclusive_scan(int v, int* smem_warp, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) smem_warp[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < nwarps ? smem_warp[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        if (lane < nwarps) smem_warp[lane] = w;
+    }
+    __syncthreads();
+    const int warp_base = warp > 0 ? smem_warp[warp - 1] : 0;
+    *total = smem_warp[nwarps - 1];
+    __syncthreads();
+    return warp_base + x - v;
+}
+
+// Routing layout, one CTA per destination rank d (grid = R, block = 1024):
+//   send_row[t][d]     row of token t inside d's region for this source, -1 if not sent
+//   is_in[t][d]        token t goes to d
+//   chunk_prefix[c][d] rows sent to d by tokens before chunk c (c = 0 .. nchunks)
+template <int kRanks, int kTopk, int kChunk>
+__device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, int64_t num_tokens,
+                                          int64_t num_local_experts, int32_t* __restrict__ send_row,
+                                          bool* __restrict__ is_in,
+                                          int32_t* __restrict__ chunk_prefix) {
+    __shared__ int warp_sums[32];
+    const int d = blockIdx.x;
+    const int64_t lo = d * num_local_experts, hi = lo + num_local_experts;
+    int running = 0;
+    for (int64_t base = 0; base < num_tokens; base += blockDim.x) {
+        const int64_t t = base + threadIdx.x;
+        int flag = 0;
+        if (t < num_tokens) {
+#pragma unroll
+            for (int j = 0; j < kTopk; ++j) {
+                const int64_t e = topk_idx[t * kTopk + j];
+                flag |= (e >= lo && e < hi) ? 1 : 0;
+            }
+        }
+        int total;
+        const int excl = block_exclusive_scan(flag, warp_sums, &total);
+        if (t < num_tokens) {
+            send_row[t * kRanks + d] = flag ? running + excl : -1;
+            is_in[t * kRanks + d] = flag != 0;
+            if (t % kChunk == 0) chunk_prefix[(t / kChunk) * kRanks + d] = running + excl;
+        }
+        running += total;
+    }
+    if (threadIdx.x == 0) {
+        const int64_t nchunks = (num_tokens + kChunk - 1) / kChunk;
+        chunk_prefix[nchunks * kRanks + d] = running;
+    }
+}
+
+// Called by every CTA at its very end (after __syncthreads). The last CTA to finish publishes the
+// new epoch and re-arms the finish counter; it returns true in thread 0 of that CTA only.
+__device__ __forceinline__ bool finish_cta(Ctrl* ctrl) {
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(&ctrl->finish, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    return last;
+}
+
+// Each rank announces the start of op `epoch` to every peer (thread lanes 0..R-1 of one warp).
+template <int kRanks>
+__device__ __forceinline__ void announce_start(const uint64_t* peer_bases, const SymLayout& lay,
+                                               int rank, uint64_t epoch, int lane) {
+    if (lane < kRanks) {
+        auto* p = reinterpret_cast<uint64_t*>(peer_ptr(peer_bases, lane, lay.arrive)) + rank;
+        st_release_sys(p, epoch);
+    }
+}
+
+// Wait until every peer has started op `epoch` (so it finished op epoch - 1 entirely).
+template <int kRanks>
+__device__ __forceinline__ bool wait_all_started(const WaitContext& ctx, const uint64_t* peer_bases,
+                                                 const SymLayout& lay, int rank, uint64_t epoch,
+                                                 int stage) {
+    const auto* arrive = reinterpret_cast<const uint64_t*>(peer_ptr(peer_bases, rank, lay.arrive));
+    for (int s = 0; s < kRanks; ++s)
+        if (!wait_geq(ctx, arrive + s, epoch, stage, s)) return false;
+    return true;
+}
+
+}  // namespace ep_core
+
+namespace ep_core {
+
+// A per-warp ring of shared-memory slots fed by TMA loads. Lane 0 issues every TMA operation;
+// item i lives in slot i % kSlots, and its load completes on that slot's mbarrier with parity
+// (i / kSlots) & 1.
+template <int kSlots, int kBytes>
+struct WarpRing {
+    uint8_t* slots;
+    uint64_t* bars;
+
+    __device__ __forceinline__ void init(int lane) {
+        if (lane == 0) {
+            for (int s = 0; s < kSlots; ++s) mbar_init(&bars[s], 1);
+            fence_mbar_init();
+        }
+        __syncwarp();
+    }
+    __device__ __forceinline__ uint8_t* slot(int64_t i) const {
+        return slots + (i % kSlots) * static_cast<int64_t>(kBytes);
+    }
+    // Lane 0 only. The slot must be free (its previous stores done reading).
+    __device__ __forceinline__ void load(int64_t i, const void* src) const {
+        uint64_t* bar = &bars[i % kSlots];
+        mbar_expect_tx(bar, kBytes);
+        tma_load(slot(i), src, kBytes, bar);
+    }
+    // Lane 0 only.
+    __device__ __forceinline__ bool wait(const WaitContext& ctx, int64_t i, int stage) const {
+        return wait_mbar(ctx, &bars[i % kSlots], static_cast<uint32_t>((i / kSlots) & 1), stage);
+    }
+};
+
+}  // namespace ep_core

@@ -1,0 +1,414 @@
+"""``NvlinkBackend``: dispatch/combine with JIT-compiled CUDA kernels over peer-mapped memory.
+
+For groups whose ranks share one NVLink domain (one host, peer access between every pair). The
+kernels (``include/ep_core/sm90_ht_*.cuh``) push token rows with TMA stores straight into the
+peers' symmetric buffers and copy them out as they arrive (see ``docs/kernels.md``); the
+low-latency pair is delegated to :class:`ep_core.nvlink_ll.LowLatencyEngine`. Results equal the
+reference backend's bit for bit (``docs/design.md``).
+
+Every method launches on the caller's current stream and returns without waiting, except where
+``do_cpu_sync`` asks for exact sizes (then it synchronises the stream once to read the counts).
+Nothing changes address between calls in the no-sync path, so dispatch and combine can be
+captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ep_core import nvlink_kernels as nk
+from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
+from ep_core.handle import EPHandle, LowLatencyHandle
+from ep_core.layout import (
+    align_up_tensor,
+    gather_rows,
+    invert_positions,
+    worst_case_num_expanded_tokens,
+)
+from ep_core.nvlink_layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
+
+__all__ = ["NvlinkBackend"]
+
+
+class _HtState:
+    """Backend-private part of an :class:`EPHandle` made by this backend."""
+
+    def __init__(self, chunk_prefix: torch.Tensor, chunk_end: torch.Tensor, nchunks: torch.Tensor,
+                 counts: torch.Tensor, exact_rows: int | None) -> None:
+        self.chunk_prefix = chunk_prefix
+        self.chunk_end = chunk_end
+        self.nchunks = nchunks
+        self.counts = counts
+        self.exact_rows = exact_rows
+
+
+class NvlinkBackend:
+    """Kernel implementation of :class:`ep_core.backend.EPBackend` for one NVLink domain.
+
+    Args:
+        group: The process group (NCCL), every rank on its own GPU of one host.
+        config: The agreed configuration of the owning ``ElasticBuffer``.
+
+    Raises:
+        ValueError: The configuration is outside what the kernels support.
+    """
+
+    name = "nvlink"
+
+    def __init__(self, group: dist.ProcessGroup, config: BackendConfig) -> None:
+        import ep_jit
+
+        self.group = group
+        self.rank = config.rank
+        self.num_ranks = config.num_ranks
+        self.device = torch.device(config.device)
+        self.config = config
+        hidden = config.hidden if config.hidden > 0 else 8192
+        topk = config.num_topk if config.num_topk > 0 else 32
+        self.sizing = NvlinkSizing(
+            num_ranks=self.num_ranks,
+            num_max_tokens_per_rank=config.num_max_tokens_per_rank,
+            hidden=hidden,
+            num_topk=topk,
+        )
+        self.layout, nbytes = compute_layout(self.sizing)
+        self.sym = ep_jit.SymmetricBuffer(group, nbytes, device=self.device)
+        self.sym.local.zero_()
+        self.peer_bases = self.sym.peer_ptrs_dev
+        self.error = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self.timeout_cycles = int(max(config.num_gpu_timeout_secs, 0.0) * nk.CYCLES_PER_SECOND)
+        torch.cuda.synchronize(self.device)
+        self.sym.barrier()
+        torch.cuda.synchronize(self.device)
+        self._ll = None
+        self._destroyed = False
+        # Developer overrides of the kernels' launch shape (benchmarks sweep them):
+        # dispatch (send warps, recv warps, send slots, recv slots), combine (push, reduce, slots).
+        self.dispatch_override: tuple[int, int, int, int] | None = None
+        self.combine_override: tuple[int, int, int] | None = None
+
+    @classmethod
+    def from_config(cls, group: dist.ProcessGroup, config: BackendConfig) -> NvlinkBackend:
+        """Builds the backend from an ``ElasticBuffer``'s agreed configuration."""
+        return cls(group, config)
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("NvlinkBackend was destroyed")
+        nk.raise_if_failed(self.error)
+
+    def _check_shape(self, hidden: int, topk: int, nmax: int) -> None:
+        if hidden > self.sizing.hidden:
+            raise ValueError(f"hidden {hidden} exceeds the buffer's hidden {self.sizing.hidden}")
+        if topk > self.sizing.num_topk:
+            raise ValueError(f"num_topk {topk} exceeds the buffer's num_topk {self.sizing.num_topk}")
+        if nmax > self.sizing.num_max_tokens_per_rank:
+            raise ValueError(
+                f"num_max_tokens_per_rank {nmax} exceeds the buffer's "
+                f"{self.sizing.num_max_tokens_per_rank}"
+            )
+
+    def _num_sms(self, num_sms: int) -> int:
+        limit = torch.cuda.get_device_properties(self.device).multi_processor_count
+        n = num_sms if num_sms > 0 else nk.DEFAULT_NUM_SMS
+        if not 1 <= n <= limit:
+            raise ValueError(f"num_sms must be in [1, {limit}], got {num_sms}")
+        return n
+
+    # ---- high-throughput ------------------------------------------------------------------
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        *,
+        num_experts: int,
+        num_max_tokens_per_rank: int,
+        expert_alignment: int,
+        do_expand: bool,
+        do_cpu_sync: bool,
+        handle: EPHandle | None,
+        num_sms: int,
+    ) -> DispatchResult:
+        """See :meth:`ep_core.backend.EPBackend.dispatch`; runs on the current stream."""
+        self._check()
+        r, nmax = self.num_ranks, num_max_tokens_per_rank
+        num_tokens, hidden = x.shape
+        k = topk_idx.shape[1]
+        el = num_experts // r
+        self._check_shape(hidden, k, nmax)
+        n_sms = self._num_sms(num_sms)
+        dev = self.device
+        nchunks = -(-num_tokens // CHUNK_TOKENS)
+        if handle is None:
+            send_row = torch.empty((num_tokens, r), dtype=torch.int32, device=dev)
+            is_in = torch.empty((num_tokens, r), dtype=torch.bool, device=dev)
+            chunk_prefix = torch.empty((nchunks + 1, r), dtype=torch.int32, device=dev)
+            nk.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix)
+        else:
+            send_row, is_in = handle.send_row, handle.is_token_in_rank
+            state = handle.backend_state
+            if not isinstance(state, _HtState):
+                raise ValueError("the handle was not made by the nvlink backend")
+            chunk_prefix = state.chunk_prefix
+
+        rows = r * nmax
+        scale_cols = 0 if x_scales is None else x_scales.shape[1]
+        out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
+        out_sf = None
+        if x_scales is not None:
+            out_sf = torch.empty((rows, scale_cols), dtype=x_scales.dtype, device=dev)
+        out_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
+        out_w = None if topk_weights is None else torch.empty((rows, k), dtype=torch.float32, device=dev)
+        out_meta = torch.empty((rows, 2), dtype=torch.int32, device=dev)
+        counts = torch.zeros(r + 2 * el, dtype=torch.int32, device=dev)
+        chunk_end = torch.empty((r, self.sizing.max_chunks), dtype=torch.int32, device=dev)
+        nchunks_t = torch.empty(r, dtype=torch.int32, device=dev)
+        nk.launch_dispatch(
+            self, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights,
+            send_row=send_row, chunk_prefix=chunk_prefix, out_x=out_x, out_sf=out_sf,
+            out_idx=out_idx, out_w=out_w, out_meta=out_meta, counts=counts, chunk_end=chunk_end,
+            nchunks=nchunks_t, num_max_tokens=nmax, num_local_experts=el,
+            expert_alignment=expert_alignment, num_sms=n_sms,
+        )
+        psum_rank = counts[:r]
+        unaligned = counts[r : r + el]
+        aligned_psum = counts[r + el :]
+
+        exact_rows: int | None = None
+        aligned_list: list[int] = []
+        if handle is not None:
+            prev = handle.backend_state
+            assert isinstance(prev, _HtState)
+            exact_rows = prev.exact_rows
+        elif do_cpu_sync:
+            host = counts.cpu().tolist()  # the one host synchronisation of this call
+            nk.raise_if_failed(self.error)
+            exact_rows = int(host[r - 1])
+            aligned_list = _aligned_from_psum(host[r + el :])
+        num_rows = exact_rows if exact_rows is not None else rows
+
+        recv_x = out_x[:num_rows]
+        recv_sf = None if out_sf is None else out_sf[:num_rows]
+        recv_idx: torch.Tensor | None = out_idx[:num_rows]
+        recv_w = None if out_w is None else out_w[:num_rows]
+        meta = out_meta[:num_rows]
+        # Rows past the valid count are unspecified by contract; make the metadata say so.
+        if exact_rows is None:
+            valid = torch.arange(rows, device=dev) < psum_rank[r - 1]
+            meta = torch.where(valid[:, None], meta, -1)
+
+        if handle is not None and handle.do_expand != do_expand:
+            raise ValueError("a cached dispatch must use the handle's do_expand")
+        starts = None
+        if do_expand:
+            aligned = align_up_tensor(unaligned.to(torch.int64), expert_alignment)
+            starts = aligned.cumsum(0) - aligned
+        if handle is not None:
+            num_expanded = handle.num_expanded_tokens
+        elif exact_rows is not None:
+            num_expanded = int(aligned_list and sum(aligned_list))
+        else:
+            num_expanded = worst_case_num_expanded_tokens(r, nmax, k, el, expert_alignment)
+        if do_expand:
+            assert recv_idx is not None and starts is not None
+            recv_x, recv_sf, recv_w, meta = _expand(
+                recv_x, recv_sf, recv_idx, recv_w, meta, starts, el, num_expanded
+            )
+            recv_idx = None
+
+        state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
+        if handle is None:
+            handle = EPHandle(
+                rank=self.rank,
+                num_ranks=r,
+                num_experts=num_experts,
+                num_max_tokens_per_rank=nmax,
+                expert_alignment=expert_alignment,
+                do_expand=do_expand,
+                num_sms=n_sms,
+                topk_idx=topk_idx.clone(),
+                is_token_in_rank=is_in,
+                send_row=send_row,
+                num_recv_tokens=num_rows,
+                num_expanded_tokens=num_expanded,
+                num_recv_tokens_per_expert_list=aligned_list,
+                psum_num_recv_tokens_per_rank=psum_rank,
+                psum_num_recv_tokens_per_expert=(
+                    (starts + unaligned).to(torch.int32) if starts is not None else aligned_psum
+                ),
+                num_unaligned_recv_tokens_per_expert=unaligned,
+                recv_src_metadata=meta,
+                backend_state=state,
+            )
+        else:
+            # The replay wrote the same layout; keep the handle's tensors, refresh the chunk rows.
+            prev = handle.backend_state
+            assert isinstance(prev, _HtState)
+            prev.chunk_end, prev.nchunks = chunk_end, nchunks_t
+        return DispatchResult(recv_x, recv_sf, recv_idx, recv_w, handle)
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: EPHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        num_sms: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """See :meth:`ep_core.backend.EPBackend.combine`; runs on the current stream."""
+        self._check()
+        state = handle.backend_state
+        if not isinstance(state, _HtState):
+            raise ValueError("the handle was not made by the nvlink backend")
+        hidden = x.shape[1]
+        k = handle.num_topk
+        self._check_shape(hidden, k, handle.num_max_tokens_per_rank)
+        n_sms = self._num_sms(num_sms if num_sms > 0 else handle.num_sms)
+        weights = topk_weights
+        meta = handle.recv_src_metadata
+        if handle.do_expand:
+            x, weights = _reduce_expanded(x, topk_weights, meta, k)
+        if meta.shape[1] != 2:  # expanded handles carry the lane map after the two columns
+            meta = meta[:, :2].contiguous()
+        if x.shape[0] < meta.shape[0]:
+            raise ValueError(f"combine x has {x.shape[0]} rows, the handle needs {meta.shape[0]}")
+        num_tokens = handle.num_tokens
+        out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
+        out_w = None
+        if weights is not None:
+            out_w = torch.empty((num_tokens, k), dtype=torch.float32, device=self.device)
+        nk.launch_combine(
+            self, x=x.contiguous(), weights=None if weights is None else weights.contiguous(),
+            meta=meta, state=state, handle=handle, bias=bias, out=out, out_w=out_w, num_sms=n_sms,
+        )
+        return out, out_w
+
+    # ---- low-latency ------------------------------------------------------------------------
+    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int):  # noqa: ANN202
+        from ep_core.nvlink_ll import LowLatencyEngine
+
+        eng = self._ll
+        if eng is None or not eng.fits(nmax, hidden, num_experts, k):
+            if eng is not None:
+                eng.destroy()
+            eng = LowLatencyEngine(
+                self.group, rank=self.rank, num_ranks=self.num_ranks,
+                num_max_dispatch_tokens_per_rank=nmax, hidden=hidden, num_experts=num_experts,
+                num_topk=k, device=self.device,
+                num_gpu_timeout_secs=self.config.num_gpu_timeout_secs,
+            )
+            self._ll = eng
+        return eng
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        *,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+    ) -> LowLatencyDispatchResult:
+        """See :meth:`ep_core.backend.EPBackend.low_latency_dispatch`."""
+        self._check()
+        eng = self._ll_engine(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts,
+                              topk_idx.shape[1])
+        result, _ = eng.dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
+            use_ue8m0=use_ue8m0, return_recv_hook=False,
+        )
+        return result
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """See :meth:`ep_core.backend.EPBackend.low_latency_combine`."""
+        self._check()
+        if self._ll is None:
+            raise ValueError("low_latency_combine needs a low_latency_dispatch first")
+        result, _ = self._ll.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook=False)
+        return result
+
+    def barrier(self) -> None:
+        """GPU barrier across the group on the current stream."""
+        self._check()
+        self.sym.barrier()
+
+    def destroy(self) -> None:
+        """Frees the symmetric buffers (idempotent)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._ll is not None:
+            self._ll.destroy()
+            self._ll = None
+        self.sym.destroy()
+
+
+def _aligned_from_psum(psum: list[int]) -> list[int]:
+    out, prev = [], 0
+    for v in psum:
+        out.append(int(v) - prev)
+        prev = int(v)
+    return out
+
+
+def _expand(
+    recv_x: torch.Tensor,
+    recv_sf: torch.Tensor | None,
+    local_idx: torch.Tensor,
+    recv_w: torch.Tensor | None,
+    meta: torch.Tensor,
+    starts: torch.Tensor,
+    num_local: int,
+    num_expanded: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Expanded layout from the packed rows (device ops, no host sync; padding rows zero)."""
+    rows, k = local_idx.shape
+    valid_row = meta[:, 0] >= 0
+    local_idx = torch.where(valid_row[:, None], local_idx, -1)
+    expert_col = torch.where(local_idx >= 0, local_idx, num_local)
+    has = torch.zeros(rows, num_local + 1, dtype=torch.int64, device=local_idx.device)
+    has.scatter_(1, expert_col, 1)
+    rank_in_expert = has[:, :num_local].cumsum(0) - 1
+    safe = local_idx.clamp(min=0)
+    expanded_row = torch.where(local_idx >= 0, starts[safe] + rank_in_expert.gather(1, safe), -1)
+    pair = invert_positions(expanded_row, num_expanded)
+    token = torch.where(pair >= 0, torch.div(pair, k, rounding_mode="floor"), -1)
+    out_x = gather_rows(recv_x, token)
+    out_sf = None if recv_sf is None else gather_rows(recv_sf, token)
+    out_w = None if recv_w is None else gather_rows(recv_w.reshape(-1), pair)
+    meta = torch.cat([meta, expanded_row.to(torch.int32)], dim=1)
+    return out_x, out_sf, out_w, meta
+
+
+def _reduce_expanded(
+    x: torch.Tensor, weights: torch.Tensor | None, meta: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per received token, the float32 sum of its local expert rows (lane order) cast to bf16."""
+    rows = meta.shape[0]
+    expanded_row = meta[:, 2:].to(torch.int64)
+    acc = torch.zeros(rows, x.shape[1], dtype=torch.float32, device=x.device)
+    started = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    for lane in range(k):
+        mask = expanded_row[:, lane] >= 0
+        value = gather_rows(x, expanded_row[:, lane]).float()
+        summed = torch.where(started[:, None], acc + value, value)
+        acc = torch.where(mask[:, None], summed, acc)
+        started = started | mask
+    out_w = None
+    if weights is not None:
+        out_w = gather_rows(weights, expanded_row.reshape(-1)).view(rows, k)
+    return acc.to(torch.bfloat16), out_w

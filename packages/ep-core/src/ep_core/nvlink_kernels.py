@@ -1,0 +1,339 @@
+"""Kernel specs, launch configurations and launches of the high-throughput NVLink kernels.
+
+Each kernel is one instantiation of a device template in ``include/ep_core/sm90_ht_*.cuh`` with
+the shape as template constants; ep-jit compiles it on first use and caches it on disk. The
+launch configuration (warps per role, shared-memory slots per warp) is derived from the row size
+so that one CTA fills one SM's shared memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ep_core.nvlink_layout import (
+    CHUNK_TOKENS,
+    HtCombineArgs,
+    HtDispatchArgs,
+    combine_payload_bytes,
+    dispatch_payload_bytes,
+)
+
+if TYPE_CHECKING:
+    from ep_core.nvlink import NvlinkBackend
+
+__all__ = [
+    "CYCLES_PER_SECOND",
+    "DEFAULT_NUM_SMS",
+    "STAGES",
+    "combine_config",
+    "dispatch_config",
+    "launch_combine",
+    "launch_dispatch",
+    "launch_layout",
+    "raise_if_failed",
+    "register_include_root",
+    "shipped_kernels",
+]
+
+DEFAULT_NUM_SMS = 24
+"""SMs used when a call passes ``num_sms=0`` and the caller gave no analytical choice."""
+
+CYCLES_PER_SECOND = 1.98e9
+"""SM clock used to turn the timeout in seconds into cycles (H100/H200 boost clock)."""
+
+SMEM_LIMIT = 232448
+"""Dynamic shared memory one CTA may use on sm_90 (227 KiB)."""
+
+STAGES = {
+    1: "dispatch: waiting for a peer's row counts",
+    2: "dispatch: waiting for a peer's chunk of rows",
+    3: "dispatch: waiting for a TMA load",
+    4: "dispatch: waiting for every peer to start",
+    11: "combine: waiting for a peer's chunk of rows",
+    12: "combine: waiting for a TMA load",
+    13: "combine: waiting for every peer to start",
+}
+"""Stage ids written by the kernels' timed waits (``enum DispatchStage/CombineStage``)."""
+
+
+class GpuTimeoutError(RuntimeError):
+    """A GPU-side wait timed out; the buffer must be destroyed and re-created.
+
+    Attributes:
+        stage: What the kernel waited for.
+        peer: The rank it waited for (-1 when not peer-specific).
+        rank: The rank whose kernel timed out.
+    """
+
+    def __init__(self, stage: str, peer: int, rank: int) -> None:
+        self.stage, self.peer, self.rank = stage, peer, rank
+        who = f"rank {peer}" if peer >= 0 else "a local copy"
+        super().__init__(f"GPU timeout on rank {rank} in {stage!r} (waited for {who})")
+
+
+def raise_if_failed(error: torch.Tensor) -> None:
+    """Raises :class:`GpuTimeoutError` when a kernel recorded a timeout in ``error`` (pinned)."""
+    code, stage, peer, rank = (int(v) for v in error.tolist())
+    if code != 0:
+        raise GpuTimeoutError(STAGES.get(stage, f"stage {stage}"), peer, rank)
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    send_warps: int
+    recv_warps: int
+    send_slots: int
+    recv_slots: int
+    payload: int
+    num_ranks: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.send_warps + self.recv_warps)
+
+    def smem_bytes(self, num_local_experts: int) -> int:
+        """Mirror of ``HtDispatch::smem_bytes``."""
+        send = self.send_warps * self.send_slots
+        slots = send + self.recv_warps * self.recv_slots
+        return slots * (self.payload + 8) + send * (1 + self.num_ranks) * 4 + num_local_experts * 4
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    push_warps: int
+    reduce_warps: int
+    slots: int
+    payload: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.push_warps + self.reduce_warps)
+
+    def smem_bytes(self) -> int:
+        """Mirror of ``HtCombine::smem_bytes``."""
+        return self.push_warps * self.slots * (self.payload + 8 + 4)
+
+
+def dispatch_config(payload: int, num_ranks: int, num_local_experts: int) -> DispatchConfig:
+    """Warps and TMA slots per role so that the slots fill one SM's shared memory.
+
+    The receivers get the deeper rings: on 4x H200 (docs/kernels.md, sweep of 2026-11-22) the
+    best shapes were 3 sender warps x 3 slots + 4 receiver warps x 4 slots for FP8 rows
+    (7.5 KB) and 3 x 2 + 2 x 4 for BF16 rows (14 KB).
+    """
+    budget = SMEM_LIMIT - num_local_experts * 4 - 1024
+    per_slot = payload + 8 + (1 + num_ranks) * 4
+    total = budget // per_slot
+    if total >= 25:
+        return DispatchConfig(3, 4, 3, 4, payload, num_ranks)
+    if total >= 14:
+        return DispatchConfig(3, 2, 2, 4, payload, num_ranks)
+    for warps in (4, 3, 2, 1):
+        per_warp = min(6, total // (2 * warps))
+        if per_warp >= 2:
+            return DispatchConfig(warps, warps, per_warp, per_warp, payload, num_ranks)
+    raise ValueError(f"rows of {payload} bytes are too large for the dispatch kernel")
+
+
+def combine_config(payload: int) -> CombineConfig:
+    """Push warps with TMA slots, the rest of a 512-thread CTA reduces."""
+    budget = SMEM_LIMIT - 512
+    for warps in (4, 3, 2, 1):
+        slots = min(4, budget // (warps * (payload + 12)))
+        if slots >= 2:
+            return CombineConfig(warps, 16 - warps, slots, payload)
+    raise ValueError(f"rows of {payload} bytes are too large for the combine kernel")
+
+
+def _layout_spec(num_ranks: int, num_topk: int) -> Any:
+    from ep_jit import KernelSpec
+
+    return KernelSpec(
+        name="ep_ht_layout",
+        includes=["ep_core/smxx_ht_common.cuh"],
+        template="ep_core::ht_layout",
+        params=[
+            "const int64_t* topk_idx",
+            "int64_t num_tokens",
+            "int64_t num_local_experts",
+            "int32_t* send_row",
+            "bool* is_in",
+            "int32_t* chunk_prefix",
+        ],
+        constants={"kRanks": num_ranks, "kTopk": num_topk, "kChunk": CHUNK_TOKENS},
+        launch_bounds=(1024, 1),
+    )
+
+
+def _dispatch_spec(num_ranks: int, num_topk: int, row_bytes: int, num_sf: int,
+                   cfg: DispatchConfig) -> Any:
+    from ep_jit import KernelSpec
+
+    return KernelSpec(
+        name="ep_ht_dispatch",
+        includes=["ep_core/sm90_ht_dispatch.cuh"],
+        template="ep_core::ht_dispatch",
+        params=["const __grid_constant__ ep_core::HtDispatchArgs args"],
+        constants={
+            "kRanks": num_ranks,
+            "kTopk": num_topk,
+            "kRowBytes": row_bytes,
+            "kNumSF": num_sf,
+            "kNumSendWarps": cfg.send_warps,
+            "kNumRecvWarps": cfg.recv_warps,
+            "kSendSlots": cfg.send_slots,
+            "kRecvSlots": cfg.recv_slots,
+            "kChunk": CHUNK_TOKENS,
+        },
+        launch_bounds=(cfg.threads, 1),
+    )
+
+
+def _combine_spec(num_ranks: int, num_topk: int, hidden: int, cfg: CombineConfig) -> Any:
+    from ep_jit import KernelSpec
+
+    return KernelSpec(
+        name="ep_ht_combine",
+        includes=["ep_core/sm90_ht_combine.cuh"],
+        template="ep_core::ht_combine",
+        params=["const __grid_constant__ ep_core::HtCombineArgs args"],
+        constants={
+            "kRanks": num_ranks,
+            "kTopk": num_topk,
+            "kHidden": hidden,
+            "kNumPushWarps": cfg.push_warps,
+            "kNumReduceWarps": cfg.reduce_warps,
+            "kSlots": cfg.slots,
+            "kChunk": CHUNK_TOKENS,
+        },
+        launch_bounds=(cfg.threads, 1),
+    )
+
+
+def shipped_kernels() -> list[Any]:
+    """Representative instantiations of every kernel ep-core ships (for compile-only checks)."""
+    specs = [_layout_spec(4, 8)]
+    for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
+        cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
+        specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
+    for hidden in (7168, 2880):
+        specs.append(_combine_spec(4, 8, hidden, combine_config(combine_payload_bytes(hidden, 8))))
+    return specs
+
+
+def register_include_root() -> None:
+    """Makes ``#include <ep_core/...>`` resolvable for ep-jit (idempotent)."""
+    from ep_jit import include_roots
+    from ep_jit import register_include_root as register
+
+    if "ep_core" not in include_roots():
+        register("ep_core", Path(__file__).parent / "include")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(spec: Any) -> Any:
+    from ep_jit import build
+
+    register_include_root()
+    return build(spec)
+
+
+_configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+"""Launch configuration and kernel per shape, so a call builds no spec (host overhead)."""
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+def launch_layout(num_ranks: int, num_topk: int, topk_idx: torch.Tensor, num_local_experts: int,
+                  send_row: torch.Tensor, is_in: torch.Tensor, chunk_prefix: torch.Tensor) -> None:
+    """Routing layout kernel on the current stream (grid = ranks, 1024 threads)."""
+    key = ("layout", num_ranks, num_topk)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, _kernel(_layout_spec(num_ranks, num_topk)))
+    kernel = found[1]
+    kernel.launch(
+        (num_ranks, 1, 1), (1024, 1, 1),
+        topk_idx, topk_idx.shape[0], num_local_experts, send_row, is_in, chunk_prefix,
+    )
+
+
+def launch_dispatch(be: NvlinkBackend, *, x: torch.Tensor, x_scales: torch.Tensor | None,
+                    topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
+                    send_row: torch.Tensor, chunk_prefix: torch.Tensor, out_x: torch.Tensor,
+                    out_sf: torch.Tensor | None, out_idx: torch.Tensor, out_w: torch.Tensor | None,
+                    out_meta: torch.Tensor, counts: torch.Tensor, chunk_end: torch.Tensor,
+                    nchunks: torch.Tensor, num_max_tokens: int, num_local_experts: int,
+                    expert_alignment: int, num_sms: int) -> None:
+    """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
+    r, k = be.num_ranks, topk_idx.shape[1]
+    row_bytes = x.shape[1] * x.element_size()
+    num_sf = 0 if x_scales is None else x_scales.shape[1]
+    key = ("dispatch", r, k, row_bytes, num_sf, num_local_experts, be.dispatch_override)
+    found = _configured.get(key)
+    if found is None:
+        payload = dispatch_payload_bytes(row_bytes, num_sf, k)
+        cfg = dispatch_config(payload, r, num_local_experts)
+        if be.dispatch_override is not None:
+            cfg = DispatchConfig(*be.dispatch_override, payload, r)
+        found = _configured[key] = (cfg, _kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
+    cfg, kernel = found
+    a = HtDispatchArgs()
+    a.x, a.x_sf = _ptr(x), _ptr(x_scales)
+    a.topk_idx, a.topk_weights = _ptr(topk_idx), _ptr(topk_weights)
+    a.send_row, a.chunk_prefix = _ptr(send_row), _ptr(chunk_prefix)
+    a.peer_bases = _ptr(be.peer_bases)
+    a.out_x, a.out_sf, a.out_topk_idx = _ptr(out_x), _ptr(out_sf), _ptr(out_idx)
+    a.out_topk_weights, a.out_src_meta = _ptr(out_w), _ptr(out_meta)
+    a.out_counts, a.out_chunk_end, a.out_nchunks = _ptr(counts), _ptr(chunk_end), _ptr(nchunks)
+    a.error = _ptr(be.error)
+    a.sf_stride_t = 0 if x_scales is None else x_scales.stride(0)
+    a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
+    a.num_tokens, a.num_max_tokens = x.shape[0], num_max_tokens
+    a.num_local_experts, a.max_chunks = num_local_experts, be.sizing.max_chunks
+    a.expert_alignment, a.timeout_cycles, a.rank = expert_alignment, be.timeout_cycles, be.rank
+    a.lay = be.layout
+    kernel.launch(
+        (num_sms, 1, 1), (cfg.threads, 1, 1), a,
+        smem=cfg.smem_bytes(num_local_experts), cooperative=True,
+    )
+
+
+def launch_combine(be: NvlinkBackend, *, x: torch.Tensor, weights: torch.Tensor | None,
+                   meta: torch.Tensor, state: Any, handle: Any, bias: tuple[torch.Tensor, ...],
+                   out: torch.Tensor, out_w: torch.Tensor | None, num_sms: int) -> None:
+    """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
+    r, k, hidden = be.num_ranks, handle.num_topk, x.shape[1]
+    key = ("combine", r, k, hidden, be.combine_override)
+    found = _configured.get(key)
+    if found is None:
+        payload = combine_payload_bytes(hidden, k)
+        cfg = combine_config(payload)
+        if be.combine_override is not None:
+            cfg = CombineConfig(*be.combine_override, payload)
+        found = _configured[key] = (cfg, _kernel(_combine_spec(r, k, hidden, cfg)))
+    cfg, kernel = found
+    a = HtCombineArgs()
+    a.x, a.topk_weights, a.src_meta = _ptr(x), _ptr(weights), _ptr(meta)
+    a.psum_rank = _ptr(handle.psum_num_recv_tokens_per_rank)
+    a.chunk_end, a.nchunks = _ptr(state.chunk_end), _ptr(state.nchunks)
+    a.topk_idx, a.send_row = _ptr(handle.topk_idx), _ptr(handle.send_row)
+    a.bias0 = _ptr(bias[0]) if len(bias) > 0 else 0
+    a.bias1 = _ptr(bias[1]) if len(bias) > 1 else 0
+    a.peer_bases = _ptr(be.peer_bases)
+    a.out, a.out_weights, a.error = _ptr(out), _ptr(out_w), _ptr(be.error)
+    a.num_tokens, a.num_max_tokens = handle.num_tokens, handle.num_max_tokens_per_rank
+    a.num_local_experts, a.max_chunks = handle.num_local_experts, be.sizing.max_chunks
+    a.timeout_cycles, a.rank = be.timeout_cycles, be.rank
+    a.lay = be.layout
+    kernel.launch(
+        (num_sms, 1, 1), (cfg.threads, 1, 1), a,
+        smem=cfg.smem_bytes(), cooperative=True,
+    )
