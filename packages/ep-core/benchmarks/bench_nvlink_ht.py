@@ -3,8 +3,8 @@
 ``ep-bench`` (ep-elastic) is the user-facing benchmark; this script drives the backend directly
 so kernel variants can be compared quickly on the device machine:
 
-    PYTHONPATH=packages/jit/src:packages/ep-core/src python packages/ep-core/benchmarks/bench_nvlink_ht.py \
-        --num-processes 4 --sms 12,24,32 --json out.json
+    PYTHONPATH=packages/jit/src:packages/ep-core/src \
+        python packages/ep-core/benchmarks/bench_nvlink_ht.py --num-processes 4 --sms 12,24 --graph
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ep_jit.testing import RankInfo, run_ranks
 
 
-def _time(fn, iters: int, warmup: int) -> list[float]:  # noqa: ANN001
+def _time(fn, iters: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -36,7 +36,7 @@ def _time(fn, iters: int, warmup: int) -> list[float]:  # noqa: ANN001
     return times
 
 
-def _kernel_us(fn, iters: int) -> dict[str, float]:  # noqa: ANN001
+def _kernel_us(fn, iters: int) -> dict[str, float]:
     """Mean device time per call of every kernel ``fn`` launches (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -53,7 +53,7 @@ def _kernel_us(fn, iters: int) -> dict[str, float]:  # noqa: ANN001
     return out
 
 
-def _cpu_us(fn, iters: int) -> float:  # noqa: ANN001
+def _cpu_us(fn, iters: int) -> float:
     import time
 
     torch.cuda.synchronize()
@@ -65,7 +65,7 @@ def _cpu_us(fn, iters: int) -> float:  # noqa: ANN001
     return (t1 - t0) / iters * 1e6
 
 
-def _graph_us(fn, iters: int) -> float:  # noqa: ANN001
+def _graph_us(fn, iters: int) -> float:
     """Median time of replaying ``fn`` captured in a CUDA graph (no host overhead)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -85,16 +85,25 @@ def _median(v: list[float]) -> float:
     return s[len(s) // 2]
 
 
-def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:  # noqa: ARG001
+def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
     from ep_core.backend import BackendConfig
     from ep_core.fp8 import per_token_cast_to_fp8
     from ep_core.nvlink import NvlinkBackend
 
     r, dev = info.world_size, info.device
     t, h, k, e = args.num_tokens, args.hidden, args.num_topk, args.num_experts
-    cfg = BackendConfig(rank=info.rank, num_ranks=r, device=dev, num_bytes=0,
-                        num_max_tokens_per_rank=t, hidden=h, num_topk=k, use_fp8_dispatch=True,
-                        num_cpu_timeout_secs=60, num_gpu_timeout_secs=60)
+    cfg = BackendConfig(
+        rank=info.rank,
+        num_ranks=r,
+        device=dev,
+        num_bytes=0,
+        num_max_tokens_per_rank=t,
+        hidden=h,
+        num_topk=k,
+        use_fp8_dispatch=True,
+        num_cpu_timeout_secs=60,
+        num_gpu_timeout_secs=60,
+    )
     be = NvlinkBackend.from_config(info.group, cfg)
     gen = torch.Generator(device=dev).manual_seed(info.rank)
     x = torch.randn(t, h, device=dev, generator=gen).to(torch.bfloat16)
@@ -109,8 +118,14 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:  # noq
         for dtype in args.dtypes.split(","):
             if args.graph:
                 xin, sin = (xq, sf) if dtype == "fp8" else (x, None)
-                kw = dict(num_experts=e, num_max_tokens_per_rank=t, expert_alignment=1,
-                          do_expand=False, handle=None, num_sms=n_sms)
+                kw = {
+                    "num_experts": e,
+                    "num_max_tokens_per_rank": t,
+                    "expert_alignment": 1,
+                    "do_expand": False,
+                    "handle": None,
+                    "num_sms": n_sms,
+                }
                 res = be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw)
                 m = res.handle.num_recv_tokens
                 row_bytes = h * xin.element_size() + (0 if sin is None else sin.shape[1] * 4)
@@ -118,40 +133,77 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:  # noq
                 from ep_core import nvlink_kernels as nk
                 from ep_core.nvlink_layout import dispatch_payload_bytes
 
-                payload = dispatch_payload_bytes(h * xin.element_size(), 0 if sin is None else sin.shape[1], k)
+                payload = dispatch_payload_bytes(
+                    h * xin.element_size(), 0 if sin is None else sin.shape[1], k
+                )
                 for dcfg in dcfgs:
-                    if len(dcfg) == 4 and nk.DispatchConfig(*dcfg, payload, r).smem_bytes(e // r) > nk.SMEM_LIMIT:
+                    if (
+                        len(dcfg) == 4
+                        and nk.DispatchConfig(*dcfg, payload, r).smem_bytes(e // r) > nk.SMEM_LIMIT
+                    ):
                         continue
                     be.dispatch_override = dcfg if len(dcfg) == 4 else None
-                    gu = _graph_us(lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
-                                   args.iters)
-                    rows.append(dict(op=f"graph-dispatch-{dtype}-{'x'.join(map(str, dcfg)) or 'auto'}",
-                                     sms=n_sms, us=gu, us_sync=gu, recv_rows=m, remote_rows=remote,
-                                     row_bytes=row_bytes))
+                    gu = _graph_us(
+                        lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
+                        args.iters,
+                    )
+                    rows.append(
+                        {
+                            "op": f"graph-dispatch-{dtype}-{'x'.join(map(str, dcfg)) or 'auto'}",
+                            "sms": n_sms,
+                            "us": gu,
+                            "us_sync": gu,
+                            "recv_rows": m,
+                            "remote_rows": remote,
+                            "row_bytes": row_bytes,
+                        }
+                    )
                 be.dispatch_override = None
                 if dtype == "bf16":
                     y = torch.randn(res.recv_x.shape, device=dev).to(torch.bfloat16)
                     for ccfg in ccfgs:
                         be.combine_override = ccfg if len(ccfg) == 3 else None
-                        gu = _graph_us(lambda: be.combine(y, res.handle, None, (), n_sms),  # noqa: B023
-                                       args.iters)
-                        rows.append(dict(op=f"graph-combine-{'x'.join(map(str, ccfg)) or 'auto'}",
-                                         sms=n_sms, us=gu, us_sync=gu, recv_rows=m,
-                                         remote_rows=remote, row_bytes=h * 2))
+                        gu = _graph_us(
+                            lambda: be.combine(y, res.handle, None, (), n_sms),  # noqa: B023
+                            args.iters,
+                        )
+                        rows.append(
+                            {
+                                "op": f"graph-combine-{'x'.join(map(str, ccfg)) or 'auto'}",
+                                "sms": n_sms,
+                                "us": gu,
+                                "us_sync": gu,
+                                "recv_rows": m,
+                                "remote_rows": remote,
+                                "row_bytes": h * 2,
+                            }
+                        )
                     be.combine_override = None
             if args.graph_only:
                 continue
             xin, sin = (xq, sf) if dtype == "fp8" else (x, None)
-            kw = dict(num_experts=e, num_max_tokens_per_rank=t, expert_alignment=1,
-                      do_expand=False, handle=None, num_sms=n_sms)
+            kw = {
+                "num_experts": e,
+                "num_max_tokens_per_rank": t,
+                "expert_alignment": 1,
+                "do_expand": False,
+                "handle": None,
+                "num_sms": n_sms,
+            }
             res = be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw)
             m = res.handle.num_recv_tokens
             row_bytes = h * xin.element_size() + (0 if sin is None else sin.shape[1] * 4)
             remote = m - int((res.handle.recv_src_metadata[:, 1] == info.rank).sum())
-            td = _time(lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
-                       args.iters, args.warmup)
-            ts = _time(lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw),  # noqa: B023
-                       args.iters, args.warmup)
+            td = _time(
+                lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
+                args.iters,
+                args.warmup,
+            )
+            ts = _time(
+                lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw),  # noqa: B023
+                args.iters,
+                args.warmup,
+            )
             if args.profile:
                 f = lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw)  # noqa: B023, E731
                 if info.rank == 0 and dtype == "fp8" and n_sms == int(args.sms.split(",")[0]):
@@ -168,32 +220,74 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:  # noq
                 kern = _kernel_us(f, 5)
                 cpu = _cpu_us(f, 5)
                 if info.rank == 0:
-                    print(f"[profile] dispatch-{dtype} sms={n_sms} T={t}: cpu/call {cpu:.0f} us; "
-                          + "; ".join(f"{k}={v:.0f}" for k, v in sorted(kern.items(), key=lambda kv: -kv[1])[:8]),
-                          flush=True)
-            rows.append(dict(op=f"dispatch-{dtype}", sms=n_sms, us=_median(td), us_sync=_median(ts),
-                             recv_rows=m, remote_rows=remote, row_bytes=row_bytes))
+                    print(
+                        f"[profile] dispatch-{dtype} sms={n_sms} T={t}: cpu/call {cpu:.0f} us; "
+                        + "; ".join(
+                            f"{k}={v:.0f}"
+                            for k, v in sorted(kern.items(), key=lambda kv: -kv[1])[:8]
+                        ),
+                        flush=True,
+                    )
+            rows.append(
+                {
+                    "op": f"dispatch-{dtype}",
+                    "sms": n_sms,
+                    "us": _median(td),
+                    "us_sync": _median(ts),
+                    "recv_rows": m,
+                    "remote_rows": remote,
+                    "row_bytes": row_bytes,
+                }
+            )
             if dtype == "bf16":
-                y = torch.randn(res.recv_x.shape, device=dev, dtype=torch.float32).to(torch.bfloat16)
-                tc = _time(lambda: be.combine(y, res.handle, None, (), n_sms),  # noqa: B023
-                           args.iters, args.warmup)
+                y = torch.randn(res.recv_x.shape, device=dev, dtype=torch.float32).to(
+                    torch.bfloat16
+                )
+                tc = _time(
+                    lambda: be.combine(y, res.handle, None, (), n_sms),  # noqa: B023
+                    args.iters,
+                    args.warmup,
+                )
                 if args.profile:
                     f = lambda: be.combine(y, res.handle, None, (), n_sms)  # noqa: B023, E731
                     kern = _kernel_us(f, 5)
                     cpu = _cpu_us(f, 5)
                     if info.rank == 0:
-                        print(f"[profile] combine sms={n_sms} T={t}: cpu/call {cpu:.0f} us; "
-                              + "; ".join(f"{k}={v:.0f}" for k, v in sorted(kern.items(), key=lambda kv: -kv[1])[:8]),
-                              flush=True)
-                rows.append(dict(op="combine", sms=n_sms, us=_median(tc), us_sync=_median(tc),
-                                 recv_rows=m, remote_rows=remote, row_bytes=h * 2))
+                        print(
+                            f"[profile] combine sms={n_sms} T={t}: cpu/call {cpu:.0f} us; "
+                            + "; ".join(
+                                f"{k}={v:.0f}"
+                                for k, v in sorted(kern.items(), key=lambda kv: -kv[1])[:8]
+                            ),
+                            flush=True,
+                        )
+                rows.append(
+                    {
+                        "op": "combine",
+                        "sms": n_sms,
+                        "us": _median(tc),
+                        "us_sync": _median(tc),
+                        "recv_rows": m,
+                        "remote_rows": remote,
+                        "row_bytes": h * 2,
+                    }
+                )
     # NCCL baseline: all_to_all_single moving the same bytes as the bf16 dispatch.
     m = max(rw["recv_rows"] for rw in rows)
     buf = torch.empty(m * h * 2, dtype=torch.uint8, device=dev)
     recv = torch.empty_like(buf)
     tb = _time(lambda: dist.all_to_all_single(recv, buf), args.iters, args.warmup)
-    rows.append(dict(op="nccl-a2a-bf16", sms=0, us=_median(tb), us_sync=_median(tb), recv_rows=m,
-                     remote_rows=m * (r - 1) // r, row_bytes=h * 2))
+    rows.append(
+        {
+            "op": "nccl-a2a-bf16",
+            "sms": 0,
+            "us": _median(tb),
+            "us_sync": _median(tb),
+            "recv_rows": m,
+            "remote_rows": m * (r - 1) // r,
+            "row_bytes": h * 2,
+        }
+    )
     # Worst rank decides.
     gathered = [None] * r
     dist.all_gather_object(gathered, rows)
@@ -204,17 +298,32 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:  # noq
             us_sync = max(g[i]["us_sync"] for g in gathered)
             rr = min(g[i]["recv_rows"] for g in gathered)
             rem = min(g[i]["remote_rows"] for g in gathered)
-            final.append(dict(row, us=us, us_sync=us_sync,
-                              gbps=rr * row["row_bytes"] / us / 1e3,
-                              gbps_sync=rr * row["row_bytes"] / us_sync / 1e3,
-                              nvlink_gbps=rem * row["row_bytes"] / us / 1e3))
-        print(f"{'op':16s} {'sms':>4s} {'us':>9s} {'GB/s':>8s} {'us(sync)':>9s} {'GB/s(sync)':>10s} {'NVL GB/s':>9s}")
+            final.append(
+                dict(
+                    row,
+                    us=us,
+                    us_sync=us_sync,
+                    gbps=rr * row["row_bytes"] / us / 1e3,
+                    gbps_sync=rr * row["row_bytes"] / us_sync / 1e3,
+                    nvlink_gbps=rem * row["row_bytes"] / us / 1e3,
+                )
+            )
+        print(
+            f"{'op':16s} {'sms':>4s} {'us':>9s} {'GB/s':>8s} {'us(sync)':>9s} "
+            f"{'GB/s(sync)':>10s} {'NVL GB/s':>9s}"
+        )
         for f in final:
-            print(f"{f['op']:16s} {f['sms']:4d} {f['us']:9.1f} {f['gbps']:8.1f} {f['us_sync']:9.1f} "
-                  f"{f['gbps_sync']:10.1f} {f['nvlink_gbps']:9.1f}")
+            print(
+                f"{f['op']:16s} {f['sms']:4d} {f['us']:9.1f} {f['gbps']:8.1f} {f['us_sync']:9.1f} "
+                f"{f['gbps_sync']:10.1f} {f['nvlink_gbps']:9.1f}"
+            )
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump(dict(args=vars(args), rows=final, device=torch.cuda.get_device_name()), fh, indent=1)
+                json.dump(
+                    {"args": vars(args), "rows": final, "device": torch.cuda.get_device_name()},
+                    fh,
+                    indent=1,
+                )
     be.destroy()
 
 
@@ -233,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print kernel times (torch profiler)")
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
     p.add_argument("--graph-only", action="store_true", help="only the CUDA-graph timings")
-    p.add_argument("--dispatch-configs", default="",
-                   help="';'-separated send_warps,recv_warps,send_slots,recv_slots ('' = auto)")
+    p.add_argument(
+        "--dispatch-configs",
+        default="",
+        help="';'-separated send_warps,recv_warps,send_slots,recv_slots ('' = auto)",
+    )
     p.add_argument("--combine-configs", default="", help="';'-separated push,reduce,slots")
     args = p.parse_args(argv)
     run_ranks(args.num_processes, _worker, args, [], timeout_s=900)

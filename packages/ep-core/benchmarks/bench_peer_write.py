@@ -29,7 +29,8 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> None:
     for mode in (0, 1):
         for warps, slots in ((4, 4), (8, 2), (16, 1)) if mode == 0 else ((8, 1), (16, 1), (32, 1)):
             spec = ep_jit.KernelSpec(
-                name="probe_peer_write", includes=["probe/peer_write_probe.cuh"],
+                name="probe_peer_write",
+                includes=["probe/peer_write_probe.cuh"],
                 template="probe::peer_write",
                 params=["const uint64_t* peers", "int64_t me", "int64_t num_ranks", "int64_t rows"],
                 constants={"kMode": mode, "kWarps": warps, "kSlots": slots, "kRowBytes": row_bytes},
@@ -38,15 +39,27 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> None:
             k = ep_jit.build(spec)
             smem = (warps * slots if mode == 0 else 1) * row_bytes
             for sms in [int(s) for s in args.sms.split(",")]:
-                def run() -> None:
-                    k.launch((sms, 1, 1), (warps * 32, 1, 1), sym.peer_ptrs_dev, info.rank, r, rows,
-                             smem=smem)
+
+                def run(k=k, sms=sms, warps=warps, smem=smem) -> None:
+                    k.launch(
+                        (sms, 1, 1),
+                        (warps * 32, 1, 1),
+                        sym.peer_ptrs_dev,
+                        info.rank,
+                        r,
+                        rows,
+                        smem=smem,
+                    )
+
                 run()
                 times = []
                 for _ in range(args.iters):
                     dist.barrier()
                     torch.cuda.synchronize()
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a, b = (
+                        torch.cuda.Event(enable_timing=True),
+                        torch.cuda.Event(enable_timing=True),
+                    )
                     a.record()
                     run()
                     b.record()

@@ -16,18 +16,32 @@ HIDDEN = 2048
 TOPK = 8
 
 
-def _config(info: RankInfo, nmax: int, hidden: int, topk: int, timeout: float = 30.0):  # noqa: ANN202
+def _config(info: RankInfo, nmax: int, hidden: int, topk: int, timeout: float = 30.0):
     from ep_core.backend import BackendConfig
 
     return BackendConfig(
-        rank=info.rank, num_ranks=info.world_size, device=info.device, num_bytes=0,
-        num_max_tokens_per_rank=nmax, hidden=hidden, num_topk=topk, use_fp8_dispatch=False,
-        num_cpu_timeout_secs=60.0, num_gpu_timeout_secs=timeout,
+        rank=info.rank,
+        num_ranks=info.world_size,
+        device=info.device,
+        num_bytes=0,
+        num_max_tokens_per_rank=nmax,
+        hidden=hidden,
+        num_topk=topk,
+        use_fp8_dispatch=False,
+        num_cpu_timeout_secs=60.0,
+        num_gpu_timeout_secs=timeout,
     )
 
 
-def _routing(gen: torch.Generator, num_tokens: int, num_experts: int, topk: int, kind: str,
-             rank: int, num_ranks: int) -> torch.Tensor:
+def _routing(
+    gen: torch.Generator,
+    num_tokens: int,
+    num_experts: int,
+    topk: int,
+    kind: str,
+    rank: int,
+    num_ranks: int,
+) -> torch.Tensor:
     scores = torch.rand(num_tokens, num_experts, generator=gen)
     el = num_experts // num_ranks
     if kind == "skewed":
@@ -56,9 +70,25 @@ def _eq(name: str, a: torch.Tensor | None, b: torch.Tensor | None, rows: int | N
     assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} elements differ"
 
 
-def _case(ref, fast, info: RankInfo, *, seed: int, num_tokens: int, hidden: int, num_experts: int,
-          topk: int, kind: str, dtype: str, weights: bool, do_expand: bool, alignment: int,
-          do_cpu_sync: bool, num_bias: int, num_sms: int) -> None:
+def _case(
+    ref,
+    fast,
+    info: RankInfo,
+    *,
+    seed: int,
+    num_tokens: int,
+    hidden: int,
+    num_experts: int,
+    topk: int,
+    kind: str,
+    dtype: str,
+    weights: bool,
+    do_expand: bool,
+    alignment: int,
+    do_cpu_sync: bool,
+    num_bias: int,
+    num_sms: int,
+) -> None:
     from ep_core.fp8 import per_token_cast_to_fp8
 
     dev = info.device
@@ -68,9 +98,18 @@ def _case(ref, fast, info: RankInfo, *, seed: int, num_tokens: int, hidden: int,
     w = torch.rand(num_tokens, topk, generator=gen).to(dev) if weights else None
     scales = None
     if dtype != "bf16":
-        x, scales = per_token_cast_to_fp8(x, round_scale=dtype == "ue8m0", use_ue8m0=dtype == "ue8m0")
-    kw = dict(num_experts=num_experts, num_max_tokens_per_rank=NMAX, expert_alignment=alignment,
-              do_expand=do_expand, do_cpu_sync=do_cpu_sync, handle=None, num_sms=num_sms)
+        x, scales = per_token_cast_to_fp8(
+            x, round_scale=dtype == "ue8m0", use_ue8m0=dtype == "ue8m0"
+        )
+    kw = {
+        "num_experts": num_experts,
+        "num_max_tokens_per_rank": NMAX,
+        "expert_alignment": alignment,
+        "do_expand": do_expand,
+        "do_cpu_sync": do_cpu_sync,
+        "handle": None,
+        "num_sms": num_sms,
+    }
     r = ref.dispatch(x, scales, idx, w, **kw)
     f = fast.dispatch(x, scales, idx, w, **kw)
     torch.cuda.synchronize()
@@ -84,8 +123,13 @@ def _case(ref, fast, info: RankInfo, *, seed: int, num_tokens: int, hidden: int,
     _eq("recv_x_scales", f.recv_x_scales, r.recv_x_scales, rows)
     _eq("recv_topk_idx", f.recv_topk_idx, r.recv_topk_idx, rows)
     _eq("recv_topk_weights", f.recv_topk_weights, r.recv_topk_weights, rows)
-    for field in ("psum_num_recv_tokens_per_rank", "psum_num_recv_tokens_per_expert",
-                  "num_unaligned_recv_tokens_per_expert", "send_row", "is_token_in_rank"):
+    for field in (
+        "psum_num_recv_tokens_per_rank",
+        "psum_num_recv_tokens_per_expert",
+        "num_unaligned_recv_tokens_per_expert",
+        "send_row",
+        "is_token_in_rank",
+    ):
         _eq(field, getattr(f.handle, field), getattr(r.handle, field))
     _eq("recv_src_metadata", f.handle.recv_src_metadata, r.handle.recv_src_metadata)
 
@@ -98,9 +142,11 @@ def _case(ref, fast, info: RankInfo, *, seed: int, num_tokens: int, hidden: int,
     # Combine: expert outputs from the received bf16 rows (fresh values).
     m = f.recv_x.shape[0]
     y = torch.randn(m, hidden, generator=gen).to(torch.bfloat16).to(dev)
-    cw = torch.rand(*( (m,) if do_expand else (m, topk) ), generator=gen).to(dev) if weights else None
-    bias = tuple(torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(dev)
-                 for _ in range(num_bias))
+    cw = torch.rand(*((m,) if do_expand else (m, topk)), generator=gen).to(dev) if weights else None
+    bias = tuple(
+        torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(dev)
+        for _ in range(num_bias)
+    )
     rc, rcw = ref.combine(y, r.handle, cw, bias, num_sms)
     fc, fcw = fast.combine(y, f.handle, cw, bias, num_sms)
     torch.cuda.synchronize()
@@ -117,22 +163,94 @@ def _worker(info: RankInfo) -> None:
     fast = NvlinkBackend.from_config(info.group, cfg)
     ne = 16 * info.world_size
     cases = [
-        dict(num_tokens=NMAX, kind="uniform", dtype="bf16", weights=True, do_expand=False,
-             alignment=1, do_cpu_sync=True, num_bias=0, num_sms=8),
-        dict(num_tokens=NMAX - 3 * info.rank, kind="masked", dtype="fp8", weights=True,
-             do_expand=False, alignment=1, do_cpu_sync=True, num_bias=1, num_sms=4),
-        dict(num_tokens=100 + info.rank, kind="skewed", dtype="ue8m0", weights=False,
-             do_expand=False, alignment=16, do_cpu_sync=False, num_bias=2, num_sms=6),
-        dict(num_tokens=0 if info.rank == 1 else 37, kind="uniform", dtype="bf16", weights=True,
-             do_expand=False, alignment=1, do_cpu_sync=True, num_bias=0, num_sms=2),
-        dict(num_tokens=64, kind="nothing_to_last", dtype="bf16", weights=True, do_expand=False,
-             alignment=1, do_cpu_sync=True, num_bias=1, num_sms=3),
-        dict(num_tokens=200, kind="only_rank0", dtype="fp8", weights=True, do_expand=False,
-             alignment=1, do_cpu_sync=False, num_bias=0, num_sms=5),
-        dict(num_tokens=300, kind="uniform", dtype="bf16", weights=True, do_expand=True,
-             alignment=128, do_cpu_sync=True, num_bias=0, num_sms=8),
-        dict(num_tokens=250, kind="masked", dtype="fp8", weights=True, do_expand=True,
-             alignment=16, do_cpu_sync=True, num_bias=1, num_sms=8),
+        {
+            "num_tokens": NMAX,
+            "kind": "uniform",
+            "dtype": "bf16",
+            "weights": True,
+            "do_expand": False,
+            "alignment": 1,
+            "do_cpu_sync": True,
+            "num_bias": 0,
+            "num_sms": 8,
+        },
+        {
+            "num_tokens": NMAX - 3 * info.rank,
+            "kind": "masked",
+            "dtype": "fp8",
+            "weights": True,
+            "do_expand": False,
+            "alignment": 1,
+            "do_cpu_sync": True,
+            "num_bias": 1,
+            "num_sms": 4,
+        },
+        {
+            "num_tokens": 100 + info.rank,
+            "kind": "skewed",
+            "dtype": "ue8m0",
+            "weights": False,
+            "do_expand": False,
+            "alignment": 16,
+            "do_cpu_sync": False,
+            "num_bias": 2,
+            "num_sms": 6,
+        },
+        {
+            "num_tokens": 0 if info.rank == 1 else 37,
+            "kind": "uniform",
+            "dtype": "bf16",
+            "weights": True,
+            "do_expand": False,
+            "alignment": 1,
+            "do_cpu_sync": True,
+            "num_bias": 0,
+            "num_sms": 2,
+        },
+        {
+            "num_tokens": 64,
+            "kind": "nothing_to_last",
+            "dtype": "bf16",
+            "weights": True,
+            "do_expand": False,
+            "alignment": 1,
+            "do_cpu_sync": True,
+            "num_bias": 1,
+            "num_sms": 3,
+        },
+        {
+            "num_tokens": 200,
+            "kind": "only_rank0",
+            "dtype": "fp8",
+            "weights": True,
+            "do_expand": False,
+            "alignment": 1,
+            "do_cpu_sync": False,
+            "num_bias": 0,
+            "num_sms": 5,
+        },
+        {
+            "num_tokens": 300,
+            "kind": "uniform",
+            "dtype": "bf16",
+            "weights": True,
+            "do_expand": True,
+            "alignment": 128,
+            "do_cpu_sync": True,
+            "num_bias": 0,
+            "num_sms": 8,
+        },
+        {
+            "num_tokens": 250,
+            "kind": "masked",
+            "dtype": "fp8",
+            "weights": True,
+            "do_expand": True,
+            "alignment": 16,
+            "do_cpu_sync": True,
+            "num_bias": 1,
+            "num_sms": 8,
+        },
     ]
     for i, case in enumerate(cases):
         for topk in (TOPK,):
@@ -143,23 +261,45 @@ def _worker(info: RankInfo) -> None:
     # Other shapes through a second buffer: hidden 2880 bf16 (gpt-oss), top-4, many experts.
     cfg2 = _config(info, NMAX, 2880, 4)
     fast2 = NvlinkBackend.from_config(info.group, cfg2)
-    _case(ref, fast2, info, seed=99, num_tokens=NMAX, hidden=2880, num_experts=64 * info.world_size,
-          topk=4, kind="uniform", dtype="bf16", weights=True, do_expand=False, alignment=1,
-          do_cpu_sync=True, num_bias=0, num_sms=16)
+    _case(
+        ref,
+        fast2,
+        info,
+        seed=99,
+        num_tokens=NMAX,
+        hidden=2880,
+        num_experts=64 * info.world_size,
+        topk=4,
+        kind="uniform",
+        dtype="bf16",
+        weights=True,
+        do_expand=False,
+        alignment=1,
+        do_cpu_sync=True,
+        num_bias=0,
+        num_sms=16,
+    )
     fast2.destroy()
     _graph_case(ref, fast, info)
     fast.destroy()
     fast.destroy()
 
 
-def _graph_case(ref, fast, info: RankInfo) -> None:  # noqa: ANN001
+def _graph_case(ref, fast, info: RankInfo) -> None:
     """Dispatch (no CPU sync) + combine captured once, replayed with fresh routing and data."""
     dev, ne, t = info.device, 16 * info.world_size, NMAX - 7
     x = torch.empty(t, HIDDEN, dtype=torch.bfloat16, device=dev)
     idx = torch.empty(t, TOPK, dtype=torch.int64, device=dev)
     w = torch.empty(t, TOPK, dtype=torch.float32, device=dev)
-    kw = dict(num_experts=ne, num_max_tokens_per_rank=NMAX, expert_alignment=1, do_expand=False,
-              do_cpu_sync=False, handle=None, num_sms=8)
+    kw = {
+        "num_experts": ne,
+        "num_max_tokens_per_rank": NMAX,
+        "expert_alignment": 1,
+        "do_expand": False,
+        "do_cpu_sync": False,
+        "handle": None,
+        "num_sms": 8,
+    }
 
     def fill(seed: int) -> None:
         gen = torch.Generator().manual_seed(seed * 7919 + info.rank)
@@ -213,9 +353,19 @@ def _timeout_worker(info: RankInfo) -> None:
     idx[:, 1] = info.world_size  # expert on rank 1
     if info.rank == 0:
         with pytest.raises(GpuTimeoutError, match="rank 1"):
-            fast.dispatch(x, None, idx, None, num_experts=2 * info.world_size,
-                          num_max_tokens_per_rank=64, expert_alignment=1, do_expand=False,
-                          do_cpu_sync=True, handle=None, num_sms=2)
+            fast.dispatch(
+                x,
+                None,
+                idx,
+                None,
+                num_experts=2 * info.world_size,
+                num_max_tokens_per_rank=64,
+                expert_alignment=1,
+                do_expand=False,
+                do_cpu_sync=True,
+                handle=None,
+                num_sms=2,
+            )
 
 
 @pytest.mark.gpu

@@ -34,8 +34,14 @@ __all__ = ["NvlinkBackend"]
 class _HtState:
     """Backend-private part of an :class:`EPHandle` made by this backend."""
 
-    def __init__(self, chunk_prefix: torch.Tensor, chunk_end: torch.Tensor, nchunks: torch.Tensor,
-                 counts: torch.Tensor, exact_rows: int | None) -> None:
+    def __init__(
+        self,
+        chunk_prefix: torch.Tensor,
+        chunk_end: torch.Tensor,
+        nchunks: torch.Tensor,
+        counts: torch.Tensor,
+        exact_rows: int | None,
+    ) -> None:
         self.chunk_prefix = chunk_prefix
         self.chunk_end = chunk_end
         self.nchunks = nchunks
@@ -103,7 +109,9 @@ class NvlinkBackend:
         if hidden > self.sizing.hidden:
             raise ValueError(f"hidden {hidden} exceeds the buffer's hidden {self.sizing.hidden}")
         if topk > self.sizing.num_topk:
-            raise ValueError(f"num_topk {topk} exceeds the buffer's num_topk {self.sizing.num_topk}")
+            raise ValueError(
+                f"num_topk {topk} exceeds the buffer's num_topk {self.sizing.num_topk}"
+            )
         if nmax > self.sizing.num_max_tokens_per_rank:
             raise ValueError(
                 f"num_max_tokens_per_rank {nmax} exceeds the buffer's "
@@ -162,17 +170,35 @@ class NvlinkBackend:
         if x_scales is not None:
             out_sf = torch.empty((rows, scale_cols), dtype=x_scales.dtype, device=dev)
         out_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
-        out_w = None if topk_weights is None else torch.empty((rows, k), dtype=torch.float32, device=dev)
+        out_w = (
+            None
+            if topk_weights is None
+            else torch.empty((rows, k), dtype=torch.float32, device=dev)
+        )
         out_meta = torch.empty((rows, 2), dtype=torch.int32, device=dev)
         counts = torch.zeros(r + 2 * el, dtype=torch.int32, device=dev)
         chunk_end = torch.empty((r, self.sizing.max_chunks), dtype=torch.int32, device=dev)
         nchunks_t = torch.empty(r, dtype=torch.int32, device=dev)
         nk.launch_dispatch(
-            self, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights,
-            send_row=send_row, chunk_prefix=chunk_prefix, out_x=out_x, out_sf=out_sf,
-            out_idx=out_idx, out_w=out_w, out_meta=out_meta, counts=counts, chunk_end=chunk_end,
-            nchunks=nchunks_t, num_max_tokens=nmax, num_local_experts=el,
-            expert_alignment=expert_alignment, num_sms=n_sms,
+            self,
+            x=x,
+            x_scales=x_scales,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            send_row=send_row,
+            chunk_prefix=chunk_prefix,
+            out_x=out_x,
+            out_sf=out_sf,
+            out_idx=out_idx,
+            out_w=out_w,
+            out_meta=out_meta,
+            counts=counts,
+            chunk_end=chunk_end,
+            nchunks=nchunks_t,
+            num_max_tokens=nmax,
+            num_local_experts=el,
+            expert_alignment=expert_alignment,
+            num_sms=n_sms,
         )
         psum_rank = counts[:r]
         unaligned = counts[r : r + el]
@@ -196,10 +222,15 @@ class NvlinkBackend:
         recv_idx: torch.Tensor | None = out_idx[:num_rows]
         recv_w = None if out_w is None else out_w[:num_rows]
         meta = out_meta[:num_rows]
-        # Rows past the valid count are unspecified by contract; make the metadata say so.
+        # Rows past the valid count are unspecified by contract; still give them the reference's
+        # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
+        # worst-case tensors stays in bounds. Device ops only, no host sync.
         if exact_rows is None:
-            valid = torch.arange(rows, device=dev) < psum_rank[r - 1]
-            meta = torch.where(valid[:, None], meta, -1)
+            valid = (torch.arange(rows, device=dev) < psum_rank[r - 1])[:, None]
+            meta = torch.where(valid, meta, -1)
+            recv_idx = torch.where(valid, out_idx, -1)
+            if recv_w is not None:
+                recv_w = torch.where(valid, recv_w, 0.0)
 
         if handle is not None and handle.do_expand != do_expand:
             raise ValueError("a cached dispatch must use the handle's do_expand")
@@ -282,13 +313,21 @@ class NvlinkBackend:
         if weights is not None:
             out_w = torch.empty((num_tokens, k), dtype=torch.float32, device=self.device)
         nk.launch_combine(
-            self, x=x.contiguous(), weights=None if weights is None else weights.contiguous(),
-            meta=meta, state=state, handle=handle, bias=bias, out=out, out_w=out_w, num_sms=n_sms,
+            self,
+            x=x.contiguous(),
+            weights=None if weights is None else weights.contiguous(),
+            meta=meta,
+            state=state,
+            handle=handle,
+            bias=bias,
+            out=out,
+            out_w=out_w,
+            num_sms=n_sms,
         )
         return out, out_w
 
     # ---- low-latency ------------------------------------------------------------------------
-    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int):  # noqa: ANN202
+    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int):
         from ep_core.nvlink_ll import LowLatencyEngine
 
         eng = self._ll
@@ -296,9 +335,14 @@ class NvlinkBackend:
             if eng is not None:
                 eng.destroy()
             eng = LowLatencyEngine(
-                self.group, rank=self.rank, num_ranks=self.num_ranks,
-                num_max_dispatch_tokens_per_rank=nmax, hidden=hidden, num_experts=num_experts,
-                num_topk=k, device=self.device,
+                self.group,
+                rank=self.rank,
+                num_ranks=self.num_ranks,
+                num_max_dispatch_tokens_per_rank=nmax,
+                hidden=hidden,
+                num_experts=num_experts,
+                num_topk=k,
+                device=self.device,
                 num_gpu_timeout_secs=self.config.num_gpu_timeout_secs,
             )
             self._ll = eng
@@ -317,12 +361,18 @@ class NvlinkBackend:
     ) -> LowLatencyDispatchResult:
         """See :meth:`ep_core.backend.EPBackend.low_latency_dispatch`."""
         self._check()
-        eng = self._ll_engine(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts,
-                              topk_idx.shape[1])
+        eng = self._ll_engine(
+            num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1]
+        )
         result, _ = eng.dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
-            num_experts=num_experts, use_fp8=use_fp8, round_scale=round_scale,
-            use_ue8m0=use_ue8m0, return_recv_hook=False,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts,
+            use_fp8=use_fp8,
+            round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+            return_recv_hook=False,
         )
         return result
 

@@ -170,8 +170,9 @@ def _layout_spec(num_ranks: int, num_topk: int) -> Any:
     )
 
 
-def _dispatch_spec(num_ranks: int, num_topk: int, row_bytes: int, num_sf: int,
-                   cfg: DispatchConfig) -> Any:
+def _dispatch_spec(
+    num_ranks: int, num_topk: int, row_bytes: int, num_sf: int, cfg: DispatchConfig
+) -> Any:
     from ep_jit import KernelSpec
 
     return KernelSpec(
@@ -216,14 +217,20 @@ def _combine_spec(num_ranks: int, num_topk: int, hidden: int, cfg: CombineConfig
 
 
 def shipped_kernels() -> list[Any]:
-    """Representative instantiations of every kernel ep-core ships (for compile-only checks)."""
+    """Representative instantiations of every kernel ep-core ships (for compile-only checks).
+
+    The ``ep_jit.kernels`` entry point of ep-core; registers the include root first.
+    """
+    from ep_core.nvlink_ll import shipped_kernels as low_latency_kernels
+
+    register_include_root()
     specs = [_layout_spec(4, 8)]
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
         cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
         specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
     for hidden in (7168, 2880):
         specs.append(_combine_spec(4, 8, hidden, combine_config(combine_payload_bytes(hidden, 8))))
-    return specs
+    return specs + list(low_latency_kernels())
 
 
 def register_include_root() -> None:
@@ -235,7 +242,7 @@ def register_include_root() -> None:
         register("ep_core", Path(__file__).parent / "include")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(spec: Any) -> Any:
     from ep_jit import build
 
@@ -251,8 +258,15 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
-def launch_layout(num_ranks: int, num_topk: int, topk_idx: torch.Tensor, num_local_experts: int,
-                  send_row: torch.Tensor, is_in: torch.Tensor, chunk_prefix: torch.Tensor) -> None:
+def launch_layout(
+    num_ranks: int,
+    num_topk: int,
+    topk_idx: torch.Tensor,
+    num_local_experts: int,
+    send_row: torch.Tensor,
+    is_in: torch.Tensor,
+    chunk_prefix: torch.Tensor,
+) -> None:
     """Routing layout kernel on the current stream (grid = ranks, 1024 threads)."""
     key = ("layout", num_ranks, num_topk)
     found = _configured.get(key)
@@ -260,18 +274,39 @@ def launch_layout(num_ranks: int, num_topk: int, topk_idx: torch.Tensor, num_loc
         found = _configured[key] = (None, _kernel(_layout_spec(num_ranks, num_topk)))
     kernel = found[1]
     kernel.launch(
-        (num_ranks, 1, 1), (1024, 1, 1),
-        topk_idx, topk_idx.shape[0], num_local_experts, send_row, is_in, chunk_prefix,
+        (num_ranks, 1, 1),
+        (1024, 1, 1),
+        topk_idx,
+        topk_idx.shape[0],
+        num_local_experts,
+        send_row,
+        is_in,
+        chunk_prefix,
     )
 
 
-def launch_dispatch(be: NvlinkBackend, *, x: torch.Tensor, x_scales: torch.Tensor | None,
-                    topk_idx: torch.Tensor, topk_weights: torch.Tensor | None,
-                    send_row: torch.Tensor, chunk_prefix: torch.Tensor, out_x: torch.Tensor,
-                    out_sf: torch.Tensor | None, out_idx: torch.Tensor, out_w: torch.Tensor | None,
-                    out_meta: torch.Tensor, counts: torch.Tensor, chunk_end: torch.Tensor,
-                    nchunks: torch.Tensor, num_max_tokens: int, num_local_experts: int,
-                    expert_alignment: int, num_sms: int) -> None:
+def launch_dispatch(
+    be: NvlinkBackend,
+    *,
+    x: torch.Tensor,
+    x_scales: torch.Tensor | None,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    send_row: torch.Tensor,
+    chunk_prefix: torch.Tensor,
+    out_x: torch.Tensor,
+    out_sf: torch.Tensor | None,
+    out_idx: torch.Tensor,
+    out_w: torch.Tensor | None,
+    out_meta: torch.Tensor,
+    counts: torch.Tensor,
+    chunk_end: torch.Tensor,
+    nchunks: torch.Tensor,
+    num_max_tokens: int,
+    num_local_experts: int,
+    expert_alignment: int,
+    num_sms: int,
+) -> None:
     """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
     r, k = be.num_ranks, topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
@@ -301,14 +336,27 @@ def launch_dispatch(be: NvlinkBackend, *, x: torch.Tensor, x_scales: torch.Tenso
     a.expert_alignment, a.timeout_cycles, a.rank = expert_alignment, be.timeout_cycles, be.rank
     a.lay = be.layout
     kernel.launch(
-        (num_sms, 1, 1), (cfg.threads, 1, 1), a,
-        smem=cfg.smem_bytes(num_local_experts), cooperative=True,
+        (num_sms, 1, 1),
+        (cfg.threads, 1, 1),
+        a,
+        smem=cfg.smem_bytes(num_local_experts),
+        cooperative=True,
     )
 
 
-def launch_combine(be: NvlinkBackend, *, x: torch.Tensor, weights: torch.Tensor | None,
-                   meta: torch.Tensor, state: Any, handle: Any, bias: tuple[torch.Tensor, ...],
-                   out: torch.Tensor, out_w: torch.Tensor | None, num_sms: int) -> None:
+def launch_combine(
+    be: NvlinkBackend,
+    *,
+    x: torch.Tensor,
+    weights: torch.Tensor | None,
+    meta: torch.Tensor,
+    state: Any,
+    handle: Any,
+    bias: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    out_w: torch.Tensor | None,
+    num_sms: int,
+) -> None:
     """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
     r, k, hidden = be.num_ranks, handle.num_topk, x.shape[1]
     key = ("combine", r, k, hidden, be.combine_override)
@@ -334,6 +382,9 @@ def launch_combine(be: NvlinkBackend, *, x: torch.Tensor, weights: torch.Tensor 
     a.timeout_cycles, a.rank = be.timeout_cycles, be.rank
     a.lay = be.layout
     kernel.launch(
-        (num_sms, 1, 1), (cfg.threads, 1, 1), a,
-        smem=cfg.smem_bytes(), cooperative=True,
+        (num_sms, 1, 1),
+        (cfg.threads, 1, 1),
+        a,
+        smem=cfg.smem_bytes(),
+        cooperative=True,
     )

@@ -102,7 +102,9 @@ def compute_layout(sizing: NvlinkSizing) -> tuple[SymLayout, int]:
         ValueError: When the group is larger than the kernels support.
     """
     if not 1 <= sizing.num_ranks <= _MAX_RANKS:
-        raise ValueError(f"the NVLink backend supports 1..{_MAX_RANKS} ranks, got {sizing.num_ranks}")
+        raise ValueError(
+            f"the NVLink backend supports 1..{_MAX_RANKS} ranks, got {sizing.num_ranks}"
+        )
     r, nmax, cmax = sizing.num_ranks, sizing.num_max_tokens_per_rank, sizing.max_chunks
     lay = SymLayout()
     lay.ctrl = 0

@@ -42,7 +42,6 @@
 #include <cuda_bf16.h>
 
 #include <cuda/std/cstdint>
-
 #include <ep_core/smxx_ptx.cuh>
 
 namespace ep_core {
@@ -50,42 +49,42 @@ namespace ep_core {
 // Arguments of every low-latency kernel (passed by value as __grid_constant__). Every field is
 // 8 bytes wide so the ctypes mirror in nvlink_ll.py has no padding to get wrong.
 struct LlArgs {
-    uint64_t x;             // dispatch: [T, H] bf16; combine: y [El, L, H] bf16
-    uint64_t topk_idx;      // [T, k] int64 of this rank's tokens
-    uint64_t topk_weights;  // combine: [T, k] float32
-    uint64_t recv_x;        // dispatch out: [El, L, H] e4m3 or bf16
-    uint64_t recv_scales;   // dispatch out: [El, P, L] 4-byte scales (column-major view)
-    uint64_t recv_count;    // dispatch out: [El] int32
-    uint64_t recv_src_info; // dispatch out: [El, L] int32
-    uint64_t recv_range;    // dispatch out: [El, R] int64
-    uint64_t cmap;          // dispatch out / combine in: [R, Nmax, k] int32 packed row or -1
-    uint64_t recv_ntok;     // dispatch out / combine in: [R] int32 tokens of each source
-    uint64_t out;           // combine out: [T, H] bf16
-    uint64_t peer_bases;    // [R] base address of every rank's symmetric buffer
-    uint64_t error;         // ErrorRecord in host-mapped memory
-    int64_t num_tokens;     // T (this rank)
-    int64_t num_experts;    // E
+    uint64_t x;                 // dispatch: [T, H] bf16; combine: y [El, L, H] bf16
+    uint64_t topk_idx;          // [T, k] int64 of this rank's tokens
+    uint64_t topk_weights;      // combine: [T, k] float32
+    uint64_t recv_x;            // dispatch out: [El, L, H] e4m3 or bf16
+    uint64_t recv_scales;       // dispatch out: [El, P, L] 4-byte scales (column-major view)
+    uint64_t recv_count;        // dispatch out: [El] int32
+    uint64_t recv_src_info;     // dispatch out: [El, L] int32
+    uint64_t recv_range;        // dispatch out: [El, R] int64
+    uint64_t cmap;              // dispatch out / combine in: [R, Nmax, k] int32 packed row or -1
+    uint64_t recv_ntok;         // dispatch out / combine in: [R] int32 tokens of each source
+    uint64_t out;               // combine out: [T, H] bf16
+    uint64_t peer_bases;        // [R] base address of every rank's symmetric buffer
+    uint64_t error;             // ErrorRecord in host-mapped memory
+    int64_t num_tokens;         // T (this rank)
+    int64_t num_experts;        // E
     int64_t num_local_experts;  // El
     int64_t num_max_tokens;     // Nmax of this call (L = R * Nmax)
     int64_t timeout_cycles;
     int64_t rank;
-    int64_t slot;           // host-alternated slot of a split op (0/1)
-    int64_t buf_max_tokens; // Nmax the buffer is sized for (stride of the staged arrays)
+    int64_t slot;               // host-alternated slot of a split op (0/1)
+    int64_t buf_max_tokens;     // Nmax the buffer is sized for (stride of the staged arrays)
     int64_t buf_local_experts;  // El the buffer is sized for (stride of the count words)
-    int64_t row_bytes;      // stride of a staged row
-    int64_t off_abort;      // u32 abort flag (local use)
-    int64_t off_slot_epoch; // [2 kinds][2 slots] u64
-    int64_t off_cta_epoch;  // [num CTAs] u64
-    int64_t off_rel;        // [2 parities][R][num CTAs] u64, written by peers
-    int64_t region[2];      // bases of the two alternating regions
-    int64_t r_cnt;          // [R][buf El] u64 (epoch << 32) | count
-    int64_t r_ntok;         // [R] u64 (epoch << 32) | T of the source
-    int64_t r_done;         // [R][num CTAs] u64 epoch: rows/partials of a source CTA complete
-    int64_t r_wdone;        // [R][num CTAs] u64 epoch: combine weights of a source CTA written
-    int64_t r_meta;         // [R][buf Nmax][k] int32
-    int64_t r_cmask;        // [R][buf Nmax] u32 combine lanes on this rank
-    int64_t r_cw;           // [R][buf Nmax][k] float32 combine weights
-    int64_t r_stage;        // [R][buf Nmax][row_bytes] staged rows / combine partials
+    int64_t row_bytes;          // stride of a staged row
+    int64_t off_abort;          // u32 abort flag (local use)
+    int64_t off_slot_epoch;     // [2 kinds][2 slots] u64
+    int64_t off_cta_epoch;      // [num CTAs] u64
+    int64_t off_rel;            // [2 parities][R][num CTAs] u64, written by peers
+    int64_t region[2];          // bases of the two alternating regions
+    int64_t r_cnt;              // [R][buf El] u64 (epoch << 32) | count
+    int64_t r_ntok;             // [R] u64 (epoch << 32) | T of the source
+    int64_t r_done;             // [R][num CTAs] u64 epoch: rows/partials of a source CTA complete
+    int64_t r_wdone;            // [R][num CTAs] u64 epoch: combine weights of a source CTA written
+    int64_t r_meta;             // [R][buf Nmax][k] int32
+    int64_t r_cmask;            // [R][buf Nmax] u32 combine lanes on this rank
+    int64_t r_cw;               // [R][buf Nmax][k] float32 combine weights
+    int64_t r_stage;            // [R][buf Nmax][row_bytes] staged rows / combine partials
 };
 
 enum LlStage : int {
@@ -99,14 +98,16 @@ enum LlStage : int {
 namespace ll {
 
 constexpr uint32_t kFull = 0xffffffffu;
-constexpr int kChunk = 2048;      // channels of one work item
+constexpr int kChunk = 2048;            // channels of one work item
 constexpr int kSlotBytes = kChunk * 2;  // one shared-memory staging slot (a bf16 chunk)
 constexpr int kPhaseSend = 1;
 constexpr int kPhaseRecv = 2;
 constexpr int kKindDispatch = 0;
 constexpr int kKindCombine = 1;
 
-__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_sys() {
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
 
 __device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
@@ -195,8 +196,8 @@ __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
     env.local = reinterpret_cast<uint8_t*>(env.bases[env.me]);
     env.nc = static_cast<int>(gridDim.x);
     auto* abort_flag = reinterpret_cast<uint32_t*>(env.local + a.off_abort);
-    env.ctx = WaitContext{reinterpret_cast<ErrorRecord*>(a.error), abort_flag, a.timeout_cycles,
-                          env.me};
+    env.ctx =
+        WaitContext{reinterpret_cast<ErrorRecord*>(a.error), abort_flag, a.timeout_cycles, env.me};
     if (tid == 0) {
         s_stop = ld_volatile(abort_flag) != 0 ? 1 : 0;
         const auto* word =
@@ -250,7 +251,8 @@ __device__ __forceinline__ void store_epoch(const LlArgs& a, const Env& env) {
     if (threadIdx.x == 0) {
         reinterpret_cast<uint64_t*>(env.local + a.off_cta_epoch)[blockIdx.x] = env.epoch;
         if (kPhase == kPhaseSend && blockIdx.x == 0)
-            reinterpret_cast<uint64_t*>(env.local + a.off_slot_epoch)[kKind * 2 + a.slot] = env.epoch;
+            reinterpret_cast<uint64_t*>(env.local + a.off_slot_epoch)[kKind * 2 + a.slot] =
+                env.epoch;
     }
 }
 
@@ -261,9 +263,9 @@ __device__ __forceinline__ void release_region(const LlArgs& a, const Env& env) 
     if (threadIdx.x < kRanks && !aborted(env.ctx)) {
         auto* rel = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(env.bases[threadIdx.x]) +
                                                 a.off_rel);
-        st_release_sys(rel + (static_cast<int64_t>(env.parity) * kRanks + env.me) * env.nc +
-                           blockIdx.x,
-                       env.epoch);
+        st_release_sys(
+            rel + (static_cast<int64_t>(env.parity) * kRanks + env.me) * env.nc + blockIdx.x,
+            env.epoch);
     }
 }
 
@@ -307,7 +309,8 @@ struct Dispatch {
     static constexpr int kNumChunks = (kHidden + kChunk - 1) / kChunk;
     static constexpr int kElemBytes = kFp8 ? 1 : 2;
     static constexpr int kDataBytes = kHidden * kElemBytes;
-    static constexpr int kNumScales = !kFp8 ? 0 : (kUe8m0 ? (kHidden / 128 + 3) / 4 : kHidden / 128);
+    static constexpr int kNumScales =
+        !kFp8 ? 0 : (kUe8m0 ? (kHidden / 128 + 3) / 4 : kHidden / 128);
     static constexpr int kScaleWords = kChunk / 128;  // per warp, per chunk
     static constexpr int kIters = kChunk / 512;       // 16 channels per lane per iteration
     static_assert(kRanks >= 1 && kRanks <= 32, "1..32 ranks");
@@ -319,12 +322,13 @@ struct Dispatch {
 
     // ---- send ---------------------------------------------------------------------------------
     // One (token, chunk): load, cast, stage in shared memory, TMA-store to every rank of the token.
-    static __device__ __forceinline__ void send_chunk(const LlArgs& a, const Env& env, int t, int ch,
-                                                      uint32_t dmask, uint8_t* slot,
+    static __device__ __forceinline__ void send_chunk(const LlArgs& a, const Env& env, int t,
+                                                      int ch, uint32_t dmask, uint8_t* slot,
                                                       uint32_t* scl, int lane) {
         const int c0 = ch * kChunk;
         const int c1 = min(kHidden, c0 + kChunk);
-        const auto* xrow = reinterpret_cast<const uint8_t*>(a.x) + static_cast<int64_t>(t) * kHidden * 2;
+        const auto* xrow =
+            reinterpret_cast<const uint8_t*>(a.x) + static_cast<int64_t>(t) * kHidden * 2;
         int4 v[kIters][2];
 #pragma unroll
         for (int it = 0; it < kIters; ++it) {
@@ -381,7 +385,8 @@ struct Dispatch {
                     const uint32_t b1 = __shfl_sync(kFull, byte, 8);
                     const uint32_t b2 = __shfl_sync(kFull, byte, 16);
                     const uint32_t b3 = __shfl_sync(kFull, byte, 24);
-                    if (lane == 0 && c0 + it * 512 < c1) scl[it] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+                    if (lane == 0 && c0 + it * 512 < c1)
+                        scl[it] = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
                 }
             } else {
                 if (active) {
@@ -392,7 +397,8 @@ struct Dispatch {
         }
         fence_proxy_async_smem();
         __syncwarp();
-        const int64_t row_off = a.r_stage + (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes;
+        const int64_t row_off =
+            a.r_stage + (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes;
         if (lane == 0) {
             for (uint32_t m = dmask; m != 0; m &= m - 1) {
                 const int d = __ffs(m) - 1;
@@ -408,7 +414,8 @@ struct Dispatch {
                 const uint32_t val = scl[lane];
                 for (uint32_t m = dmask; m != 0; m &= m - 1) {
                     const int d = __ffs(m) - 1;
-                    reinterpret_cast<uint32_t*>(env.region(a, d) + row_off + kDataBytes)[sc0 + lane] = val;
+                    reinterpret_cast<uint32_t*>(env.region(a, d) + row_off +
+                                                kDataBytes)[sc0 + lane] = val;
                 }
             }
             __syncwarp();
@@ -423,15 +430,18 @@ struct Dispatch {
         const int nc = env.nc;
         const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
         uint8_t* ring = smem + warp * 2 * kSlotBytes;
-        uint32_t* scl = reinterpret_cast<uint32_t*>(smem + kNumWarps * 2 * kSlotBytes) + warp * kScaleWords;
-        auto* bm = reinterpret_cast<uint32_t*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+        uint32_t* scl =
+            reinterpret_cast<uint32_t*>(smem + kNumWarps * 2 * kSlotBytes) + warp * kScaleWords;
+        auto* bm =
+            reinterpret_cast<uint32_t*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
 
         // 1. Rows: item u = (t, chunk) belongs to CTA u % nc (consecutive items on different SMs).
         const int gw = warp * nc + static_cast<int>(blockIdx.x);
         int nitem = 0;
         for (int u = gw; u < T * kNumChunks; u += nc * kNumWarps) {
             const int t = u / kNumChunks, ch = u - t * kNumChunks;
-            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const int64_t e =
+                lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             const bool valid = e >= 0 && e < E;
             const int d = valid ? static_cast<int>(e) / El : 0;
             const uint32_t dmask = __reduce_or_sync(kFull, valid ? (1u << d) : 0u);
@@ -479,7 +489,8 @@ struct Dispatch {
 
         // 4. Lane table of token t (written by CTA t % nc) at every rank.
         for (int t = static_cast<int>(blockIdx.x) + nc * warp; t < T; t += nc * kNumWarps) {
-            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const int64_t e =
+                lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             int d = -1;
             int32_t val = -1;
             if (e >= 0 && e < E) {
@@ -491,10 +502,12 @@ struct Dispatch {
                 val = ((ei - d * El) << 16) | pos;
             }
             if (lane < kTopk) {
-                const int64_t idx = (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * kTopk + lane;
+                const int64_t idx =
+                    (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * kTopk + lane;
 #pragma unroll 4
                 for (int r = 0; r < kRanks; ++r)
-                    reinterpret_cast<int32_t*>(env.region(a, r) + a.r_meta)[idx] = r == d ? val : -1;
+                    reinterpret_cast<int32_t*>(env.region(a, r) + a.r_meta)[idx] =
+                        r == d ? val : -1;
             }
         }
         signal_sent<kRanks>(a, env, a.r_done);
@@ -529,7 +542,9 @@ struct Dispatch {
             for (int q = 0; q < kBatch; ++q) {
                 const int i = base + q * kThreads;
                 const int s = i / El;
-                v[q] = i < ncnt ? ld_relaxed_sys(cnt_words + static_cast<int64_t>(s) * a.buf_local_experts + (i - s * El))
+                v[q] = i < ncnt ? ld_relaxed_sys(cnt_words +
+                                                 static_cast<int64_t>(s) * a.buf_local_experts +
+                                                 (i - s * El))
                                 : 0;
             }
 #pragma unroll
@@ -538,8 +553,10 @@ struct Dispatch {
                 if (i >= ncnt) continue;
                 const int s = i / El;
                 if (static_cast<uint32_t>(v[q] >> 32) != tag &&
-                    !wait_tag(env.ctx, cnt_words + static_cast<int64_t>(s) * a.buf_local_experts + (i - s * El),
-                              tag, &v[q], kStageLlCounts, s))
+                    !wait_tag(
+                        env.ctx,
+                        cnt_words + static_cast<int64_t>(s) * a.buf_local_experts + (i - s * El),
+                        tag, &v[q], kStageLlCounts, s))
                     s_stop = 1;
                 sbase[i] = static_cast<int>(static_cast<uint32_t>(v[q]));
             }
@@ -561,20 +578,22 @@ struct Dispatch {
             for (int s = 0; s < kRanks; ++s) {
                 const int c = sbase[s * El + el];
                 if (blockIdx.x == 0)
-                    range[el * kRanks + s] = (static_cast<int64_t>(c) << 32) | static_cast<uint32_t>(run);
+                    range[el * kRanks + s] =
+                        (static_cast<int64_t>(c) << 32) | static_cast<uint32_t>(run);
                 sbase[s * El + el] = run;
                 run += c;
             }
             stot[el] = run;
             if (blockIdx.x == 0) reinterpret_cast<int32_t*>(a.recv_count)[el] = run;
         }
-        if (blockIdx.x == 0 && tid < kRanks) reinterpret_cast<int32_t*>(a.recv_ntok)[tid] = sntok[tid];
+        if (blockIdx.x == 0 && tid < kRanks)
+            reinterpret_cast<int32_t*>(a.recv_ntok)[tid] = sntok[tid];
         source_offsets<kRanks, 1>(env.me, sntok, spoff);
         __syncthreads();
 
         auto* src_info = reinterpret_cast<int32_t*>(a.recv_src_info);
-        for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + tid; i < static_cast<int64_t>(El) * L;
-             i += static_cast<int64_t>(nc) * kThreads) {
+        for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
+             i < static_cast<int64_t>(El) * L; i += static_cast<int64_t>(nc) * kThreads) {
             const int el = static_cast<int>(i / L);
             if (static_cast<int>(i - static_cast<int64_t>(el) * L) >= stot[el]) src_info[i] = -1;
         }
@@ -590,15 +609,18 @@ struct Dispatch {
             while (spoff[i_src + 1] <= u) ++i_src;
             const int s = (env.me + i_src) % kRanks;
             const int t = u - spoff[i_src];
-            // Chunk ch of the row was staged by source CTA (t * chunks + ch) % nc, the lane table by
-            // CTA t % nc: lane ch waits for the former, lane `chunks` for the latter.
+            // Chunk ch of the row was staged by source CTA (t * chunks + ch) % nc, the lane table
+            // by CTA t % nc: lane ch waits for the former, lane `chunks` for the latter.
             const uint64_t* flags = done + static_cast<int64_t>(s) * nc;
             const uint64_t* mine = lane < kNumChunks    ? flags + (t * kNumChunks + lane) % nc
                                    : lane == kNumChunks ? flags + t % nc
                                                         : nullptr;
             if (!warp_wait_lanes(env, mine, env.epoch, kStageLlRows, s)) break;
             const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
-            const int32_t m = lane < kTopk ? reinterpret_cast<const int32_t*>(reg + a.r_meta)[slot_idx * kTopk + lane] : -1;
+            const int32_t m =
+                lane < kTopk
+                    ? reinterpret_cast<const int32_t*>(reg + a.r_meta)[slot_idx * kTopk + lane]
+                    : -1;
             const bool valid = m >= 0;
             int el = 0, row = 0;
             if (valid) {
@@ -606,7 +628,8 @@ struct Dispatch {
                 row = sbase[s * El + el] + (m & 0xffff);
             }
             if (lane < kTopk) {
-                cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] = valid ? el * L + row : -1;
+                cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] =
+                    valid ? el * L + row : -1;
                 if (valid) src_info[static_cast<int64_t>(el) * L + row] = t;
             }
             const uint32_t vmask = __ballot_sync(kFull, valid);
@@ -624,7 +647,8 @@ struct Dispatch {
                         const int j = __ffs(mm) - 1;
                         const int tel = __shfl_sync(kFull, el, j);
                         const int trow = __shfl_sync(kFull, row, j);
-                        if (q < kNumScales) scales[(static_cast<int64_t>(tel) * kNumScales + q) * L + trow] = val;
+                        if (q < kNumScales)
+                            scales[(static_cast<int64_t>(tel) * kNumScales + q) * L + trow] = val;
                     }
                 }
             }
@@ -633,8 +657,9 @@ struct Dispatch {
 
     // Copies a staged row's data to row (el, row) of every lane in `vmask`, 8 KiB per round with
     // all of the round's loads in flight.
-    static __device__ __forceinline__ void copy_row(const uint8_t* src, uint8_t* dst_base, uint32_t vmask,
-                                                    int el, int row, int L, int lane) {
+    static __device__ __forceinline__ void copy_row(const uint8_t* src, uint8_t* dst_base,
+                                                    uint32_t vmask, int el, int row, int L,
+                                                    int lane) {
         constexpr int kVec = kDataBytes / 16;
         constexpr int kU = 16;
 #pragma unroll
@@ -643,7 +668,8 @@ struct Dispatch {
 #pragma unroll
             for (int q = 0; q < kU; ++q) {
                 const int vi = v0 + q * 32 + lane;
-                buf[q] = vi < kVec ? *reinterpret_cast<const int4*>(src + vi * 16) : make_int4(0, 0, 0, 0);
+                buf[q] = vi < kVec ? *reinterpret_cast<const int4*>(src + vi * 16)
+                                   : make_int4(0, 0, 0, 0);
             }
             for (uint32_t mm = vmask; mm != 0; mm &= mm - 1) {
                 const int j = __ffs(mm) - 1;
@@ -699,8 +725,10 @@ struct Combine {
         const auto* weights = reinterpret_cast<const float*>(a.topk_weights);
         // Token t belongs to CTA t % nc (receivers wait for exactly that CTA's flag).
         for (int t = warp * nc + static_cast<int>(blockIdx.x); t < T; t += nc * kNumWarps) {
-            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
-            const float w = lane < kTopk ? __ldg(weights + static_cast<int64_t>(t) * kTopk + lane) : 0.0f;
+            const int64_t e =
+                lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const float w =
+                lane < kTopk ? __ldg(weights + static_cast<int64_t>(t) * kTopk + lane) : 0.0f;
             const int d = (e >= 0 && e < E) ? static_cast<int>(e) / El : -1;
             const int64_t slot_idx = static_cast<int64_t>(env.me) * a.buf_max_tokens + t;
 #pragma unroll 4
@@ -721,7 +749,8 @@ struct Combine {
     }
 
     // Destination: partial sums of every (source, token, chunk) with lanes here, to the source.
-    static __device__ __forceinline__ void send_partials(const LlArgs& a, const Env& env, uint8_t* smem) {
+    static __device__ __forceinline__ void send_partials(const LlArgs& a, const Env& env,
+                                                         uint8_t* smem) {
         const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
         const int nc = env.nc;
         const int nmax = static_cast<int>(a.num_max_tokens);
@@ -750,8 +779,11 @@ struct Combine {
             // One round of independent loads: the lane mask, and per lane its weight and row.
             const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
             const uint32_t mask = reinterpret_cast<const uint32_t*>(reg + a.r_cmask)[slot_idx];
-            const float w_lane = lane < kTopk ? reinterpret_cast<const float*>(reg + a.r_cw)[slot_idx * kTopk + lane] : 0.0f;
-            const int row_lane = lane < kTopk ? cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] : -1;
+            const float w_lane =
+                lane < kTopk ? reinterpret_cast<const float*>(reg + a.r_cw)[slot_idx * kTopk + lane]
+                             : 0.0f;
+            const int row_lane =
+                lane < kTopk ? cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] : -1;
             if (mask == 0) continue;
             uint8_t* slot = ring + (nitem & 1) * kSlotBytes;
             if (nitem >= 2 && lane == 0) tma_wait_read<1>();
@@ -765,7 +797,8 @@ struct Combine {
 #pragma unroll
                     for (int h = 0; h < 8; ++h) acc[q][h] = 0.0f;
                 bool first = true;
-                // Lanes of the token in increasing order, kGroup at a time with all loads in flight.
+                // Lanes of the token in increasing order, kGroup at a time with all loads in
+                // flight.
                 for (uint32_t rest = mask; rest != 0;) {
                     const int taken = min(__popc(rest), kGroup);  // uniform
                     float w[kGroup];
@@ -807,18 +840,19 @@ struct Combine {
                 for (int q = 0; q < kU; ++q) {
                     const int vi = v0 + q * 32 + lane;
                     if (vi < nvec)
-                        *reinterpret_cast<int4*>(slot + vi * 16) = make_int4(
-                            static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
-                            static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
-                            static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
-                            static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
+                        *reinterpret_cast<int4*>(slot + vi * 16) =
+                            make_int4(static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
+                                      static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
+                                      static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
+                                      static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
                 }
             }
             fence_proxy_async_smem();
             __syncwarp();
             if (lane == 0) {
                 uint8_t* dst = env.region(a, s) + a.r_stage +
-                               (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes + c0 * 2;
+                               (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes +
+                               c0 * 2;
                 tma_store(dst, slot, static_cast<uint32_t>((c1 - c0) * 2));
                 tma_commit();
             }
@@ -846,15 +880,19 @@ struct Combine {
         if (tid < kRanks) {
             const auto* ntok = reinterpret_cast<const int32_t*>(a.recv_ntok);
             int acc = 0;
-            for (int i = 0; i < (env.me - tid + kRanks) % kRanks; ++i) acc += ntok[(tid + i) % kRanks] * kNumChunks;
+            for (int i = 0; i < (env.me - tid + kRanks) % kRanks; ++i)
+                acc += ntok[(tid + i) % kRanks] * kNumChunks;
             sfirst[tid] = acc;
         }
         __syncthreads();
-        for (int u = warp * nc + static_cast<int>(blockIdx.x); u < T * kNumChunks; u += nc * kNumWarps) {
+        for (int u = warp * nc + static_cast<int>(blockIdx.x); u < T * kNumChunks;
+             u += nc * kNumWarps) {
             const int t = u / kNumChunks, ch = u - t * kNumChunks;
-            const int64_t e = lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const int64_t e =
+                lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             const bool valid = e >= 0 && e < E;
-            const uint32_t dmask = __reduce_or_sync(kFull, valid ? (1u << (static_cast<int>(e) / El)) : 0u);
+            const uint32_t dmask =
+                __reduce_or_sync(kFull, valid ? (1u << (static_cast<int>(e) / El)) : 0u);
             // Lane i waits for the i-th destination of the token.
             const uint64_t* flag = nullptr;
             int peer = -1;
@@ -862,7 +900,8 @@ struct Combine {
                 uint32_t mm = dmask;
                 for (int i = 0; i < lane; ++i) mm &= mm - 1;
                 peer = __ffs(mm) - 1;
-                flag = done + static_cast<int64_t>(peer) * nc + (sfirst[peer] + t * kNumChunks + ch) % nc;
+                flag = done + static_cast<int64_t>(peer) * nc +
+                       (sfirst[peer] + t * kNumChunks + ch) % nc;
             }
             if (!warp_wait_lanes(env, flag, env.epoch, kStageLlPartials, peer)) break;
             const int c0 = ch * kChunk, c1 = min(kHidden, c0 + kChunk);
@@ -883,13 +922,15 @@ struct Combine {
                         const bool have = g < taken;
                         const int d = have ? __ffs(rest) - 1 : 0;
                         rest = have ? rest & (rest - 1) : rest;
-                        const uint8_t* part = reg + a.r_stage +
-                                              (static_cast<int64_t>(d) * a.buf_max_tokens + t) * a.row_bytes + c0 * 2;
+                        const uint8_t* part =
+                            reg + a.r_stage +
+                            (static_cast<int64_t>(d) * a.buf_max_tokens + t) * a.row_bytes + c0 * 2;
 #pragma unroll
                         for (int q = 0; q < kU; ++q) {
                             const int vi = v0 + q * 32 + lane;
                             pv[g][q] = make_int4(0, 0, 0, 0);
-                            if (have && vi < nvec) pv[g][q] = *reinterpret_cast<const int4*>(part + vi * 16);
+                            if (have && vi < nvec)
+                                pv[g][q] = *reinterpret_cast<const int4*>(part + vi * 16);
                         }
                     }
 #pragma unroll
@@ -900,7 +941,8 @@ struct Combine {
                             float f[8];
                             unpack8(pv[g][q], f, 0);
 #pragma unroll
-                            for (int h = 0; h < 8; ++h) acc[q][h] = first ? f[h] : __fadd_rn(acc[q][h], f[h]);
+                            for (int h = 0; h < 8; ++h)
+                                acc[q][h] = first ? f[h] : __fadd_rn(acc[q][h], f[h]);
                         }
                         first = false;
                     }
@@ -910,7 +952,8 @@ struct Combine {
                 for (int q = 0; q < kU; ++q) {
                     const int vi = v0 + q * 32 + lane;
                     if (vi < nvec)
-                        *reinterpret_cast<int4*>(out + (static_cast<int64_t>(t) * kHidden + c0 + vi * 8) * 2) =
+                        *reinterpret_cast<int4*>(
+                            out + (static_cast<int64_t>(t) * kHidden + c0 + vi * 8) * 2) =
                             make_int4(static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
                                       static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
                                       static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),

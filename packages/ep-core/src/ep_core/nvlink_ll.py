@@ -1,0 +1,804 @@
+"""``LowLatencyEngine``: the low-latency (decode) dispatch/combine pair over NVLink.
+
+DeepEP's legacy layout (``docs/design.md``, "Low-latency"): ``recv_x [El, R*Nmax, H]`` with each
+local expert's rows packed by (source rank, source token), FP8 cast in the sender, and a weighted
+combine. The kernels are ``include/ep_core/sm90_ll.cuh`` (protocol described there); this module
+sizes the engine's symmetric buffer, compiles the kernels through ep-jit with the shape as
+template constants, allocates the outputs and launches.
+
+Streams and graphs: every call launches on the caller's current CUDA stream and returns without
+synchronising the host. No argument of a launch depends on a value computed on the device (the
+op's epoch lives in the buffer's control block), so the calls can be captured once in a CUDA
+graph and replayed with new routing and data; outputs allocated inside a capture keep their
+address across replays. Run each configuration once before capturing so that its kernels are
+compiled and loaded outside the capture.
+
+Hooks: with ``return_recv_hook=True`` a call launches only its send kernel and returns a hook
+that launches the receive kernel (on the stream current when the hook is called). Two buffer
+regions alternate, so at most two ops of one engine (dispatches and combines counted together)
+may wait for their hook: an op is refused while the op issued two calls before it still waits.
+Results themselves stay valid as long as they are referenced.
+
+Timeouts: a wait that exceeds ``num_gpu_timeout_secs`` records the stage and the peer in a
+host-mapped record and every kernel of the engine unwinds; the next call (or
+:meth:`LowLatencyEngine.check_error` after a synchronisation) raises
+:class:`~ep_core.nvlink_kernels.GpuTimeoutError`. The engine is unusable afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ep_core.backend import LowLatencyDispatchResult
+from ep_core.handle import LowLatencyHandle
+from ep_core.nvlink_kernels import GpuTimeoutError
+
+__all__ = [
+    "LL_STAGES",
+    "LlArgs",
+    "LlLayout",
+    "LowLatencyEngine",
+    "NvlinkLowLatencyState",
+    "combine_smem_bytes",
+    "compute_ll_layout",
+    "dispatch_smem_bytes",
+    "ll_combine_spec",
+    "ll_dispatch_spec",
+    "shipped_kernels",
+]
+
+CHUNK = 2048
+"""Channels of one work item (``ll::kChunk``)."""
+
+NUM_WARPS = 8
+"""Warps per CTA of every low-latency kernel."""
+
+THREADS = NUM_WARPS * 32
+
+MAX_CTAS = 64
+"""Default (and largest) number of CTAs; every kernel of an engine uses the same count."""
+
+MAX_RANKS = 32
+MAX_TOPK = 32
+MAX_HIDDEN = 8192
+SMEM_LIMIT = 232448
+"""Dynamic shared memory one CTA may use on sm_90 (227 KiB)."""
+
+CYCLES_PER_SECOND = 1.98e9
+"""SM clock used to turn the timeout in seconds into cycles (H100/H200 boost clock)."""
+
+_SLOT_BYTES = CHUNK * 2
+_RING_BYTES = NUM_WARPS * (2 * _SLOT_BYTES + (CHUNK // 128) * 4)
+_PHASE_SEND, _PHASE_RECV, _PHASE_BOTH = 1, 2, 3
+
+LL_STAGES = {
+    21: "low-latency: waiting for a peer to finish reading the buffer of the op before last",
+    22: "low-latency dispatch: waiting for a peer's expert counts",
+    23: "low-latency dispatch: waiting for a peer's rows",
+    24: "low-latency combine: waiting for a peer's top-k weights",
+    25: "low-latency combine: waiting for a peer's partial sums",
+}
+"""Stage ids written by the kernels' timed waits (``enum ep_core::LlStage``)."""
+
+_FORMATS = ("bf16", "fp8", "fp8_pow2", "ue8m0")
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+class LlArgs(ctypes.Structure):
+    """Mirror of ``ep_core::LlArgs`` (every field 8 bytes, same order)."""
+
+    _fields_ = [
+        ("x", ctypes.c_uint64),
+        ("topk_idx", ctypes.c_uint64),
+        ("topk_weights", ctypes.c_uint64),
+        ("recv_x", ctypes.c_uint64),
+        ("recv_scales", ctypes.c_uint64),
+        ("recv_count", ctypes.c_uint64),
+        ("recv_src_info", ctypes.c_uint64),
+        ("recv_range", ctypes.c_uint64),
+        ("cmap", ctypes.c_uint64),
+        ("recv_ntok", ctypes.c_uint64),
+        ("out", ctypes.c_uint64),
+        ("peer_bases", ctypes.c_uint64),
+        ("error", ctypes.c_uint64),
+        ("num_tokens", ctypes.c_int64),
+        ("num_experts", ctypes.c_int64),
+        ("num_local_experts", ctypes.c_int64),
+        ("num_max_tokens", ctypes.c_int64),
+        ("timeout_cycles", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("slot", ctypes.c_int64),
+        ("buf_max_tokens", ctypes.c_int64),
+        ("buf_local_experts", ctypes.c_int64),
+        ("row_bytes", ctypes.c_int64),
+        ("off_abort", ctypes.c_int64),
+        ("off_slot_epoch", ctypes.c_int64),
+        ("off_cta_epoch", ctypes.c_int64),
+        ("off_rel", ctypes.c_int64),
+        ("region0", ctypes.c_int64),
+        ("region1", ctypes.c_int64),
+        ("r_cnt", ctypes.c_int64),
+        ("r_ntok", ctypes.c_int64),
+        ("r_done", ctypes.c_int64),
+        ("r_wdone", ctypes.c_int64),
+        ("r_meta", ctypes.c_int64),
+        ("r_cmask", ctypes.c_int64),
+        ("r_cw", ctypes.c_int64),
+        ("r_stage", ctypes.c_int64),
+    ]
+
+
+@dataclass(frozen=True)
+class LlLayout:
+    """Byte offsets inside one rank's low-latency symmetric buffer (see ``sm90_ll.cuh``).
+
+    Attributes:
+        num_ranks: ``R``.
+        num_ctas: CTAs of every kernel (flag arrays have one word per CTA).
+        max_tokens: ``Nmax`` the buffer holds (stride of the staged arrays).
+        max_local_experts: ``El`` the buffer holds (stride of the count words).
+        hidden: Largest ``H``.
+        num_topk: Largest ``k``.
+        row_bytes: Stride of a staged row (a bf16 row, or e4m3 data plus scales).
+        off_abort, off_slot_epoch, off_cta_epoch, off_rel: Control block.
+        region: Bases of the two alternating regions.
+        r_cnt, r_ntok, r_done, r_wdone, r_meta, r_cmask, r_cw, r_stage: Offsets in a region.
+        total_bytes: Bytes of the buffer.
+    """
+
+    num_ranks: int
+    num_ctas: int
+    max_tokens: int
+    max_local_experts: int
+    hidden: int
+    num_topk: int
+    row_bytes: int
+    off_abort: int
+    off_slot_epoch: int
+    off_cta_epoch: int
+    off_rel: int
+    region: tuple[int, int]
+    r_cnt: int
+    r_ntok: int
+    r_done: int
+    r_wdone: int
+    r_meta: int
+    r_cmask: int
+    r_cw: int
+    r_stage: int
+    total_bytes: int
+
+
+def compute_ll_layout(
+    num_ranks: int,
+    num_ctas: int,
+    max_tokens: int,
+    max_local_experts: int,
+    hidden: int,
+    num_topk: int,
+) -> LlLayout:
+    """Offsets and size of the buffer for a configuration (host integers only)."""
+    r, nc, n, k = num_ranks, num_ctas, max_tokens, num_topk
+    row_bytes = _align(max(2 * hidden, hidden + 4 * -(-hidden // 128)), 128)
+    off_abort, off_slot_epoch, off_cta_epoch = 0, 64, 128
+    off_rel = _align(off_cta_epoch + 8 * nc, 128)
+    ctrl_end = _align(off_rel + 2 * r * nc * 8, 4096)
+    off = 0
+    parts: dict[str, int] = {}
+    for name, size in (
+        ("cnt", r * max_local_experts * 8),
+        ("ntok", r * 8),
+        ("done", r * nc * 8),
+        ("wdone", r * nc * 8),
+        ("meta", r * n * k * 4),
+        ("cmask", r * n * 4),
+        ("cw", r * n * k * 4),
+    ):
+        parts[name] = off
+        off = _align(off + size, 128)
+    off = _align(off, 1024)
+    parts["stage"] = off
+    region_bytes = _align(off + r * n * row_bytes, 1 << 20)
+    region = (ctrl_end, ctrl_end + region_bytes)
+    total = _align(ctrl_end + 2 * region_bytes, 2 << 20)
+    return LlLayout(
+        num_ranks=r,
+        num_ctas=nc,
+        max_tokens=n,
+        max_local_experts=max_local_experts,
+        hidden=hidden,
+        num_topk=k,
+        row_bytes=row_bytes,
+        off_abort=off_abort,
+        off_slot_epoch=off_slot_epoch,
+        off_cta_epoch=off_cta_epoch,
+        off_rel=off_rel,
+        region=region,
+        r_cnt=parts["cnt"],
+        r_ntok=parts["ntok"],
+        r_done=parts["done"],
+        r_wdone=parts["wdone"],
+        r_meta=parts["meta"],
+        r_cmask=parts["cmask"],
+        r_cw=parts["cw"],
+        r_stage=parts["stage"],
+        total_bytes=total,
+    )
+
+
+def dispatch_smem_bytes(num_ranks: int, num_tokens: int, num_experts: int) -> int:
+    """Dynamic shared memory of a dispatch kernel: staging ring, then bitmap or tables."""
+    el = num_experts // num_ranks
+    bitmap = num_experts * (-(-num_tokens // 32)) * 4
+    tables = (num_ranks * el + el + 2 * num_ranks + 1) * 4
+    return _RING_BYTES + _align(max(bitmap, tables, 16), 16)
+
+
+def combine_smem_bytes(num_ranks: int) -> int:
+    """Dynamic shared memory of a combine kernel: staging ring, then source tables."""
+    return NUM_WARPS * 2 * _SLOT_BYTES + _align((2 * num_ranks + 1) * 4, 16)
+
+
+def _fmt(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
+    if not use_fp8:
+        return "bf16"
+    if use_ue8m0:
+        return "ue8m0"
+    return "fp8_pow2" if round_scale else "fp8"
+
+
+def ll_dispatch_spec(num_ranks: int, num_topk: int, hidden: int, fmt: str, phase: int) -> Any:
+    """KernelSpec of one dispatch instantiation (``fmt`` in bf16/fp8/fp8_pow2/ue8m0)."""
+    from ep_jit import KernelSpec
+
+    if fmt not in _FORMATS:
+        raise ValueError(f"format must be one of {_FORMATS}, got {fmt!r}")
+    return KernelSpec(
+        name=f"ep_ll_dispatch_{fmt}_p{phase}",
+        includes=["ep_core/sm90_ll.cuh"],
+        template="ep_core::ll_dispatch",
+        params=["const __grid_constant__ ep_core::LlArgs args"],
+        constants={
+            "kRanks": num_ranks,
+            "kTopk": num_topk,
+            "kHidden": hidden,
+            "kNumWarps": NUM_WARPS,
+            "kFp8": fmt != "bf16",
+            "kRoundScale": fmt in ("fp8_pow2", "ue8m0"),
+            "kUe8m0": fmt == "ue8m0",
+            "kPhase": phase,
+        },
+        launch_bounds=(THREADS, 1),
+    )
+
+
+def ll_combine_spec(num_ranks: int, num_topk: int, hidden: int, phase: int) -> Any:
+    """KernelSpec of one combine instantiation."""
+    from ep_jit import KernelSpec
+
+    return KernelSpec(
+        name=f"ep_ll_combine_p{phase}",
+        includes=["ep_core/sm90_ll.cuh"],
+        template="ep_core::ll_combine",
+        params=["const __grid_constant__ ep_core::LlArgs args"],
+        constants={
+            "kRanks": num_ranks,
+            "kTopk": num_topk,
+            "kHidden": hidden,
+            "kNumWarps": NUM_WARPS,
+            "kPhase": phase,
+        },
+        launch_bounds=(THREADS, 1),
+    )
+
+
+def shipped_kernels() -> list[Any]:
+    """Representative instantiations (EP4, top-8, H 7168 and 2880) for compile-only checks."""
+    specs = [ll_dispatch_spec(4, 8, 7168, fmt, _PHASE_BOTH) for fmt in _FORMATS]
+    specs += [ll_dispatch_spec(4, 8, 7168, "fp8", p) for p in (_PHASE_SEND, _PHASE_RECV)]
+    specs.append(ll_dispatch_spec(8, 6, 2880, "bf16", _PHASE_BOTH))
+    specs += [ll_combine_spec(4, 8, 7168, p) for p in (_PHASE_SEND, _PHASE_RECV, _PHASE_BOTH)]
+    specs.append(ll_combine_spec(8, 6, 2880, _PHASE_BOTH))
+    return specs
+
+
+def _register_include_root() -> None:
+    from ep_jit import include_roots, register_include_root
+
+    if "ep_core" not in include_roots():
+        register_include_root("ep_core", Path(__file__).parent / "include")
+
+
+@functools.cache
+def _kernel(spec: Any) -> Any:
+    from ep_jit import build
+
+    _register_include_root()
+    return build(spec)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else int(t.data_ptr())
+
+
+@dataclass
+class NvlinkLowLatencyState:
+    """This engine's private part of a :class:`~ep_core.handle.LowLatencyHandle`.
+
+    Attributes:
+        cmap: ``[R, Nmax, k]`` int32: packed row ``e * L + row`` (this rank's layout) of each
+            source token's lane, ``-1`` where the lane is not on this rank.
+        recv_ntok: ``[R]`` int32: tokens each rank dispatched.
+        num_tokens: ``T`` of this rank's dispatch.
+        engine_id: ``id`` of the engine that made the handle.
+    """
+
+    cmap: torch.Tensor
+    recv_ntok: torch.Tensor
+    num_tokens: int
+    engine_id: int
+
+
+class LowLatencyEngine:
+    """Low-latency dispatch/combine kernels of one group on one NVLink domain.
+
+    Collective: every rank of ``group`` builds it with the same arguments (it allocates a
+    symmetric buffer and synchronises the device once).
+
+    Args:
+        group: The process group (one GPU per rank, every pair peer-accessible).
+        rank: This rank in ``group``.
+        num_ranks: ``R`` (at most 32).
+        num_max_dispatch_tokens_per_rank: Largest ``Nmax`` a call may use (at most 65535).
+        hidden: Largest ``H`` (a multiple of 64, at most 8192).
+        num_experts: Largest ``E`` (a multiple of ``R``).
+        num_topk: Largest ``k`` (at most 32).
+        device: This rank's CUDA device; default the current one.
+        num_gpu_timeout_secs: How long a kernel waits for a peer before it records a timeout
+            (``<= 0``: forever).
+        num_sms: CTAs of every kernel (one per SM); 0 picks ``min(64, SMs)``. Must agree on
+            every rank.
+        cooperative: Launch cooperatively (guarantees that all CTAs are resident, which the
+            kernels' intra-grid waits need).
+        poison_outputs: Fill outputs with NaN/-1 patterns before the kernels write them (tests).
+
+    Raises:
+        ValueError: A size outside what the kernels support.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        *,
+        rank: int,
+        num_ranks: int,
+        num_max_dispatch_tokens_per_rank: int,
+        hidden: int,
+        num_experts: int,
+        num_topk: int,
+        device: torch.device | int | str | None = None,
+        num_gpu_timeout_secs: float = 100.0,
+        num_sms: int = 0,
+        cooperative: bool = True,
+        poison_outputs: bool = False,
+    ) -> None:
+        import ep_jit
+
+        if not 1 <= num_ranks <= MAX_RANKS:
+            raise ValueError(f"num_ranks must be in [1, {MAX_RANKS}], got {num_ranks}")
+        if group.size() != num_ranks or group.rank() != rank:
+            raise ValueError(
+                f"rank {rank} / num_ranks {num_ranks} do not match the group "
+                f"(rank {group.rank()} of {group.size()})"
+            )
+        if not 1 <= num_max_dispatch_tokens_per_rank <= 65535:
+            raise ValueError(
+                "num_max_dispatch_tokens_per_rank must be in [1, 65535], got "
+                f"{num_max_dispatch_tokens_per_rank}"
+            )
+        if hidden <= 0 or hidden % 64 or hidden > MAX_HIDDEN:
+            raise ValueError(
+                f"hidden must be a positive multiple of 64 up to {MAX_HIDDEN}, got {hidden}"
+            )
+        if num_experts <= 0 or num_experts % num_ranks:
+            raise ValueError(
+                f"num_experts {num_experts} must be a positive multiple of {num_ranks}"
+            )
+        if not 1 <= num_topk <= MAX_TOPK:
+            raise ValueError(f"num_topk must be in [1, {MAX_TOPK}], got {num_topk}")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"LowLatencyEngine needs a CUDA device, got {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        num_ctas = num_sms if num_sms > 0 else min(MAX_CTAS, sms)
+        if not 1 <= num_ctas <= min(sms, 1024):
+            raise ValueError(f"num_sms must be in [1, {sms}], got {num_sms}")
+        smem = dispatch_smem_bytes(num_ranks, num_max_dispatch_tokens_per_rank, num_experts)
+        if smem > SMEM_LIMIT:
+            raise ValueError(
+                f"{num_experts} experts x {num_max_dispatch_tokens_per_rank} tokens need {smem} B "
+                f"of shared memory per CTA (limit {SMEM_LIMIT}); use fewer tokens or experts"
+            )
+
+        self.group = group
+        self.rank = rank
+        self.num_ranks = num_ranks
+        self.num_max_tokens = num_max_dispatch_tokens_per_rank
+        self.hidden = hidden
+        self.num_experts = num_experts
+        self.num_topk = num_topk
+        self.device = device
+        self.num_ctas = num_ctas
+        self.cooperative = cooperative
+        self.poison_outputs = poison_outputs
+        self.timeout_cycles = int(max(num_gpu_timeout_secs, 0.0) * CYCLES_PER_SECOND)
+        self.layout = compute_ll_layout(
+            num_ranks,
+            num_ctas,
+            num_max_dispatch_tokens_per_rank,
+            num_experts // num_ranks,
+            hidden,
+            num_topk,
+        )
+        self.sym = ep_jit.SymmetricBuffer(
+            group, self.layout.total_bytes, device=device, signal_bytes=0
+        )
+        # Pinned host memory is device-accessible at the same address (UVA).
+        self._error = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        with torch.cuda.device(device):
+            self.sym.local.zero_()
+            torch.cuda.synchronize(device)
+            self.sym.barrier()
+            torch.cuda.synchronize(device)
+        self._peer_bases = self.sym.peer_ptrs_dev
+        self._seq = 0
+        self._pending: set[int] = set()
+        self._calls = [0, 0]  # dispatches, combines (host-alternated hook slots)
+        self._destroyed = False
+
+    # ---- state ----------------------------------------------------------------------------------
+    def fits(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int
+    ) -> bool:
+        """Whether a call of this shape can run on this engine's buffer."""
+        return (
+            num_max_dispatch_tokens_per_rank <= self.num_max_tokens
+            and hidden <= self.hidden
+            and num_experts % self.num_ranks == 0
+            and num_experts // self.num_ranks <= self.layout.max_local_experts
+            and num_experts <= self.num_experts
+            and num_topk <= self.num_topk
+        )
+
+    def check_error(self) -> None:
+        """Raises :class:`GpuTimeoutError` if a kernel recorded a timeout (reads host memory).
+
+        Call after synchronising with the kernels' stream to see their latest state.
+        """
+        code, stage, peer, rank = (int(v) for v in self._error.tolist())
+        if code != 0:
+            raise GpuTimeoutError(LL_STAGES.get(stage, f"stage {stage}"), peer, rank)
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("LowLatencyEngine was destroyed")
+        self.check_error()
+
+    def _next_op(self) -> int:
+        """Host-side rule of the two alternating regions; returns the next op's number.
+
+        Nothing changes until :meth:`_commit_op` (a launch that raises leaves no trace).
+        """
+        seq = self._seq + 1
+        stale = [s for s in self._pending if s <= seq - 2]
+        if stale:
+            raise RuntimeError(
+                "at most two low-latency ops may wait for their receive hook: call the hook of "
+                f"op {min(stale)} before issuing op {seq} (dispatches and combines count together)"
+            )
+        return seq
+
+    def _commit_op(self, seq: int, kind: int, pending: bool) -> None:
+        self._seq = seq
+        self._calls[kind] += 1
+        if pending:
+            self._pending.add(seq)
+
+    def _base_args(self, slot: int) -> LlArgs:
+        lay = self.layout
+        a = LlArgs()
+        a.peer_bases = _ptr(self._peer_bases)
+        a.error = _ptr(self._error)
+        a.timeout_cycles = self.timeout_cycles
+        a.rank = self.rank
+        a.slot = slot
+        a.buf_max_tokens = lay.max_tokens
+        a.buf_local_experts = lay.max_local_experts
+        a.row_bytes = lay.row_bytes
+        a.off_abort, a.off_slot_epoch = lay.off_abort, lay.off_slot_epoch
+        a.off_cta_epoch, a.off_rel = lay.off_cta_epoch, lay.off_rel
+        a.region0, a.region1 = lay.region
+        a.r_cnt, a.r_ntok, a.r_done, a.r_wdone = lay.r_cnt, lay.r_ntok, lay.r_done, lay.r_wdone
+        a.r_meta, a.r_cmask, a.r_cw, a.r_stage = lay.r_meta, lay.r_cmask, lay.r_cw, lay.r_stage
+        return a
+
+    def _launch(self, spec: Any, args: LlArgs, smem: int) -> None:
+        _kernel(spec).launch(
+            (self.num_ctas, 1, 1), (THREADS, 1, 1), args, smem=smem, cooperative=self.cooperative
+        )
+
+    def _hook(self, seq: int, launch: Callable[[], None]) -> Callable[[], None]:
+        called = False
+
+        def hook() -> None:
+            nonlocal called
+            if called:
+                raise RuntimeError(f"the receive hook of low-latency op {seq} was already called")
+            self._check_alive()
+            called = True
+            with torch.cuda.device(self.device):
+                launch()
+            self._pending.discard(seq)
+
+        return hook
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        *,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[LowLatencyDispatchResult, Callable[[], None] | None]:
+        """Sends every token to the ranks of its experts, packed per local expert.
+
+        Runs on the current stream; asynchronous. Without a hook the results are complete in
+        stream order after the call; with one, after the hook ran.
+
+        Args:
+            x: ``[T, H]`` bf16, contiguous, on this engine's device (``T <= Nmax``).
+            topk_idx: ``[T, k]`` int64, ``-1`` = no expert.
+            num_max_dispatch_tokens_per_rank: ``Nmax`` (the same on every rank).
+            num_experts: ``E``.
+            use_fp8: Cast to e4m3 in the sender (per token and 128 channels).
+            round_scale: Power-of-two scales.
+            use_ue8m0: int32 UE8M0 scale packs (requires ``round_scale``).
+            return_recv_hook: Launch only the send kernel and return the receive hook.
+
+        Returns:
+            ``(LowLatencyDispatchResult, hook or None)``: ``recv_x [El, L, H]``, scales
+            ``[El, L, P]`` column-major (FP8), ``recv_count [El]`` int32, the handle.
+
+        Raises:
+            ValueError: Bad shapes, dtypes or sizes beyond the engine's.
+            RuntimeError: A third op while the op two calls back still waits for its hook.
+            GpuTimeoutError: An earlier kernel of the engine timed out.
+        """
+        self._check_alive()
+        r, nmax = self.num_ranks, num_max_dispatch_tokens_per_rank
+        if x.dim() != 2 or x.dtype != torch.bfloat16:
+            raise ValueError(f"x must be a [T, H] bf16 tensor, got {x.dtype} {tuple(x.shape)}")
+        if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64 or topk_idx.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"topk_idx must be [T, k] int64 with T = {x.shape[0]}, got {topk_idx.dtype} "
+                f"{tuple(topk_idx.shape)}"
+            )
+        num_tokens, hidden = x.shape
+        k = topk_idx.shape[1]
+        self._check_shape(nmax, hidden, num_experts, k, num_tokens)
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0=True requires round_scale=True (UE8M0 holds powers of two)")
+        if use_fp8 and hidden % 128:
+            raise ValueError(f"FP8 dispatch needs hidden % 128 == 0, got {hidden}")
+        x = self._operand(x, "x")
+        topk_idx = self._operand(topk_idx, "topk_idx")
+        fmt = _fmt(use_fp8, round_scale, use_ue8m0)
+        el = num_experts // r
+        slots = r * nmax
+        dev = self.device
+
+        data_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+        recv_x = torch.empty((el, slots, hidden), dtype=data_dtype, device=dev)
+        recv_scales = None
+        if use_fp8:
+            cols = -(-hidden // 512) if use_ue8m0 else hidden // 128
+            dtype = torch.int32 if use_ue8m0 else torch.float32
+            recv_scales = torch.empty((el, cols, slots), dtype=dtype, device=dev).transpose(1, 2)
+        # One int32 allocation for the small tables (the int64 ranges first: 8-byte aligned).
+        n_range, n_src, n_cmap = 2 * el * r, el * slots, r * nmax * k
+        ints = torch.empty(n_range + el + n_src + n_cmap + r, dtype=torch.int32, device=dev)
+        recv_range = ints[:n_range].view(torch.int64).view(el, r)
+        recv_count = ints[n_range : n_range + el]
+        recv_src_info = ints[n_range + el : n_range + el + n_src].view(el, slots)
+        cmap = ints[n_range + el + n_src : n_range + el + n_src + n_cmap].view(r, nmax, k)
+        recv_ntok = ints[n_range + el + n_src + n_cmap :]
+        if self.poison_outputs:
+            recv_x.view(torch.uint8).fill_(0x7F)  # NaN in e4m3 and bf16 (0x7F7F)
+            if recv_scales is not None:
+                recv_scales.view(torch.int32).fill_(0x7FC00000)
+            ints.fill_(-7)
+
+        seq = self._next_op()
+        a = self._base_args(self._calls[0] & 1)
+        a.x, a.topk_idx = _ptr(x), _ptr(topk_idx)
+        a.recv_x, a.recv_scales = _ptr(recv_x), _ptr(recv_scales)
+        a.recv_count, a.recv_src_info = _ptr(recv_count), _ptr(recv_src_info)
+        a.recv_range = _ptr(recv_range)
+        a.cmap, a.recv_ntok = _ptr(cmap), _ptr(recv_ntok)
+        a.num_tokens, a.num_experts, a.num_local_experts = num_tokens, num_experts, el
+        a.num_max_tokens = nmax
+        smem = dispatch_smem_bytes(r, num_tokens, num_experts)
+
+        # The closure keeps the inputs alive until the receive kernel is enqueued.
+        def launch(phase: int, _keep: tuple[torch.Tensor, ...] = (x, topk_idx)) -> None:
+            self._launch(ll_dispatch_spec(r, k, hidden, fmt, phase), a, smem)
+
+        hook = None
+        with torch.cuda.device(dev):
+            launch(_PHASE_SEND if return_recv_hook else _PHASE_BOTH)
+        self._commit_op(seq, 0, return_recv_hook)
+        if return_recv_hook:
+            hook = self._hook(seq, lambda: launch(_PHASE_RECV))
+
+        handle = LowLatencyHandle(
+            rank=self.rank,
+            num_ranks=r,
+            num_experts=num_experts,
+            num_max_dispatch_tokens_per_rank=nmax,
+            hidden=hidden,
+            num_topk=k,
+            recv_src_info=recv_src_info,
+            recv_layout_range=recv_range,
+            recv_count=recv_count,
+            backend_state=NvlinkLowLatencyState(cmap, recv_ntok, num_tokens, id(self)),
+        )
+        return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle), hook
+
+    # ---- combine --------------------------------------------------------------------------------
+    def combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        out: torch.Tensor | None = None,
+        return_recv_hook: bool = False,
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        """Weighted sum of the expert outputs back on each token's rank (``docs/design.md``).
+
+        Runs on the current stream; asynchronous. The send kernel waits for every rank's
+        weights (written at the start of the same op), so in hook mode it returns once the
+        partial sums are on their way; the hook reduces them into ``out``.
+
+        Args:
+            x: ``[El, R*Nmax, H]`` bf16 expert outputs in the dispatch's packed layout.
+            topk_idx: ``[T, k]`` int64 of the dispatch (lanes may be set to ``-1``).
+            topk_weights: ``[T, k]`` float32.
+            handle: The handle of a dispatch made by this engine.
+            out: Optional ``[T, H]`` bf16 destination.
+            return_recv_hook: Launch only the send kernel and return the receive hook.
+
+        Returns:
+            ``(out [T, H] bf16, hook or None)``.
+
+        Raises:
+            ValueError/TypeError: Bad shapes, dtypes, or a handle of another backend or engine.
+            RuntimeError: A third op while the op two calls back still waits for its hook.
+            GpuTimeoutError: An earlier kernel of the engine timed out.
+        """
+        self._check_alive()
+        state = handle.backend_state
+        if not isinstance(state, NvlinkLowLatencyState) or state.engine_id != id(self):
+            raise TypeError("the handle was not made by this engine's low-latency dispatch")
+        r, nmax, k = self.num_ranks, handle.num_max_dispatch_tokens_per_rank, handle.num_topk
+        el, hidden = handle.num_local_experts, x.shape[-1]
+        num_tokens = state.num_tokens
+        if x.dtype != torch.bfloat16 or tuple(x.shape) != (el, r * nmax, hidden):
+            raise ValueError(
+                f"x must be [{el}, {r * nmax}, H] bf16, got {x.dtype} {tuple(x.shape)}"
+            )
+        if tuple(topk_idx.shape) != (num_tokens, k) or topk_idx.dtype != torch.int64:
+            raise ValueError(
+                f"topk_idx must be [{num_tokens}, {k}] int64, got {topk_idx.dtype} "
+                f"{tuple(topk_idx.shape)}"
+            )
+        if tuple(topk_weights.shape) != (num_tokens, k):
+            raise ValueError(
+                f"topk_weights must be [{num_tokens}, {k}], got {tuple(topk_weights.shape)}"
+            )
+        self._check_shape(nmax, hidden, handle.num_experts, k, num_tokens)
+        x = self._operand(x, "x")
+        topk_idx = self._operand(topk_idx, "topk_idx")
+        weights = self._operand(topk_weights.to(torch.float32), "topk_weights")
+        dev = self.device
+        target = out
+        if out is not None:
+            if out.dtype != torch.bfloat16 or tuple(out.shape) != (num_tokens, hidden):
+                raise ValueError(
+                    f"out must be [{num_tokens}, {hidden}] bf16, got {out.dtype} {tuple(out.shape)}"
+                )
+            if out.device != dev:
+                raise ValueError(f"out is on {out.device}, expected {dev}")
+            if not out.is_contiguous() or out.data_ptr() % 16:
+                target = None
+        if target is None:
+            target = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=dev)
+
+        seq = self._next_op()
+        a = self._base_args(self._calls[1] & 1)
+        a.x, a.topk_idx, a.topk_weights = _ptr(x), _ptr(topk_idx), _ptr(weights)
+        a.cmap, a.recv_ntok, a.out = _ptr(state.cmap), _ptr(state.recv_ntok), _ptr(target)
+        a.num_tokens, a.num_experts, a.num_local_experts = num_tokens, handle.num_experts, el
+        a.num_max_tokens = nmax
+        smem = combine_smem_bytes(r)
+
+        # The closure keeps the inputs alive until the receive kernel is enqueued.
+        def launch(phase: int, _keep: tuple[Any, ...] = (x, topk_idx, weights, state)) -> None:
+            self._launch(ll_combine_spec(r, k, hidden, phase), a, smem)
+            if phase != _PHASE_SEND and out is not None and target is not out:
+                out.copy_(target)
+
+        hook = None
+        with torch.cuda.device(dev):
+            launch(_PHASE_SEND if return_recv_hook else _PHASE_BOTH)
+        self._commit_op(seq, 1, return_recv_hook)
+        if return_recv_hook:
+            hook = self._hook(seq, lambda: launch(_PHASE_RECV))
+        return (out if out is not None else target), hook
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _check_shape(
+        self, nmax: int, hidden: int, num_experts: int, k: int, num_tokens: int
+    ) -> None:
+        if not 1 <= nmax <= self.num_max_tokens:
+            raise ValueError(
+                f"num_max_dispatch_tokens_per_rank {nmax} must be in [1, {self.num_max_tokens}]"
+            )
+        if num_tokens > nmax:
+            raise ValueError(f"{num_tokens} tokens exceed num_max_dispatch_tokens_per_rank {nmax}")
+        if hidden <= 0 or hidden % 64 or hidden > self.hidden:
+            raise ValueError(f"hidden {hidden} must be a multiple of 64 up to {self.hidden}")
+        if num_experts <= 0 or num_experts % self.num_ranks or num_experts > self.num_experts:
+            raise ValueError(
+                f"num_experts {num_experts} must be a multiple of {self.num_ranks} up to "
+                f"{self.num_experts}"
+            )
+        if not 1 <= k <= self.num_topk:
+            raise ValueError(f"num_topk {k} must be in [1, {self.num_topk}]")
+
+    def _operand(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device}, expected {self.device}")
+        t = t.contiguous()
+        if t.numel() and t.data_ptr() % 16:
+            t = t.clone()  # 16-byte vector loads
+        return t
+
+    def destroy(self) -> None:
+        """Frees the symmetric buffer (idempotent). Synchronises the device first."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._pending.clear()
+        torch.cuda.synchronize(self.device)
+        self.sym.destroy()

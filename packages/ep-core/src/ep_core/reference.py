@@ -1,0 +1,153 @@
+"""``TorchBackend``: the reference backend, built only on ``torch.distributed`` collectives.
+
+It runs anywhere ``torch.distributed`` does (gloo on CPU, NCCL on GPUs), defines the exact
+semantics of ``docs/design.md`` and is the oracle the kernel backends are tested against. The
+algorithms live in :mod:`ep_core.reference_ht` and :mod:`ep_core.reference_ll`; this class binds
+them to a process group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ep_core import reference_ht, reference_ll
+from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
+from ep_core.handle import EPHandle, LowLatencyHandle
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """Reference implementation of :class:`ep_core.backend.EPBackend`.
+
+    Every method runs its collectives on the caller's current stream (NCCL) or synchronously
+    (gloo). Without CPU sync, and in the low-latency pair, nothing is read on the host.
+
+    Args:
+        group: The process group (its size is ``num_ranks``).
+        rank: This process's rank in ``group``.
+        num_ranks: Size of ``group``.
+
+    Raises:
+        ValueError: ``rank``/``num_ranks`` disagree with ``group``.
+    """
+
+    name = "torch"
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int) -> None:
+        if group.size() != num_ranks or group.rank() != rank:
+            raise ValueError(
+                f"rank {rank} / num_ranks {num_ranks} do not match the group "
+                f"(rank {group.rank()} of {group.size()})"
+            )
+        self.group = group
+        self.rank = rank
+        self.num_ranks = num_ranks
+        self._destroyed = False
+
+    @classmethod
+    def from_config(cls, group: dist.ProcessGroup, config: BackendConfig) -> TorchBackend:
+        """Builds the backend from an ``ElasticBuffer``'s agreed configuration."""
+        return cls(group, config.rank, config.num_ranks)
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("TorchBackend was destroyed")
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        *,
+        num_experts: int,
+        num_max_tokens_per_rank: int,
+        expert_alignment: int,
+        do_expand: bool,
+        do_cpu_sync: bool,
+        handle: EPHandle | None,
+        num_sms: int,
+    ) -> DispatchResult:
+        """See :meth:`ep_core.backend.EPBackend.dispatch` and :func:`reference_ht.dispatch`."""
+        self._check_alive()
+        return reference_ht.dispatch(
+            self.group,
+            self.rank,
+            self.num_ranks,
+            x,
+            x_scales,
+            topk_idx,
+            topk_weights,
+            num_experts=num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=expert_alignment,
+            do_expand=do_expand,
+            do_cpu_sync=do_cpu_sync,
+            handle=handle,
+            num_sms=num_sms,
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: EPHandle,
+        topk_weights: torch.Tensor | None,
+        bias: tuple[torch.Tensor, ...],
+        num_sms: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """See :meth:`ep_core.backend.EPBackend.combine` and :func:`reference_ht.combine`."""
+        self._check_alive()
+        return reference_ht.combine(
+            self.group, self.rank, self.num_ranks, x, handle, topk_weights, bias, num_sms
+        )
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        *,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+    ) -> LowLatencyDispatchResult:
+        """See :func:`ep_core.reference_ll.low_latency_dispatch`."""
+        self._check_alive()
+        return reference_ll.low_latency_dispatch(
+            self.group,
+            self.rank,
+            self.num_ranks,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts,
+            use_fp8=use_fp8,
+            round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+        )
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """See :func:`ep_core.reference_ll.low_latency_combine`."""
+        self._check_alive()
+        return reference_ll.low_latency_combine(
+            self.group, self.rank, self.num_ranks, x, topk_idx, topk_weights, handle, out
+        )
+
+    def barrier(self) -> None:
+        """Blocks until every rank of the group arrives (``torch.distributed.barrier``)."""
+        self._check_alive()
+        dist.barrier(group=self.group)
+
+    def destroy(self) -> None:
+        """Marks the backend destroyed (it owns no memory); idempotent."""
+        self._destroyed = True

@@ -1,0 +1,327 @@
+"""The part of ``ElasticBuffer`` that is not dispatch/combine: configuration, agreement across
+ranks, backend choice, sizing, lifetime, barrier, streams and events."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ep_core import knobs as core_knobs
+from ep_core.backend import BackendConfig, EPBackend
+from ep_core.factory import create_backend, resolve_backend
+from ep_core.sizing import BUFFER_ALIGNMENT, CPU_NOMINAL_NUM_SMS
+from ep_core.sizing import get_buffer_size_hint as _size_hint
+from ep_core.sizing import get_theoretical_num_sms as _num_sms
+from ep_core.validation import MAX_TOPK, check_hidden, check_positive_int
+from ep_elastic.event import EventHandle, get_comm_stream
+
+__all__ = ["BufferBase", "check_agreement", "gather_checked", "gather_config", "group_device"]
+
+
+def group_device(group: dist.ProcessGroup, device: torch.device | str | None) -> torch.device:
+    """The device a buffer on ``group`` works on.
+
+    ``None`` means the current CUDA device when the group can run NCCL collectives and CUDA is
+    available, else the CPU (gloo).
+
+    Raises:
+        ValueError: ``device`` is neither CPU nor CUDA, or CUDA without an NCCL-capable group.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if device is None:
+        if "nccl" in backend and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if "nccl" not in backend:
+            raise ValueError(f"device {dev} needs a group with an NCCL backend, got {backend!r}")
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {dev}")
+    if "gloo" not in backend:
+        raise ValueError(f"device cpu needs a group with a gloo backend, got {backend!r}")
+    return dev
+
+
+def gather_config(group: dist.ProcessGroup, config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``config`` (collective; one ``all_gather_object``)."""
+    gathered: list[Any] = [None] * group.size()
+    dist.all_gather_object(gathered, dict(config), group=group)
+    return gathered
+
+
+def check_agreement(configs: list[dict[str, Any]], what: str = "ElasticBuffer") -> None:
+    """Raises ``ValueError`` naming each field whose value differs between ranks.
+
+    Every rank gets the same gathered list, so every rank raises the same error (no hang).
+    """
+    problems = []
+    for field in configs[0]:
+        values = [c.get(field) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            by_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            problems.append(f"{field} differs across ranks ({by_rank})")
+    if problems:
+        raise ValueError(f"{what} configuration must agree on every rank: " + "; ".join(problems))
+
+
+def gather_checked(
+    group: dist.ProcessGroup, payload: Mapping[str, Any], error: Exception | None
+) -> list[dict[str, Any]]:
+    """All-gathers ``payload`` with this rank's local ``error``; fails on every rank together.
+
+    Raises:
+        ValueError, TypeError: This rank's own ``error``; or ``ValueError`` naming the ranks that
+            failed when only others did.
+    """
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = gather_config(group, {"payload": dict(payload), "error": message})
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {g['error']}" for r, g in enumerate(gathered) if g["error"]]
+    if failed:
+        raise ValueError("ElasticBuffer cannot be built: " + "; ".join(failed))
+    return [g["payload"] for g in gathered]
+
+
+def _resolve_num_bytes(
+    num_ranks: int,
+    num_bytes: int | None,
+    num_max_tokens_per_rank: int,
+    hidden: int,
+    num_topk: int,
+    use_fp8_dispatch: bool,
+) -> int:
+    """Checks the sizing arguments; returns ``num_bytes`` or the size hint when ``None``."""
+    check_positive_int("num_max_tokens_per_rank", num_max_tokens_per_rank, minimum=0)
+    check_positive_int("num_topk", num_topk, minimum=0)
+    if num_topk > MAX_TOPK:
+        raise ValueError(f"num_topk {num_topk} exceeds the supported maximum {MAX_TOPK}")
+    if hidden:
+        check_hidden(hidden, fp8=use_fp8_dispatch)
+    if num_bytes is None:
+        if num_max_tokens_per_rank <= 0 or hidden <= 0:
+            raise ValueError(
+                "give num_bytes, or num_max_tokens_per_rank > 0 and hidden > 0 to size the "
+                f"buffer (got num_max_tokens_per_rank={num_max_tokens_per_rank}, hidden={hidden})"
+            )
+        return _size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch)
+    check_positive_int("num_bytes", num_bytes)
+    if num_bytes % BUFFER_ALIGNMENT != 0:
+        raise ValueError(f"num_bytes {num_bytes} is not a multiple of 2 MiB ({BUFFER_ALIGNMENT})")
+    return num_bytes
+
+
+class BufferBase:
+    """Configuration and lifetime of an ``ElasticBuffer``; see :class:`ep_elastic.ElasticBuffer`."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_bytes: int | None = None,
+        *,
+        num_max_tokens_per_rank: int = 0,
+        hidden: int = 0,
+        num_topk: int = 0,
+        use_fp8_dispatch: bool = False,
+        deterministic: bool = True,
+        prefer_overlap_with_compute: bool = True,
+        num_cpu_timeout_secs: float = 300,
+        num_gpu_timeout_secs: float = 100,
+        explicitly_destroy: bool = False,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        self._backend: EPBackend | None = None
+        self._destroyed = False
+        self.group = group
+        self.rank_idx = group.rank()
+        self.num_ranks = group.size()
+        config: dict[str, Any] = {
+            "num_bytes": num_bytes,
+            "num_max_tokens_per_rank": num_max_tokens_per_rank,
+            "hidden": hidden,
+            "num_topk": num_topk,
+            "use_fp8_dispatch": use_fp8_dispatch,
+            "deterministic": deterministic,
+            "prefer_overlap_with_compute": prefer_overlap_with_compute,
+            "num_cpu_timeout_secs": num_cpu_timeout_secs,
+            "num_gpu_timeout_secs": num_gpu_timeout_secs,
+            "explicitly_destroy": explicitly_destroy,
+            "backend": backend,
+            "device_type": None,
+        }
+        # Local mistakes are gathered with the configuration, so every rank raises together
+        # instead of one rank raising while the others wait in a collective.
+        error: Exception | None = None
+        resolved_bytes = 0
+        try:
+            self.device = group_device(group, device)
+            config["device_type"] = self.device.type
+            config["backend"] = core_knobs.ep.backend if backend == "auto" else backend
+            resolved_bytes = _resolve_num_bytes(
+                self.num_ranks,
+                num_bytes,
+                num_max_tokens_per_rank,
+                hidden,
+                num_topk,
+                use_fp8_dispatch,
+            )
+        except (ValueError, TypeError) as exc:
+            error = exc
+        configs = gather_checked(group, config, error)
+        check_agreement(configs)
+        self.num_bytes = num_bytes = resolved_bytes
+        self.num_max_tokens_per_rank = num_max_tokens_per_rank
+        self.hidden = hidden
+        self.num_topk = num_topk
+        self.use_fp8_dispatch = use_fp8_dispatch
+        self.deterministic = deterministic
+        self.prefer_overlap_with_compute = prefer_overlap_with_compute
+        self.num_cpu_timeout_secs = num_cpu_timeout_secs
+        self.num_gpu_timeout_secs = num_gpu_timeout_secs
+        self.explicitly_destroy = explicitly_destroy
+
+        all_cuda = all(c["device_type"] == "cuda" for c in configs)
+        resolved, error = "", None
+        try:
+            resolved = resolve_backend(config["backend"], group, all_cuda)
+        except ValueError as exc:
+            error = exc
+        check_agreement(gather_checked(group, {"resolved backend": resolved}, error))
+        self.backend_name = resolved
+        self._backend = create_backend(
+            resolved,
+            group,
+            BackendConfig(
+                rank=self.rank_idx,
+                num_ranks=self.num_ranks,
+                device=self.device,
+                num_bytes=num_bytes,
+                num_max_tokens_per_rank=num_max_tokens_per_rank,
+                hidden=hidden,
+                num_topk=num_topk,
+                use_fp8_dispatch=use_fp8_dispatch,
+                num_cpu_timeout_secs=num_cpu_timeout_secs,
+                num_gpu_timeout_secs=num_gpu_timeout_secs,
+            ),
+        )
+        if core_knobs.ep.buffer_debug:
+            print(
+                f"[ep_elastic rank {self.rank_idx}/{self.num_ranks}] backend={resolved} "
+                f"device={self.device} num_bytes={num_bytes} Nmax={num_max_tokens_per_rank} "
+                f"hidden={hidden} num_topk={num_topk} fp8={use_fp8_dispatch}",
+                file=sys.stderr,
+            )
+
+    # -- sizing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def get_buffer_size_hint(
+        group: dist.ProcessGroup,
+        num_max_tokens_per_rank: int,
+        hidden: int,
+        num_topk: int = 0,
+        use_fp8_dispatch: bool = False,
+    ) -> int:
+        """Bytes a buffer needs for these MoE settings (2 MiB aligned, monotone; see
+        :func:`ep_core.sizing.get_buffer_size_hint` for the formula)."""
+        return _size_hint(group.size(), num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch)
+
+    def get_theoretical_num_sms(
+        self, num_experts: int, num_topk: int, nvlink_gbs: float | None = None
+    ) -> int:
+        """SMs that saturate NVLink for balanced routing (even, >= 4, <= the device's SMs).
+
+        On CPU the device is taken to have :data:`ep_core.sizing.CPU_NOMINAL_NUM_SMS` SMs.
+        """
+        if self.device.type == "cuda":
+            device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:
+            device_sms = CPU_NOMINAL_NUM_SMS
+        kwargs: dict[str, Any] = {} if nvlink_gbs is None else {"nvlink_gbs": nvlink_gbs}
+        return _num_sms(
+            self.num_ranks,
+            num_experts or 0,
+            num_topk or 0,
+            device_sms,
+            prefer_overlap_with_compute=self.prefer_overlap_with_compute,
+            **kwargs,
+        )
+
+    def _check_capacity(self, num_max_tokens: int, hidden: int, num_topk: int, fp8: bool) -> None:
+        if self.hidden and hidden > self.hidden:
+            raise ValueError(f"hidden size {hidden} exceeds the buffer's hidden {self.hidden}")
+        if self.num_topk and num_topk > self.num_topk:
+            raise ValueError(f"k = {num_topk} exceeds the buffer's num_topk {self.num_topk}")
+        need = _size_hint(self.num_ranks, num_max_tokens, hidden, num_topk, fp8)
+        if need > self.num_bytes:
+            raise ValueError(
+                f"the buffer has {self.num_bytes} bytes but Nmax={num_max_tokens}, H={hidden}, "
+                f"k={num_topk}, fp8={fp8} need {need}"
+            )
+
+    # -- lifetime, streams, events ------------------------------------------------------------
+
+    @property
+    def backend(self) -> EPBackend:
+        """The backend object (raises once destroyed)."""
+        if self._destroyed or self._backend is None:
+            raise RuntimeError("this ElasticBuffer was destroyed")
+        return self._backend
+
+    def destroy(self) -> None:
+        """Releases the backend; idempotent. Later calls raise ``RuntimeError``."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._backend is not None:
+            self._backend.destroy()
+            self._backend = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_destroyed", True) or getattr(self, "_backend", None) is None:
+            return
+        if self.explicitly_destroy:
+            warnings.warn(
+                "ElasticBuffer(explicitly_destroy=True) was dropped without destroy()",
+                ResourceWarning,
+                stacklevel=2,
+            )
+        self.destroy()
+
+    def barrier(self, use_comm_stream: bool = True, with_cpu_sync: bool = False) -> None:
+        """Waits until every rank arrives; with CUDA, optionally synchronises the device around.
+
+        Args:
+            use_comm_stream: Order the barrier after the comm stream's work (CUDA).
+            with_cpu_sync: ``torch.cuda.synchronize()`` before and after (CUDA).
+        """
+        backend = self.backend
+        cuda = self.device.type == "cuda"
+        if cuda and with_cpu_sync:
+            torch.cuda.synchronize(self.device)
+        if cuda and use_comm_stream:
+            get_comm_stream(self.device).wait_stream(torch.cuda.current_stream(self.device))
+        barrier = getattr(backend, "barrier", None)
+        if barrier is not None:
+            barrier()
+        else:
+            dist.barrier(group=self.group)
+        if cuda and with_cpu_sync:
+            torch.cuda.synchronize(self.device)
+
+    def get_comm_stream(self) -> torch.cuda.Stream | None:
+        """The comm stream (``torch.cuda.Stream``) on CUDA, ``None`` on CPU."""
+        return get_comm_stream(self.device) if self.device.type == "cuda" else None
+
+    @staticmethod
+    def capture() -> EventHandle:
+        """An :class:`EventHandle` on the current CUDA stream (empty without CUDA)."""
+        return EventHandle()

@@ -1,0 +1,278 @@
+"""High-throughput ``dispatch`` and ``combine`` of :class:`ep_elastic.ElasticBuffer`."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import torch
+
+from ep_core.handle import EPHandle
+from ep_core.validation import (
+    check_bias,
+    check_combine_x,
+    check_dispatch_x,
+    check_expert_alignment,
+    check_num_experts,
+    check_positive_int,
+    check_tensor,
+    check_topk_idx,
+    check_topk_weights,
+)
+from ep_elastic._base import BufferBase
+from ep_elastic.event import EventHandle, EventOverlap, run_on_comm_stream
+
+__all__ = ["DispatchInput", "HighThroughputMixin"]
+
+DispatchInput: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+"""``x`` of dispatch: a bf16 tensor, or an FP8 ``(data, scales)`` tuple."""
+
+
+def _split_x(x: object) -> tuple[object, object]:
+    if isinstance(x, tuple | list):
+        if len(x) != 2:
+            raise ValueError(f"an FP8 x must be a (data, scales) pair, got {len(x)} items")
+        return x[0], x[1]
+    return x, None
+
+
+def _check_matches_handle(handle: EPHandle, **given: object) -> None:
+    """A cached dispatch's explicit arguments must equal the handle's (``None`` = not given)."""
+    for name, value in given.items():
+        have = getattr(handle, name)
+        if value is not None and value != have:
+            raise ValueError(f"{name}={value!r} differs from the handle's {have!r}")
+
+
+class HighThroughputMixin(BufferBase):
+    """``dispatch``/``combine`` on top of :class:`~ep_elastic._base.BufferBase`."""
+
+    def _check_handle(self, handle: object) -> EPHandle:
+        if not isinstance(handle, EPHandle):
+            raise TypeError(f"handle must be an EPHandle, got {type(handle).__name__}")
+        if handle.rank != self.rank_idx or handle.num_ranks != self.num_ranks:
+            raise ValueError(
+                f"handle was made by rank {handle.rank} of {handle.num_ranks}, this buffer is "
+                f"rank {self.rank_idx} of {self.num_ranks}"
+            )
+        return handle
+
+    def _call_nmax(self, num_max_tokens_per_rank: int | None) -> int:
+        """``Nmax`` of a fresh dispatch: the argument, else the buffer's; at most the buffer's."""
+        nmax = num_max_tokens_per_rank
+        if nmax is None:
+            nmax = self.num_max_tokens_per_rank
+        check_positive_int("num_max_tokens_per_rank", nmax)
+        if 0 < self.num_max_tokens_per_rank < nmax:
+            raise ValueError(
+                f"num_max_tokens_per_rank {nmax} exceeds the buffer's "
+                f"{self.num_max_tokens_per_rank}"
+            )
+        return nmax
+
+    def dispatch(
+        self,
+        x: DispatchInput,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        num_experts: int | None = None,
+        num_max_tokens_per_rank: int | None = None,
+        expert_alignment: int | None = None,
+        num_sms: int = 0,
+        previous_event: EventHandle | None = None,
+        async_with_compute_stream: bool = False,
+        handle: EPHandle | None = None,
+        do_cpu_sync: bool | None = None,
+        do_expand: bool = False,
+    ) -> tuple[DispatchInput, torch.Tensor | None, torch.Tensor | None, EPHandle, EventOverlap]:
+        """Sends each token once to every rank owning one of its experts.
+
+        Received rows are grouped by source rank (increasing), then by source token; see
+        ``docs/design.md`` for every output's exact content. Runs on the comm stream (CUDA).
+
+        Args:
+            x: ``[T, H]`` bf16, or ``(data [T, H] float8_e4m3fn, scales [T, P])`` with 4-byte
+                scales (float32, or int32 UE8M0 packs; any strides), ``T <= Nmax``.
+            topk_idx: ``[T, k]`` int64 global expert ids, ``-1`` = none; ``None`` iff ``handle``.
+            topk_weights: ``[T, k]`` float32 or ``None``.
+            cumulative_local_expert_recv_stats: ``[El]`` int32; the real per-local-expert counts
+                are added to it (fresh dispatch only).
+            num_experts: ``E`` (a multiple of ``R``); taken from ``handle`` when cached.
+            num_max_tokens_per_rank: ``Nmax`` of this call (default: the buffer's; at most it).
+            expert_alignment: ``A`` (default 1); expert blocks are padded to multiples of it.
+            num_sms: SMs for kernel backends; 0 = analytical (cached: the handle's).
+            previous_event: The comm stream waits for it instead of the current stream.
+            async_with_compute_stream: Return at once with an event to wait on; operands are
+                kept alive until then. Otherwise the current stream waits for the comm stream.
+            handle: Replay this layout (cached dispatch): ``topk_idx`` must be ``None``, and
+                ``do_cpu_sync`` must not be True.
+            do_cpu_sync: Exact output sizes (one host sync); ``None`` = True for a fresh
+                dispatch, False for a cached one. Without it outputs have worst-case rows.
+            do_expand: Produce the expanded per-expert layout (must match a cached handle).
+
+        Returns:
+            ``(recv_x, recv_topk_idx, recv_topk_weights, handle, event)``: ``recv_x`` ``[M, H]``
+            (or ``(data, scales)``), ``recv_topk_idx`` ``[M, k]`` int64 local ids (``None``
+            expanded), ``recv_topk_weights`` ``[M, k]`` (``[M_exp]`` expanded) float32 or
+            ``None``, the :class:`~ep_core.handle.EPHandle`, and an :class:`EventOverlap`.
+
+        Raises:
+            ValueError, TypeError: Invalid input (named in the message).
+        """
+        backend = self.backend
+        data, scales = _split_x(x)
+        if handle is not None:
+            handle = self._check_handle(handle)
+            if topk_idx is not None:
+                raise ValueError("topk_idx must be None for a cached dispatch (handle= is given)")
+            if do_cpu_sync:
+                raise ValueError("do_cpu_sync=True is not allowed for a cached dispatch")
+            if cumulative_local_expert_recv_stats is not None:
+                raise ValueError(
+                    "cached dispatches do not update cumulative_local_expert_recv_stats"
+                )
+            _check_matches_handle(
+                handle,
+                num_experts=num_experts,
+                num_max_tokens_per_rank=num_max_tokens_per_rank,
+                expert_alignment=expert_alignment,
+                do_expand=do_expand,
+            )
+            num_experts, nmax = handle.num_experts, handle.num_max_tokens_per_rank
+            alignment, sync, idx = handle.expert_alignment, False, handle.topk_idx
+        else:
+            if topk_idx is None:
+                raise ValueError("topk_idx is required for a fresh dispatch (no handle given)")
+            if num_experts is None:
+                raise ValueError("num_experts is required for a fresh dispatch")
+            check_num_experts(num_experts, self.num_ranks)
+            nmax = self._call_nmax(num_max_tokens_per_rank)
+            alignment = check_expert_alignment(1 if expert_alignment is None else expert_alignment)
+            sync, idx = do_cpu_sync is not False, topk_idx
+        checked_x, checked_scales = check_dispatch_x(
+            data, scales, num_max_tokens_per_rank=nmax, device=self.device
+        )
+        num_tokens, hidden = checked_x.shape
+        if handle is None:
+            check_topk_idx(idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device)
+        elif num_tokens != handle.num_tokens:
+            raise ValueError(
+                f"x has {num_tokens} tokens but the handle's dispatch had {handle.num_tokens}"
+            )
+        if topk_weights is not None:
+            check_topk_weights(topk_weights, idx)
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            check_tensor(
+                "cumulative_local_expert_recv_stats",
+                stats,
+                dtypes=(torch.int32,),
+                shape=(num_experts // self.num_ranks,),
+                device=self.device,
+            )
+        k = idx.shape[1]
+        self._check_capacity(nmax, hidden, k, checked_scales is not None)
+        if num_sms == 0:
+            num_sms = (
+                handle.num_sms
+                if handle is not None
+                else self.get_theoretical_num_sms(num_experts, k)
+            )
+        check_positive_int("num_sms", num_sms)
+
+        def call() -> tuple:
+            res = backend.dispatch(
+                checked_x,
+                checked_scales,
+                idx,
+                topk_weights,
+                num_experts=num_experts,
+                num_max_tokens_per_rank=nmax,
+                expert_alignment=alignment,
+                do_expand=do_expand,
+                do_cpu_sync=sync,
+                handle=handle,
+                num_sms=num_sms,
+            )
+            if stats is not None:
+                stats.add_(res.handle.num_unaligned_recv_tokens_per_expert)
+            return (
+                res.recv_x,
+                res.recv_x_scales,
+                res.recv_topk_idx,
+                res.recv_topk_weights,
+                res.handle,
+            )
+
+        result, event = run_on_comm_stream(
+            self.device,
+            call,
+            (checked_x, checked_scales, idx, topk_weights, stats),
+            lambda r: r,
+            previous_event=previous_event,
+            async_with_compute_stream=async_with_compute_stream,
+        )
+        recv_x, recv_scales, recv_idx, recv_w, out_handle = result
+        recv: DispatchInput = recv_x if recv_scales is None else (recv_x, recv_scales)
+        return recv, recv_idx, recv_w, out_handle, event
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: EPHandle,
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        num_sms: int = 0,
+        previous_event: EventHandle | None = None,
+        async_with_compute_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
+        """Returns every received row to its source rank and sums it there (no weighting).
+
+        ``out[t] = bf16(sum over destination ranks d (increasing) of float(x_d[row]) + bias0
+        + bias1)`` in float32; expanded inputs are first reduced per rank over the token's local
+        experts (increasing lane), rounded to bf16. Runs on the comm stream (CUDA).
+
+        Args:
+            x: ``[M, H]`` bf16 (``[M_exp, H]`` for an expanded handle), the dispatch's row order.
+            handle: The dispatch's :class:`~ep_core.handle.EPHandle`.
+            topk_weights: ``[M, k]`` (``[M_exp]`` expanded) float32 to send back, or ``None``.
+            bias: ``None``, a ``[T, H]`` bf16 tensor or a tuple of up to two.
+            num_sms: SMs for kernel backends; 0 = the handle's.
+            previous_event: The comm stream waits for it instead of the current stream.
+            async_with_compute_stream: As in :meth:`dispatch`.
+
+        Returns:
+            ``(combined_x [T, H] bf16, combined_topk_weights [T, k] float32 or None, event)``;
+            ``combined_topk_weights[t, j]`` is lane ``j``'s weight from the rank owning it.
+
+        Raises:
+            ValueError, TypeError: Invalid input (named in the message).
+        """
+        backend = self.backend
+        handle = self._check_handle(handle)
+        rows = handle.num_expanded_tokens if handle.do_expand else handle.num_recv_tokens
+        x = check_combine_x(x, num_rows=rows, device=self.device)
+        if topk_weights is not None:
+            shape = (rows,) if handle.do_expand else (rows, handle.num_topk)
+            check_tensor(
+                "topk_weights",
+                topk_weights,
+                dtypes=(torch.float32,),
+                shape=shape,
+                device=self.device,
+            )
+        biases = check_bias(
+            bias, num_tokens=handle.num_tokens, hidden=x.shape[1], device=self.device
+        )
+        self._check_capacity(handle.num_max_tokens_per_rank, x.shape[1], handle.num_topk, False)
+        num_sms = num_sms or handle.num_sms
+        check_positive_int("num_sms", num_sms)
+        (combined, combined_w), event = run_on_comm_stream(
+            self.device,
+            lambda: backend.combine(x, handle, topk_weights, biases, num_sms),
+            (x, topk_weights, biases, handle),
+            lambda r: r,
+            previous_event=previous_event,
+            async_with_compute_stream=async_with_compute_stream,
+        )
+        return combined, combined_w, event

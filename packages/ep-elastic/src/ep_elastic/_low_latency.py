@@ -1,0 +1,204 @@
+"""Low-latency ``low_latency_dispatch``/``low_latency_combine`` (DeepEP's legacy layout)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeAlias
+
+import torch
+
+from ep_core.handle import LowLatencyHandle
+from ep_core.validation import (
+    check_hidden,
+    check_num_experts,
+    check_positive_int,
+    check_tensor,
+    check_topk_idx,
+)
+from ep_elastic._base import BufferBase
+from ep_elastic.event import EventOverlap, run_on_comm_stream
+
+__all__ = ["LowLatencyMixin", "RecvHook"]
+
+RecvHook = Callable[[], None]
+"""Completes a low-latency receive; call it before reading the outputs."""
+
+LowLatencyRecv: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+
+
+def _completed_hook() -> None:
+    """The receive already completed (the backend finished the transfer before returning)."""
+
+
+class LowLatencyMixin(BufferBase):
+    """The legacy low-latency pair on top of :class:`~ep_elastic._base.BufferBase`.
+
+    ``return_recv_hook=True`` returns a hook that completes the receive. Kernel backends may
+    defer the wait for the data to it; the reference backend completes the transfer inside the
+    call, so its hook does nothing. Either way: call ``hook()`` before reading the outputs.
+    """
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[LowLatencyRecv, torch.Tensor, LowLatencyHandle, EventOverlap, RecvHook | None]:
+        """Sends each token to the ranks of its experts, packed per local expert.
+
+        Layout (``L = R * Nmax``): ``recv_x [El, L, H]``; expert ``e``'s rows are packed by
+        source rank, then source token, ``recv_count[e]`` of them valid (the rest unspecified).
+        FP8 is cast per token and 128 channels (``ep_core.fp8``). Nothing is read on the host.
+
+        Args:
+            x: ``[T, H]`` bf16, ``T <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: ``[T, k]`` int64, ``-1`` = none.
+            num_max_dispatch_tokens_per_rank: ``Nmax`` of the low-latency layout (same on all
+                ranks).
+            num_experts: ``E``.
+            cumulative_local_expert_recv_stats: ``[El]`` int32; ``recv_count`` is added to it.
+            use_fp8: Send e4m3 data with per-128-channel scales.
+            round_scale: Power-of-two scales.
+            use_ue8m0: int32 UE8M0 scale packs (requires ``round_scale``).
+            async_finish: Return an event recorded on the comm stream instead of waiting.
+            return_recv_hook: Also return a hook completing the receive (else ``None``).
+
+        Returns:
+            ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is ``[El, L, H]`` bf16, or
+            with FP8 ``(data [El, L, H] e4m3, scales)``, scales ``[El, L, H/128]`` float32 or
+            ``[El, L, ceil(H/512)]`` int32, column-major in the last two dims; ``recv_count``
+            ``[El]`` int32 on the device.
+        """
+        backend = self.backend
+        nmax = check_positive_int(
+            "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank
+        )
+        check_num_experts(num_experts, self.num_ranks)
+        if use_ue8m0 and not round_scale:
+            raise ValueError("use_ue8m0=True requires round_scale=True (UE8M0 holds powers of two)")
+        if (round_scale or use_ue8m0) and not use_fp8:
+            raise ValueError("round_scale/use_ue8m0 apply to FP8 only (use_fp8=False given)")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(
+                f"x must be a [T, H] tensor, got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        num_tokens, hidden = x.shape
+        x = check_tensor(
+            "x", x, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=self.device
+        )
+        check_hidden(hidden, fp8=use_fp8, name="hidden size of x")
+        if num_tokens > nmax:
+            raise ValueError(
+                f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank = {nmax}"
+            )
+        check_topk_idx(topk_idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device)
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            check_tensor(
+                "cumulative_local_expert_recv_stats",
+                stats,
+                dtypes=(torch.int32,),
+                shape=(num_experts // self.num_ranks,),
+                device=self.device,
+            )
+
+        def call() -> tuple:
+            res = backend.low_latency_dispatch(
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank=nmax,
+                num_experts=num_experts,
+                use_fp8=use_fp8,
+                round_scale=round_scale,
+                use_ue8m0=use_ue8m0,
+            )
+            if stats is not None:
+                stats.add_(res.recv_count)
+            return res.recv_x, res.recv_x_scales, res.recv_count, res.handle
+
+        (recv_x, scales, count, handle), event = run_on_comm_stream(
+            self.device,
+            call,
+            (x, topk_idx, stats),
+            lambda r: r,
+            previous_event=None,
+            async_with_compute_stream=async_finish,
+        )
+        recv: LowLatencyRecv = recv_x if scales is None else (recv_x, scales)
+        return recv, count, handle, event, _completed_hook if return_recv_hook else None
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EventOverlap, RecvHook | None]:
+        """Weighted reduction of expert outputs back on the source ranks.
+
+        On each rank ``d``, ``p_d(t) = bf16(sum over t's lanes j on d, increasing j, of
+        w[t, j] * float(y))`` (separate multiply and add); the source sums the ``p_d`` over ``d``
+        increasing in float32 and rounds to bf16. A token with no valid lane gives 0.
+
+        Args:
+            x: ``[El, R * Nmax, H]`` bf16 in the dispatch's packed layout.
+            topk_idx: ``[T, k]`` int64, the dispatch's (lanes set to ``-1`` are skipped).
+            topk_weights: ``[T, k]`` float32.
+            handle: The :class:`~ep_core.handle.LowLatencyHandle` of the dispatch.
+            async_finish: Return an event recorded on the comm stream instead of waiting.
+            return_recv_hook: Also return a hook completing the receive (else ``None``).
+            out: Optional ``[T, H]`` bf16 contiguous destination.
+
+        Returns:
+            ``(combined_x [T, H] bf16, event, hook)``.
+        """
+        backend = self.backend
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+        if handle.rank != self.rank_idx or handle.num_ranks != self.num_ranks:
+            raise ValueError(f"handle was made by rank {handle.rank} of {handle.num_ranks}")
+        slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
+        shape = (handle.num_local_experts, slots, handle.hidden)
+        x = check_tensor("x", x, dtypes=(torch.bfloat16,), shape=shape, device=self.device)
+        num_tokens = topk_idx.shape[0] if isinstance(topk_idx, torch.Tensor) else -1
+        idx_shape = (num_tokens, handle.num_topk)
+        check_tensor(
+            "topk_idx", topk_idx, dtypes=(torch.int64,), shape=idx_shape, device=self.device
+        )
+        check_topk_idx(
+            topk_idx, num_tokens=num_tokens, num_experts=handle.num_experts, device=self.device
+        )
+        check_tensor(
+            "topk_weights",
+            topk_weights,
+            dtypes=(torch.float32,),
+            shape=idx_shape,
+            device=self.device,
+        )
+        if out is not None:
+            check_tensor(
+                "out",
+                out,
+                dtypes=(torch.bfloat16,),
+                shape=(num_tokens, handle.hidden),
+                device=self.device,
+            )
+        combined, event = run_on_comm_stream(
+            self.device,
+            lambda: backend.low_latency_combine(x, topk_idx, topk_weights, handle, out),
+            (x, topk_idx, topk_weights, out, handle),
+            lambda r: (r,),
+            previous_event=None,
+            async_with_compute_stream=async_finish,
+        )
+        return combined, event, _completed_hook if return_recv_hook else None

@@ -1,0 +1,45 @@
+"""``ElasticBuffer``: the user API of expert-parallel dispatch and combine."""
+
+from __future__ import annotations
+
+from ep_elastic._high_throughput import HighThroughputMixin
+from ep_elastic._low_latency import LowLatencyMixin
+
+__all__ = ["ElasticBuffer"]
+
+
+class ElasticBuffer(HighThroughputMixin, LowLatencyMixin):
+    """Expert-parallel dispatch and combine for MoE layers (DeepEP V2 ``ElasticBuffer``-like).
+
+    ``dispatch`` sends each token once to every rank owning one of its top-k experts;
+    ``combine`` sends the (already weighted) expert outputs back and sums them on the source;
+    ``low_latency_dispatch``/``low_latency_combine`` are DeepEP's legacy per-expert layout.
+    Outputs are bitwise identical across backends and deterministic (``docs/design.md``). On
+    CUDA every call runs on a process-global high-priority comm stream; on CPU (gloo) calls
+    complete before returning.
+
+    Collective: every rank of ``group`` must construct it with the same configuration (checked:
+    a mismatch raises ``ValueError`` on every rank naming the field and the ranks' values).
+
+    Args:
+        group: The expert-parallel process group (gloo on CPU, NCCL on GPUs).
+        num_bytes: Communication buffer bytes for kernel backends (a multiple of 2 MiB);
+            ``None`` sizes it with :meth:`get_buffer_size_hint` from the MoE settings.
+        num_max_tokens_per_rank: ``Nmax``: most tokens one rank dispatches (default of dispatch).
+        hidden: Largest hidden size ``H`` used (bytes are sized for it).
+        num_topk: Largest ``k`` used; 0 sizes for 32.
+        use_fp8_dispatch: Size dispatch for FP8 data plus scales.
+        deterministic: Accepted for DeepEP compatibility; outputs are always deterministic.
+        prefer_overlap_with_compute: When False the analytical SM count is at least 64.
+        num_cpu_timeout_secs: Limit of host waits (kernel backends).
+        num_gpu_timeout_secs: Limit of device spin waits (kernel backends).
+        explicitly_destroy: The owner calls :meth:`destroy`; a buffer dropped without it warns.
+        backend: ``"auto"`` (NVLink kernels when every rank is on CUDA in one NVLink domain and
+            they are available, else the reference; ``EP_BACKEND`` overrides ``"auto"``),
+            ``"torch"`` or ``"nvlink"`` (``ValueError`` where impossible).
+        device: ``None`` = the current CUDA device for an NCCL group, else CPU.
+
+    Attributes:
+        group, rank_idx, num_ranks, num_bytes, num_max_tokens_per_rank, hidden, num_topk,
+        use_fp8_dispatch, deterministic, explicitly_destroy, device, backend_name.
+    """

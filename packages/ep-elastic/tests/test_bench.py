@@ -1,0 +1,255 @@
+"""Tests of ``ep-bench`` (``ep_elastic.bench``): CPU smoke runs, option validation, helpers.
+
+The smoke runs spawn gloo ranks on the CPU and take a few seconds each; the GPU test runs the same
+quick sweep on every visible GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ep_elastic import bench
+from ep_elastic.bench_cases import (
+    GROUP_LIMITED_NUM_GROUPS,
+    GROUP_LIMITED_TOPK_GROUPS,
+    make_routing,
+    seeded_generator,
+    tokens_in_rank,
+)
+from ep_elastic.bench_context import check_equal
+from ep_elastic.bench_report import build_document, format_table
+
+
+def _run(tmp_path: Path, name: str, *args: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / f"{name}.json"
+    code = bench.main([*args, "--json", str(out)])
+    return code, json.loads(out.read_text())
+
+
+def _check_doc(doc: dict[str, Any], expected_cases: set[str], num_ranks: int) -> None:
+    assert doc["status"] == "PASS"
+    assert {c["case"] for c in doc["cases"]} == expected_cases
+    meta = doc["meta"]
+    assert meta["num_ranks"] == num_ranks
+    assert meta["torch"] == torch.__version__
+    for key in ("device", "date", "argv", "git_commit", "backend_name"):
+        assert key in meta
+    for c in doc["cases"]:
+        assert c["status"] == "PASS", c["mismatches"]
+        assert c["mismatches"] == []
+        for timing in (c["latency_us"], c["baseline"]["latency_us"]):
+            assert 0 < timing["p10"] <= timing["median"] <= timing["p90"]
+            assert len(timing["per_rank_median"]) == num_ranks
+            assert timing["median"] == max(timing["per_rank_median"])
+        assert c["rows"] > 0
+        assert c["gbps"]["logical"] > 0
+        assert c["gbps"]["deepep"] >= c["gbps"]["logical"]
+        assert 0 <= c["bytes"]["remote"] <= c["bytes"]["logical"]
+        if c["mode"] == "ht":
+            assert c["baseline"]["status"] == "PASS", c["baseline"]["mismatches"]
+            # The baseline moves exactly the rows of the buffer under test.
+            assert c["baseline"]["bytes"] == c["bytes"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
+    tmp = tmp_path_factory.mktemp("bench")
+    png = tmp / "quick.png"
+    code, doc = _run(tmp, "quick", "--quick", "--device", "cpu", "--plot", str(png))
+    return code, doc, png
+
+
+def test_quick_cpu_run(quick_run: tuple[int, dict[str, Any], Path]) -> None:
+    code, doc, png = quick_run
+    assert code == 0
+    expected = {
+        f"{case}/{op}"
+        for case in ("ht/bf16/sms=0/t=128", "ll/bf16/t=1", "ll/bf16/t=32")
+        for op in ("dispatch", "combine")
+    }
+    _check_doc(doc, expected, num_ranks=bench.CPU_RANKS)
+    assert doc["config"]["dtypes"] == ["bf16"]
+    argv = doc["meta"]["argv"]
+    assert argv[:6] == ["ep-bench", "--quick", "--device", "cpu", "--plot", str(png)]
+    assert argv[6] == "--json"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_cpu_table(quick_run: tuple[int, dict[str, Any], Path]) -> None:
+    table = format_table(quick_run[1])
+    assert "overall: PASS" in table
+    assert table.count(" PASS ") >= 6
+    assert "INCLUDING" in table  # the byte-counting rule is printed
+
+
+def test_fp8_group_limited_sweep_two_ranks(tmp_path: Path) -> None:
+    code, doc = _run(
+        tmp_path,
+        "sweep",
+        "--quick",
+        "--device",
+        "cpu",
+        "--num-processes",
+        "2",
+        "--mode",
+        "ht",
+        "--dtype",
+        "both",
+        "--routing",
+        "group-limited",
+        "--num-sms",
+        "0,8",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+    )
+    assert code == 0
+    expected = {
+        f"ht/{dtype}/sms={sms}/t=128/{op}"
+        for dtype in ("fp8", "bf16")
+        for sms in (0, 8)
+        for op in ("dispatch", "combine")
+    }
+    _check_doc(doc, expected, num_ranks=2)
+    fp8 = next(c for c in doc["cases"] if c["dtype"] == "fp8" and c["op"] == "dispatch")
+    bf16 = next(c for c in doc["cases"] if c["dtype"] == "bf16" and c["op"] == "dispatch")
+    # FP8 rows: H bytes of data + 4 bytes of scale per 128 channels; BF16 rows: 2H.
+    assert fp8["bytes"]["logical"] == pytest.approx(fp8["rows"] * (256 + 4 * 2))
+    assert bf16["bytes"]["logical"] == pytest.approx(bf16["rows"] * 512)
+    assert fp8["bytes"]["deepep"] - fp8["bytes"]["logical"] == pytest.approx(fp8["rows"] * 48)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-sms", "0,abc"], "--num-sms: 'abc' is not an integer"),
+        (["--num-sms", "-4"], "--num-sms: -4 is below the minimum 0"),
+        (["--num-sms", "8,8"], "repeats a value"),
+        (["--hidden", "100"], "--hidden 100 is not a multiple of 64"),
+        (["--hidden", "192", "--dtype", "fp8"], "FP8 needs a multiple of 128"),
+        (["--num-experts", "30"], "not a multiple of the 4 ranks"),
+        (["--ll-tokens", "0"], "--ll-tokens: 0 is below the minimum 1"),
+        (["--routing", "group-limited", "--num-experts", "12"], "not a multiple of 8"),
+        (["--num-topk", "40", "--num-experts", "32"], "exceeds --num-experts"),
+        (["--iters", "0"], "--iters must be >= 1"),
+        (["--backend", "nvlink"], "--backend nvlink needs GPUs"),
+    ],
+)
+def test_bad_options(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--device", "cpu", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--device", "cpu", "--plot", "x.png"])
+    assert exc.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_failures_are_reported() -> None:
+    timing = {"median": 2.0, "p10": 1.0, "p90": 3.0, "per_rank_median": [2.0], "samples": 1}
+    counts = {"logical": 1.0, "deepep": 1.0, "remote": 0.0}
+    case = {
+        "case": "ht/bf16/sms=0/t=1/dispatch",
+        "mode": "ht",
+        "op": "dispatch",
+        "dtype": "bf16",
+        "num_sms": 0,
+        "num_sms_used": 24,
+        "num_tokens": 1,
+        "graph": False,
+        "status": "FAIL",
+        "mismatches": ["rank 1: dispatch recv_x"],
+        "latency_us": timing,
+        "bytes": counts,
+        "gbps": counts,
+        "baseline": {"status": "PASS", "mismatches": [], "latency_us": timing, "gbps": counts},
+    }
+    meta = {"device": "cpu", "num_ranks": 1, "backend_name": "torch", "torch": "x"}
+    doc = build_document(meta, {}, [case], ["ep-bench"])
+    assert doc["status"] == "FAIL"
+    table = format_table(doc)
+    assert "MISMATCH ht/bf16/sms=0/t=1/dispatch: rank 1: dispatch recv_x" in table
+    assert "auto:24" in table
+    assert table.endswith("overall: FAIL")
+
+
+def test_routing_kinds() -> None:
+    device = torch.device("cpu")
+    num_tokens, num_experts, k, num_ranks = 512, 64, 6, 4
+    for kind in ("uniform", "skewed", "group-limited"):
+        gen = seeded_generator(device, 1, 2, 3)
+        idx, weights = make_routing(
+            kind, num_tokens, num_experts, k, num_ranks=num_ranks, gen=gen, device=device
+        )
+        assert idx.shape == weights.shape == (num_tokens, k)
+        assert idx.dtype == torch.int64 and weights.dtype == torch.float32
+        assert int(idx.min()) >= 0 and int(idx.max()) < num_experts
+        assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "experts of a token are distinct"
+        if kind == "skewed":
+            share = (idx == 0).any(dim=1).float().mean().item()
+            assert share > 0.6
+            per_rank = tokens_in_rank(idx, num_experts, num_ranks).sum(dim=0)
+            assert int(per_rank.argmax()) == 0
+        if kind == "group-limited":
+            groups = idx // (num_experts // GROUP_LIMITED_NUM_GROUPS)
+            per_token = torch.zeros(num_tokens, GROUP_LIMITED_NUM_GROUPS, dtype=torch.bool)
+            per_token.scatter_(1, groups, True)
+            assert int(per_token.sum(dim=1).max()) <= GROUP_LIMITED_TOPK_GROUPS
+    again = make_routing(
+        "uniform",
+        8,
+        num_experts,
+        k,
+        num_ranks=num_ranks,
+        gen=seeded_generator(device, 1, 2, 3),
+        device=device,
+    )
+    first = make_routing(
+        "uniform",
+        8,
+        num_experts,
+        k,
+        num_ranks=num_ranks,
+        gen=seeded_generator(device, 1, 2, 3),
+        device=device,
+    )
+    assert torch.equal(again[0], first[0])
+
+
+def test_check_equal() -> None:
+    a = torch.randn(4, 128).to(torch.float8_e4m3fn)
+    b = a.clone()
+    assert check_equal(a, b)
+    b.view(torch.uint8)[3, 0] ^= 1
+    assert not check_equal(a, b)
+    assert check_equal(a, b, rows=3)
+    assert not check_equal(a, b[:2], rows=3)
+    assert check_equal(None, None) and not check_equal(a, None)
+    assert not check_equal(a.float(), a.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_quick_gpu_run(tmp_path: Path) -> None:
+    code, doc = _run(tmp_path, "gpu", "--quick", "--device", "cuda", "--dtype", "both")
+    assert code == 0
+    assert doc["meta"]["num_ranks"] == torch.cuda.device_count()
+    assert doc["status"] == "PASS"
+    assert all(c["latency_us"]["median"] > 0 for c in doc["cases"])
+    if doc["meta"]["backend_name"] != "torch":
+        assert all(c["graph"] for c in doc["cases"] if c["mode"] == "ll"), [
+            c.get("graph_note") for c in doc["cases"]
+        ]

@@ -1,0 +1,353 @@
+"""ElasticBuffer's contract besides the data: agreement, validation, lifetime, events, sizing.
+
+Everything runs inside one 2-rank CPU job; each check raises on failure inside the ranks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from ep_core import knobs as core_knobs
+from ep_core.sizing import BUFFER_ALIGNMENT
+from ep_elastic import ElasticBuffer, EventHandle, EventOverlap
+from ep_jit.testing import run_ranks
+
+NMAX, HIDDEN, E = 8, 256, 8
+
+
+def _raises(error: type[Exception], pattern: str, fn: Callable[[], Any]) -> None:
+    with pytest.raises(error, match=pattern):
+        fn()
+
+
+def _agreement(info: Any) -> None:
+    # Every rank raises the same error (nobody hangs in a later collective).
+    nmax = 16 if info.rank == 0 else 32
+    msg = re.escape("num_max_tokens_per_rank differs across ranks (rank 0: 16, rank 1: 32)")
+    _raises(
+        ValueError,
+        msg,
+        lambda: ElasticBuffer(info.group, num_max_tokens_per_rank=nmax, hidden=HIDDEN),
+    )
+    fp8 = info.rank == 1
+    _raises(
+        ValueError,
+        "use_fp8_dispatch differs",
+        lambda: ElasticBuffer(
+            info.group, num_max_tokens_per_rank=8, hidden=HIDDEN, use_fp8_dispatch=fp8
+        ),
+    )
+    # A mistake on one rank only fails every rank (the others name it) instead of hanging.
+    hidden = 96 if info.rank == 1 else HIDDEN
+    pattern = "hidden 96 is unsupported" if info.rank == 1 else "rank 1: ValueError: hidden 96"
+    _raises(
+        ValueError,
+        pattern,
+        lambda: ElasticBuffer(info.group, num_max_tokens_per_rank=8, hidden=hidden),
+    )
+    # The group is still usable afterwards.
+    ElasticBuffer(info.group, num_max_tokens_per_rank=8, hidden=HIDDEN).barrier()
+
+
+def _construction(info: Any) -> None:
+    group = info.group
+    _raises(
+        ValueError,
+        "backend='nvlink' cannot be used: not every rank is on a CUDA device",
+        lambda: ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=HIDDEN, backend="nvlink"),
+    )
+    _raises(
+        ValueError,
+        "backend must be one of",
+        lambda: ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=HIDDEN, backend="cuda"),
+    )
+    _raises(ValueError, "give num_bytes", lambda: ElasticBuffer(group, hidden=HIDDEN))
+    _raises(
+        ValueError,
+        "not a multiple of 2 MiB",
+        lambda: ElasticBuffer(group, 1000, num_max_tokens_per_rank=8),
+    )
+    _raises(
+        ValueError,
+        "hidden 96 is unsupported",
+        lambda: ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=96),
+    )
+    _raises(
+        ValueError,
+        "num_topk 33 exceeds",
+        lambda: ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=HIDDEN, num_topk=33),
+    )
+    with core_knobs.ep.scope():
+        core_knobs.ep.backend = "torch"
+        buf = ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=HIDDEN)
+        assert buf.backend_name == "torch"
+    hint = ElasticBuffer.get_buffer_size_hint(group, NMAX, HIDDEN, 4, True)
+    assert hint % BUFFER_ALIGNMENT == 0 and hint >= 2 * NMAX * HIDDEN
+    assert buf.num_bytes == ElasticBuffer.get_buffer_size_hint(group, 8, HIDDEN)
+    sms = buf.get_theoretical_num_sms(64, 8)
+    assert sms % 2 == 0 and 4 <= sms <= 24
+    assert buf.get_comm_stream() is None
+    event = ElasticBuffer.capture()
+    assert isinstance(event, EventHandle)
+    assert event.event is None or torch.cuda.is_initialized()
+    calls: list[int] = []
+    overlap = EventOverlap()
+    overlap.register_hook_after_wait(lambda: calls.append(1))
+    with overlap:
+        pass
+    overlap.current_stream_wait()
+    assert calls == [1]
+    buf.barrier(with_cpu_sync=True)
+    buf.destroy()
+    buf.destroy()
+    _raises(RuntimeError, "destroyed", buf.barrier)
+    leaky = ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=HIDDEN, explicitly_destroy=True)
+    with pytest.warns(ResourceWarning, match="without destroy"):
+        leaky.__del__()
+
+
+def _bad_inputs(info: Any) -> None:
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=4)
+    gen = torch.Generator().manual_seed(info.rank)
+    x = torch.randn(6, HIDDEN, generator=gen).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:4] for _ in range(6)])
+    w = torch.rand(6, 4, generator=gen)
+    ok = {"topk_idx": idx, "topk_weights": w, "num_experts": E}
+
+    def dispatch(x_: Any = x, **kw: Any) -> Any:
+        return buf.dispatch(x_, **{**ok, **kw})
+
+    bad_id = idx.clone()
+    bad_id[2, 1] = E
+    dup = idx.clone()
+    dup[3, 1] = dup[3, 0]
+    fp8 = torch.zeros(6, HIDDEN, dtype=torch.float8_e4m3fn)
+    checks: list[tuple[type[Exception], str, Callable[[], Any]]] = [
+        (
+            TypeError,
+            "x must have dtype torch.bfloat16, got torch.float32",
+            lambda: dispatch(x.float()),
+        ),
+        (ValueError, "x must be 2-D", lambda: dispatch(x[0])),
+        (
+            ValueError,
+            "x must be contiguous",
+            lambda: dispatch(torch.zeros(6, 2 * HIDDEN, dtype=torch.bfloat16)[:, ::2]),
+        ),
+        (
+            ValueError,
+            "is on meta but the operation runs on cpu",
+            lambda: dispatch(torch.zeros(6, HIDDEN, dtype=torch.bfloat16, device="meta")),
+        ),
+        (
+            ValueError,
+            "9 tokens, more than num_max_tokens_per_rank = 8",
+            lambda: dispatch(
+                torch.zeros(9, HIDDEN, dtype=torch.bfloat16),
+                topk_idx=torch.zeros(9, 4, dtype=torch.int64),
+                topk_weights=None,
+            ),
+        ),
+        (
+            ValueError,
+            rf"topk_idx\[2, 1\] = {E} is outside \[-1, {E}\)",
+            lambda: dispatch(topk_idx=bad_id),
+        ),
+        (
+            ValueError,
+            f"row 3 selects expert {int(dup[3, 0])} more than once",
+            lambda: dispatch(topk_idx=dup),
+        ),
+        (
+            TypeError,
+            "topk_idx must have dtype torch.int64, got torch.int32",
+            lambda: dispatch(topk_idx=idx.int()),
+        ),
+        (
+            ValueError,
+            "num_experts 7 is not a multiple of the number of ranks 2",
+            lambda: dispatch(num_experts=7),
+        ),
+        (
+            ValueError,
+            "k = 33 columns",
+            lambda: dispatch(topk_idx=torch.full((6, 33), -1), topk_weights=None),
+        ),
+        (
+            ValueError,
+            "k = 0 columns",
+            lambda: dispatch(topk_idx=torch.zeros(6, 0, dtype=torch.int64), topk_weights=None),
+        ),
+        (
+            ValueError,
+            "k = 5 exceeds the buffer's num_topk 4",
+            lambda: dispatch(topk_idx=torch.full((6, 5), -1), topk_weights=None),
+        ),
+        (
+            ValueError,
+            "hidden size of x 96 is unsupported for BF16",
+            lambda: dispatch(torch.zeros(6, 96, dtype=torch.bfloat16)),
+        ),
+        (
+            ValueError,
+            "hidden size of x 192 is unsupported for FP8",
+            lambda: dispatch((torch.zeros(6, 192, dtype=torch.float8_e4m3fn), torch.zeros(6, 2))),
+        ),
+        (
+            ValueError,
+            "hidden size 512 exceeds the buffer's hidden 256",
+            lambda: dispatch(torch.zeros(6, 512, dtype=torch.bfloat16)),
+        ),
+        (
+            TypeError,
+            "x scales must have dtype torch.float32 or torch.int32, got torch.float64",
+            lambda: dispatch((fp8, torch.zeros(6, 2, dtype=torch.float64))),
+        ),
+        (ValueError, r"x scales must be \[T=6, P\]", lambda: dispatch((fp8, torch.zeros(6, 9)))),
+        (
+            ValueError,
+            "FP8 x must be a \\(data, scales\\) pair, got 3",
+            lambda: dispatch((fp8, fp8, fp8)),
+        ),
+        (
+            TypeError,
+            "topk_weights must have dtype torch.float32, got torch.bfloat16",
+            lambda: dispatch(topk_weights=w.bfloat16()),
+        ),
+        (
+            ValueError,
+            r"topk_weights has shape \(6, 3\)",
+            lambda: dispatch(topk_weights=w[:, :3].contiguous()),
+        ),
+        (ValueError, "expert_alignment must be >= 1, got 0", lambda: dispatch(expert_alignment=0)),
+        (ValueError, "num_experts is required", lambda: dispatch(num_experts=None)),
+        (ValueError, "topk_idx is required", lambda: dispatch(topk_idx=None)),
+        (
+            ValueError,
+            "num_max_tokens_per_rank 16 exceeds the buffer's 8",
+            lambda: dispatch(num_max_tokens_per_rank=16),
+        ),
+    ]
+    for error, pattern, fn in checks:
+        _raises(error, pattern, fn)
+
+    recv, _, _, handle, _ = dispatch()
+    good = torch.zeros_like(recv)
+    combine_checks: list[tuple[type[Exception], str, Callable[[], Any]]] = [
+        (
+            ValueError,
+            f"x has {recv.shape[0] + 1} rows but the handle's dispatch produced {recv.shape[0]}",
+            lambda: buf.combine(
+                torch.zeros(recv.shape[0] + 1, HIDDEN, dtype=torch.bfloat16), handle
+            ),
+        ),
+        (
+            TypeError,
+            "x must have dtype torch.bfloat16, got torch.float32",
+            lambda: buf.combine(good.float(), handle),
+        ),
+        (TypeError, "handle must be an EPHandle, got tuple", lambda: buf.combine(good, (1, 2))),  # type: ignore[arg-type]
+        (
+            ValueError,
+            r"bias\[0\] must have shape \(6, 256\), got \(5, 256\)",
+            lambda: buf.combine(good, handle, bias=x[:5]),
+        ),
+        (
+            TypeError,
+            r"bias\[1\] must have dtype torch.bfloat16, got torch.float32",
+            lambda: buf.combine(good, handle, bias=(x, x.float())),
+        ),
+        (
+            ValueError,
+            "bias takes at most 2 tensors, got 3",
+            lambda: buf.combine(good, handle, bias=(x, x, x)),
+        ),
+        (
+            TypeError,
+            "topk_weights must have dtype torch.float32",
+            lambda: buf.combine(
+                good, handle, topk_weights=torch.zeros(recv.shape[0], 4, dtype=torch.float64)
+            ),
+        ),
+        (
+            ValueError,
+            "topk_idx must be None for a cached dispatch",
+            lambda: buf.dispatch(x, topk_idx=idx, handle=handle),
+        ),
+        (
+            ValueError,
+            "do_cpu_sync=True is not allowed for a cached dispatch",
+            lambda: buf.dispatch(x, handle=handle, do_cpu_sync=True),
+        ),
+        (
+            ValueError,
+            "do_expand=True differs from the handle's False",
+            lambda: buf.dispatch(x, handle=handle, do_expand=True),
+        ),
+        (
+            ValueError,
+            "num_experts=16 differs from the handle's 8",
+            lambda: buf.dispatch(x, handle=handle, num_experts=16),
+        ),
+        (
+            ValueError,
+            "x has 5 tokens but the handle's dispatch had 6",
+            lambda: buf.dispatch(x[:5], handle=handle),
+        ),
+        (
+            ValueError,
+            "use_ue8m0=True requires round_scale=True",
+            lambda: buf.low_latency_dispatch(x, idx, NMAX, E, use_ue8m0=True),
+        ),
+        (
+            ValueError,
+            "6 tokens, more than num_max_dispatch_tokens_per_rank = 4",
+            lambda: buf.low_latency_dispatch(x, idx, 4, E),
+        ),
+        (
+            ValueError,
+            "hidden size of x 64 is unsupported for FP8",
+            lambda: buf.low_latency_dispatch(x[:, :64].contiguous(), idx, NMAX, E),
+        ),
+        (
+            ValueError,
+            rf"topk_idx\[2, 1\] = {E} is outside",
+            lambda: buf.low_latency_dispatch(x, bad_id, NMAX, E),
+        ),
+    ]
+    for error, pattern, fn in combine_checks:
+        _raises(error, pattern, fn)
+    # The valid calls still work after all the rejected ones (no rank was left half-way).
+    out, weights, _ = buf.combine(good, handle, topk_weights=torch.zeros(recv.shape[0], 4))
+    assert out.shape == (6, HIDDEN) and weights is not None
+    (_ll_x, _), _, ll_handle, _, _ = buf.low_latency_dispatch(x, idx, NMAX, E)
+    _raises(
+        ValueError,
+        r"x must have shape \(4, 16, 256\)",
+        lambda: buf.low_latency_combine(
+            torch.zeros(1, 16, HIDDEN, dtype=torch.bfloat16), idx, w, ll_handle
+        ),
+    )
+    _raises(
+        ValueError,
+        r"out must have shape \(6, 256\)",
+        lambda: buf.low_latency_combine(
+            torch.zeros(4, 16, HIDDEN, dtype=torch.bfloat16), idx, w, ll_handle, out=x[:5]
+        ),
+    )
+    buf.destroy()
+
+
+def api_worker(info: Any) -> None:
+    _agreement(info)
+    _construction(info)
+    _bad_inputs(info)
+
+
+def test_buffer_api() -> None:
+    run_ranks(2, api_worker, timeout_s=300, use_gpu=False)
