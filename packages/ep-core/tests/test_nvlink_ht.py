@@ -336,10 +336,11 @@ def _graph_case(ref, fast, info: RankInfo) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    "world_size",
+    [pytest.param(n, marks=pytest.mark.multigpu(n)) for n in (2, 4)],
+)
 def test_nvlink_ht_matches_reference(world_size: int) -> None:
-    if torch.cuda.device_count() < world_size:
-        pytest.skip(f"needs {world_size} GPUs")
     run_ranks(world_size, _worker, timeout_s=300)
 
 
@@ -369,7 +370,6 @@ def _timeout_worker(info: RankInfo) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.multigpu(2)
 def test_nvlink_timeout_names_the_peer() -> None:
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
     run_ranks(2, _timeout_worker, timeout_s=120)

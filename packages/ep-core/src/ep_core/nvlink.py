@@ -14,19 +14,20 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from ep_core import nvlink_kernels as nk
 from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
+from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
-from ep_core.layout import (
-    align_up_tensor,
-    gather_rows,
-    invert_positions,
-    worst_case_num_expanded_tokens,
-)
+from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
 from ep_core.nvlink_layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
+
+if TYPE_CHECKING:
+    from ep_core.nvlink_ll import LowLatencyEngine
 
 __all__ = ["NvlinkBackend"]
 
@@ -87,7 +88,7 @@ class NvlinkBackend:
         torch.cuda.synchronize(self.device)
         self.sym.barrier()
         torch.cuda.synchronize(self.device)
-        self._ll = None
+        self._ll: LowLatencyEngine | None = None
         self._destroyed = False
         # Developer overrides of the kernels' launch shape (benchmarks sweep them):
         # dispatch (send warps, recv warps, send slots, recv slots), combine (push, reduce, slots).
@@ -241,14 +242,17 @@ class NvlinkBackend:
         if handle is not None:
             num_expanded = handle.num_expanded_tokens
         elif exact_rows is not None:
-            num_expanded = int(aligned_list and sum(aligned_list))
+            num_expanded = sum(aligned_list)
         else:
             num_expanded = worst_case_num_expanded_tokens(r, nmax, k, el, expert_alignment)
         if do_expand:
             assert recv_idx is not None and starts is not None
-            recv_x, recv_sf, recv_w, meta = _expand(
-                recv_x, recv_sf, recv_idx, recv_w, meta, starts, el, num_expanded
+            # Rows past the valid count carry no lanes (their metadata is -1).
+            local_idx = torch.where(meta[:, :1] >= 0, recv_idx, -1)
+            recv_x, recv_sf, recv_w, expanded_row = expand_rows(
+                local_idx, starts, num_expanded, recv_x, recv_sf, recv_w
             )
+            meta = torch.cat([meta, expanded_row.to(torch.int32)], dim=1)
             recv_idx = None
 
         state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
@@ -302,7 +306,7 @@ class NvlinkBackend:
         weights = topk_weights
         meta = handle.recv_src_metadata
         if handle.do_expand:
-            x, weights = _reduce_expanded(x, topk_weights, meta, k)
+            x, weights = reduce_expanded_rows(x, topk_weights, meta, k)
         if meta.shape[1] != 2:  # expanded handles carry the lane map after the two columns
             meta = meta[:, :2].contiguous()
         if x.shape[0] < meta.shape[0]:
@@ -327,7 +331,7 @@ class NvlinkBackend:
         return out, out_w
 
     # ---- low-latency ------------------------------------------------------------------------
-    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int):
+    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int) -> LowLatencyEngine:
         from ep_core.nvlink_ll import LowLatencyEngine
 
         eng = self._ll
@@ -413,52 +417,3 @@ def _aligned_from_psum(psum: list[int]) -> list[int]:
         out.append(int(v) - prev)
         prev = int(v)
     return out
-
-
-def _expand(
-    recv_x: torch.Tensor,
-    recv_sf: torch.Tensor | None,
-    local_idx: torch.Tensor,
-    recv_w: torch.Tensor | None,
-    meta: torch.Tensor,
-    starts: torch.Tensor,
-    num_local: int,
-    num_expanded: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Expanded layout from the packed rows (device ops, no host sync; padding rows zero)."""
-    rows, k = local_idx.shape
-    valid_row = meta[:, 0] >= 0
-    local_idx = torch.where(valid_row[:, None], local_idx, -1)
-    expert_col = torch.where(local_idx >= 0, local_idx, num_local)
-    has = torch.zeros(rows, num_local + 1, dtype=torch.int64, device=local_idx.device)
-    has.scatter_(1, expert_col, 1)
-    rank_in_expert = has[:, :num_local].cumsum(0) - 1
-    safe = local_idx.clamp(min=0)
-    expanded_row = torch.where(local_idx >= 0, starts[safe] + rank_in_expert.gather(1, safe), -1)
-    pair = invert_positions(expanded_row, num_expanded)
-    token = torch.where(pair >= 0, torch.div(pair, k, rounding_mode="floor"), -1)
-    out_x = gather_rows(recv_x, token)
-    out_sf = None if recv_sf is None else gather_rows(recv_sf, token)
-    out_w = None if recv_w is None else gather_rows(recv_w.reshape(-1), pair)
-    meta = torch.cat([meta, expanded_row.to(torch.int32)], dim=1)
-    return out_x, out_sf, out_w, meta
-
-
-def _reduce_expanded(
-    x: torch.Tensor, weights: torch.Tensor | None, meta: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per received token, the float32 sum of its local expert rows (lane order) cast to bf16."""
-    rows = meta.shape[0]
-    expanded_row = meta[:, 2:].to(torch.int64)
-    acc = torch.zeros(rows, x.shape[1], dtype=torch.float32, device=x.device)
-    started = torch.zeros(rows, dtype=torch.bool, device=x.device)
-    for lane in range(k):
-        mask = expanded_row[:, lane] >= 0
-        value = gather_rows(x, expanded_row[:, lane]).float()
-        summed = torch.where(started[:, None], acc + value, value)
-        acc = torch.where(mask[:, None], summed, acc)
-        started = started | mask
-    out_w = None
-    if weights is not None:
-        out_w = gather_rows(weights, expanded_row.reshape(-1)).view(rows, k)
-    return acc.to(torch.bfloat16), out_w

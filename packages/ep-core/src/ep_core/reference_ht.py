@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ep_core._rows import RowField, all_to_all_fixed, all_to_all_uneven, pack_rows, unpack_rows
 from ep_core.backend import DispatchResult
+from ep_core.expand import accumulate, expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle
 from ep_core.layout import (
     align_up_tensor,
@@ -101,39 +102,6 @@ def _exchange_counts(
     ).to(torch.int64)
     recv = all_to_all_fixed(send, group)
     return recv[:, 0], recv[:, 1:].sum(0)
-
-
-def _expand(
-    local_idx: torch.Tensor,
-    starts: torch.Tensor,
-    num_expanded: int,
-    recv_x: torch.Tensor,
-    recv_scales: torch.Tensor | None,
-    recv_weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Spreads received rows into the expanded layout (one row per (token, local expert)).
-
-    Expert ``e``'s rows start at ``starts[e]`` in received-row order; rows nobody maps to (padding,
-    and everything past the last expert without CPU sync) stay zero.
-
-    Returns:
-        ``(x [M_exp, H], scales [M_exp, P] or None, weights [M_exp] or None,
-        expanded_row [M, k] int64 with -1 for lanes not on this rank)``.
-    """
-    num_rows, k = local_idx.shape
-    num_local = starts.shape[0]
-    expert_col = torch.where(local_idx >= 0, local_idx, num_local)
-    has = torch.zeros(num_rows, num_local + 1, dtype=torch.int64, device=local_idx.device)
-    has.scatter_(1, expert_col, 1)
-    rank_in_expert = has[:, :num_local].cumsum(0) - 1
-    safe = local_idx.clamp(min=0)
-    expanded_row = torch.where(local_idx >= 0, starts[safe] + rank_in_expert.gather(1, safe), -1)
-    pair = invert_positions(expanded_row, num_expanded)
-    token = torch.where(pair >= 0, torch.div(pair, k, rounding_mode="floor"), -1)
-    x = gather_rows(recv_x, token)
-    scales = None if recv_scales is None else gather_rows(recv_scales, token)
-    weights = None if recv_weights is None else gather_rows(recv_weights.reshape(-1), pair)
-    return x, scales, weights, expanded_row
 
 
 def dispatch(
@@ -220,7 +188,7 @@ def dispatch(
     recv_x, recv_scales = recv["x"], recv.get("scales")
     recv_topk: torch.Tensor | None = local_idx
     if do_expand:
-        recv_x, recv_scales, recv_weights, expanded_row = _expand(
+        recv_x, recv_scales, recv_weights, expanded_row = expand_rows(
             local_idx, starts, num_expanded, recv_x, recv_scales, recv_weights
         )
         metadata = torch.cat([metadata, expanded_row.to(torch.int32)], dim=1)
@@ -252,14 +220,6 @@ def dispatch(
     return DispatchResult(recv_x, recv_scales, recv_topk, recv_weights, handle)
 
 
-def _accumulate(
-    acc: torch.Tensor, started: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``acc += value`` in float32 where ``mask``, starting from the first contribution."""
-    summed = torch.where(started[:, None], acc + value, value)
-    return torch.where(mask[:, None], summed, acc), started | mask
-
-
 def combine(
     group: dist.ProcessGroup,
     rank: int,
@@ -278,18 +238,9 @@ def combine(
     device = x.device
     num_tokens, k, hidden = handle.num_tokens, handle.num_topk, x.shape[1]
     metadata = handle.recv_src_metadata
-    num_rows = metadata.shape[0]
     weights = topk_weights
     if handle.do_expand:
-        expanded_row = metadata[:, 2:].to(torch.int64)
-        acc = torch.zeros(num_rows, hidden, dtype=torch.float32, device=device)
-        started = torch.zeros(num_rows, dtype=torch.bool, device=device)
-        for lane in range(k):
-            value = gather_rows(x, expanded_row[:, lane]).float()
-            acc, started = _accumulate(acc, started, value, expanded_row[:, lane] >= 0)
-        x = acc.to(torch.bfloat16)
-        if topk_weights is not None:
-            weights = gather_rows(topk_weights, expanded_row.reshape(-1)).view(num_rows, k)
+        x, weights = reduce_expanded_rows(x, topk_weights, metadata, k)
 
     fields = [RowField("x", torch.bfloat16, hidden)]
     parts = [x]
@@ -319,10 +270,10 @@ def combine(
     started = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     for d in range(num_ranks):
         value = gather_rows(recv["x"], from_rank[:, d]).float()
-        acc, started = _accumulate(acc, started, value, is_in[:, d])
+        acc, started = accumulate(acc, started, value, is_in[:, d])
     everyone = torch.ones(num_tokens, dtype=torch.bool, device=device)
     for b in bias:
-        acc, started = _accumulate(acc, started, b.float(), everyone)
+        acc, started = accumulate(acc, started, b.float(), everyone)
     combined = acc.to(torch.bfloat16)
 
     combined_weights = None

@@ -105,9 +105,7 @@ constexpr int kPhaseRecv = 2;
 constexpr int kKindDispatch = 0;
 constexpr int kKindCombine = 1;
 
-__device__ __forceinline__ void fence_acq_rel_sys() {
-    asm volatile("fence.acq_rel.sys;" ::: "memory");
-}
+using ep_jit::fence_acq_rel_sys;
 
 __device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
