@@ -116,20 +116,21 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
     ccfgs = [tuple(int(v) for v in c.split(",") if v) for c in args.combine_configs.split(";")]
     for n_sms in [int(s) for s in args.sms.split(",")]:
         for dtype in args.dtypes.split(","):
+            # One eager dispatch per (SMs, format): the handle, row counts and bytes per row.
+            xin, sin = (xq, sf) if dtype == "fp8" else (x, None)
+            kw = {
+                "num_experts": e,
+                "num_max_tokens_per_rank": t,
+                "expert_alignment": 1,
+                "do_expand": False,
+                "handle": None,
+                "num_sms": n_sms,
+            }
+            res = be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw)
+            m = res.handle.num_recv_tokens
+            row_bytes = h * xin.element_size() + (0 if sin is None else sin.shape[1] * 4)
+            remote = m - int((res.handle.recv_src_metadata[:, 1] == info.rank).sum())
             if args.graph:
-                xin, sin = (xq, sf) if dtype == "fp8" else (x, None)
-                kw = {
-                    "num_experts": e,
-                    "num_max_tokens_per_rank": t,
-                    "expert_alignment": 1,
-                    "do_expand": False,
-                    "handle": None,
-                    "num_sms": n_sms,
-                }
-                res = be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw)
-                m = res.handle.num_recv_tokens
-                row_bytes = h * xin.element_size() + (0 if sin is None else sin.shape[1] * 4)
-                remote = m - int((res.handle.recv_src_metadata[:, 1] == info.rank).sum())
                 from ep_core import nvlink_kernels as nk
                 from ep_core.nvlink_layout import dispatch_payload_bytes
 
@@ -181,19 +182,6 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                     be.combine_override = None
             if args.graph_only:
                 continue
-            xin, sin = (xq, sf) if dtype == "fp8" else (x, None)
-            kw = {
-                "num_experts": e,
-                "num_max_tokens_per_rank": t,
-                "expert_alignment": 1,
-                "do_expand": False,
-                "handle": None,
-                "num_sms": n_sms,
-            }
-            res = be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw)
-            m = res.handle.num_recv_tokens
-            row_bytes = h * xin.element_size() + (0 if sin is None else sin.shape[1] * 4)
-            remote = m - int((res.handle.recv_src_metadata[:, 1] == info.rank).sum())
             td = _time(
                 lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
                 args.iters,

@@ -89,10 +89,10 @@ def test_layout_parts_do_not_overlap() -> None:
 
 def test_kernels_compile_for_sm90a(tmp_path: Path) -> None:
     ep_jit = pytest.importorskip("ep_jit")
-    from ep_core import nvlink_ll
+    from ep_core import nvlink_kernels, nvlink_ll
     from ep_jit import knobs
 
-    nvlink_ll._register_include_root()
+    nvlink_kernels.register_include_root()
     with knobs.jit.scope():
         knobs.jit.cache_dir = str(tmp_path / "cache")
         knobs.jit.ptxas_check = True  # a stack frame or a spill is an error

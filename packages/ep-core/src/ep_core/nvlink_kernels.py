@@ -30,7 +30,9 @@ __all__ = [
     "CYCLES_PER_SECOND",
     "DEFAULT_NUM_SMS",
     "STAGES",
+    "build_kernel",
     "combine_config",
+    "device_ptr",
     "dispatch_config",
     "launch_combine",
     "launch_dispatch",
@@ -243,7 +245,8 @@ def register_include_root() -> None:
 
 
 @functools.cache
-def _kernel(spec: Any) -> Any:
+def build_kernel(spec: Any) -> Any:
+    """ep-jit's kernel for ``spec`` (compiled on first use; the include root registered)."""
     from ep_jit import build
 
     register_include_root()
@@ -254,7 +257,8 @@ _configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 """Launch configuration and kernel per shape, so a call builds no spec (host overhead)."""
 
 
-def _ptr(t: torch.Tensor | None) -> int:
+def device_ptr(t: torch.Tensor | None) -> int:
+    """``t``'s device address, 0 for ``None`` (kernel-argument structs hold raw pointers)."""
     return 0 if t is None else int(t.data_ptr())
 
 
@@ -271,7 +275,7 @@ def launch_layout(
     key = ("layout", num_ranks, num_topk)
     found = _configured.get(key)
     if found is None:
-        found = _configured[key] = (None, _kernel(_layout_spec(num_ranks, num_topk)))
+        found = _configured[key] = (None, build_kernel(_layout_spec(num_ranks, num_topk)))
     kernel = found[1]
     kernel.launch(
         (num_ranks, 1, 1),
@@ -318,17 +322,21 @@ def launch_dispatch(
         cfg = dispatch_config(payload, r, num_local_experts)
         if be.dispatch_override is not None:
             cfg = DispatchConfig(*be.dispatch_override, payload, r)
-        found = _configured[key] = (cfg, _kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
+        found = _configured[key] = (cfg, build_kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
     cfg, kernel = found
     a = HtDispatchArgs()
-    a.x, a.x_sf = _ptr(x), _ptr(x_scales)
-    a.topk_idx, a.topk_weights = _ptr(topk_idx), _ptr(topk_weights)
-    a.send_row, a.chunk_prefix = _ptr(send_row), _ptr(chunk_prefix)
-    a.peer_bases = _ptr(be.peer_bases)
-    a.out_x, a.out_sf, a.out_topk_idx = _ptr(out_x), _ptr(out_sf), _ptr(out_idx)
-    a.out_topk_weights, a.out_src_meta = _ptr(out_w), _ptr(out_meta)
-    a.out_counts, a.out_chunk_end, a.out_nchunks = _ptr(counts), _ptr(chunk_end), _ptr(nchunks)
-    a.error = _ptr(be.error)
+    a.x, a.x_sf = device_ptr(x), device_ptr(x_scales)
+    a.topk_idx, a.topk_weights = device_ptr(topk_idx), device_ptr(topk_weights)
+    a.send_row, a.chunk_prefix = device_ptr(send_row), device_ptr(chunk_prefix)
+    a.peer_bases = device_ptr(be.peer_bases)
+    a.out_x, a.out_sf, a.out_topk_idx = device_ptr(out_x), device_ptr(out_sf), device_ptr(out_idx)
+    a.out_topk_weights, a.out_src_meta = device_ptr(out_w), device_ptr(out_meta)
+    a.out_counts, a.out_chunk_end, a.out_nchunks = (
+        device_ptr(counts),
+        device_ptr(chunk_end),
+        device_ptr(nchunks),
+    )
+    a.error = device_ptr(be.error)
     a.sf_stride_t = 0 if x_scales is None else x_scales.stride(0)
     a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
     a.num_tokens, a.num_max_tokens = x.shape[0], num_max_tokens
@@ -366,17 +374,17 @@ def launch_combine(
         cfg = combine_config(payload)
         if be.combine_override is not None:
             cfg = CombineConfig(*be.combine_override, payload)
-        found = _configured[key] = (cfg, _kernel(_combine_spec(r, k, hidden, cfg)))
+        found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
     a = HtCombineArgs()
-    a.x, a.topk_weights, a.src_meta = _ptr(x), _ptr(weights), _ptr(meta)
-    a.psum_rank = _ptr(handle.psum_num_recv_tokens_per_rank)
-    a.chunk_end, a.nchunks = _ptr(state.chunk_end), _ptr(state.nchunks)
-    a.topk_idx, a.send_row = _ptr(handle.topk_idx), _ptr(handle.send_row)
-    a.bias0 = _ptr(bias[0]) if len(bias) > 0 else 0
-    a.bias1 = _ptr(bias[1]) if len(bias) > 1 else 0
-    a.peer_bases = _ptr(be.peer_bases)
-    a.out, a.out_weights, a.error = _ptr(out), _ptr(out_w), _ptr(be.error)
+    a.x, a.topk_weights, a.src_meta = device_ptr(x), device_ptr(weights), device_ptr(meta)
+    a.psum_rank = device_ptr(handle.psum_num_recv_tokens_per_rank)
+    a.chunk_end, a.nchunks = device_ptr(state.chunk_end), device_ptr(state.nchunks)
+    a.topk_idx, a.send_row = device_ptr(handle.topk_idx), device_ptr(handle.send_row)
+    a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
+    a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
+    a.peer_bases = device_ptr(be.peer_bases)
+    a.out, a.out_weights, a.error = device_ptr(out), device_ptr(out_w), device_ptr(be.error)
     a.num_tokens, a.num_max_tokens = handle.num_tokens, handle.num_max_tokens_per_rank
     a.num_local_experts, a.max_chunks = handle.num_local_experts, be.sizing.max_chunks
     a.timeout_cycles, a.rank = be.timeout_cycles, be.rank

@@ -28,10 +28,8 @@ host-mapped record and every kernel of the engine unwinds; the next call (or
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +37,7 @@ import torch.distributed as dist
 
 from ep_core.backend import LowLatencyDispatchResult
 from ep_core.handle import LowLatencyHandle
-from ep_core.nvlink_kernels import GpuTimeoutError
+from ep_core.nvlink_kernels import GpuTimeoutError, build_kernel, device_ptr
 
 __all__ = [
     "LL_STAGES",
@@ -313,25 +311,6 @@ def shipped_kernels() -> list[Any]:
     return specs
 
 
-def _register_include_root() -> None:
-    from ep_jit import include_roots, register_include_root
-
-    if "ep_core" not in include_roots():
-        register_include_root("ep_core", Path(__file__).parent / "include")
-
-
-@functools.cache
-def _kernel(spec: Any) -> Any:
-    from ep_jit import build
-
-    _register_include_root()
-    return build(spec)
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else int(t.data_ptr())
-
-
 @dataclass
 class NvlinkLowLatencyState:
     """This engine's private part of a :class:`~ep_core.handle.LowLatencyHandle`.
@@ -522,8 +501,8 @@ class LowLatencyEngine:
     def _base_args(self, slot: int) -> LlArgs:
         lay = self.layout
         a = LlArgs()
-        a.peer_bases = _ptr(self._peer_bases)
-        a.error = _ptr(self._error)
+        a.peer_bases = device_ptr(self._peer_bases)
+        a.error = device_ptr(self._error)
         a.timeout_cycles = self.timeout_cycles
         a.rank = self.rank
         a.slot = slot
@@ -538,7 +517,7 @@ class LowLatencyEngine:
         return a
 
     def _launch(self, spec: Any, args: LlArgs, smem: int) -> None:
-        _kernel(spec).launch(
+        build_kernel(spec).launch(
             (self.num_ctas, 1, 1), (THREADS, 1, 1), args, smem=smem, cooperative=self.cooperative
         )
 
@@ -640,11 +619,11 @@ class LowLatencyEngine:
 
         seq = self._next_op()
         a = self._base_args(self._calls[0] & 1)
-        a.x, a.topk_idx = _ptr(x), _ptr(topk_idx)
-        a.recv_x, a.recv_scales = _ptr(recv_x), _ptr(recv_scales)
-        a.recv_count, a.recv_src_info = _ptr(recv_count), _ptr(recv_src_info)
-        a.recv_range = _ptr(recv_range)
-        a.cmap, a.recv_ntok = _ptr(cmap), _ptr(recv_ntok)
+        a.x, a.topk_idx = device_ptr(x), device_ptr(topk_idx)
+        a.recv_x, a.recv_scales = device_ptr(recv_x), device_ptr(recv_scales)
+        a.recv_count, a.recv_src_info = device_ptr(recv_count), device_ptr(recv_src_info)
+        a.recv_range = device_ptr(recv_range)
+        a.cmap, a.recv_ntok = device_ptr(cmap), device_ptr(recv_ntok)
         a.num_tokens, a.num_experts, a.num_local_experts = num_tokens, num_experts, el
         a.num_max_tokens = nmax
         smem = dispatch_smem_bytes(r, num_tokens, num_experts)
@@ -746,8 +725,12 @@ class LowLatencyEngine:
 
         seq = self._next_op()
         a = self._base_args(self._calls[1] & 1)
-        a.x, a.topk_idx, a.topk_weights = _ptr(x), _ptr(topk_idx), _ptr(weights)
-        a.cmap, a.recv_ntok, a.out = _ptr(state.cmap), _ptr(state.recv_ntok), _ptr(target)
+        a.x, a.topk_idx, a.topk_weights = device_ptr(x), device_ptr(topk_idx), device_ptr(weights)
+        a.cmap, a.recv_ntok, a.out = (
+            device_ptr(state.cmap),
+            device_ptr(state.recv_ntok),
+            device_ptr(target),
+        )
         a.num_tokens, a.num_experts, a.num_local_experts = num_tokens, handle.num_experts, el
         a.num_max_tokens = nmax
         smem = combine_smem_bytes(r)
