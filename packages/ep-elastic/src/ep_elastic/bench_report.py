@@ -36,7 +36,8 @@ BYTE_COUNTING = {
     "remote": "logical bytes of the rows that cross to another rank only (NVLink traffic).",
     "time": (
         "max over ranks of each rank's median (p10/p90 likewise) of whole calls (CUDA events; "
-        "L2 flush + barrier before each; EP_CHECK_INPUTS off); bytes are the mean per rank."
+        "before each: L2 flush, barrier and, on GPUs, a sleep kernel + one-element all-reduce "
+        "as a shared start line; EP_CHECK_INPUTS off); bytes are the mean per rank."
     ),
     "low_latency_rows": "one row per (token, expert) selection, as the LL layout stores it.",
 }
