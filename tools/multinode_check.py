@@ -11,7 +11,10 @@ an ``ElasticBuffer`` with ``backend="auto"`` and checks, on fresh seeded inputs 
 * ``low_latency_dispatch`` (BF16) and ``low_latency_combine``;
 
 each bit for bit against an oracle computed from every rank's all-gathered inputs, following the
-semantics of ``docs/design.md``. Any mismatch raises, which fails the launcher.
+semantics of ``docs/design.md``; then the standard scenario set of the test suites
+(``ep_core.testing.run_standard_cases``: routings, FP8 formats, alignments, no-CPU-sync,
+biases, ``-1`` slots, empty ranks, zero tokens, the low-latency pair) through the reference
+backend on the same process group. Any mismatch raises, which fails the launcher.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ep_core import TorchBackend
+from ep_core.testing import run_standard_cases
 from ep_elastic import ElasticBuffer
 from ep_jit.testing import RankInfo, run_from_env
 
@@ -218,6 +223,13 @@ def _worker(info: RankInfo, seed: int) -> int:
         dist.barrier(group=info.group)
         if info.rank == 0:
             print(f"multinode_check: {case.name}: ok", flush=True)
+    reference = TorchBackend(info.group, info.rank, world)
+    scenarios = run_standard_cases(reference, info.rank, world, info.device)
+    reference.destroy()
+    dist.barrier(group=info.group)
+    if info.rank == 0:
+        print(f"multinode_check: {scenarios} standard scenarios: ok", flush=True)
+    checks += scenarios
     totals = torch.tensor([checks], dtype=torch.int64, device=info.device)
     dist.all_reduce(totals, group=info.group)
     if info.rank == 0:

@@ -6,6 +6,8 @@
 * ``expected_*``: an independent per-token oracle of ``docs/design.md``.
 * :func:`run_case`, :func:`run_low_latency_case`: run a scenario through any
   :class:`~ep_core.backend.EPBackend` and compare bit for bit (optionally with a reference).
+* :data:`HT_CASES`, :data:`LL_CASES`, :func:`run_standard_cases`: the standard scenario set the
+  test suites and the multi-node check share.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from ep_core.testing._oracle import (
     expected_low_latency_combine,
     expected_low_latency_dispatch,
 )
+from ep_core.testing._standard import HT_CASES, LL_CASES, run_standard_cases
 
 __all__ = [
+    "HT_CASES",
+    "LL_CASES",
     "ROUTINGS",
     "Case",
     "ExpectedDispatch",
@@ -36,5 +41,6 @@ __all__ = [
     "make_routing",
     "run_case",
     "run_low_latency_case",
+    "run_standard_cases",
     "seeded",
 ]
