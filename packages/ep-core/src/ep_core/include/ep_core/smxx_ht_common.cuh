@@ -147,8 +147,8 @@ __device__ __forceinline__ bool wait_all_started(const WaitContext& ctx, const u
 
 namespace ep_core {
 
-// A per-warp ring of shared-memory slots fed by TMA loads. Lane 0 issues every TMA operation;
-// item i lives in slot i % kSlots, and its load completes on that slot's mbarrier with parity
+// A per-warp ring of shared-memory slots fed by TMA loads (issued by the kernels, lane 0); item i
+// lives in slot i % kSlots, and its load completes on that slot's mbarrier with parity
 // (i / kSlots) & 1.
 template <int kSlots, int kBytes>
 struct WarpRing {
@@ -164,12 +164,6 @@ struct WarpRing {
     }
     __device__ __forceinline__ uint8_t* slot(int64_t i) const {
         return slots + (i % kSlots) * static_cast<int64_t>(kBytes);
-    }
-    // Lane 0 only. The slot must be free (its previous stores done reading).
-    __device__ __forceinline__ void load(int64_t i, const void* src) const {
-        uint64_t* bar = &bars[i % kSlots];
-        mbar_expect_tx(bar, kBytes);
-        tma_load(slot(i), src, kBytes, bar);
     }
     // Lane 0 only.
     __device__ __forceinline__ bool wait(const WaitContext& ctx, int64_t i, int stage) const {

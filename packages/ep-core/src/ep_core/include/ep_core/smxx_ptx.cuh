@@ -24,8 +24,6 @@ __device__ __forceinline__ uint32_t ld_volatile(const uint32_t* p) {
     return v;
 }
 
-__device__ __forceinline__ void fence_sys() { asm volatile("fence.sc.sys;" ::: "memory"); }
-
 // Makes this thread's generic stores to shared memory visible to later TMA reads of it.
 __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -221,7 +219,5 @@ __device__ __forceinline__ bool wait_mbar(const WaitContext& ctx, uint64_t* bar,
     }
     return true;
 }
-
-__device__ __forceinline__ int warp_reduce_or(int v) { return __reduce_or_sync(0xffffffffu, v); }
 
 }  // namespace ep_core
