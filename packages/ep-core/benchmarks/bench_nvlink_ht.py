@@ -65,8 +65,11 @@ def _cpu_us(fn, iters: int) -> float:
     return (t1 - t0) / iters * 1e6
 
 
-def _graph_us(fn, iters: int) -> float:
-    """Median time of replaying ``fn`` captured in a CUDA graph (no host overhead)."""
+def _graph_us(fn, iters: int, label: str = "") -> float:
+    """Median time of replaying ``fn`` captured in a CUDA graph (no host overhead).
+
+    With a ``label``, also prints (rank 0) the device time of every kernel in the graph.
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -77,7 +80,95 @@ def _graph_us(fn, iters: int) -> float:
     # thread_local: the NCCL watchdog thread keeps polling while this thread captures.
     with torch.cuda.graph(g, capture_error_mode="thread_local"):
         fn()
-    return _median(_time(g.replay, iters, 2))
+    us = _median(_time(g.replay, iters, 2))
+    if label:
+        kern = _kernel_us(g.replay, 5)
+        if dist.get_rank() == 0:
+            print(
+                f"[graph kernels] {label}: "
+                + "; ".join(f"{k}={v:.1f}" for k, v in sorted(kern.items(), key=lambda kv: -kv[1]))
+            )
+    return us
+
+
+def _trace_summary(trace: torch.Tensor) -> dict[str, object]:
+    """Per warp index and CTA parity, over CTAs: loop end, drain, waits and rows.
+
+    ``trace`` is ``[CTAs, 32, 8]`` as the kernels write it (``ht_trace`` in
+    smxx_ht_common.cuh): 0 start, 1 loop done, 2 drained (%globaltimer ns), 3..5 ns spent in
+    the kernel's three kinds of wait, 6 rows handled. Times are us from the earliest start.
+    Keys ``e<w>`` / ``o<w>``: warp ``w`` of the even / odd CTAs (the two roles of a split
+    dispatch). ``raw`` keeps the whole tensor for offline analysis.
+    """
+    t = trace.cpu().double()
+    started = t[:, :, 0] > 0
+    t0 = t[:, :, 0][started].min()
+    out: dict[str, object] = {
+        "skew_us": float((t[:, :, 0][started].max() - t0) / 1e3),
+        "raw": trace.cpu().tolist(),
+    }
+    for parity, name in ((0, "e"), (1, "o")):
+        tp, sp = t[parity::2], started[parity::2]
+        for w in range(32):
+            if not bool(sp[:, w].any()):
+                continue
+            col = tp[:, w, :][sp[:, w]]
+            end = (col[:, 1] - t0) / 1e3
+            out[f"{name}{w}"] = {
+                "loop_end": [round(float(end.median()), 1), round(float(end.max()), 1)],
+                "drained_max": round(float(((col[:, 2] - t0) / 1e3).max()), 1),
+                "wait_us": [round(float((col[:, p] / 1e3).median()), 1) for p in (3, 4, 5)],
+                "rows": round(float(col[:, 6].median()), 1),
+            }
+    return out
+
+
+def _traced(be, attr: str, fn, n_sms: int) -> dict[str, object]:
+    """One CUDA-graph replay of ``fn`` with the backend's developer trace ``attr`` set.
+
+    The graph is captured with the trace on; the timed replay starts on every rank at once (a
+    sleep kernel, then a one-element all-reduce as the GPU start line), so the trace shows no
+    host launch skew between ranks.
+    """
+    trace = torch.zeros((n_sms, 32, 8), dtype=torch.int64, device=be.device)
+    setattr(be, attr, trace)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            fn()
+    finally:
+        setattr(be, attr, None)
+    align = torch.zeros(1, device=be.device)
+    trace.zero_()
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda._sleep(2_000_000)
+    dist.all_reduce(align)
+    g.replay()
+    torch.cuda.synchronize()
+    return _trace_summary(trace)
+
+
+def _check_same(label: str, ref, got) -> None:
+    """Prints a line when a dispatch variant's outputs differ from the default's."""
+    same = (
+        torch.equal(ref.recv_x.view(torch.uint8), got.recv_x.view(torch.uint8))
+        and torch.equal(ref.recv_topk_idx, got.recv_topk_idx)
+        and torch.equal(ref.handle.recv_src_metadata, got.handle.recv_src_metadata)
+        and (ref.recv_x_scales is None or torch.equal(ref.recv_x_scales, got.recv_x_scales))
+        and (
+            ref.recv_topk_weights is None
+            or torch.equal(ref.recv_topk_weights, got.recv_topk_weights)
+        )
+    )
+    if not same:
+        print(f"[rank {dist.get_rank()}] MISMATCH {label}", flush=True)
 
 
 def _median(v: list[float]) -> float:
@@ -139,14 +230,23 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                 )
                 for dcfg in dcfgs:
                     if (
-                        len(dcfg) == 4
-                        and nk.DispatchConfig(*dcfg, payload, r).smem_bytes(e // r) > nk.SMEM_LIMIT
+                        len(dcfg) >= 4
+                        and nk.DispatchConfig(
+                            *dcfg[:4], payload, r, split=len(dcfg) > 4 and bool(dcfg[4])
+                        ).smem_bytes(e // r)
+                        > nk.SMEM_LIMIT
                     ):
                         continue
-                    be.dispatch_override = dcfg if len(dcfg) == 4 else None
+                    be.dispatch_override = dcfg if len(dcfg) >= 4 else None
+                    _check_same(
+                        f"dispatch-{dtype}-{dcfg}",
+                        res,
+                        be.dispatch(xin, sin, idx, w, do_cpu_sync=True, **kw),
+                    )
                     gu = _graph_us(
                         lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
                         args.iters,
+                        f"dispatch-{dtype}-{dcfg}" if args.profile else "",
                     )
                     rows.append(
                         {
@@ -157,16 +257,30 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                             "recv_rows": m,
                             "remote_rows": remote,
                             "row_bytes": row_bytes,
+                            "trace": _traced(
+                                be,
+                                "trace_dispatch",
+                                lambda: be.dispatch(xin, sin, idx, w, do_cpu_sync=False, **kw),  # noqa: B023
+                                n_sms,
+                            )
+                            if args.trace
+                            else {},
                         }
                     )
                 be.dispatch_override = None
                 if dtype == "bf16":
                     y = torch.randn(res.recv_x.shape, device=dev).to(torch.bfloat16)
+                    be.combine_override = None
+                    ref_out = be.combine(y, res.handle, None, (), n_sms)[0].clone()
                     for ccfg in ccfgs:
-                        be.combine_override = ccfg if len(ccfg) == 3 else None
+                        be.combine_override = ccfg if len(ccfg) >= 3 else None
+                        got = be.combine(y, res.handle, None, (), n_sms)[0]
+                        if not torch.equal(got, ref_out):
+                            print(f"[rank {info.rank}] MISMATCH combine-{ccfg}", flush=True)
                         gu = _graph_us(
                             lambda: be.combine(y, res.handle, None, (), n_sms),  # noqa: B023
                             args.iters,
+                            f"combine-{ccfg}" if args.profile else "",
                         )
                         rows.append(
                             {
@@ -177,6 +291,14 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                                 "recv_rows": m,
                                 "remote_rows": remote,
                                 "row_bytes": h * 2,
+                                "trace": _traced(
+                                    be,
+                                    "trace_combine",
+                                    lambda: be.combine(y, res.handle, None, (), n_sms),  # noqa: B023
+                                    n_sms,
+                                )
+                                if args.trace
+                                else {},
                             }
                         )
                     be.combine_override = None
@@ -294,6 +416,7 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                     gbps=rr * row["row_bytes"] / us / 1e3,
                     gbps_sync=rr * row["row_bytes"] / us_sync / 1e3,
                     nvlink_gbps=rem * row["row_bytes"] / us / 1e3,
+                    trace=[g[i].get("trace", {}) for g in gathered],
                 )
             )
         print(
@@ -305,6 +428,23 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                 f"{f['op']:16s} {f['sms']:4d} {f['us']:9.1f} {f['gbps']:8.1f} {f['us_sync']:9.1f} "
                 f"{f['gbps_sync']:10.1f} {f['nvlink_gbps']:9.1f}"
             )
+        for i, row in enumerate(rows):
+            if row.get("trace"):
+                # Per warp index (median over CTAs): loop end med/max | drained max,
+                # waits 3/4/5 (us), rows. Every rank.
+                for rk, g in enumerate(gathered):
+                    tr = g[i]["trace"]
+                    print(
+                        f"  trace {row['op']} sms={row['sms']} rank {rk}: skew "
+                        f"{tr['skew_us']:.1f} us"
+                    )
+                    for k, v in tr.items():
+                        if k[0] in "eo" and k[1:].isdigit():
+                            wt = "/".join(f"{x:.0f}" for x in v["wait_us"])
+                            print(
+                                f"    {k:>3s} end {v['loop_end'][0]:.0f}/{v['loop_end'][1]:.0f}"
+                                f"|{v['drained_max']:.0f} waits {wt} rows {v['rows']:.0f}"
+                            )
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(
@@ -336,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         help="';'-separated send_warps,recv_warps,send_slots,recv_slots ('' = auto)",
     )
     p.add_argument("--combine-configs", default="", help="';'-separated push,reduce,slots")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="with --graph: per-warp kernel timeline of one eager call per config",
+    )
     args = p.parse_args(argv)
     run_ranks(args.num_processes, _worker, args, [], timeout_s=900)
     return 0
