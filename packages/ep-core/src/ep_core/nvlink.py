@@ -91,9 +91,14 @@ class NvlinkBackend:
         self._ll: LowLatencyEngine | None = None
         self._destroyed = False
         # Developer overrides of the kernels' launch shape (benchmarks sweep them):
-        # dispatch (send warps, recv warps, send slots, recv slots), combine (push, reduce, slots).
-        self.dispatch_override: tuple[int, int, int, int] | None = None
-        self.combine_override: tuple[int, int, int] | None = None
+        # dispatch (send warps, recv warps, send slots, recv slots[, split[, send %]]), combine
+        # (push, reduce, slots[, split[, push %]]).
+        self.dispatch_override: tuple[int, ...] | None = None
+        self.combine_override: tuple[int, ...] | None = None
+        # Developer trace (benchmarks): [CTAs, 32 warps, 4] int64 %globaltimer per warp, written
+        # by the kernels when set (see ht_trace in smxx_ht_common.cuh).
+        self.trace_dispatch: torch.Tensor | None = None
+        self.trace_combine: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, group: dist.ProcessGroup, config: BackendConfig) -> NvlinkBackend:

@@ -93,15 +93,26 @@ class DispatchConfig:
     recv_slots: int
     payload: int
     num_ranks: int
+    split: bool = False
+    """Sender and receiver warps in different CTAs (``kSplit``); needs 2 SMs or more."""
+    send_fraction: float = 0.5
+    """With ``split``: the share of the CTAs that send."""
+
+    def num_send_ctas(self, grid: int) -> int:
+        """Sender CTAs of a split launch of ``grid`` CTAs (at least one of each role)."""
+        return min(grid - 1, max(1, round(grid * self.send_fraction)))
 
     @property
     def threads(self) -> int:
+        if self.split:
+            return 32 * max(self.send_warps, self.recv_warps)
         return 32 * (self.send_warps + self.recv_warps)
 
     def smem_bytes(self, num_local_experts: int) -> int:
         """Mirror of ``HtDispatch::smem_bytes``."""
         send = self.send_warps * self.send_slots
-        slots = send + self.recv_warps * self.recv_slots
+        recv = self.recv_warps * self.recv_slots
+        slots = max(send, recv) if self.split else send + recv
         return slots * (self.payload + 8) + send * (1 + self.num_ranks) * 4 + num_local_experts * 4
 
 
@@ -111,26 +122,44 @@ class CombineConfig:
     reduce_warps: int
     slots: int
     payload: int
+    split: bool = False
+    """Push and reduce warps in different CTAs (``kSplit``); needs 2 SMs or more."""
+    push_fraction: float = 0.5
+    """With ``split``: the share of the CTAs that push."""
 
     @property
     def threads(self) -> int:
+        if self.split:
+            return 32 * max(self.push_warps, self.reduce_warps)
         return 32 * (self.push_warps + self.reduce_warps)
+
+    def num_push_ctas(self, grid: int) -> int:
+        """Push CTAs of a split launch of ``grid`` CTAs (at least one of each role)."""
+        return min(grid - 1, max(1, round(grid * self.push_fraction)))
 
     def smem_bytes(self) -> int:
         """Mirror of ``HtCombine::smem_bytes``."""
         return self.push_warps * self.slots * (self.payload + 8 + 4)
 
 
-def dispatch_config(payload: int, num_ranks: int, num_local_experts: int) -> DispatchConfig:
+def dispatch_config(
+    payload: int, num_ranks: int, num_local_experts: int, split: bool = True
+) -> DispatchConfig:
     """Warps and TMA slots per role so that the slots fill one SM's shared memory.
 
-    The receivers get the deeper rings: on 4x H200 (docs/kernels.md, sweep of 2026-11-22) the
-    best shapes were 3 sender warps x 3 slots + 4 receiver warps x 4 slots for FP8 rows
-    (7.5 KB) and 3 x 2 + 2 x 4 for BF16 rows (14 KB).
+    With ``split`` (the default; needs 2 SMs or more) sender and receiver warps run in different
+    CTAs: 8 warps x 3 slots per CTA with 10 of every 24 CTAs sending when 24 payload rows fit
+    in shared memory (FP8 rows of 7.5 KB), 4 x 3 with half of the CTAs sending when 12 fit
+    (bf16 rows of 14 KB). These were the fastest shapes measured on 4x H200 (docs/kernels.md,
+    2026-11-22). Without ``split`` (one SM) every CTA holds both roles.
     """
     budget = SMEM_LIMIT - num_local_experts * 4 - 1024
     per_slot = payload + 8 + (1 + num_ranks) * 4
     total = budget // per_slot
+    if split and total >= 24:
+        return DispatchConfig(8, 8, 3, 3, payload, num_ranks, split=True, send_fraction=10 / 24)
+    if split and total >= 12:
+        return DispatchConfig(4, 4, 3, 3, payload, num_ranks, split=True)
     if total >= 25:
         return DispatchConfig(3, 4, 3, 4, payload, num_ranks)
     if total >= 14:
@@ -142,12 +171,20 @@ def dispatch_config(payload: int, num_ranks: int, num_local_experts: int) -> Dis
     raise ValueError(f"rows of {payload} bytes are too large for the dispatch kernel")
 
 
-def combine_config(payload: int) -> CombineConfig:
-    """Push warps with TMA slots, the rest of a 512-thread CTA reduces."""
+def combine_config(payload: int, split: bool = True) -> CombineConfig:
+    """Push warps with TMA slots and reducer warps.
+
+    With ``split`` (the default; needs 2 SMs or more) half of the CTAs push (4 warps, up to 4
+    slots each) and the other half reduce (16 warps): on 4x H200 this took combine of 4096 x
+    7168 at 24 SMs from 705 to 616 us (docs/kernels.md). Without it (one SM) each CTA has
+    push warps and 16 - push reducer warps.
+    """
     budget = SMEM_LIMIT - 512
     for warps in (4, 3, 2, 1):
         slots = min(4, budget // (warps * (payload + 12)))
         if slots >= 2:
+            if split:
+                return CombineConfig(warps, 16, slots, payload, split=True)
             return CombineConfig(warps, 16 - warps, slots, payload)
     raise ValueError(f"rows of {payload} bytes are too large for the combine kernel")
 
@@ -192,6 +229,7 @@ def _dispatch_spec(
             "kSendSlots": cfg.send_slots,
             "kRecvSlots": cfg.recv_slots,
             "kChunk": CHUNK_TOKENS,
+            "kSplit": cfg.split,
         },
         launch_bounds=(cfg.threads, 1),
     )
@@ -213,6 +251,7 @@ def _combine_spec(num_ranks: int, num_topk: int, hidden: int, cfg: CombineConfig
             "kNumReduceWarps": cfg.reduce_warps,
             "kSlots": cfg.slots,
             "kChunk": CHUNK_TOKENS,
+            "kSplit": cfg.split,
         },
         launch_bounds=(cfg.threads, 1),
     )
@@ -230,8 +269,14 @@ def shipped_kernels() -> list[Any]:
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
         cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
         specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
+    # One SM: mixed-role CTAs.
+    cfg = dispatch_config(dispatch_payload_bytes(14336, 0, 8), 4, 64, split=False)
+    specs.append(_dispatch_spec(4, 8, 14336, 0, cfg))
     for hidden in (7168, 2880):
         specs.append(_combine_spec(4, 8, hidden, combine_config(combine_payload_bytes(hidden, 8))))
+    specs.append(
+        _combine_spec(4, 8, 7168, combine_config(combine_payload_bytes(7168, 8), split=False))
+    )
     return specs + list(low_latency_kernels())
 
 
@@ -315,13 +360,22 @@ def launch_dispatch(
     r, k = be.num_ranks, topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
     num_sf = 0 if x_scales is None else x_scales.shape[1]
-    key = ("dispatch", r, k, row_bytes, num_sf, num_local_experts, be.dispatch_override)
+    # Split sender/receiver CTAs need two SMs at least.
+    splittable = num_sms >= 2
+    key = ("dispatch", r, k, row_bytes, num_sf, num_local_experts, be.dispatch_override, splittable)
     found = _configured.get(key)
     if found is None:
         payload = dispatch_payload_bytes(row_bytes, num_sf, k)
-        cfg = dispatch_config(payload, r, num_local_experts)
-        if be.dispatch_override is not None:
-            cfg = DispatchConfig(*be.dispatch_override, payload, r)
+        cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
+        ov = be.dispatch_override
+        if ov is not None:
+            cfg = DispatchConfig(
+                *ov[:4],
+                payload,
+                r,
+                split=len(ov) > 4 and bool(ov[4]),
+                send_fraction=ov[5] / 100 if len(ov) > 5 else 0.5,
+            )
         found = _configured[key] = (cfg, build_kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
     cfg, kernel = found
     a = HtDispatchArgs()
@@ -343,8 +397,11 @@ def launch_dispatch(
     a.num_local_experts, a.max_chunks = num_local_experts, be.sizing.max_chunks
     a.expert_alignment, a.timeout_cycles, a.rank = expert_alignment, be.timeout_cycles, be.rank
     a.lay = be.layout
+    a.trace = device_ptr(be.trace_dispatch) or None
+    grid = num_sms
+    a.num_send_ctas = cfg.num_send_ctas(grid) if cfg.split else 0
     kernel.launch(
-        (num_sms, 1, 1),
+        (grid, 1, 1),
         (cfg.threads, 1, 1),
         a,
         smem=cfg.smem_bytes(num_local_experts),
@@ -367,13 +424,20 @@ def launch_combine(
 ) -> None:
     """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
     r, k, hidden = be.num_ranks, handle.num_topk, x.shape[1]
-    key = ("combine", r, k, hidden, be.combine_override)
+    splittable = num_sms >= 2  # push and reduce CTAs need two SMs at least
+    key = ("combine", r, k, hidden, be.combine_override, splittable)
     found = _configured.get(key)
     if found is None:
         payload = combine_payload_bytes(hidden, k)
-        cfg = combine_config(payload)
-        if be.combine_override is not None:
-            cfg = CombineConfig(*be.combine_override, payload)
+        cfg = combine_config(payload, split=splittable)
+        ov = be.combine_override
+        if ov is not None:
+            cfg = CombineConfig(
+                *ov[:3],
+                payload,
+                split=len(ov) > 3 and bool(ov[3]),
+                push_fraction=ov[4] / 100 if len(ov) > 4 else 0.5,
+            )
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
     a = HtCombineArgs()
@@ -389,6 +453,8 @@ def launch_combine(
     a.num_local_experts, a.max_chunks = handle.num_local_experts, be.sizing.max_chunks
     a.timeout_cycles, a.rank = be.timeout_cycles, be.rank
     a.lay = be.layout
+    a.trace = device_ptr(be.trace_combine) or None
+    a.num_push_ctas = cfg.num_push_ctas(num_sms) if cfg.split else 0
     kernel.launch(
         (num_sms, 1, 1),
         (cfg.threads, 1, 1),

@@ -161,6 +161,8 @@ class HtDispatchArgs(ctypes.Structure):
         ("timeout_cycles", ctypes.c_int64),
         ("rank", ctypes.c_int64),
         ("lay", SymLayout),
+        ("trace", ctypes.c_void_p),
+        ("num_send_ctas", ctypes.c_int64),
     ]
 
 
@@ -189,4 +191,6 @@ class HtCombineArgs(ctypes.Structure):
         ("timeout_cycles", ctypes.c_int64),
         ("rank", ctypes.c_int64),
         ("lay", SymLayout),
+        ("trace", ctypes.c_void_p),
+        ("num_push_ctas", ctypes.c_int64),
     ]

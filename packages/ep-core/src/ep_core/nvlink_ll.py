@@ -41,6 +41,8 @@ from ep_core.nvlink_kernels import GpuTimeoutError, build_kernel, device_ptr
 
 __all__ = [
     "LL_STAGES",
+    "TRACE_NAMES",
+    "TRACE_POINTS",
     "LlArgs",
     "LlLayout",
     "LowLatencyEngine",
@@ -88,6 +90,34 @@ LL_STAGES = {
 
 _FORMATS = ("bf16", "fp8", "fp8_pow2", "ue8m0")
 
+TRACE_POINTS = 16
+"""Timestamps per CTA of the developer trace (``ll::kTracePoints``)."""
+
+TRACE_NAMES = {
+    "dispatch": {
+        0: "start",
+        1: "prologue done",
+        2: "rows issued, release gate passed (warp 0)",
+        3: "counts + lane tables written",
+        4: "sent flags raised",
+        5: "peer counts received",
+        6: "tables written",
+        7: "rows copied (warp 0)",
+        8: "end",
+    },
+    "combine": {
+        0: "start",
+        1: "prologue done",
+        2: "release gate passed, weights sent",
+        3: "partials sent (warp 0)",
+        4: "sent flags raised",
+        5: "reduce start",
+        7: "reduced (warp 0)",
+        8: "end",
+    },
+}
+"""What each trace point of the low-latency kernels marks (thread 0 of each CTA)."""
+
 
 def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
@@ -134,6 +164,7 @@ class LlArgs(ctypes.Structure):
         ("r_cmask", ctypes.c_int64),
         ("r_cw", ctypes.c_int64),
         ("r_stage", ctypes.c_int64),
+        ("trace", ctypes.c_uint64),
     ]
 
 
@@ -356,6 +387,9 @@ class LowLatencyEngine:
         ValueError: A size outside what the kernels support.
     """
 
+    trace: torch.Tensor | None = None
+    """The developer trace tensor once :meth:`enable_trace` was called."""
+
     def __init__(
         self,
         group: dist.ProcessGroup,
@@ -450,6 +484,18 @@ class LowLatencyEngine:
         self._calls = [0, 0]  # dispatches, combines (host-alternated hook slots)
         self._destroyed = False
 
+    def enable_trace(self) -> torch.Tensor:
+        """Developer trace: every later launch records ``%globaltimer`` (ns) per CTA.
+
+        Returns the ``[num_ctas, TRACE_POINTS]`` int64 tensor the kernels write (see
+        :data:`TRACE_NAMES`); call before capturing graphs that should record into it.
+        """
+        if self.trace is None:
+            self.trace = torch.zeros(
+                (self.num_ctas, TRACE_POINTS), dtype=torch.int64, device=self.device
+            )
+        return self.trace
+
     # ---- state ----------------------------------------------------------------------------------
     def fits(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int
@@ -514,6 +560,7 @@ class LowLatencyEngine:
         a.region0, a.region1 = lay.region
         a.r_cnt, a.r_ntok, a.r_done, a.r_wdone = lay.r_cnt, lay.r_ntok, lay.r_done, lay.r_wdone
         a.r_meta, a.r_cmask, a.r_cw, a.r_stage = lay.r_meta, lay.r_cmask, lay.r_cw, lay.r_stage
+        a.trace = device_ptr(self.trace)
         return a
 
     def _launch(self, spec: Any, args: LlArgs, smem: int) -> None:

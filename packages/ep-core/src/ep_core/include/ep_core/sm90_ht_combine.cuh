@@ -40,6 +40,8 @@ struct HtCombineArgs {
     int64_t timeout_cycles;
     int64_t rank;
     SymLayout lay;
+    uint64_t* trace;        // null, or the developer trace (ht_trace)
+    int64_t num_push_ctas;  // kSplit: CTAs [0, n) push, the others reduce
 };
 
 enum CombineStage : int {
@@ -49,13 +51,17 @@ enum CombineStage : int {
 };
 
 template <int kRanks, int kTopk, int kHidden, int kNumPushWarps, int kNumReduceWarps, int kSlots,
-          int kChunk>
+          int kChunk, bool kSplit>
 struct HtCombine {
     static constexpr int kRowBytes = kHidden * 2;
     static constexpr int kWBytes = (kTopk * 4 + 15) / 16 * 16;
     // bf16 row | top-k weights, padded to whole 128-byte lines.
     static constexpr int kPayload = (kRowBytes + kWBytes + 127) / 128 * 128;
-    static constexpr int kThreads = (kNumPushWarps + kNumReduceWarps) * 32;
+    // kSplit: push and reduce warps live in different CTAs (the reducers' polling and loads do
+    // not share an SM with the pushes).
+    static constexpr int kThreads =
+        (kSplit ? (kNumPushWarps > kNumReduceWarps ? kNumPushWarps : kNumReduceWarps)
+                : kNumPushWarps + kNumReduceWarps) * 32;
     static constexpr int kVecs = kHidden / 8;  // 16-byte vectors per row
     // Vectors per lane in flight in the reducer (x up to kRanks sources).
     static constexpr int kUnroll = kRanks <= 2 ? 8 : (kRanks <= 4 ? 4 : 2);
@@ -65,21 +71,26 @@ struct HtCombine {
         return static_cast<int64_t>(kNumPushWarps) * kSlots * (kPayload + 8 + 4);
     }
 
+    // Units are (chunk c, source s != me) pairs, numbered u = c * (R - 1) + j with
+    // s = (me + 1 + j) % R, so every push warp has remote work (no warp owns this rank's rows).
+    static constexpr int kPeers = kRanks > 1 ? kRanks - 1 : 1;
+
     struct Unit {
-        int64_t u, i, end;
+        int64_t u, c, i, end;
         int s;
         bool valid;
     };
 
-    // Next unit at or after `u` that this rank must push (source != me, chunk exists).
+    // Next unit at or after `u` that this rank must push (the chunk exists at its source).
     static __device__ __forceinline__ void next_unit(const HtCombineArgs& a, Unit& cur, int64_t u,
                                                      int64_t nunits, int64_t stride, int nch_lane) {
         const int me = static_cast<int>(a.rank);
         for (; u < nunits; u += stride) {
-            const int s = static_cast<int>(u % kRanks);
-            const int64_t c = u / kRanks;
-            if (s == me || c >= __shfl_sync(0xffffffffu, nch_lane, s)) continue;
+            const int s = (me + 1 + static_cast<int>(u % kPeers)) % kRanks;
+            const int64_t c = u / kPeers;
+            if (c >= __shfl_sync(0xffffffffu, nch_lane, s)) continue;
             cur.u = u;
+            cur.c = c;
             cur.s = s;
             cur.i = c == 0 ? 0 : a.chunk_end[s * a.max_chunks + c - 1];
             cur.end = a.chunk_end[s * a.max_chunks + c];
@@ -89,33 +100,46 @@ struct HtCombine {
         cur.valid = false;
     }
 
-    // Lane 0 only: raise unit `u`'s flag at source `s` (its stores must be complete).
-    static __device__ __forceinline__ void raise_flag(const HtCombineArgs& a, int64_t u, int s,
+    // Lane 0 only: raise chunk `c`'s flag at source `s` (its stores must be complete).
+    static __device__ __forceinline__ void raise_flag(const HtCombineArgs& a, int64_t c, int s,
                                                       uint32_t tag, int parity) {
         fence_proxy_async();
         auto* flag = reinterpret_cast<uint64_t*>(
                          peer_ptr(a.peer_bases, s, a.lay.region[parity] + a.lay.cflag)) +
-                     a.rank * a.max_chunks + u / kRanks;
+                     a.rank * a.max_chunks + c;
         st_release_sys(flag, make_tagged(tag, 0));
     }
 
-    // Fills slot `item` with received row `o` (data by TMA, weights by lanes) and records the
+    // What a lane holds of one received row before it is staged: its row, the source token it
+    // returns to (lane 0) and its top-k weights (lanes < k). Loaded one row ahead, so the loads'
+    // latency overlaps the previous row's store.
+    struct RowRegs {
+        int64_t o;
+        int32_t tok;
+        float w;
+    };
+
+    static __device__ __forceinline__ void fetch_row(const HtCombineArgs& a, RowRegs& r, int64_t o,
+                                                     int s, int lane) {
+        r.o = o;
+        r.tok = lane == 0 ? static_cast<int32_t>(a.src_meta[o * 2] - s * a.num_max_tokens) : 0;
+        r.w = lane < kTopk && a.topk_weights != nullptr ? a.topk_weights[o * kTopk + lane] : 0.0f;
+    }
+
+    // Fills slot `item` with the fetched row (data by TMA, weights by lanes) and records the
     // source token it returns to.
     static __device__ __forceinline__ void stage_row(const HtCombineArgs& a,
                                                      const WarpRing<kSlots, kPayload>& ring,
-                                                     int32_t* tok_of_slot, int64_t item, int64_t o,
-                                                     int s, int lane) {
+                                                     int32_t* tok_of_slot, int64_t item,
+                                                     const RowRegs& r, int lane) {
         uint8_t* slot = ring.slot(item);
         if (lane == 0) {
             uint64_t* bar = &ring.bars[item % kSlots];
             mbar_expect_tx(bar, kRowBytes);
-            tma_load(slot, a.x + o * kRowBytes, kRowBytes, bar);
-            tok_of_slot[item % kSlots] =
-                static_cast<int32_t>(a.src_meta[o * 2] - s * a.num_max_tokens);
+            tma_load(slot, a.x + r.o * kRowBytes, kRowBytes, bar);
+            tok_of_slot[item % kSlots] = r.tok;
         }
-        if (lane < kTopk)
-            reinterpret_cast<float*>(slot + kRowBytes)[lane] =
-                a.topk_weights != nullptr ? a.topk_weights[o * kTopk + lane] : 0.0f;
+        if (lane < kTopk) reinterpret_cast<float*>(slot + kRowBytes)[lane] = r.w;
         fence_proxy_async_smem();
         __syncwarp();
     }
@@ -129,7 +153,7 @@ struct HtCombine {
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) max_nch = max(max_nch, __shfl_xor_sync(0xffffffffu, max_nch, o));
         const int base_lane = lane < kRanks && lane > 0 ? a.psum_rank[lane - 1] : 0;
-        const int64_t nunits = static_cast<int64_t>(max_nch) * kRanks;
+        const int64_t nunits = kRanks > 1 ? static_cast<int64_t>(max_nch) * kPeers : 0;
         const int64_t region = a.lay.region[parity];
 
         // Units may be empty; they still raise their flag (at once: nothing to wait for). A unit
@@ -138,62 +162,78 @@ struct HtCombine {
         Unit ld, pr;
         next_unit(a, ld, gw, nunits, nw, nch_lane);
         while (ld.valid && ld.i == ld.end) {  // leading empty units
-            if (lane == 0) raise_flag(a, ld.u, ld.s, tag, parity);
+            if (lane == 0) raise_flag(a, ld.c, ld.s, tag, parity);
             next_unit(a, ld, ld.u + nw, nunits, nw, nch_lane);
         }
         pr = ld;
         auto src_row = [&](const Unit& cur) {
             return __shfl_sync(0xffffffffu, base_lane, cur.s) + cur.i;
         };
+        // Moves `ld` to the next row and fetches it (a row fetched is staged next).
+        RowRegs nxt;
         auto step_ld = [&]() {
-            if (++ld.i < ld.end) return;
-            do next_unit(a, ld, ld.u + nw, nunits, nw, nch_lane);
-            while (ld.valid && ld.i == ld.end);
+            if (++ld.i >= ld.end) {
+                do next_unit(a, ld, ld.u + nw, nunits, nw, nch_lane);
+                while (ld.valid && ld.i == ld.end);
+            }
+            if (ld.valid) fetch_row(a, nxt, src_row(ld), ld.s, lane);
         };
+        if (ld.valid) fetch_row(a, nxt, src_row(ld), ld.s, lane);
         int64_t n_loaded = 0;
         for (; n_loaded < kSlots - 1 && ld.valid; ++n_loaded) {
-            stage_row(a, ring, tok_of_slot, n_loaded, src_row(ld), ld.s, lane);
+            stage_row(a, ring, tok_of_slot, n_loaded, nxt, lane);
             step_ld();
         }
-        int64_t pending_u = -1;
+        int64_t pending_c = -1;
         int pending_s = 0, since = 0;
         for (int64_t item = 0; pr.valid; ++item) {
             bool ok = true;
             if (lane == 0) {
+                const HtWaitTimer tm(a.trace);
                 ok = ring.wait(ctx, item, kStageCombineLoad);
+                tm.add(3);
                 if (ok) {
                     const int64_t idx = me * a.num_max_tokens + tok_of_slot[item % kSlots];
+                    const HtWaitTimer issue(a.trace);
                     tma_store(peer_ptr(a.peer_bases, pr.s, region + a.lay.data) + idx * kPayload,
                               ring.slot(item), kPayload);
+                    issue.add(5);
                 }
                 tma_commit();
             }
             if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
             ++since;
+            ht_trace_count(a.trace);
             if (ld.valid) {
-                if (lane == 0) tma_wait_read<1>();
+                if (lane == 0) {
+                    const HtWaitTimer tm(a.trace);
+                    tma_wait_read<1>();
+                    tm.add(4);
+                }
                 __syncwarp();
-                stage_row(a, ring, tok_of_slot, n_loaded++, src_row(ld), ld.s, lane);
+                stage_row(a, ring, tok_of_slot, n_loaded++, nxt, lane);
                 step_ld();
             }
             if (++pr.i == pr.end) {
-                if (pending_u >= 0 && lane == 0) {
+                if (pending_c >= 0 && lane == 0) {
+                    const HtWaitTimer tm(a.trace);
                     tma_wait_group_dyn(since);
-                    raise_flag(a, pending_u, pending_s, tag, parity);
+                    tm.add(5);
+                    raise_flag(a, pending_c, pending_s, tag, parity);
                 }
-                pending_u = pr.u;
+                pending_c = pr.c;
                 pending_s = pr.s;
                 since = 0;
                 next_unit(a, pr, pr.u + nw, nunits, nw, nch_lane);
                 while (pr.valid && pr.i == pr.end) {
-                    if (lane == 0) raise_flag(a, pr.u, pr.s, tag, parity);
+                    if (lane == 0) raise_flag(a, pr.c, pr.s, tag, parity);
                     next_unit(a, pr, pr.u + nw, nunits, nw, nch_lane);
                 }
             }
         }
-        if (pending_u >= 0 && lane == 0) {
+        if (pending_c >= 0 && lane == 0) {
             tma_wait_all();
-            raise_flag(a, pending_u, pending_s, tag, parity);
+            raise_flag(a, pending_c, pending_s, tag, parity);
         }
     }
 
@@ -212,19 +252,23 @@ struct HtCombine {
                                                   int lane) {
         const int me = static_cast<int>(a.rank);
         const int64_t T = a.num_tokens;
-        const int64_t nchunks = (T + kChunk - 1) / kChunk;
         const uint8_t* region = peer_ptr(a.peer_bases, me, a.lay.region[parity]);
         const int64_t my_base = me > 0 ? a.psum_rank[me - 1] : 0;
-        for (int64_t c = gw; c < nchunks; c += nw) {
+        // One token per work item (not one chunk): the chunks that arrive last are reduced by
+        // many warps at once, which shortens the tail after the last push.
+        for (int64_t t = gw; t < T; t += nw) {
+            const int64_t c = t / kChunk;
             // Every lane acquires every peer's flag, so its own later loads are ordered.
+            const HtWaitTimer tm(a.trace);
             for (int d = 0; d < kRanks; ++d) {
                 if (d == me) continue;
                 const auto* flag =
                     reinterpret_cast<const uint64_t*>(region + a.lay.cflag) + d * a.max_chunks + c;
                 if (!warp_wait_tag(ctx, flag, tag, nullptr, kStageCombineChunk, d)) return;
             }
-            const int64_t t_end = min((c + 1) * kChunk, T);
-            for (int64_t t = c * kChunk; t < t_end; ++t) {
+            tm.add(5);
+            {
+                ht_trace_count(a.trace);
                 const int32_t row = lane < kRanks ? a.send_row[t * kRanks + lane] : -1;
                 const uint32_t mask = __ballot_sync(0xffffffffu, row >= 0);
                 const int64_t my_row = __shfl_sync(0xffffffffu, row, me);
@@ -294,21 +338,32 @@ struct HtCombine {
         const int parity = static_cast<int>(epoch & 1);
         const WaitContext ctx{a.error, &ctrl->abort, a.timeout_cycles, me};
 
+        ht_trace(a.trace, 0);
         if (blockIdx.x == 0 && warp == 0) announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
-        if (warp < kNumPushWarps) {
+        const int npush = static_cast<int>(a.num_push_ctas);
+        const bool push_cta = !kSplit || static_cast<int>(blockIdx.x) < npush;
+        if (push_cta && warp < kNumPushWarps) {
             const int64_t slot_bytes = static_cast<int64_t>(kNumPushWarps) * kSlots * kPayload;
             auto* bars = reinterpret_cast<uint64_t*>(smem + slot_bytes);
             auto* toks = reinterpret_cast<int32_t*>(bars + kNumPushWarps * kSlots);
             WarpRing<kSlots, kPayload> ring{smem + static_cast<int64_t>(warp) * kSlots * kPayload,
                                             bars + warp * kSlots};
             ring.init(lane);
+            const int pctas = kSplit ? npush : static_cast<int>(gridDim.x);
             push(a, ctx, ring, toks + warp * kSlots, blockIdx.x * kNumPushWarps + warp,
-                 gridDim.x * kNumPushWarps, tag, parity, lane);
+                 pctas * kNumPushWarps, tag, parity, lane);
+            ht_trace(a.trace, 1);
             if (lane == 0) tma_wait_all();
+        } else if (!kSplit || (!push_cta && warp < kNumReduceWarps)) {
+            const int rw = kSplit ? warp : warp - kNumPushWarps;
+            const int rcta = kSplit ? static_cast<int>(blockIdx.x) - npush : static_cast<int>(blockIdx.x);
+            const int rctas = kSplit ? static_cast<int>(gridDim.x) - npush : static_cast<int>(gridDim.x);
+            reduce(a, ctx, rcta * kNumReduceWarps + rw, rctas * kNumReduceWarps, tag, parity, lane);
+            ht_trace(a.trace, 1);
         } else {
-            reduce(a, ctx, blockIdx.x * kNumReduceWarps + (warp - kNumPushWarps),
-                   gridDim.x * kNumReduceWarps, tag, parity, lane);
+            ht_trace(a.trace, 1);  // a warp without a role in this split CTA
         }
+        ht_trace(a.trace, 2);
         __syncthreads();
         if (finish_cta(ctrl) && threadIdx.x == 0) {
             __threadfence();
@@ -322,9 +377,10 @@ struct HtCombine {
 
 // Entry point for the JIT's generated wrapper (one instantiation per shape).
 template <int kRanks, int kTopk, int kHidden, int kNumPushWarps, int kNumReduceWarps, int kSlots,
-          int kChunk>
+          int kChunk, bool kSplit>
 __device__ __forceinline__ void ht_combine(const HtCombineArgs& args) {
-    HtCombine<kRanks, kTopk, kHidden, kNumPushWarps, kNumReduceWarps, kSlots, kChunk>::run(args);
+    HtCombine<kRanks, kTopk, kHidden, kNumPushWarps, kNumReduceWarps, kSlots, kChunk,
+              kSplit>::run(args);
 }
 
 }  // namespace ep_core

@@ -9,6 +9,10 @@
 // and raises the chunk's flag at every destination (tagged with the epoch, low half = the chunk's
 // end row for that destination).
 //
+// With kSplit, CTAs [0, num_send_ctas) hold only sender warps and the others only receiver warps,
+// so an SM's TMA unit serves one role (local copy-out is not queued behind stores that wait for
+// NVLink) and the host can balance the two roles' SM counts.
+//
 // Receiver warps take the (chunk, source) units in the same order, wait for the unit's flag,
 // TMA-load each payload row from the local staging region and write the outputs: the data by TMA
 // store into the packed output (row = rows of lower sources + row inside the source), scale packs,
@@ -48,6 +52,8 @@ struct HtDispatchArgs {
     int64_t timeout_cycles;
     int64_t rank;
     SymLayout lay;
+    uint64_t* trace;        // null, or the developer trace (ht_trace)
+    int64_t num_send_ctas;  // kSplit: CTAs [0, n) send, the others receive
 };
 
 enum DispatchStage : int {
@@ -58,15 +64,22 @@ enum DispatchStage : int {
 };
 
 template <int kRanks, int kTopk, int kRowBytes, int kNumSF, int kNumSendWarps, int kNumRecvWarps,
-          int kSendSlots, int kRecvSlots, int kChunk>
+          int kSendSlots, int kRecvSlots, int kChunk, bool kSplit>
 struct HtDispatch {
     static constexpr int kSFBytes = (kNumSF * 4 + 15) / 16 * 16;
     static constexpr int kMetaBytes = (8 + 12 * kTopk + 15) / 16 * 16;
     // Rows are padded to whole 128-byte lines: NVLink and HBM writes of partial lines cost more.
     static constexpr int kPayload = (kRowBytes + kSFBytes + kMetaBytes + 127) / 128 * 128;
-    static constexpr int kThreads = (kNumSendWarps + kNumRecvWarps) * 32;
+    static constexpr int kThreads =
+        (kSplit ? (kNumSendWarps > kNumRecvWarps ? kNumSendWarps : kNumRecvWarps)
+                : kNumSendWarps + kNumRecvWarps) * 32;
     static constexpr int kNumSendSlots = kNumSendWarps * kSendSlots;
-    static constexpr int kNumSlots = kNumSendSlots + kNumRecvWarps * kRecvSlots;
+    static constexpr int kNumRecvSlots = kNumRecvWarps * kRecvSlots;
+    // Split CTAs reuse the same slots for their one role.
+    static constexpr int kNumSlots =
+        kSplit ? (kNumSendSlots > kNumRecvSlots ? kNumSendSlots : kNumRecvSlots)
+               : kNumSendSlots + kNumRecvSlots;
+    static constexpr int kRecvSlotBase = kSplit ? 0 : kNumSendSlots;
     static constexpr int kInfoInts = 1 + kRanks;  // per send slot: mask, rows per destination
     static_assert(kRanks <= 32 && kTopk <= 32, "ranks and top-k must fit a warp");
     static_assert(kRowBytes % 16 == 0, "rows must be a multiple of 16 bytes");
@@ -197,8 +210,11 @@ struct HtDispatch {
         for (int64_t i = 0; pr.valid(nchunks); ++i) {
             bool ok = true;
             if (lane == 0) {
+                const HtWaitTimer tm(a.trace);
                 ok = ring.wait(ctx, i, kStageDispatchLoad);
+                tm.add(3);
                 if (ok) {
+                    const HtWaitTimer issue(a.trace);
                     const int32_t* slot_info = info + (i % kSendSlots) * kInfoInts;
                     const uint32_t mask = static_cast<uint32_t>(slot_info[0]);
 #pragma unroll
@@ -208,14 +224,20 @@ struct HtDispatch {
                         tma_store(peer_ptr(a.peer_bases, d, region + a.lay.data) + idx * kPayload,
                                   ring.slot(i), kPayload);
                     }
+                    issue.add(5);
                 }
                 tma_commit();
             }
             if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
             ++since;
             // Refill the slot of item i - 1 (its stores are done reading once <= 1 group pends).
+            ht_trace_count(a.trace);
             if (have_nxt) {
-                if (lane == 0) tma_wait_read<1>();
+                if (lane == 0) {
+                    const HtWaitTimer tm(a.trace);
+                    tma_wait_read<1>();
+                    tm.add(4);
+                }
                 __syncwarp();
                 stage(a, ring, info, n_loaded++, nxt, lane);
                 have_nxt = ld.valid(nchunks);
@@ -227,7 +249,9 @@ struct HtDispatch {
             const int64_t c = pr.c;
             if (pr.advance(nsw, T)) {
                 if (pending >= 0 && lane == 0) {
+                    const HtWaitTimer tm(a.trace);
                     tma_wait_group_dyn(since);
+                    tm.add(5);
                     raise_chunk(a, pending, tag, region);
                 }
                 pending = c;
@@ -261,7 +285,10 @@ struct HtDispatch {
             uint64_t v = 0;
             const auto* flag =
                 reinterpret_cast<const uint64_t*>(my_region + a.lay.dflag) + s * a.max_chunks + c;
-            if (!warp_wait_tag(ctx, flag, tag, &v, kStageDispatchChunk, s)) {
+            const HtWaitTimer tm(a.trace);
+            const bool arrived = warp_wait_tag(ctx, flag, tag, &v, kStageDispatchChunk, s);
+            tm.add(5);
+            if (!arrived) {
                 cur.valid = false;
                 return false;
             }
@@ -345,12 +372,19 @@ struct HtDispatch {
             const int s = pr.s;
             const int64_t o = __shfl_sync(0xffffffffu, base_lane, s) + pr.i;
             bool ok = true;
-            if (lane == 0) ok = ring.wait(ctx, item, kStageDispatchLoad);
+            if (lane == 0) {
+                const HtWaitTimer tm(a.trace);
+                ok = ring.wait(ctx, item, kStageDispatchLoad);
+                tm.add(3);
+            }
+            ht_trace_count(a.trace);
             if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
             const uint8_t* slot = ring.slot(item);
             if (lane == 0) {
+                const HtWaitTimer issue(a.trace);
                 tma_store(a.out_x + o * kRowBytes, slot, kRowBytes);
                 tma_commit();
+                issue.add(4);
             }
             const uint8_t* meta = slot + kRowBytes + kSFBytes;
             if (lane < kTopk) {
@@ -373,7 +407,11 @@ struct HtDispatch {
             }
             if (ld.valid) {
                 // Reuse the slot of item - 1 once its store has read it; lanes are done with it.
-                if (lane == 0) tma_wait_read<1>();
+                if (lane == 0) {
+                    const HtWaitTimer tm(a.trace);
+                    tma_wait_read<1>();
+                    tm.add(4);
+                }
                 __syncwarp();
                 issue_load(n_loaded++);
                 if (!step(ld, true)) return;
@@ -399,6 +437,7 @@ struct HtDispatch {
         int* counts = info + kNumSendSlots * kInfoInts;
         for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x) counts[i] = 0;
         __syncthreads();
+        ht_trace(a.trace, 0);
 
         if (blockIdx.x == 0 && warp == 0) {
             announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
@@ -412,23 +451,32 @@ struct HtDispatch {
                                                                 a.chunk_prefix[nchunks * kRanks + lane])));
             }
         }
-        if (warp < kNumSendWarps) {
+        // Role of this warp; CTA-level indices count only the CTAs of that role.
+        const int nsend = static_cast<int>(a.num_send_ctas);
+        const bool send_cta = !kSplit || static_cast<int>(blockIdx.x) < nsend;
+        const int role_cta = static_cast<int>(blockIdx.x) - (kSplit && !send_cta ? nsend : 0);
+        const int role_ctas = !kSplit ? static_cast<int>(gridDim.x)
+                              : send_cta ? nsend
+                                         : static_cast<int>(gridDim.x) - nsend;
+        const int rwarp = kSplit ? warp : warp - kNumSendWarps;
+        if (send_cta && warp < kNumSendWarps) {
             WarpRing<kSendSlots, kPayload> ring{
                 slots + static_cast<int64_t>(warp) * kSendSlots * kPayload, bars + warp * kSendSlots};
             ring.init(lane);
-            send(a, ctx, ring, info + warp * kSendSlots * kInfoInts, blockIdx.x * kNumSendWarps + warp,
-                 gridDim.x * kNumSendWarps, tag, parity, lane);
-        } else {
-            const int rwarp = warp - kNumSendWarps;
-            const int64_t off = kNumSendSlots;
+            send(a, ctx, ring, info + warp * kSendSlots * kInfoInts, role_cta * kNumSendWarps + warp,
+                 role_ctas * kNumSendWarps, tag, parity, lane);
+        } else if ((!kSplit || !send_cta) && rwarp >= 0 && rwarp < kNumRecvWarps) {
+            const int64_t off = kRecvSlotBase;
             WarpRing<kRecvSlots, kPayload> ring{
                 slots + (off + static_cast<int64_t>(rwarp) * kRecvSlots) * kPayload,
                 bars + off + rwarp * kRecvSlots};
             ring.init(lane);
-            recv(a, ctx, ring, blockIdx.x * kNumRecvWarps + rwarp, gridDim.x * kNumRecvWarps, tag,
+            recv(a, ctx, ring, role_cta * kNumRecvWarps + rwarp, role_ctas * kNumRecvWarps, tag,
                  parity, lane, counts);
         }
+        ht_trace(a.trace, 1);
         if (lane == 0) tma_wait_all();
+        ht_trace(a.trace, 2);
         __syncthreads();
         for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x)
             if (counts[i] != 0) atomicAdd(&a.out_counts[kRanks + i], counts[i]);
@@ -453,10 +501,10 @@ struct HtDispatch {
 
 // Entry point for the JIT's generated wrapper (one instantiation per shape).
 template <int kRanks, int kTopk, int kRowBytes, int kNumSF, int kNumSendWarps, int kNumRecvWarps,
-          int kSendSlots, int kRecvSlots, int kChunk>
+          int kSendSlots, int kRecvSlots, int kChunk, bool kSplit>
 __device__ __forceinline__ void ht_dispatch(const HtDispatchArgs& args) {
     HtDispatch<kRanks, kTopk, kRowBytes, kNumSF, kNumSendWarps, kNumRecvWarps, kSendSlots,
-               kRecvSlots, kChunk>::run(args);
+               kRecvSlots, kChunk, kSplit>::run(args);
 }
 
 }  // namespace ep_core

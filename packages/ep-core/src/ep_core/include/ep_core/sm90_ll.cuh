@@ -85,6 +85,7 @@ struct LlArgs {
     int64_t r_cmask;            // [R][buf Nmax] u32 combine lanes on this rank
     int64_t r_cw;               // [R][buf Nmax][k] float32 combine weights
     int64_t r_stage;            // [R][buf Nmax][row_bytes] staged rows / combine partials
+    uint64_t trace;             // 0, or [num CTAs][kTracePoints] u64 %globaltimer (developer trace)
 };
 
 enum LlStage : int {
@@ -104,6 +105,17 @@ constexpr int kPhaseSend = 1;
 constexpr int kPhaseRecv = 2;
 constexpr int kKindDispatch = 0;
 constexpr int kKindCombine = 1;
+constexpr int kTracePoints = 16;
+
+// Developer trace (LlArgs::trace != 0): thread 0 of each CTA records the global timer (ns) at
+// numbered points of the kernel (see nvlink_ll.TRACE_POINTS). Costs one uniform branch when off.
+__device__ __forceinline__ void trace(const LlArgs& a, int point) {
+    if (a.trace != 0 && threadIdx.x == 0) {
+        uint64_t t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        reinterpret_cast<uint64_t*>(a.trace)[blockIdx.x * kTracePoints + point] = t;
+    }
+}
 
 using ep_jit::fence_acq_rel_sys;
 
@@ -182,8 +194,8 @@ __device__ __forceinline__ bool warp_wait_lanes(const Env& env, const uint64_t* 
     return __all_sync(kFull, ok);
 }
 
-// Prologue shared by every kernel: abort check, epoch, and for send kernels the release gate.
-// Returns false (uniformly over the CTA) when the kernel must not run.
+// Prologue shared by every kernel: abort check and epoch (send kernels pass the release gate per
+// warp, warp_gate). Returns false (uniformly over the CTA) when the kernel must not run.
 template <int kRanks, int kKind, int kPhase>
 __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
     __shared__ uint64_t s_epoch;
@@ -209,37 +221,41 @@ __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
     __syncthreads();
     env.epoch = s_epoch;
     env.parity = static_cast<int>(env.epoch & 1);
-    if (s_stop) return false;
-    if constexpr ((kPhase & kPhaseSend) != 0) {
-        // Every CTA of every peer must have finished reading this region for op epoch - 2. The
-        // words are read in batches (relaxed, independent loads); a fence turns the observed
-        // values into an acquire before this CTA writes into any peer.
-        if (env.epoch > 2) {
-            const auto* rel = reinterpret_cast<const uint64_t*>(env.local + a.off_rel) +
-                              static_cast<int64_t>(env.parity) * kRanks * env.nc;
-            const int n = kRanks * env.nc;
-            constexpr int kBatch = 4;
-            for (int base = tid; base < n; base += kBatch * static_cast<int>(blockDim.x)) {
-                uint64_t v[kBatch];
+    return s_stop == 0;
+}
+
+// Release gate of a send kernel, per warp, before the warp's first write into a peer: every CTA
+// of every peer must have finished reading region epoch % 2 for op epoch - 2. The words are read
+// in batches (relaxed, independent loads); a fence turns the observed values into an acquire.
+// Called lazily so its latency overlaps the warp's first local loads. Returns false (on every
+// lane) after a timeout or an abort; the warp must then write nothing into its peers.
+template <int kRanks>
+__device__ __forceinline__ bool warp_gate(const LlArgs& a, const Env& env) {
+    if (env.epoch <= 2) return true;
+    const int lane = threadIdx.x & 31;
+    const auto* rel = reinterpret_cast<const uint64_t*>(env.local + a.off_rel) +
+                      static_cast<int64_t>(env.parity) * kRanks * env.nc;
+    const int n = kRanks * env.nc;
+    constexpr int kBatch = 8;
+    bool ok = true;
+    for (int base = lane; base < n; base += kBatch * 32) {
+        uint64_t v[kBatch];
 #pragma unroll
-                for (int q = 0; q < kBatch; ++q) {
-                    const int i = base + q * static_cast<int>(blockDim.x);
-                    v[q] = i < n ? ld_relaxed_sys(rel + i) : env.epoch;
-                }
-#pragma unroll
-                for (int q = 0; q < kBatch; ++q) {
-                    const int i = base + q * static_cast<int>(blockDim.x);
-                    if (v[q] < env.epoch - 2 &&
-                        !wait_geq(env.ctx, rel + i, env.epoch - 2, kStageLlRelease, i / env.nc))
-                        s_stop = 1;
-                }
-            }
-            fence_acq_rel_sys();
+        for (int q = 0; q < kBatch; ++q) {
+            const int i = base + q * 32;
+            v[q] = i < n ? ld_relaxed_sys(rel + i) : env.epoch;
         }
-        __syncthreads();
-        if (s_stop) return false;
+#pragma unroll
+        for (int q = 0; q < kBatch; ++q) {
+            const int i = base + q * 32;
+            if (ok && v[q] < env.epoch - 2 &&
+                !wait_geq(env.ctx, rel + i, env.epoch - 2, kStageLlRelease, i / env.nc))
+                ok = false;
+        }
     }
-    return true;
+    fence_acq_rel_sys();
+    __syncwarp();
+    return __all_sync(kFull, ok);
 }
 
 // Send kernels: remember the op's epoch for this CTA's next op and, for a split op only, for
@@ -322,7 +338,8 @@ struct Dispatch {
     // One (token, chunk): load, cast, stage in shared memory, TMA-store to every rank of the token.
     static __device__ __forceinline__ void send_chunk(const LlArgs& a, const Env& env, int t,
                                                       int ch, uint32_t dmask, uint8_t* slot,
-                                                      uint32_t* scl, int lane) {
+                                                      uint32_t* scl, int lane, bool& gated,
+                                                      bool& ok) {
         const int c0 = ch * kChunk;
         const int c1 = min(kHidden, c0 + kChunk);
         const auto* xrow =
@@ -395,6 +412,12 @@ struct Dispatch {
         }
         fence_proxy_async_smem();
         __syncwarp();
+        // The gate's loads only now: they overlap the loads and the cast above.
+        if (!gated) {
+            ok = warp_gate<kRanks>(a, env);
+            gated = true;
+        }
+        if (!ok) return;
         const int64_t row_off =
             a.r_stage + (static_cast<int64_t>(env.me) * a.buf_max_tokens + t) * a.row_bytes;
         if (lane == 0) {
@@ -436,6 +459,7 @@ struct Dispatch {
         // 1. Rows: item u = (t, chunk) belongs to CTA u % nc (consecutive items on different SMs).
         const int gw = warp * nc + static_cast<int>(blockIdx.x);
         int nitem = 0;
+        bool gated = false, ok = true;  // this warp passed the release gate / may write to peers
         for (int u = gw; u < T * kNumChunks; u += nc * kNumWarps) {
             const int t = u / kNumChunks, ch = u - t * kNumChunks;
             const int64_t e =
@@ -446,9 +470,11 @@ struct Dispatch {
             if (dmask == 0) continue;
             if (nitem >= 2 && lane == 0) tma_wait_read<1>();  // slot nitem % 2 is read out
             __syncwarp();
-            send_chunk(a, env, t, ch, dmask, ring + (nitem & 1) * kSlotBytes, scl, lane);
+            send_chunk(a, env, t, ch, dmask, ring + (nitem & 1) * kSlotBytes, scl, lane, gated, ok);
             ++nitem;
         }
+        if (!gated) ok = warp_gate<kRanks>(a, env);
+        trace(a, 2);
 
         // 2. Per-expert bitmap of this rank's tokens: bm[e][w] bit b = token 32w + b chose e.
         const int W = (T + 31) / 32;
@@ -472,7 +498,7 @@ struct Dispatch {
         __syncthreads();
 
         // 3. Counts: expert e is written by CTA e % nc; the token count by CTA 0.
-        for (int e = static_cast<int>(blockIdx.x) + nc * tid; e < E; e += nc * kThreads) {
+        for (int e = static_cast<int>(blockIdx.x) + nc * tid; ok && e < E; e += nc * kThreads) {
             int cnt = 0;
             for (int w = 0; w < W; ++w) cnt += __popc(bm[e * W + w]);
             const int d = e / El, el = e - d * El;
@@ -480,13 +506,13 @@ struct Dispatch {
                          static_cast<int64_t>(env.me) * a.buf_local_experts + el;
             st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(cnt)));
         }
-        if (blockIdx.x == 0 && tid < kRanks) {
+        if (ok && blockIdx.x == 0 && tid < kRanks) {
             auto* word = reinterpret_cast<uint64_t*>(env.region(a, tid) + a.r_ntok) + env.me;
             st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(T)));
         }
 
         // 4. Lane table of token t (written by CTA t % nc) at every rank.
-        for (int t = static_cast<int>(blockIdx.x) + nc * warp; t < T; t += nc * kNumWarps) {
+        for (int t = static_cast<int>(blockIdx.x) + nc * warp; ok && t < T; t += nc * kNumWarps) {
             const int64_t e =
                 lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             int d = -1;
@@ -508,7 +534,9 @@ struct Dispatch {
                         r == d ? val : -1;
             }
         }
+        trace(a, 3);
         signal_sent<kRanks>(a, env, a.r_done);
+        trace(a, 4);
     }
 
     // ---- receive ------------------------------------------------------------------------------
@@ -567,6 +595,7 @@ struct Dispatch {
             sntok[s] = static_cast<int>(static_cast<uint32_t>(v));
         }
         __syncthreads();
+        trace(a, 5);
         if (s_stop) return;
 
         // First row of (source, expert) = rows of lower sources; outputs from CTA 0.
@@ -596,6 +625,7 @@ struct Dispatch {
             if (static_cast<int>(i - static_cast<int64_t>(el) * L) >= stot[el]) src_info[i] = -1;
         }
 
+        trace(a, 6);
         // Items: one (source, token) each, this rank's own tokens first. The whole staged row is
         // copied with every load in flight.
         const auto* done = reinterpret_cast<const uint64_t*>(reg + a.r_done);
@@ -651,6 +681,7 @@ struct Dispatch {
                 }
             }
         }
+        trace(a, 7);
     }
 
     // Copies a staged row's data to row (el, row) of every lane in `vmask`, 8 KiB per round with
@@ -686,7 +717,9 @@ struct Dispatch {
     static __device__ __forceinline__ void run(const LlArgs& a) {
         extern __shared__ __align__(128) uint8_t smem[];
         Env env;
+        trace(a, 0);
         if (!prologue<kRanks, kKindDispatch, kPhase>(a, env)) return;
+        trace(a, 1);
         if constexpr ((kPhase & kPhaseSend) != 0) {
             send(a, env, smem);
             store_epoch<kKindDispatch, kPhase>(a, env);
@@ -696,6 +729,7 @@ struct Dispatch {
             recv(a, env, smem);
             release_region<kRanks>(a, env);
         }
+        trace(a, 8);
     }
 };
 
@@ -721,8 +755,9 @@ struct Combine {
         const int nc = env.nc;
         const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
         const auto* weights = reinterpret_cast<const float*>(a.topk_weights);
+        const bool ok = warp_gate<kRanks>(a, env);
         // Token t belongs to CTA t % nc (receivers wait for exactly that CTA's flag).
-        for (int t = warp * nc + static_cast<int>(blockIdx.x); t < T; t += nc * kNumWarps) {
+        for (int t = warp * nc + static_cast<int>(blockIdx.x); ok && t < T; t += nc * kNumWarps) {
             const int64_t e =
                 lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             const float w =
@@ -744,6 +779,7 @@ struct Combine {
                          static_cast<int64_t>(env.me) * nc + blockIdx.x;
             st_release_sys(flag, env.epoch);
         }
+        trace(a, 2);
     }
 
     // Destination: partial sums of every (source, token, chunk) with lanes here, to the source.
@@ -856,7 +892,9 @@ struct Combine {
             }
             ++nitem;
         }
+        trace(a, 3);
         signal_sent<kRanks>(a, env, a.r_done);
+        trace(a, 4);
     }
 
     // Source: out[t] = bf16(sum over destinations d of t, increasing d, of float(p_d(t))).
@@ -883,6 +921,7 @@ struct Combine {
             sfirst[tid] = acc;
         }
         __syncthreads();
+        trace(a, 5);
         for (int u = warp * nc + static_cast<int>(blockIdx.x); u < T * kNumChunks;
              u += nc * kNumWarps) {
             const int t = u / kNumChunks, ch = u - t * kNumChunks;
@@ -964,7 +1003,9 @@ struct Combine {
     static __device__ __forceinline__ void run(const LlArgs& a) {
         extern __shared__ __align__(128) uint8_t smem[];
         Env env;
+        trace(a, 0);
         if (!prologue<kRanks, kKindCombine, kPhase>(a, env)) return;
+        trace(a, 1);
         if constexpr ((kPhase & kPhaseSend) != 0) {
             send_weights(a, env);
             send_partials(a, env, smem);
@@ -972,8 +1013,10 @@ struct Combine {
         }
         if constexpr ((kPhase & kPhaseRecv) != 0) {
             reduce(a, env, smem);
+            trace(a, 7);
             release_region<kRanks>(a, env);
         }
+        trace(a, 8);
     }
 };
 

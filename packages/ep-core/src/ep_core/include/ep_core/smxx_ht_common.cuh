@@ -37,6 +37,42 @@ struct Ctrl {
     uint32_t abort;
 };
 
+// Developer trace of the high-throughput kernels. When `trace` is not null, lane 0 of every
+// warp writes into its 8 words at trace + (cta * 32 + warp) * kHtTracePoints: the global timer
+// (ns) at points 0 (start), 1 (main loop done), 2 (bulk stores drained), and the nanoseconds
+// spent in three kinds of wait at 3..5 (kernel-specific) and the rows it handled at 6. Off, it
+// costs one uniform branch per wait.
+constexpr int kHtTracePoints = 8;
+
+__device__ __forceinline__ uint64_t ht_now() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ uint64_t* ht_trace_word(uint64_t* trace, int p) {
+    return trace + (blockIdx.x * 32 + (threadIdx.x >> 5)) * kHtTracePoints + p;
+}
+
+__device__ __forceinline__ void ht_trace(uint64_t* trace, int p) {
+    if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) = ht_now();
+}
+
+__device__ __forceinline__ void ht_trace_count(uint64_t* trace) {
+    if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, 6) += 1;
+}
+
+// Accumulates the time from its construction to add(p) into wait word p (lane 0 only).
+struct HtWaitTimer {
+    uint64_t* trace;
+    uint64_t t0;
+    __device__ __forceinline__ explicit HtWaitTimer(uint64_t* tr)
+        : trace(tr), t0(tr != nullptr ? ht_now() : 0) {}
+    __device__ __forceinline__ void add(int p) const {
+        if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) += ht_now() - t0;
+    }
+};
+
 __device__ __forceinline__ uint8_t* peer_ptr(const uint64_t* peer_bases, int peer, int64_t off) {
     return reinterpret_cast<uint8_t*>(peer_bases[peer]) + off;
 }
