@@ -481,20 +481,37 @@ struct HtDispatch {
         for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x)
             if (counts[i] != 0) atomicAdd(&a.out_counts[kRanks + i], counts[i]);
         __syncthreads();
-        if (finish_cta(ctrl) && threadIdx.x == 0) {
-            __threadfence();
-            wait_all_started<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, kStageDispatchArrive);
-            // Aligned inclusive prefix sum of the per-expert counts.
-            int32_t acc = 0;
-            for (int64_t i = 0; i < a.num_local_experts; ++i) {
-                const int32_t n = atomicAdd(&a.out_counts[kRanks + i], 0);
-                acc += static_cast<int32_t>((n + a.expert_alignment - 1) / a.expert_alignment *
-                                            a.expert_alignment);
-                a.out_counts[kRanks + a.num_local_experts + i] = acc;
+        // The last CTA publishes the op. Warp 0 computes the aligned inclusive prefix sum of
+        // the per-expert counts 32 experts at a time (a serial loop of dependent atomics cost
+        // ~1 us per expert at the very end of the kernel).
+        if (finish_cta(ctrl) && warp == 0) {
+            if (lane == 0) {
+                __threadfence();
+                wait_all_started<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, kStageDispatchArrive);
             }
-            ctrl->finish = 0;
-            ctrl->epoch = epoch;
-            __threadfence_system();
+            __syncwarp();
+            const int64_t el = a.num_local_experts;
+            int32_t carry = 0;
+            for (int64_t base = 0; base < el; base += 32) {
+                const int64_t i = base + lane;
+                const int32_t n = i < el ? atomicAdd(&a.out_counts[kRanks + i], 0) : 0;
+                int32_t v = static_cast<int32_t>((n + a.expert_alignment - 1) / a.expert_alignment *
+                                                 a.expert_alignment);
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const int32_t y = __shfl_up_sync(0xffffffffu, v, o);
+                    if (lane >= o) v += y;
+                }
+                if (i < el) a.out_counts[kRanks + el + i] = carry + v;
+                carry += __shfl_sync(0xffffffffu, v, 31);
+            }
+            __syncwarp();
+            if (lane == 0) {
+                __threadfence();
+                ctrl->finish = 0;
+                ctrl->epoch = epoch;
+                __threadfence_system();
+            }
         }
     }
 };

@@ -147,7 +147,7 @@ __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, 
 }
 
 // Called by every CTA at its very end (after __syncthreads). The last CTA to finish publishes the
-// new epoch and re-arms the finish counter; it returns true in thread 0 of that CTA only.
+// new epoch and re-arms the finish counter; it returns true in every thread of that CTA.
 __device__ __forceinline__ bool finish_cta(Ctrl* ctrl) {
     __shared__ bool last;
     if (threadIdx.x == 0) {
