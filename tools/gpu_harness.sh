@@ -7,7 +7,7 @@
 #   bash tools/gpu_harness.sh --tests test_buffer  # pytest -k test_buffer (or a path / node id)
 #   bash tools/gpu_harness.sh --no-tests --bench "--num-tokens 4096 --hidden 7168"
 #   bash tools/gpu_harness.sh --no-bench --keep-going   # all GPU tests, not stopping at a failure
-#   options: --tests-timeout S (default 300, quick 240), --bench-timeout S (180, quick 150)
+#   options: --tests-timeout S (default 400, quick 240), --bench-timeout S (170, quick 150)
 #
 # Output goes to $OUT when it is set (the device tool's folder), else ./out: six files, one level
 # deep (harness.log, tests.log, tests.xml, bench.json, bench.png, summary.txt). Each step runs
@@ -66,8 +66,8 @@ if [[ $QUICK == 1 ]]; then
     TESTS_TIMEOUT="${TESTS_TIMEOUT:-240}"
     BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
 else
-    TESTS_TIMEOUT="${TESTS_TIMEOUT:-300}"
-    BENCH_TIMEOUT="${BENCH_TIMEOUT:-180}"
+    TESTS_TIMEOUT="${TESTS_TIMEOUT:-400}"
+    BENCH_TIMEOUT="${BENCH_TIMEOUT:-170}"
 fi
 
 ROWS=()
