@@ -370,7 +370,10 @@ def launch_dispatch(
         ov = be.dispatch_override
         if ov is not None:
             cfg = DispatchConfig(
-                *ov[:4],
+                ov[0],
+                ov[1],
+                ov[2],
+                ov[3],
                 payload,
                 r,
                 split=len(ov) > 4 and bool(ov[4]),
@@ -433,7 +436,9 @@ def launch_combine(
         ov = be.combine_override
         if ov is not None:
             cfg = CombineConfig(
-                *ov[:3],
+                ov[0],
+                ov[1],
+                ov[2],
                 payload,
                 split=len(ov) > 3 and bool(ov[3]),
                 push_fraction=ov[4] / 100 if len(ov) > 4 else 0.5,
