@@ -267,63 +267,61 @@ struct HtCombine {
                 if (!warp_wait_tag(ctx, flag, tag, nullptr, kStageCombineChunk, d)) return;
             }
             tm.add(5);
-            {
-                ht_trace_count(a.trace);
-                const int32_t row = lane < kRanks ? a.send_row[t * kRanks + lane] : -1;
-                const uint32_t mask = __ballot_sync(0xffffffffu, row >= 0);
-                const int64_t my_row = __shfl_sync(0xffffffffu, row, me);
-                const int4* srcs[kRanks];
+            ht_trace_count(a.trace);
+            const int32_t row = lane < kRanks ? a.send_row[t * kRanks + lane] : -1;
+            const uint32_t mask = __ballot_sync(0xffffffffu, row >= 0);
+            const int64_t my_row = __shfl_sync(0xffffffffu, row, me);
+            const int4* srcs[kRanks];
 #pragma unroll
-                for (int d = 0; d < kRanks; ++d)
-                    srcs[d] = reinterpret_cast<const int4*>(
-                        d == me ? a.x + (my_base + my_row) * kRowBytes
-                                : region + a.lay.data + (d * a.num_max_tokens + t) * kPayload);
-                auto* dst = reinterpret_cast<int4*>(a.out + t * kRowBytes);
-                const auto* b0 = reinterpret_cast<const int4*>(a.bias0 + t * kRowBytes);
-                const auto* b1 = reinterpret_cast<const int4*>(a.bias1 + t * kRowBytes);
-                // -0.0 is the identity of IEEE addition, so the sum starts from the first
-                // contribution exactly; with nothing at all the result is +0.
-                const bool empty = mask == 0 && a.bias0 == nullptr && a.bias1 == nullptr;
-                for (int v0 = lane; v0 < kVecs; v0 += 32 * kUnroll) {
-                    int4 vals[kUnroll][kRanks];
+            for (int d = 0; d < kRanks; ++d)
+                srcs[d] = reinterpret_cast<const int4*>(
+                    d == me ? a.x + (my_base + my_row) * kRowBytes
+                            : region + a.lay.data + (d * a.num_max_tokens + t) * kPayload);
+            auto* dst = reinterpret_cast<int4*>(a.out + t * kRowBytes);
+            const auto* b0 = reinterpret_cast<const int4*>(a.bias0 + t * kRowBytes);
+            const auto* b1 = reinterpret_cast<const int4*>(a.bias1 + t * kRowBytes);
+            // -0.0 is the identity of IEEE addition, so the sum starts from the first
+            // contribution exactly; with nothing at all the result is +0.
+            const bool empty = mask == 0 && a.bias0 == nullptr && a.bias1 == nullptr;
+            for (int v0 = lane; v0 < kVecs; v0 += 32 * kUnroll) {
+                int4 vals[kUnroll][kRanks];
 #pragma unroll
-                    for (int u = 0; u < kUnroll; ++u) {
-                        const int v = v0 + 32 * u;
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int v = v0 + 32 * u;
 #pragma unroll
-                        for (int d = 0; d < kRanks; ++d)
-                            if (v < kVecs && (mask & (1u << d))) vals[u][d] = srcs[d][v];
-                    }
-#pragma unroll
-                    for (int u = 0; u < kUnroll; ++u) {
-                        const int v = v0 + 32 * u;
-                        if (v >= kVecs) break;
-                        float acc[8];
-#pragma unroll
-                        for (int q = 0; q < 8; ++q) acc[q] = empty ? 0.0f : -0.0f;
-#pragma unroll
-                        for (int d = 0; d < kRanks; ++d)
-                            if (mask & (1u << d)) add_row(acc, vals[u][d]);
-                        if (a.bias0 != nullptr) add_row(acc, b0[v]);
-                        if (a.bias1 != nullptr) add_row(acc, b1[v]);
-                        int4 outv;
-                        auto* h = reinterpret_cast<__nv_bfloat162*>(&outv);
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-                        dst[v] = outv;
-                    }
+                    for (int d = 0; d < kRanks; ++d)
+                        if (v < kVecs && (mask & (1u << d))) vals[u][d] = srcs[d][v];
                 }
-                if (a.out_weights != nullptr && lane < kTopk) {
-                    const int64_t e = a.topk_idx[t * kTopk + lane];
-                    float w = 0.0f;
-                    if (e >= 0) {
-                        const int d = static_cast<int>(e / a.num_local_experts);
-                        w = d == me ? a.topk_weights[(my_base + my_row) * kTopk + lane]
-                                    : reinterpret_cast<const float*>(
-                                          region + a.lay.data +
-                                          (d * a.num_max_tokens + t) * kPayload + kRowBytes)[lane];
-                    }
-                    a.out_weights[t * kTopk + lane] = w;
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int v = v0 + 32 * u;
+                    if (v >= kVecs) break;
+                    float acc[8];
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) acc[q] = empty ? 0.0f : -0.0f;
+#pragma unroll
+                    for (int d = 0; d < kRanks; ++d)
+                        if (mask & (1u << d)) add_row(acc, vals[u][d]);
+                    if (a.bias0 != nullptr) add_row(acc, b0[v]);
+                    if (a.bias1 != nullptr) add_row(acc, b1[v]);
+                    int4 outv;
+                    auto* h = reinterpret_cast<__nv_bfloat162*>(&outv);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+                    dst[v] = outv;
                 }
+            }
+            if (a.out_weights != nullptr && lane < kTopk) {
+                const int64_t e = a.topk_idx[t * kTopk + lane];
+                float w = 0.0f;
+                if (e >= 0) {
+                    const int d = static_cast<int>(e / a.num_local_experts);
+                    w = d == me ? a.topk_weights[(my_base + my_row) * kTopk + lane]
+                                : reinterpret_cast<const float*>(
+                                      region + a.lay.data +
+                                      (d * a.num_max_tokens + t) * kPayload + kRowBytes)[lane];
+                }
+                a.out_weights[t * kTopk + lane] = w;
             }
         }
     }

@@ -110,11 +110,9 @@ constexpr int kTracePoints = 16;
 // Developer trace (LlArgs::trace != 0): thread 0 of each CTA records the global timer (ns) at
 // numbered points of the kernel (see nvlink_ll.TRACE_POINTS). Costs one uniform branch when off.
 __device__ __forceinline__ void trace(const LlArgs& a, int point) {
-    if (a.trace != 0 && threadIdx.x == 0) {
-        uint64_t t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        reinterpret_cast<uint64_t*>(a.trace)[blockIdx.x * kTracePoints + point] = t;
-    }
+    if (a.trace != 0 && threadIdx.x == 0)
+        reinterpret_cast<uint64_t*>(a.trace)[blockIdx.x * kTracePoints + point] =
+            ep_jit::globaltimer_ns();
 }
 
 using ep_jit::fence_acq_rel_sys;

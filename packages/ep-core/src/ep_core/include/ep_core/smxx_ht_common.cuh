@@ -44,18 +44,12 @@ struct Ctrl {
 // costs one uniform branch per wait.
 constexpr int kHtTracePoints = 8;
 
-__device__ __forceinline__ uint64_t ht_now() {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 __device__ __forceinline__ uint64_t* ht_trace_word(uint64_t* trace, int p) {
     return trace + (blockIdx.x * 32 + (threadIdx.x >> 5)) * kHtTracePoints + p;
 }
 
 __device__ __forceinline__ void ht_trace(uint64_t* trace, int p) {
-    if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) = ht_now();
+    if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) = ep_jit::globaltimer_ns();
 }
 
 __device__ __forceinline__ void ht_trace_count(uint64_t* trace) {
@@ -67,9 +61,9 @@ struct HtWaitTimer {
     uint64_t* trace;
     uint64_t t0;
     __device__ __forceinline__ explicit HtWaitTimer(uint64_t* tr)
-        : trace(tr), t0(tr != nullptr ? ht_now() : 0) {}
+        : trace(tr), t0(tr != nullptr ? ep_jit::globaltimer_ns() : 0) {}
     __device__ __forceinline__ void add(int p) const {
-        if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) += ht_now() - t0;
+        if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) += ep_jit::globaltimer_ns() - t0;
     }
 };
 
