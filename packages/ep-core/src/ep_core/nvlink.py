@@ -95,8 +95,8 @@ class NvlinkBackend:
         # (push, reduce, slots[, split[, push %]]).
         self.dispatch_override: tuple[int, ...] | None = None
         self.combine_override: tuple[int, ...] | None = None
-        # Developer trace (benchmarks): [CTAs, 32 warps, 4] int64 %globaltimer per warp, written
-        # by the kernels when set (see ht_trace in smxx_ht_common.cuh).
+        # Developer trace (benchmarks): [CTAs, 32 warps, 8] int64 per warp (times, waits, rows),
+        # written by the kernels when set (see ht_trace in smxx_ht_common.cuh).
         self.trace_dispatch: torch.Tensor | None = None
         self.trace_combine: torch.Tensor | None = None
 

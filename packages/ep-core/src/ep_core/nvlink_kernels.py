@@ -85,6 +85,11 @@ def raise_if_failed(error: torch.Tensor) -> None:
         raise GpuTimeoutError(STAGES.get(stage, f"stage {stage}"), peer, rank)
 
 
+def _first_role_ctas(grid: int, fraction: float) -> int:
+    """CTAs of the first role in a split launch of ``grid`` CTAs (at least one of each role)."""
+    return min(grid - 1, max(1, round(grid * fraction)))
+
+
 @dataclass(frozen=True)
 class DispatchConfig:
     send_warps: int
@@ -98,9 +103,26 @@ class DispatchConfig:
     send_fraction: float = 0.5
     """With ``split``: the share of the CTAs that send."""
 
+    @classmethod
+    def from_override(cls, ov: tuple[int, ...], payload: int, num_ranks: int) -> DispatchConfig:
+        """From a developer override: send warps, recv warps, send slots, recv slots[, split[, %]].
+
+        ``%`` is the share of the CTAs that send, in percent (default 50).
+        """
+        return cls(
+            ov[0],
+            ov[1],
+            ov[2],
+            ov[3],
+            payload,
+            num_ranks,
+            split=len(ov) > 4 and bool(ov[4]),
+            send_fraction=ov[5] / 100 if len(ov) > 5 else 0.5,
+        )
+
     def num_send_ctas(self, grid: int) -> int:
         """Sender CTAs of a split launch of ``grid`` CTAs (at least one of each role)."""
-        return min(grid - 1, max(1, round(grid * self.send_fraction)))
+        return _first_role_ctas(grid, self.send_fraction)
 
     @property
     def threads(self) -> int:
@@ -133,9 +155,21 @@ class CombineConfig:
             return 32 * max(self.push_warps, self.reduce_warps)
         return 32 * (self.push_warps + self.reduce_warps)
 
+    @classmethod
+    def from_override(cls, ov: tuple[int, ...], payload: int) -> CombineConfig:
+        """From a developer override: push warps, reduce warps, slots[, split[, push %]]."""
+        return cls(
+            ov[0],
+            ov[1],
+            ov[2],
+            payload,
+            split=len(ov) > 3 and bool(ov[3]),
+            push_fraction=ov[4] / 100 if len(ov) > 4 else 0.5,
+        )
+
     def num_push_ctas(self, grid: int) -> int:
         """Push CTAs of a split launch of ``grid`` CTAs (at least one of each role)."""
-        return min(grid - 1, max(1, round(grid * self.push_fraction)))
+        return _first_role_ctas(grid, self.push_fraction)
 
     def smem_bytes(self) -> int:
         """Mirror of ``HtCombine::smem_bytes``."""
@@ -366,19 +400,10 @@ def launch_dispatch(
     found = _configured.get(key)
     if found is None:
         payload = dispatch_payload_bytes(row_bytes, num_sf, k)
-        cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
-        ov = be.dispatch_override
-        if ov is not None:
-            cfg = DispatchConfig(
-                ov[0],
-                ov[1],
-                ov[2],
-                ov[3],
-                payload,
-                r,
-                split=len(ov) > 4 and bool(ov[4]),
-                send_fraction=ov[5] / 100 if len(ov) > 5 else 0.5,
-            )
+        if be.dispatch_override is not None:
+            cfg = DispatchConfig.from_override(be.dispatch_override, payload, r)
+        else:
+            cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
     cfg, kernel = found
     a = HtDispatchArgs()
@@ -401,10 +426,9 @@ def launch_dispatch(
     a.expert_alignment, a.timeout_cycles, a.rank = expert_alignment, be.timeout_cycles, be.rank
     a.lay = be.layout
     a.trace = device_ptr(be.trace_dispatch) or None
-    grid = num_sms
-    a.num_send_ctas = cfg.num_send_ctas(grid) if cfg.split else 0
+    a.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
     kernel.launch(
-        (grid, 1, 1),
+        (num_sms, 1, 1),
         (cfg.threads, 1, 1),
         a,
         smem=cfg.smem_bytes(num_local_experts),
@@ -432,17 +456,10 @@ def launch_combine(
     found = _configured.get(key)
     if found is None:
         payload = combine_payload_bytes(hidden, k)
-        cfg = combine_config(payload, split=splittable)
-        ov = be.combine_override
-        if ov is not None:
-            cfg = CombineConfig(
-                ov[0],
-                ov[1],
-                ov[2],
-                payload,
-                split=len(ov) > 3 and bool(ov[3]),
-                push_fraction=ov[4] / 100 if len(ov) > 4 else 0.5,
-            )
+        if be.combine_override is not None:
+            cfg = CombineConfig.from_override(be.combine_override, payload)
+        else:
+            cfg = combine_config(payload, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
     a = HtCombineArgs()
