@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from bench_graphs import capture_graph, start_line
 
 from ep_jit.testing import RankInfo, run_ranks
 
@@ -70,16 +71,7 @@ def _graph_us(fn, iters: int, label: str = "") -> float:
 
     With a ``label``, also prints (rank 0) the device time of every kernel in the graph.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    # thread_local: the NCCL watchdog thread keeps polling while this thread captures.
-    with torch.cuda.graph(g, capture_error_mode="thread_local"):
-        fn()
+    g = capture_graph(fn)
     us = _median(_time(g.replay, iters, 2))
     if label:
         kern = _kernel_us(g.replay, 5)
@@ -133,23 +125,11 @@ def _traced(be, attr: str, fn, n_sms: int) -> dict[str, object]:
     trace = torch.zeros((n_sms, 32, 8), dtype=torch.int64, device=be.device)
     setattr(be, attr, trace)
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
-            fn()
+        g = capture_graph(fn)
     finally:
         setattr(be, attr, None)
-    align = torch.zeros(1, device=be.device)
     trace.zero_()
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda._sleep(2_000_000)
-    dist.all_reduce(align)
+    start_line(torch.zeros(1, device=be.device))
     g.replay()
     torch.cuda.synchronize()
     return _trace_summary(trace)
@@ -231,9 +211,7 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                 for dcfg in dcfgs:
                     if (
                         len(dcfg) >= 4
-                        and nk.DispatchConfig(
-                            *dcfg[:4], payload, r, split=len(dcfg) > 4 and bool(dcfg[4])
-                        ).smem_bytes(e // r)
+                        and nk.DispatchConfig.from_override(dcfg, payload, r).smem_bytes(e // r)
                         > nk.SMEM_LIMIT
                     ):
                         continue

@@ -24,25 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bench_graphs import capture_graph, start_line
 
-from ep_jit.testing import RankInfo, run_ranks
-
-_SLEEP_CYCLES = 2_000_000
-_FLUSH_BYTES = 256 << 20
-
-
-def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, capture_error_mode="thread_local"):
-        fn()
-    torch.cuda.synchronize()
-    return g
+from ep_jit.testing import L2_FLUSH_BYTES, RankInfo, run_ranks
 
 
 def _time(replay: Callable[[], object], iters: int, flush: torch.Tensor) -> list[float]:
@@ -51,10 +35,7 @@ def _time(replay: Callable[[], object], iters: int, flush: torch.Tensor) -> list
     events = []
     for it in range(iters + 2):
         flush.zero_()
-        torch.cuda.synchronize()
-        dist.barrier()
-        torch.cuda._sleep(_SLEEP_CYCLES)
-        dist.all_reduce(align)
+        start_line(align)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         replay()
@@ -96,7 +77,7 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> None:
     h, k, e = args.hidden, args.num_topk, args.num_experts
     tokens = [int(v) for v in args.tokens.split(",")]
     nmax = max(tokens)
-    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=dev)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=dev)
     results: list[dict] = []
     coops = [c == "1" for c in args.cooperative.split(",")]
 
@@ -112,7 +93,7 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> None:
             )
         )
         for coop in coops:
-            g = _graph(lambda: empty.launch((ctas, 1, 1), (256, 1, 1), 0, cooperative=coop))  # noqa: B023
+            g = capture_graph(lambda: empty.launch((ctas, 1, 1), (256, 1, 1), 0, cooperative=coop))  # noqa: B023
             results.append(
                 {
                     "op": "empty",
@@ -155,7 +136,7 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> None:
                     "combine": partial(eng.combine, y, idx, w, res.handle, out=out),
                 }
                 for name, fn in steps.items():
-                    g = _graph(fn)
+                    g = capture_graph(fn)
                     us = _time(g.replay, args.iters, flush)
                     trace.zero_()
                     _time(g.replay, 1, flush)
