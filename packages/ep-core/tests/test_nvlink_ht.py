@@ -162,6 +162,8 @@ def _worker(info: RankInfo) -> None:
     ref = TorchBackend.from_config(info.group, cfg)
     fast = NvlinkBackend.from_config(info.group, cfg)
     ne = 16 * info.world_size
+    # SM counts cover both launch shapes: from nvlink_kernels.SPLIT_MIN_SMS (20) on each CTA has
+    # one role, below it every CTA has both.
     cases = [
         {
             "num_tokens": NMAX,
@@ -172,7 +174,7 @@ def _worker(info: RankInfo) -> None:
             "alignment": 1,
             "do_cpu_sync": True,
             "num_bias": 0,
-            "num_sms": 8,
+            "num_sms": 24,
         },
         {
             "num_tokens": NMAX - 3 * info.rank,
@@ -183,7 +185,7 @@ def _worker(info: RankInfo) -> None:
             "alignment": 1,
             "do_cpu_sync": True,
             "num_bias": 1,
-            "num_sms": 4,
+            "num_sms": 20,
         },
         {
             "num_tokens": 100 + info.rank,
@@ -227,7 +229,7 @@ def _worker(info: RankInfo) -> None:
             "alignment": 1,
             "do_cpu_sync": False,
             "num_bias": 0,
-            "num_sms": 5,
+            "num_sms": 24,
         },
         {
             "num_tokens": 300,
@@ -238,7 +240,7 @@ def _worker(info: RankInfo) -> None:
             "alignment": 128,
             "do_cpu_sync": True,
             "num_bias": 0,
-            "num_sms": 8,
+            "num_sms": 32,
         },
         {
             "num_tokens": 250,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CYCLES_PER_SECOND",
     "DEFAULT_NUM_SMS",
+    "SPLIT_MIN_SMS",
     "STAGES",
     "build_kernel",
     "combine_config",
@@ -40,10 +41,23 @@ __all__ = [
     "raise_if_failed",
     "register_include_root",
     "shipped_kernels",
+    "use_split",
 ]
 
 DEFAULT_NUM_SMS = 24
 """SMs used when a call passes ``num_sms=0`` and the caller gave no analytical choice."""
+
+SPLIT_MIN_SMS = 20
+"""From this many SMs on, the default launches give each CTA one role (senders or receivers,
+pushers or reducers); below it every CTA holds both. Measured on 4x H200 at 8-32 SMs
+(docs/kernels.md, third round): the split shapes were 4-25 % slower below 20 SMs, equal at 20
+and faster from 24 on."""
+
+
+def use_split(num_sms: int) -> bool:
+    """Whether launches of ``num_sms`` CTAs give each CTA one role (see ``SPLIT_MIN_SMS``)."""
+    return num_sms >= SPLIT_MIN_SMS
+
 
 CYCLES_PER_SECOND = 1.98e9
 """SM clock used to turn the timeout in seconds into cycles (H100/H200 boost clock)."""
@@ -181,11 +195,13 @@ def dispatch_config(
 ) -> DispatchConfig:
     """Warps and TMA slots per role so that the slots fill one SM's shared memory.
 
-    With ``split`` (the default; needs 2 SMs or more) sender and receiver warps run in different
-    CTAs: 8 warps x 3 slots per CTA with 10 of every 24 CTAs sending when 24 payload rows fit
-    in shared memory (FP8 rows of 7.5 KB), 4 x 3 with half of the CTAs sending when 12 fit
-    (bf16 rows of 14 KB). These were the fastest shapes measured on 4x H200 (docs/kernels.md,
-    2026-11-22). Without ``split`` (one SM) every CTA holds both roles.
+    With ``split`` sender and receiver warps run in different CTAs: 8 warps x 3 slots per CTA
+    with 10 of every 24 CTAs sending when 24 payload rows fit in shared memory (FP8 rows of
+    7.5 KB), 4 x 3 with half of the CTAs sending when 12 fit (bf16 rows of 14 KB). Without it
+    every CTA holds both roles: 4 sender warps x 3 slots + 8 receiver warps x 2 slots when 28
+    rows fit, 3 x 2 + 3 x 3 when 15 fit. These were the fastest shapes measured on 4x H200
+    (docs/kernels.md, 2026-11-22); the split ones from 20 SMs on, the mixed ones below
+    (``use_split``).
     """
     budget = SMEM_LIMIT - num_local_experts * 4 - 1024
     per_slot = payload + 8 + (1 + num_ranks) * 4
@@ -194,8 +210,12 @@ def dispatch_config(
         return DispatchConfig(8, 8, 3, 3, payload, num_ranks, split=True, send_fraction=10 / 24)
     if split and total >= 12:
         return DispatchConfig(4, 4, 3, 3, payload, num_ranks, split=True)
+    if total >= 28:
+        return DispatchConfig(4, 8, 3, 2, payload, num_ranks)
     if total >= 25:
         return DispatchConfig(3, 4, 3, 4, payload, num_ranks)
+    if total >= 15:
+        return DispatchConfig(3, 3, 2, 3, payload, num_ranks)
     if total >= 14:
         return DispatchConfig(3, 2, 2, 4, payload, num_ranks)
     for warps in (4, 3, 2, 1):
@@ -208,18 +228,23 @@ def dispatch_config(
 def combine_config(payload: int, split: bool = True) -> CombineConfig:
     """Push warps with TMA slots and reducer warps.
 
-    With ``split`` (the default; needs 2 SMs or more) half of the CTAs push (4 warps, up to 4
-    slots each) and the other half reduce (16 warps): on 4x H200 this took combine of 4096 x
-    7168 at 24 SMs from 705 to 616 us (docs/kernels.md). Without it (one SM) each CTA has
-    push warps and 16 - push reducer warps.
+    With ``split`` half of the CTAs push (4 warps, up to 4 slots each) and the other half reduce
+    (16 warps): on 4x H200 this took combine of 4096 x 7168 at 24 SMs from 705 to 616 us
+    (docs/kernels.md). Without it each CTA has 5 push warps x 3 slots and 12 reducer warps
+    (fewer push warps when their slots do not fit): the fastest mixed shape measured below
+    20 SMs (``use_split``).
     """
     budget = SMEM_LIMIT - 512
-    for warps in (4, 3, 2, 1):
-        slots = min(4, budget // (warps * (payload + 12)))
-        if slots >= 2:
-            if split:
+    if split:
+        for warps in (4, 3, 2, 1):
+            slots = min(4, budget // (warps * (payload + 12)))
+            if slots >= 2:
                 return CombineConfig(warps, 16, slots, payload, split=True)
-            return CombineConfig(warps, 16 - warps, slots, payload)
+    else:
+        for warps in (5, 4, 3, 2, 1):
+            slots = min(3, budget // (warps * (payload + 12)))
+            if slots >= 2:
+                return CombineConfig(warps, 12, slots, payload)
     raise ValueError(f"rows of {payload} bytes are too large for the combine kernel")
 
 
@@ -303,9 +328,10 @@ def shipped_kernels() -> list[Any]:
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
         cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
         specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
-    # One SM: mixed-role CTAs.
-    cfg = dispatch_config(dispatch_payload_bytes(14336, 0, 8), 4, 64, split=False)
-    specs.append(_dispatch_spec(4, 8, 14336, 0, cfg))
+    # Fewer than SPLIT_MIN_SMS SMs: mixed-role CTAs.
+    for row_bytes, num_sf in ((7168, 56), (14336, 0)):
+        cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64, split=False)
+        specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
     for hidden in (7168, 2880):
         specs.append(_combine_spec(4, 8, hidden, combine_config(combine_payload_bytes(hidden, 8))))
     specs.append(
@@ -394,8 +420,7 @@ def launch_dispatch(
     r, k = be.num_ranks, topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
     num_sf = 0 if x_scales is None else x_scales.shape[1]
-    # Split sender/receiver CTAs need two SMs at least.
-    splittable = num_sms >= 2
+    splittable = use_split(num_sms)
     key = ("dispatch", r, k, row_bytes, num_sf, num_local_experts, be.dispatch_override, splittable)
     found = _configured.get(key)
     if found is None:
@@ -451,7 +476,7 @@ def launch_combine(
 ) -> None:
     """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
     r, k, hidden = be.num_ranks, handle.num_topk, x.shape[1]
-    splittable = num_sms >= 2  # push and reduce CTAs need two SMs at least
+    splittable = use_split(num_sms)
     key = ("combine", r, k, hidden, be.combine_override, splittable)
     found = _configured.get(key)
     if found is None:
