@@ -187,6 +187,50 @@ def test_failures_are_reported() -> None:
     assert table.endswith("overall: FAIL")
 
 
+def test_kernel_time_columns() -> None:
+    timing = {"median": 200.0, "p10": 190.0, "p90": 210.0, "per_rank_median": [200.0], "samples": 1}
+    counts = {"logical": 1e6, "deepep": 1.1e6, "remote": 7e5}
+    case = {
+        "case": "ht/fp8/sms=24/t=4096/dispatch",
+        "mode": "ht",
+        "op": "dispatch",
+        "dtype": "fp8",
+        "num_sms": 24,
+        "num_sms_used": 24,
+        "num_tokens": 4096,
+        "graph": False,
+        "status": "PASS",
+        "mismatches": [],
+        "latency_us": timing,
+        "bytes": counts,
+        "gbps": {k: v / 200e-6 / 1e9 for k, v in counts.items()},
+        "kernel_us": 125.0,
+        "kernel_gbps": {k: v / 125e-6 / 1e9 for k, v in counts.items()},
+        "baseline": {"status": "PASS", "mismatches": [], "latency_us": timing, "gbps": counts},
+    }
+    meta = {"device": "cuda", "num_ranks": 4, "backend_name": "nvlink", "torch": "x"}
+    table = format_table(build_document(meta, {}, [case], ["ep-bench"]))
+    row = next(line for line in table.splitlines() if line.startswith("ht   dispatch"))
+    assert " 125.0 " in row and " 8.00 " in row  # kern_us, logical bytes / kern_us in GB/s
+    case.update(kernel_us=None, kernel_gbps=None)
+    table = format_table(build_document(meta, {}, [case], ["ep-bench"]))
+    assert " 125.0 " not in table
+
+
+def test_kernel_times_off_cuda() -> None:
+    from ep_elastic.bench_timing import kernel_times
+
+    calls: list[str] = []
+    out = kernel_times(
+        [("a", lambda: calls.append("a"))],
+        {"a": ("ep_",)},
+        iters=3,
+        device=torch.device("cpu"),
+        group=None,  # type: ignore[arg-type]  # not used off CUDA
+    )
+    assert out == {"a": None} and calls == []
+
+
 def test_routing_kinds() -> None:
     device = torch.device("cpu")
     num_tokens, num_experts, k, num_ranks = 512, 64, 6, 4

@@ -206,6 +206,9 @@ class NvlinkBackend:
             expert_alignment=expert_alignment,
             num_sms=n_sms,
         )
+        # The handle's copy of the routing is queued before the host synchronisation below, so
+        # no GPU work is left to launch after it.
+        idx_copy = topk_idx.clone() if handle is None else None
         psum_rank = counts[:r]
         unaligned = counts[r : r + el]
         aligned_psum = counts[r + el :]
@@ -262,6 +265,7 @@ class NvlinkBackend:
 
         state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
         if handle is None:
+            assert idx_copy is not None
             handle = EPHandle(
                 rank=self.rank,
                 num_ranks=r,
@@ -270,7 +274,7 @@ class NvlinkBackend:
                 expert_alignment=expert_alignment,
                 do_expand=do_expand,
                 num_sms=n_sms,
-                topk_idx=topk_idx.clone(),
+                topk_idx=idx_copy,
                 is_token_in_rank=is_in,
                 send_row=send_row,
                 num_recv_tokens=num_rows,

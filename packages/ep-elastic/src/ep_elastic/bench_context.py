@@ -122,6 +122,7 @@ def measure(
     timing: RankTiming,
     row_bytes: Mapping[str, float],
     rows: tuple[int, int],
+    kernel_us: float | None = None,
 ) -> dict[str, Any]:
     """Latency, bytes and GB/s of one measurement (collective: gathers the row counts).
 
@@ -130,10 +131,13 @@ def measure(
         timing: Merged timing of the measurement.
         row_bytes: Bytes per row for each count, with at least ``"logical"``.
         rows: ``(rows, remote_rows)`` this rank moves; ``rows`` includes its local rows.
+        kernel_us: Device time of the call's own kernels (``bench_timing.kernel_times``), or
+            ``None`` when not measured.
 
     Returns:
-        ``{"latency_us", "rows", "remote_rows", "bytes", "gbps"}``; rows and bytes are per rank
-        (mean over ranks), GB/s divide them by the median latency.
+        ``{"latency_us", "rows", "remote_rows", "bytes", "gbps", "kernel_us", "kernel_gbps"}``;
+        rows and bytes are per rank (mean over ranks), ``gbps`` divides them by the median
+        latency, ``kernel_gbps`` by ``kernel_us`` (``None`` without it).
     """
     per_rank = allgather_floats(
         [float(rows[0]), float(rows[1])], device=ctx.device, group=ctx.group
@@ -143,12 +147,17 @@ def measure(
     seconds = timing.median_us * 1e-6
     counted = {name: mean_rows * b for name, b in row_bytes.items()}
     counted["remote"] = mean_remote * row_bytes["logical"]
+    kernel_gbps = None
+    if kernel_us is not None and kernel_us > 0:
+        kernel_gbps = {k: b / (kernel_us * 1e-6) / 1e9 for k, b in counted.items()}
     return {
         "latency_us": timing.to_json(),
         "rows": mean_rows,
         "remote_rows": mean_remote,
         "bytes": counted,
         "gbps": {k: (b / seconds / 1e9 if seconds > 0 else 0.0) for k, b in counted.items()},
+        "kernel_us": kernel_us,
+        "kernel_gbps": kernel_gbps,
     }
 
 

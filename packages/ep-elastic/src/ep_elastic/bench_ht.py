@@ -9,7 +9,9 @@ count of a sweep moves the same data), then:
    ``combined_topk_weights`` must be equal. The ``all_to_all_single`` baseline is checked against
    the reference in the same way.
 2. timing: per iteration a dispatch then the combine of its handle, for the buffer and then for the
-   baseline, each after a barrier (:func:`~ep_elastic.bench_timing.time_steps`).
+   baseline, each after a barrier (:func:`~ep_elastic.bench_timing.time_steps`); then the
+   buffer's pair again under the profiler for the device time of its kernels
+   (:func:`~ep_elastic.bench_timing.kernel_times`, as DeepEP times its kernels).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from typing import Any
 from ep_elastic.bench_baseline import baseline_combine, baseline_dispatch
 from ep_elastic.bench_cases import Case, make_tokens, tokens_in_rank
 from ep_elastic.bench_context import RankContext, agree, cast_fp8, check_equal, measure, split_fp8
-from ep_elastic.bench_timing import time_steps
+from ep_elastic.bench_timing import kernel_times, time_steps
 
-__all__ = ["run_ht_case"]
+__all__ = ["KERNELS", "run_ht_case"]
+
+KERNELS = {"dispatch": ("ep_ht_layout", "ep_ht_dispatch"), "combine": ("ep_ht_combine",)}
+"""Name prefixes of the NVLink backend's kernels of each call (its kernel time, when it runs)."""
 
 _FIELDS = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")
 
@@ -127,6 +132,9 @@ def run_ht_case(
         ("base_combine", base_combine),
     ]
     t = time_steps(steps, iters=cfg.iters, warmup=cfg.warmup, device=ctx.device, group=ctx.group)
+    kern = kernel_times(
+        steps[:2], KERNELS, iters=min(cfg.iters, 10), device=ctx.device, group=ctx.group
+    )
 
     in_rank = tokens_in_rank(topk_idx, cfg.num_experts, ctx.num_ranks)
     rows = int(in_rank.sum())
@@ -155,7 +163,7 @@ def run_ht_case(
                 "graph": False,
                 "status": "FAIL" if op_bad else "PASS",
                 "mismatches": op_bad,
-                **measure(ctx, t[op], row_bytes[op], (rows, remote)),
+                **measure(ctx, t[op], row_bytes[op], (rows, remote), kern[op]),
                 "baseline": {
                     "status": "FAIL" if op_base_bad else "PASS",
                     "mismatches": op_base_bad,

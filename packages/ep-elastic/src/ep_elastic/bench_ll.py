@@ -20,9 +20,12 @@ import torch.distributed as dist
 from ep_elastic.bench_baseline import baseline_combine, baseline_dispatch
 from ep_elastic.bench_cases import Case, make_tokens, tokens_in_rank
 from ep_elastic.bench_context import RankContext, agree, cast_fp8, check_equal, measure, split_fp8
-from ep_elastic.bench_timing import time_steps
+from ep_elastic.bench_timing import kernel_times, time_steps
 
-__all__ = ["CHECK_REPLAYS", "run_ll_case"]
+__all__ = ["CHECK_REPLAYS", "KERNELS", "run_ll_case"]
+
+KERNELS = {"dispatch": ("ep_ll_dispatch",), "combine": ("ep_ll_combine",)}
+"""Name prefixes of the NVLink backend's low-latency kernels (its kernel time, when it runs)."""
 
 CHECK_REPLAYS = 3
 """Replays with fresh inputs compared with the reference in each low-latency case."""
@@ -228,6 +231,7 @@ def run_ll_case(
         ("base_combine", base_combine),
     ]
     t = time_steps(steps, iters=cfg.iters, warmup=cfg.warmup, device=dev, group=ctx.group)
+    kern = kernel_times(steps[:2], KERNELS, iters=min(cfg.iters, 10), device=dev, group=ctx.group)
 
     idx = inputs["topk_idx"]
     selected = idx >= 0
@@ -259,7 +263,7 @@ def run_ll_case(
                 "graph_note": graph_note,
                 "status": "FAIL" if op_bad else "PASS",
                 "mismatches": op_bad,
-                **measure(ctx, t[op], row_bytes[op], (rows, remote)),
+                **measure(ctx, t[op], row_bytes[op], (rows, remote), kern[op]),
                 "baseline": {
                     "status": "not checked (different layout)",
                     "mismatches": [],

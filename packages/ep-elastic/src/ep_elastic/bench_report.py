@@ -39,6 +39,12 @@ BYTE_COUNTING = {
         "before each: L2 flush, barrier and, on GPUs, a sleep kernel + one-element all-reduce "
         "as a shared start line; EP_CHECK_INPUTS off); bytes are the mean per rank."
     ),
+    "kernel": (
+        "kern_us = device time of the call's own kernels (routing layout + dispatch, or combine; "
+        "torch profiler, same start line, mean of 10 calls, max over ranks): what DeepEP's "
+        "tests report as their kernel time; no host work or host sync in it. kGB/s = logical "
+        "bytes / kern_us. '-' = not measured (reference backend, CPU)."
+    ),
     "low_latency_rows": "one row per (token, expert) selection, as the LL layout stores it.",
 }
 
@@ -102,6 +108,8 @@ _COLUMNS = (
     ("p90_us", 9, ">"),
     ("GB/s", 7, ">"),
     ("dpep", 7, ">"),
+    ("kern_us", 8, ">"),
+    ("kGB/s", 7, ">"),
     ("rem_MB", 8, ">"),
     ("rem_GB/s", 8, ">"),
     ("|", 1, "<"),
@@ -142,6 +150,8 @@ def format_table(doc: dict[str, Any]) -> str:
             f"{lat['p90']:.1f}",
             f"{c['gbps']['logical']:.2f}",
             f"{c['gbps']['deepep']:.2f}",
+            "-" if c.get("kernel_us") is None else f"{c['kernel_us']:.1f}",
+            "-" if c.get("kernel_gbps") is None else f"{c['kernel_gbps']['logical']:.2f}",
             f"{c['bytes']['remote'] / 1e6:.3f}",
             f"{c['gbps']['remote']:.2f}",
             "|",
@@ -158,6 +168,7 @@ def format_table(doc: dict[str, Any]) -> str:
         "dpep = " + BYTE_COUNTING["deepep"],
         "rem = " + BYTE_COUNTING["remote"],
         "times: " + BYTE_COUNTING["time"],
+        BYTE_COUNTING["kernel"],
         "base = plain all_to_all_single pipeline in the same run (its own rows for ll); "
         "speedup = base_us / med_us; * = timed as CUDA graph replays.",
     ]
@@ -209,6 +220,19 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
             xs = [c["num_sms_used"] or c["num_sms"] for c in rows]
             color = colors[dtype]
             ax.plot(xs, [c["gbps"]["logical"] for c in rows], "o-", color=color, label=dtype)
+            kern = [
+                (x, c["kernel_gbps"]["logical"])
+                for x, c in zip(xs, rows, strict=True)
+                if c.get("kernel_gbps") is not None
+            ]
+            if kern:
+                ax.plot(
+                    [x for x, _ in kern],
+                    [v for _, v in kern],
+                    "^:",
+                    color=color,
+                    label=f"{dtype} kernels only",
+                )
             base = max(c["baseline"]["gbps"]["logical"] for c in rows)
             ax.axhline(base, color=color, linestyle="--", label=f"{dtype} all_to_all baseline")
         ax.set_title(f"HT {op} ({doc['meta']['num_ranks']} ranks)")
@@ -236,6 +260,20 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
                     color=color,
                     label=label,
                 )
+                kern = [
+                    (x, c["kernel_us"])
+                    for x, c in zip(xs, rows, strict=True)
+                    if c.get("kernel_us") is not None
+                ]
+                if kern:
+                    ax.plot(
+                        [x for x, _ in kern],
+                        [v for _, v in kern],
+                        f"{marker}:",
+                        color=color,
+                        alpha=0.8,
+                        label=f"{label} kernel only",
+                    )
                 base = [c["baseline"]["latency_us"]["median"] for c in rows]
                 ax.plot(xs, base, f"{marker}--", color=color, alpha=0.5, label=f"{label} baseline")
         ax.set_xscale("log", base=2)

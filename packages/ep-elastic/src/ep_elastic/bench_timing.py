@@ -18,7 +18,7 @@ the correctness pass before the timings runs with them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ep_core import knobs as core_knobs
 from ep_jit.testing import L2_FLUSH_BYTES, BenchStats
 
-__all__ = ["RankTiming", "allgather_floats", "time_steps"]
+__all__ = ["RankTiming", "allgather_floats", "kernel_times", "time_steps"]
 
 _SLEEP_CYCLES = 2_000_000
 """Cycles of the sleep kernel before each timed call (about 1 ms on H100/H200)."""
@@ -129,6 +129,64 @@ def time_steps(
             samples=iters,
         )
     dist.barrier(group=group)
+    return out
+
+
+def kernel_times(
+    steps: Sequence[tuple[str, Callable[[], object]]],
+    kernels: Mapping[str, tuple[str, ...]],
+    *,
+    iters: int,
+    device: torch.device,
+    group: dist.ProcessGroup,
+) -> dict[str, float | None]:
+    """Device time per call of each step's own kernels, as DeepEP's tests time their kernels.
+
+    Runs the loop of :func:`time_steps` (flush, barrier, sleep kernel, start line before every
+    call) ``iters`` times under ``torch.profiler`` with CUDA activity only, then sums the
+    durations of the kernels whose names start with one of ``kernels[name]`` (every kernel a
+    backend launches for that step, e.g. a routing-layout kernel and the dispatch kernel), per
+    call. Host work and host synchronisation inside a call are not in this number; it shows
+    what the GPU spends, beside the whole-call time of :func:`time_steps`. Collective.
+
+    Args:
+        steps: As for :func:`time_steps`.
+        kernels: Kernel-name prefixes per step name; steps missing here are run but not
+            reported.
+        iters: Profiled iterations (>= 1), after one profiled warm-up iteration that is dropped.
+        device: The rank's device.
+        group: The process group.
+
+    Returns:
+        ``{name: us or None}`` for every name of ``kernels``: the max over ranks of each rank's
+        mean; ``None`` (on every rank) when not on CUDA or when some rank saw none of the
+        step's kernels (the reference backend launches none of ours).
+    """
+    if device.type != "cuda":
+        return dict.fromkeys(kernels)
+    from torch.profiler import ProfilerActivity, profile
+
+    with core_knobs.ep.scope():
+        core_knobs.ep.check_inputs = False
+        # The first profiling session of a process also starts CUPTI; its numbers are dropped.
+        with profile(activities=[ProfilerActivity.CUDA]):
+            _run(steps, iters=1, warmup=0, device=device, group=group)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _run(steps, iters=iters, warmup=0, device=device, group=group)
+    totals = dict.fromkeys(kernels, 0.0)
+    for event in prof.key_averages():
+        t = float(getattr(event, "device_time_total", 0.0) or 0.0)
+        for name, prefixes in kernels.items():
+            if t > 0 and event.key.startswith(prefixes):
+                totals[name] += t
+    names = list(kernels)
+    local = [totals[n] / iters for n in names]
+    per_rank = allgather_floats(local, device=device, group=group)
+    dist.barrier(group=group)
+    out: dict[str, float | None] = {}
+    for i, n in enumerate(names):
+        vals = [r[i] for r in per_rank]
+        out[n] = max(vals) if min(vals) > 0 else None
     return out
 
 
