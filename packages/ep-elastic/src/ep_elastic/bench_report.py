@@ -277,6 +277,7 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
                 base = [c["baseline"]["latency_us"]["median"] for c in rows]
                 ax.plot(xs, base, f"{marker}--", color=color, alpha=0.5, label=f"{label} baseline")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # the host-synchronising baseline is ~20-40x slower
         ax.set_title("LL latency")
         ax.set_xlabel("tokens per rank")
         ax.set_ylabel("median us (max over ranks)")
