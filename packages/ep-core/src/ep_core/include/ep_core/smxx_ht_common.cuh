@@ -52,8 +52,15 @@ __device__ __forceinline__ void ht_trace(uint64_t* trace, int p) {
     if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) = ep_jit::globaltimer_ns();
 }
 
+// The counters below are fire-and-forget reductions (red.global.add): a `+=` would be a
+// dependent global load per call, a stall of an L2 round trip that the trace itself would add.
+__device__ __forceinline__ void ht_trace_add(uint64_t* trace, int p, uint64_t v) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(ht_trace_word(trace, p)),
+              static_cast<unsigned long long>(v));
+}
+
 __device__ __forceinline__ void ht_trace_count(uint64_t* trace) {
-    if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, 6) += 1;
+    if (trace != nullptr && (threadIdx.x & 31) == 0) ht_trace_add(trace, 6, 1);
 }
 
 // Accumulates the time from its construction to add(p) into wait word p (lane 0 only).
@@ -63,7 +70,8 @@ struct HtWaitTimer {
     __device__ __forceinline__ explicit HtWaitTimer(uint64_t* tr)
         : trace(tr), t0(tr != nullptr ? ep_jit::globaltimer_ns() : 0) {}
     __device__ __forceinline__ void add(int p) const {
-        if (trace != nullptr && (threadIdx.x & 31) == 0) *ht_trace_word(trace, p) += ep_jit::globaltimer_ns() - t0;
+        if (trace != nullptr && (threadIdx.x & 31) == 0)
+            ht_trace_add(trace, p, ep_jit::globaltimer_ns() - t0);
     }
 };
 
