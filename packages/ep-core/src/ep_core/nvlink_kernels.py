@@ -235,16 +235,11 @@ def combine_config(payload: int, split: bool = True) -> CombineConfig:
     20 SMs (``use_split``).
     """
     budget = SMEM_LIMIT - 512
-    if split:
-        for warps in (4, 3, 2, 1):
-            slots = min(4, budget // (warps * (payload + 12)))
-            if slots >= 2:
-                return CombineConfig(warps, 16, slots, payload, split=True)
-    else:
-        for warps in (5, 4, 3, 2, 1):
-            slots = min(3, budget // (warps * (payload + 12)))
-            if slots >= 2:
-                return CombineConfig(warps, 12, slots, payload)
+    most_warps, most_slots, reducers = (4, 4, 16) if split else (5, 3, 12)
+    for warps in range(most_warps, 0, -1):
+        slots = min(most_slots, budget // (warps * (payload + 12)))
+        if slots >= 2:
+            return CombineConfig(warps, reducers, slots, payload, split=split)
     raise ValueError(f"rows of {payload} bytes are too large for the combine kernel")
 
 

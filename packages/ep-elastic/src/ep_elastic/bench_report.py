@@ -191,6 +191,15 @@ def require_matplotlib() -> None:
         ) from exc
 
 
+def _plot_kernel_curve(
+    ax: Any, xs: Sequence[float], ys: Sequence[float | None], style: str, **kwargs: Any
+) -> None:
+    """Plots the points of ``ys`` that were measured (kernel times are ``None`` off CUDA)."""
+    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    if points:
+        ax.plot([x for x, _ in points], [y for _, y in points], style, **kwargs)
+
+
 def write_plot(doc: dict[str, Any], path: str) -> None:
     """Writes a PNG: GB/s vs SMs per high-throughput op, latency vs tokens for low latency.
 
@@ -220,19 +229,14 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
             xs = [c["num_sms_used"] or c["num_sms"] for c in rows]
             color = colors[dtype]
             ax.plot(xs, [c["gbps"]["logical"] for c in rows], "o-", color=color, label=dtype)
-            kern = [
-                (x, c["kernel_gbps"]["logical"])
-                for x, c in zip(xs, rows, strict=True)
-                if c.get("kernel_gbps") is not None
-            ]
-            if kern:
-                ax.plot(
-                    [x for x, _ in kern],
-                    [v for _, v in kern],
-                    "^:",
-                    color=color,
-                    label=f"{dtype} kernels only",
-                )
+            _plot_kernel_curve(
+                ax,
+                xs,
+                [(c.get("kernel_gbps") or {}).get("logical") for c in rows],
+                "^:",
+                color=color,
+                label=f"{dtype} kernels only",
+            )
             base = max(c["baseline"]["gbps"]["logical"] for c in rows)
             ax.axhline(base, color=color, linestyle="--", label=f"{dtype} all_to_all baseline")
         ax.set_title(f"HT {op} ({doc['meta']['num_ranks']} ranks)")
@@ -260,20 +264,15 @@ def write_plot(doc: dict[str, Any], path: str) -> None:
                     color=color,
                     label=label,
                 )
-                kern = [
-                    (x, c["kernel_us"])
-                    for x, c in zip(xs, rows, strict=True)
-                    if c.get("kernel_us") is not None
-                ]
-                if kern:
-                    ax.plot(
-                        [x for x, _ in kern],
-                        [v for _, v in kern],
-                        f"{marker}:",
-                        color=color,
-                        alpha=0.8,
-                        label=f"{label} kernel only",
-                    )
+                _plot_kernel_curve(
+                    ax,
+                    xs,
+                    [c.get("kernel_us") for c in rows],
+                    f"{marker}:",
+                    color=color,
+                    alpha=0.8,
+                    label=f"{label} kernel only",
+                )
                 base = [c["baseline"]["latency_us"]["median"] for c in rows]
                 ax.plot(xs, base, f"{marker}--", color=color, alpha=0.5, label=f"{label} baseline")
         ax.set_xscale("log", base=2)
