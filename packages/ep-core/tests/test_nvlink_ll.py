@@ -73,10 +73,9 @@ def test_layout_parts_do_not_overlap() -> None:
                 (lay.r_cnt, r * el * 8),
                 (lay.r_ntok, r * 8),
                 (lay.r_done, r * nc * 8),
-                (lay.r_wdone, r * nc * 8),
                 (lay.r_meta, r * n * k * 4),
-                (lay.r_cmask, r * n * 4),
-                (lay.r_cw, r * n * k * 4),
+                (lay.r_cmask, r * n * 8),
+                (lay.r_cw, r * n * k * 8),
                 (lay.r_stage, r * n * lay.row_bytes),
             ]
         )

@@ -114,6 +114,7 @@ TRACE_NAMES = {
         5: "reduce start",
         7: "reduced (warp 0)",
         8: "end",
+        9: "first weights read (warp 0)",
     },
 }
 """What each trace point of the low-latency kernels marks (thread 0 of each CTA)."""
@@ -159,7 +160,6 @@ class LlArgs(ctypes.Structure):
         ("r_cnt", ctypes.c_int64),
         ("r_ntok", ctypes.c_int64),
         ("r_done", ctypes.c_int64),
-        ("r_wdone", ctypes.c_int64),
         ("r_meta", ctypes.c_int64),
         ("r_cmask", ctypes.c_int64),
         ("r_cw", ctypes.c_int64),
@@ -182,7 +182,7 @@ class LlLayout:
         row_bytes: Stride of a staged row (a bf16 row, or e4m3 data plus scales).
         off_abort, off_slot_epoch, off_cta_epoch, off_rel: Control block.
         region: Bases of the two alternating regions.
-        r_cnt, r_ntok, r_done, r_wdone, r_meta, r_cmask, r_cw, r_stage: Offsets in a region.
+        r_cnt, r_ntok, r_done, r_meta, r_cmask, r_cw, r_stage: Offsets in a region.
         total_bytes: Bytes of the buffer.
     """
 
@@ -201,7 +201,6 @@ class LlLayout:
     r_cnt: int
     r_ntok: int
     r_done: int
-    r_wdone: int
     r_meta: int
     r_cmask: int
     r_cw: int
@@ -229,10 +228,9 @@ def compute_ll_layout(
         ("cnt", r * max_local_experts * 8),
         ("ntok", r * 8),
         ("done", r * nc * 8),
-        ("wdone", r * nc * 8),
         ("meta", r * n * k * 4),
-        ("cmask", r * n * 4),
-        ("cw", r * n * k * 4),
+        ("cmask", r * n * 8),
+        ("cw", r * n * k * 8),
     ):
         parts[name] = off
         off = _align(off + size, 128)
@@ -257,7 +255,6 @@ def compute_ll_layout(
         r_cnt=parts["cnt"],
         r_ntok=parts["ntok"],
         r_done=parts["done"],
-        r_wdone=parts["wdone"],
         r_meta=parts["meta"],
         r_cmask=parts["cmask"],
         r_cw=parts["cw"],
@@ -558,7 +555,7 @@ class LowLatencyEngine:
         a.off_abort, a.off_slot_epoch = lay.off_abort, lay.off_slot_epoch
         a.off_cta_epoch, a.off_rel = lay.off_cta_epoch, lay.off_rel
         a.region0, a.region1 = lay.region
-        a.r_cnt, a.r_ntok, a.r_done, a.r_wdone = lay.r_cnt, lay.r_ntok, lay.r_done, lay.r_wdone
+        a.r_cnt, a.r_ntok, a.r_done = lay.r_cnt, lay.r_ntok, lay.r_done
         a.r_meta, a.r_cmask, a.r_cw, a.r_stage = lay.r_meta, lay.r_cmask, lay.r_cw, lay.r_stage
         a.trace = device_ptr(self.trace)
         return a

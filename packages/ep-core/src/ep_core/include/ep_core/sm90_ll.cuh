@@ -29,8 +29,9 @@
 //   rows of its local experts as soon as the source CTAs that wrote its chunks and its lane table
 //   are done (work item u of a kernel always belongs to CTA u % num_ctas, so a receiver knows
 //   which flag covers which item).
-// * Combine (source s): writes its top-k weights and per-destination lane masks to every rank,
-//   releases wdone[s][cta]. Each rank d, per (source, token, chunk) with lanes on d, computes
+// * Combine (source s): writes its top-k weights and per-destination lane masks to every rank
+//   as tagged words ((epoch << 32) | bits: no fence, no flag; a reader checks each word's tag).
+//   Each rank d, per (source, token, chunk) with lanes on d, computes
 //   p_d = bf16(sum over those lanes, increasing j, of w * float(y)) (__fmul_rn/__fadd_rn, starting
 //   from the first term) and TMA-stores it into stage[d][t] of s; releases done[d][cta]. The
 //   source waits for the CTA of every destination that made the token's partial (it knows every
@@ -80,10 +81,9 @@ struct LlArgs {
     int64_t r_cnt;              // [R][buf El] u64 (epoch << 32) | count
     int64_t r_ntok;             // [R] u64 (epoch << 32) | T of the source
     int64_t r_done;             // [R][num CTAs] u64 epoch: rows/partials of a source CTA complete
-    int64_t r_wdone;            // [R][num CTAs] u64 epoch: combine weights of a source CTA written
     int64_t r_meta;             // [R][buf Nmax][k] int32
-    int64_t r_cmask;            // [R][buf Nmax] u32 combine lanes on this rank
-    int64_t r_cw;               // [R][buf Nmax][k] float32 combine weights
+    int64_t r_cmask;            // [R][buf Nmax] u64 (epoch << 32) | combine lanes on this rank
+    int64_t r_cw;               // [R][buf Nmax][k] u64 (epoch << 32) | float32 bits of a weight
     int64_t r_stage;            // [R][buf Nmax][row_bytes] staged rows / combine partials
     uint64_t trace;             // 0, or [num CTAs][kTracePoints] u64 %globaltimer (developer trace)
 };
@@ -173,15 +173,6 @@ struct Env {
         return local + a.region[parity];
     }
 };
-
-// Every lane waits for the same word (so each lane's later loads are ordered after its own
-// acquire). Returns false (on every lane) after a timeout or an abort.
-__device__ __forceinline__ bool warp_wait_one(const Env& env, const uint64_t* flag, uint64_t target,
-                                              int stage, int peer) {
-    const bool ok = wait_geq(env.ctx, flag, target, stage, peer);
-    __syncwarp();
-    return __all_sync(kFull, ok);
-}
 
 // Each lane waits for its own word (`flag` may be null: nothing to wait for), then the warp
 // proceeds together: the acquires and __syncwarp order every lane's later loads after them.
@@ -754,7 +745,6 @@ struct Combine {
         const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
         const auto* weights = reinterpret_cast<const float*>(a.topk_weights);
         const bool ok = warp_gate<kRanks>(a, env);
-        // Token t belongs to CTA t % nc (receivers wait for exactly that CTA's flag).
         for (int t = warp * nc + static_cast<int>(blockIdx.x); ok && t < T; t += nc * kNumWarps) {
             const int64_t e =
                 lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
@@ -766,16 +756,14 @@ struct Combine {
             for (int r = 0; r < kRanks; ++r) {
                 const uint32_t m = __ballot_sync(kFull, d == r);
                 uint8_t* reg = env.region(a, r);
-                if (lane == 0) reinterpret_cast<uint32_t*>(reg + a.r_cmask)[slot_idx] = m;
-                if (d == r) reinterpret_cast<float*>(reg + a.r_cw)[slot_idx * kTopk + lane] = w;
+                if (lane == 0)
+                    st_relaxed_sys(reinterpret_cast<uint64_t*>(reg + a.r_cmask) + slot_idx,
+                                   tagged(env.epoch, m));
+                if (d == r)
+                    st_relaxed_sys(
+                        reinterpret_cast<uint64_t*>(reg + a.r_cw) + slot_idx * kTopk + lane,
+                        tagged(env.epoch, __float_as_uint(w)));
             }
-        }
-        fence_acq_rel_sys();
-        __syncthreads();
-        if (threadIdx.x < kRanks && !aborted(env.ctx)) {
-            auto* flag = reinterpret_cast<uint64_t*>(env.region(a, threadIdx.x) + a.r_wdone) +
-                         static_cast<int64_t>(env.me) * nc + blockIdx.x;
-            st_release_sys(flag, env.epoch);
         }
         trace(a, 2);
     }
@@ -794,7 +782,9 @@ struct Combine {
         source_offsets<kRanks, kNumChunks>(env.me, sntok, spoff);
         __syncthreads();
 
-        const auto* wdone = reinterpret_cast<const uint64_t*>(reg + a.r_wdone);
+        const auto* masks = reinterpret_cast<const uint64_t*>(reg + a.r_cmask);
+        const auto* cws = reinterpret_cast<const uint64_t*>(reg + a.r_cw);
+        const uint32_t tag = static_cast<uint32_t>(env.epoch);
         const auto* cmap = reinterpret_cast<const int32_t*>(a.cmap);
         const auto* y = reinterpret_cast<const uint8_t*>(a.x);
         uint8_t* ring = smem + warp * 2 * kSlotBytes;
@@ -805,17 +795,22 @@ struct Combine {
             const int s = (env.me + i_src) % kRanks;
             const int rem = u - spoff[i_src];
             const int t = rem / kNumChunks, ch = rem - t * kNumChunks;
-            if (!warp_wait_one(env, wdone + static_cast<int64_t>(s) * nc + t % nc, env.epoch,
-                               kStageLlWeights, s))
-                break;
-            // One round of independent loads: the lane mask, and per lane its weight and row.
+            // One round of independent loads: the lane mask, and per lane its weight and row; a
+            // word whose tag is not this op's yet is waited for (the weight only of a lane here).
             const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
-            const uint32_t mask = reinterpret_cast<const uint32_t*>(reg + a.r_cmask)[slot_idx];
-            const float w_lane =
-                lane < kTopk ? reinterpret_cast<const float*>(reg + a.r_cw)[slot_idx * kTopk + lane]
-                             : 0.0f;
+            const uint64_t* wword = lane < kTopk ? cws + slot_idx * kTopk + lane : nullptr;
+            uint64_t mv = ld_relaxed_sys(masks + slot_idx);
+            uint64_t wv = wword != nullptr ? ld_relaxed_sys(wword) : 0;
             const int row_lane =
                 lane < kTopk ? cmap[(static_cast<int64_t>(s) * nmax + t) * kTopk + lane] : -1;
+            bool got = static_cast<uint32_t>(mv >> 32) == tag ||
+                       wait_tag(env.ctx, masks + slot_idx, tag, &mv, kStageLlWeights, s);
+            const uint32_t mask = static_cast<uint32_t>(mv);
+            if (got && ((mask >> lane) & 1u) != 0 && static_cast<uint32_t>(wv >> 32) != tag)
+                got = wait_tag(env.ctx, wword, tag, &wv, kStageLlWeights, s);
+            if (!__all_sync(kFull, got)) break;
+            const float w_lane = __uint_as_float(static_cast<uint32_t>(wv));
+            if (nitem == 0) trace(a, 9);
             if (mask == 0) continue;
             uint8_t* slot = ring + (nitem & 1) * kSlotBytes;
             if (nitem >= 2 && lane == 0) tma_wait_read<1>();
