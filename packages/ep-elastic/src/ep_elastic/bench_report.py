@@ -41,9 +41,9 @@ BYTE_COUNTING = {
     ),
     "kernel": (
         "kern_us = device time of the call's own kernels (routing layout + dispatch, or combine; "
-        "torch profiler, same start line, mean of 10 calls, max over ranks): what DeepEP's "
-        "tests report as their kernel time; no host work or host sync in it. kGB/s = logical "
-        "bytes / kern_us. '-' = not measured (reference backend, CPU)."
+        "torch profiler, same start line, median of 10 calls per kernel, max over ranks): "
+        "what DeepEP's tests report as their kernel time; no host work or host sync in it. "
+        "kGB/s = logical bytes / kern_us. '-' = not measured (reference backend, CPU)."
     ),
     "low_latency_rows": "one row per (token, expert) selection, as the LL layout stores it.",
 }

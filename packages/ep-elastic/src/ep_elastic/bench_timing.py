@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ep_core import knobs as core_knobs
 from ep_jit.testing import L2_FLUSH_BYTES, BenchStats
 
-__all__ = ["RankTiming", "allgather_floats", "kernel_times", "time_steps"]
+__all__ = ["RankTiming", "allgather_floats", "kernel_times", "per_call_kernel_us", "time_steps"]
 
 _SLEEP_CYCLES = 2_000_000
 """Cycles of the sleep kernel before each timed call (about 1 ms on H100/H200)."""
@@ -159,8 +159,9 @@ def kernel_times(
 
     Returns:
         ``{name: us or None}`` for every name of ``kernels``: the max over ranks of each rank's
-        mean; ``None`` (on every rank) when not on CUDA or when some rank saw none of the
-        step's kernels (the reference backend launches none of ours).
+        :func:`per_call_kernel_us` (medians, so one delayed call does not move it); ``None``
+        (on every rank) when not on CUDA or when some rank saw none of the step's kernels (the
+        reference backend launches none of ours).
     """
     if device.type != "cuda":
         return dict.fromkeys(kernels)
@@ -173,20 +174,46 @@ def kernel_times(
             _run(steps, iters=1, warmup=0, device=device, group=group)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             _run(steps, iters=iters, warmup=0, device=device, group=group)
-    totals = dict.fromkeys(kernels, 0.0)
-    for event in prof.key_averages():
+    durations: dict[str, list[float]] = {}
+    for event in prof.events():
         t = float(getattr(event, "device_time_total", 0.0) or 0.0)
-        for name, prefixes in kernels.items():
-            if t > 0 and event.key.startswith(prefixes):
-                totals[name] += t
+        if t > 0:
+            durations.setdefault(event.name, []).append(t)
+    per_call = per_call_kernel_us(durations, kernels, iters)
     names = list(kernels)
-    local = [totals[n] / iters for n in names]
+    local = [per_call[n] for n in names]
     per_rank = allgather_floats(local, device=device, group=group)
     dist.barrier(group=group)
     out: dict[str, float | None] = {}
     for i, n in enumerate(names):
         vals = [r[i] for r in per_rank]
         out[n] = max(vals) if min(vals) > 0 else None
+    return out
+
+
+def per_call_kernel_us(
+    durations: Mapping[str, Sequence[float]],
+    kernels: Mapping[str, tuple[str, ...]],
+    iters: int,
+) -> dict[str, float]:
+    """Device time per call of each step from profiled kernel durations (us), robustly.
+
+    For every kernel name that starts with one of the step's prefixes: the median of its
+    durations times how often it ran per call (``len / iters``); the step's time is the sum over
+    those kernels (a dispatch = its routing-layout kernel + the dispatch kernel). A median
+    rather than a mean, so one delayed call among ``iters`` does not move the number. A step
+    whose kernels never ran gets 0.
+    """
+    out = dict.fromkeys(kernels, 0.0)
+    for kname, values in durations.items():
+        if not values:
+            continue
+        ordered = sorted(values)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        for name, prefixes in kernels.items():
+            if kname.startswith(prefixes):
+                out[name] += median * len(values) / iters
     return out
 
 
