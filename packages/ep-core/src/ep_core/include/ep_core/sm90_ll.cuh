@@ -735,6 +735,74 @@ struct Combine {
     static_assert(kTopk >= 1 && kTopk <= 32, "top-k must fit a warp");
     static_assert(kHidden % 64 == 0, "hidden: multiple of 64");
 
+    // acc = the float32 sum, over the set bits j of `bits` in increasing order, of term_j =
+    // w_j * row_j (kWeighted; __fmul_rn) or row_j, for the lane's vectors v0 + q * 32 + lane
+    // (q < kU, below nvec) of a chunk: the first term as it is, each later one added with
+    // __fadd_rn. kGroup entries at a time with all of their loads in flight (read-only loads
+    // when kReadOnly). entry(j, have, w) returns entry j's chunk base (nullptr: a zero row) and,
+    // for weighted sums, sets w; it is called with have = false (and j = 0) for the unused slots
+    // of the last group, uniformly over the warp, so it may shuffle.
+    template <bool kWeighted, bool kReadOnly, typename Entry>
+    static __device__ __forceinline__ void ordered_sum(uint32_t bits, int v0, int nvec, int lane,
+                                                       Entry&& entry, float (&acc)[kU][8]) {
+#pragma unroll
+        for (int q = 0; q < kU; ++q)
+#pragma unroll
+            for (int h = 0; h < 8; ++h) acc[q][h] = 0.0f;
+        bool first = true;
+        for (uint32_t rest = bits; rest != 0;) {
+            const int taken = min(__popc(rest), kGroup);  // uniform
+            float w[kGroup];
+            int4 v[kGroup][kU];
+#pragma unroll
+            for (int g = 0; g < kGroup; ++g) {
+                const bool have = g < taken;
+                const int j = have ? __ffs(rest) - 1 : 0;
+                rest = have ? rest & (rest - 1) : rest;
+                const uint8_t* p = entry(j, have, w[g]);
+#pragma unroll
+                for (int q = 0; q < kU; ++q) {
+                    const int vi = v0 + q * 32 + lane;
+                    v[g][q] = make_int4(0, 0, 0, 0);
+                    if (p != nullptr && vi < nvec) {
+                        const auto* src = reinterpret_cast<const int4*>(p + vi * 16);
+                        v[g][q] = kReadOnly ? __ldg(src) : *src;
+                    }
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < kGroup; ++g) {
+                if (g >= taken) break;
+#pragma unroll
+                for (int q = 0; q < kU; ++q) {
+                    float f[8];
+                    unpack8(v[g][q], f, 0);
+#pragma unroll
+                    for (int h = 0; h < 8; ++h) {
+                        const float term = kWeighted ? __fmul_rn(w[g], f[h]) : f[h];
+                        acc[q][h] = first ? term : __fadd_rn(acc[q][h], term);
+                    }
+                }
+                first = false;
+            }
+        }
+    }
+
+    // The lane's vectors of `acc` as bf16 (round to nearest even) at dst + vi * 16.
+    static __device__ __forceinline__ void store_bf16(uint8_t* dst, int v0, int nvec, int lane,
+                                                      const float (&acc)[kU][8]) {
+#pragma unroll
+        for (int q = 0; q < kU; ++q) {
+            const int vi = v0 + q * 32 + lane;
+            if (vi < nvec)
+                *reinterpret_cast<int4*>(dst + vi * 16) =
+                    make_int4(static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
+                              static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
+                              static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
+                              static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
+        }
+    }
+
     // Source: weights and per-destination lane masks of every token, at every rank.
     static __device__ __forceinline__ void send_weights(const LlArgs& a, const Env& env) {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -817,62 +885,18 @@ struct Combine {
             __syncwarp();
             const int c0 = ch * kChunk, c1 = min(kHidden, c0 + kChunk);
             const int nvec = (c1 - c0) / 8;
+            // Lanes of the token in increasing order; a lane that dispatch did not route here
+            // reads as a zero row.
+            const uint8_t* yc = y + static_cast<int64_t>(c0) * 2;
+            auto lane_row = [&](int j, bool have, float& w) -> const uint8_t* {
+                w = __shfl_sync(kFull, w_lane, j);
+                const int row = have ? __shfl_sync(kFull, row_lane, j) : -1;
+                return row >= 0 ? yc + static_cast<int64_t>(row) * kHidden * 2 : nullptr;
+            };
             for (int v0 = 0; v0 < nvec; v0 += 32 * kU) {
                 float acc[kU][8];
-#pragma unroll
-                for (int q = 0; q < kU; ++q)
-#pragma unroll
-                    for (int h = 0; h < 8; ++h) acc[q][h] = 0.0f;
-                bool first = true;
-                // Lanes of the token in increasing order, kGroup at a time with all loads in
-                // flight.
-                for (uint32_t rest = mask; rest != 0;) {
-                    const int taken = min(__popc(rest), kGroup);  // uniform
-                    float w[kGroup];
-                    int4 yv[kGroup][kU];
-#pragma unroll
-                    for (int g = 0; g < kGroup; ++g) {
-                        const bool have = g < taken;
-                        const int j = have ? __ffs(rest) - 1 : 0;
-                        rest = have ? rest & (rest - 1) : rest;
-                        w[g] = __shfl_sync(kFull, w_lane, j);
-                        // A lane that dispatch did not route here reads as a zero row.
-                        const int row = have ? __shfl_sync(kFull, row_lane, j) : -1;
-#pragma unroll
-                        for (int q = 0; q < kU; ++q) {
-                            const int vi = v0 + q * 32 + lane;
-                            yv[g][q] = make_int4(0, 0, 0, 0);
-                            if (row >= 0 && vi < nvec)
-                                yv[g][q] = __ldg(reinterpret_cast<const int4*>(
-                                    y + (static_cast<int64_t>(row) * kHidden + c0 + vi * 8) * 2));
-                        }
-                    }
-#pragma unroll
-                    for (int g = 0; g < kGroup; ++g) {
-                        if (g >= taken) break;
-#pragma unroll
-                        for (int q = 0; q < kU; ++q) {
-                            float f[8];
-                            unpack8(yv[g][q], f, 0);
-#pragma unroll
-                            for (int h = 0; h < 8; ++h) {
-                                const float term = __fmul_rn(w[g], f[h]);
-                                acc[q][h] = first ? term : __fadd_rn(acc[q][h], term);
-                            }
-                        }
-                        first = false;
-                    }
-                }
-#pragma unroll
-                for (int q = 0; q < kU; ++q) {
-                    const int vi = v0 + q * 32 + lane;
-                    if (vi < nvec)
-                        *reinterpret_cast<int4*>(slot + vi * 16) =
-                            make_int4(static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
-                                      static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
-                                      static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
-                                      static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
-                }
+                ordered_sum<true, true>(mask, v0, nvec, lane, lane_row, acc);
+                store_bf16(slot, v0, nvec, lane, acc);
             }
             fence_proxy_async_smem();
             __syncwarp();
@@ -936,59 +960,17 @@ struct Combine {
             if (!warp_wait_lanes(env, flag, env.epoch, kStageLlPartials, peer)) break;
             const int c0 = ch * kChunk, c1 = min(kHidden, c0 + kChunk);
             const int nvec = (c1 - c0) / 8;
+            // Destinations in increasing order; a token with no valid lane gives +0.
+            const uint8_t* parts = reg + a.r_stage + static_cast<int64_t>(t) * a.row_bytes + c0 * 2;
+            auto partial = [&](int d, bool have, float&) -> const uint8_t* {
+                return have ? parts + static_cast<int64_t>(d) * a.buf_max_tokens * a.row_bytes
+                            : nullptr;
+            };
+            uint8_t* dst = out + (static_cast<int64_t>(t) * kHidden + c0) * 2;
             for (int v0 = 0; v0 < nvec; v0 += 32 * kU) {
                 float acc[kU][8];
-#pragma unroll
-                for (int q = 0; q < kU; ++q)
-#pragma unroll
-                    for (int h = 0; h < 8; ++h) acc[q][h] = 0.0f;
-                bool first = true;
-                // Destinations in increasing order, kGroup at a time with all loads in flight.
-                for (uint32_t rest = dmask; rest != 0;) {
-                    const int taken = min(__popc(rest), kGroup);  // uniform
-                    int4 pv[kGroup][kU];
-#pragma unroll
-                    for (int g = 0; g < kGroup; ++g) {
-                        const bool have = g < taken;
-                        const int d = have ? __ffs(rest) - 1 : 0;
-                        rest = have ? rest & (rest - 1) : rest;
-                        const uint8_t* part =
-                            reg + a.r_stage +
-                            (static_cast<int64_t>(d) * a.buf_max_tokens + t) * a.row_bytes + c0 * 2;
-#pragma unroll
-                        for (int q = 0; q < kU; ++q) {
-                            const int vi = v0 + q * 32 + lane;
-                            pv[g][q] = make_int4(0, 0, 0, 0);
-                            if (have && vi < nvec)
-                                pv[g][q] = *reinterpret_cast<const int4*>(part + vi * 16);
-                        }
-                    }
-#pragma unroll
-                    for (int g = 0; g < kGroup; ++g) {
-                        if (g >= taken) break;
-#pragma unroll
-                        for (int q = 0; q < kU; ++q) {
-                            float f[8];
-                            unpack8(pv[g][q], f, 0);
-#pragma unroll
-                            for (int h = 0; h < 8; ++h)
-                                acc[q][h] = first ? f[h] : __fadd_rn(acc[q][h], f[h]);
-                        }
-                        first = false;
-                    }
-                }
-                // A token with no valid lane gives +0.
-#pragma unroll
-                for (int q = 0; q < kU; ++q) {
-                    const int vi = v0 + q * 32 + lane;
-                    if (vi < nvec)
-                        *reinterpret_cast<int4*>(
-                            out + (static_cast<int64_t>(t) * kHidden + c0 + vi * 8) * 2) =
-                            make_int4(static_cast<int>(pack_bf16x2(acc[q][0], acc[q][1])),
-                                      static_cast<int>(pack_bf16x2(acc[q][2], acc[q][3])),
-                                      static_cast<int>(pack_bf16x2(acc[q][4], acc[q][5])),
-                                      static_cast<int>(pack_bf16x2(acc[q][6], acc[q][7])));
-                }
+                ordered_sum<false, false>(dmask, v0, nvec, lane, partial, acc);
+                store_bf16(dst, v0, nvec, lane, acc);
             }
         }
     }
