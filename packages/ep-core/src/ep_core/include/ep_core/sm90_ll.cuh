@@ -31,6 +31,9 @@
 //   which flag covers which item).
 // * Combine (source s): writes its top-k weights and per-destination lane masks to every rank
 //   as tagged words ((epoch << 32) | bits: no fence, no flag; a reader checks each word's tag).
+//   A tag is the low 32 bits of the epoch, so a slot that no op of its region wrote for exactly
+//   2^32 ops (a token index above every batch in between) would pass as current if read before
+//   its new value lands; count words are rewritten by every op and cannot be that old.
 //   Each rank d, per (source, token, chunk) with lanes on d, computes
 //   p_d = bf16(sum over those lanes, increasing j, of w * float(y)) (__fmul_rn/__fadd_rn, starting
 //   from the first term) and TMA-stores it into stage[d][t] of s; releases done[d][cta]. The
