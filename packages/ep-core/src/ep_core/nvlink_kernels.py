@@ -104,6 +104,11 @@ def _first_role_ctas(grid: int, fraction: float) -> int:
     return min(grid - 1, max(1, round(grid * fraction)))
 
 
+def _cta_threads(split: bool, first_warps: int, second_warps: int) -> int:
+    """Threads per CTA: a split launch's CTAs hold one role each, mixed ones both."""
+    return 32 * (max(first_warps, second_warps) if split else first_warps + second_warps)
+
+
 @dataclass(frozen=True)
 class DispatchConfig:
     send_warps: int
@@ -140,9 +145,7 @@ class DispatchConfig:
 
     @property
     def threads(self) -> int:
-        if self.split:
-            return 32 * max(self.send_warps, self.recv_warps)
-        return 32 * (self.send_warps + self.recv_warps)
+        return _cta_threads(self.split, self.send_warps, self.recv_warps)
 
     def smem_bytes(self, num_local_experts: int) -> int:
         """Mirror of ``HtDispatch::smem_bytes``."""
@@ -165,9 +168,7 @@ class CombineConfig:
 
     @property
     def threads(self) -> int:
-        if self.split:
-            return 32 * max(self.push_warps, self.reduce_warps)
-        return 32 * (self.push_warps + self.reduce_warps)
+        return _cta_threads(self.split, self.push_warps, self.reduce_warps)
 
     @classmethod
     def from_override(cls, ov: tuple[int, ...], payload: int) -> CombineConfig:
