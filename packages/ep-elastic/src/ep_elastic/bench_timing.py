@@ -17,6 +17,7 @@ the correctness pass before the timings runs with them.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -208,9 +209,7 @@ def per_call_kernel_us(
     for kname, values in durations.items():
         if not values:
             continue
-        ordered = sorted(values)
-        mid = len(ordered) // 2
-        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        median = statistics.median(values)
         for name, prefixes in kernels.items():
             if kname.startswith(prefixes):
                 out[name] += median * len(values) / iters
