@@ -159,25 +159,49 @@ def test_plot_without_matplotlib(
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
-def test_failures_are_reported() -> None:
-    timing = {"median": 2.0, "p10": 1.0, "p90": 3.0, "per_rank_median": [2.0], "samples": 1}
-    counts = {"logical": 1.0, "deepep": 1.0, "remote": 0.0}
+def _ht_case(
+    tag: str, dtype: str, num_tokens: int, latency_us: float, counts: dict[str, float], **fields
+) -> dict:
+    """A high-throughput dispatch case of ep-bench's JSON, as ``run_ht_case`` writes it."""
+    timing = {
+        "median": latency_us,
+        "p10": latency_us * 0.95,
+        "p90": latency_us * 1.05,
+        "per_rank_median": [latency_us],
+        "samples": 1,
+    }
     case = {
-        "case": "ht/bf16/sms=0/t=1/dispatch",
+        "case": f"ht/{dtype}/{tag}/t={num_tokens}/dispatch",
         "mode": "ht",
         "op": "dispatch",
-        "dtype": "bf16",
-        "num_sms": 0,
+        "dtype": dtype,
+        "num_sms": 24,
         "num_sms_used": 24,
-        "num_tokens": 1,
+        "num_tokens": num_tokens,
         "graph": False,
-        "status": "FAIL",
-        "mismatches": ["rank 1: dispatch recv_x"],
+        "status": "PASS",
+        "mismatches": [],
         "latency_us": timing,
         "bytes": counts,
         "gbps": counts,
         "baseline": {"status": "PASS", "mismatches": [], "latency_us": timing, "gbps": counts},
     }
+    case.update(fields)
+    return case
+
+
+def test_failures_are_reported() -> None:
+    counts = {"logical": 1.0, "deepep": 1.0, "remote": 0.0}
+    case = _ht_case(
+        "sms=0",
+        "bf16",
+        1,
+        2.0,
+        counts,
+        num_sms=0,
+        status="FAIL",
+        mismatches=["rank 1: dispatch recv_x"],
+    )
     meta = {"device": "cpu", "num_ranks": 1, "backend_name": "torch", "torch": "x"}
     doc = build_document(meta, {}, [case], ["ep-bench"])
     assert doc["status"] == "FAIL"
@@ -188,26 +212,17 @@ def test_failures_are_reported() -> None:
 
 
 def test_kernel_time_columns() -> None:
-    timing = {"median": 200.0, "p10": 190.0, "p90": 210.0, "per_rank_median": [200.0], "samples": 1}
     counts = {"logical": 1e6, "deepep": 1.1e6, "remote": 7e5}
-    case = {
-        "case": "ht/fp8/sms=24/t=4096/dispatch",
-        "mode": "ht",
-        "op": "dispatch",
-        "dtype": "fp8",
-        "num_sms": 24,
-        "num_sms_used": 24,
-        "num_tokens": 4096,
-        "graph": False,
-        "status": "PASS",
-        "mismatches": [],
-        "latency_us": timing,
-        "bytes": counts,
-        "gbps": {k: v / 200e-6 / 1e9 for k, v in counts.items()},
-        "kernel_us": 125.0,
-        "kernel_gbps": {k: v / 125e-6 / 1e9 for k, v in counts.items()},
-        "baseline": {"status": "PASS", "mismatches": [], "latency_us": timing, "gbps": counts},
-    }
+    case = _ht_case(
+        "sms=24",
+        "fp8",
+        4096,
+        200.0,
+        counts,
+        gbps={k: v / 200e-6 / 1e9 for k, v in counts.items()},
+        kernel_us=125.0,
+        kernel_gbps={k: v / 125e-6 / 1e9 for k, v in counts.items()},
+    )
     meta = {"device": "cuda", "num_ranks": 4, "backend_name": "nvlink", "torch": "x"}
     table = format_table(build_document(meta, {}, [case], ["ep-bench"]))
     row = next(line for line in table.splitlines() if line.startswith("ht   dispatch"))
