@@ -221,7 +221,7 @@ def compute_ll_layout(
     row_bytes = _align(max(2 * hidden, hidden + 4 * -(-hidden // 128)), 128)
     off_abort, off_slot_epoch, off_cta_epoch = 0, 64, 128
     off_rel = _align(off_cta_epoch + 8 * nc, 128)
-    ctrl_end = _align(off_rel + 2 * r * nc * 8, 4096)
+    ctrl_end = _align(off_rel + 2 * r * 8, 4096)
     off = 0
     parts: dict[str, int] = {}
     for name, size in (

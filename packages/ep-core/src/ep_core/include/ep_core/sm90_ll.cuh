@@ -14,9 +14,10 @@
 //   kind; at most two ops of the engine wait for their hook at any time).
 // * Regions. Op e writes only into region e % 2 of its peers. Flags are 64-bit words that hold
 //   the epoch (or (epoch << 32) | value); they are never reset. Before writing into a peer, a send
-//   kernel waits until every CTA of every peer has released op e - 2 (rel[e % 2][peer][cta] >=
-//   e - 2, written by the peer at the end of op e - 2's receive), so a region is never
-//   overwritten while its owner still reads it.
+//   kernel waits until every CTA of every peer has released op e - 2: at the end of an op's
+//   receive each CTA adds 1 (release) to rel[e % 2][me] at every rank, so the gate waits for
+//   rel[e % 2][peer] >= num CTAs * ((e - 1) / 2) with one acquire load per peer. A region is
+//   never overwritten while its owner still reads it.
 // * Dispatch (sender s, every CTA): per (token, chunk of 2048 channels) a warp loads x, casts
 //   to FP8 (per 128 channels, float32 IEEE arithmetic) into shared memory and TMA-stores the
 //   chunk once per destination rank into stage[s][t] of that rank (a token goes once per rank,
@@ -118,10 +119,12 @@ __device__ __forceinline__ void trace(const LlArgs& a, int point) {
             ep_jit::globaltimer_ns();
 }
 
-using ep_jit::fence_acq_rel_sys;
-
 __device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ uint64_t tagged(uint64_t epoch, uint32_t value) {
@@ -217,35 +220,27 @@ __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
 }
 
 // Release gate of a send kernel, per warp, before the warp's first write into a peer: every CTA
-// of every peer must have finished reading region epoch % 2 for op epoch - 2. The words are read
-// in batches (relaxed, independent loads); a fence turns the observed values into an acquire.
-// Called lazily so its latency overlaps the warp's first local loads. Returns false (on every
-// lane) after a timeout or an abort; the warp must then write nothing into its peers.
+// of every peer must have finished reading region epoch % 2 for op epoch - 2. Each CTA of a peer
+// adds 1 with release semantics to rel[parity][peer] here at the end of every op (in op order:
+// no op of a parity can release before the op two earlier has, see below), so that word reaches
+// nc * (number of ops of this parity before epoch) = nc * ((epoch - 1) / 2). Lane p reads the
+// word of peer p with one acquire load (its value comes from the last of the peer CTAs' release
+// additions, so the acquire synchronises with all of them), and spins only if it is not there
+// yet. No fence: a fence.acq_rel.sys per warp cost 1.5-3 us here. Called lazily so its latency
+// overlaps the warp's first local loads. Returns false (on every lane) after a timeout or an
+// abort; the warp must then write nothing into its peers.
 template <int kRanks>
 __device__ __forceinline__ bool warp_gate(const LlArgs& a, const Env& env) {
     if (env.epoch <= 2) return true;
     const int lane = threadIdx.x & 31;
-    const auto* rel = reinterpret_cast<const uint64_t*>(env.local + a.off_rel) +
-                      static_cast<int64_t>(env.parity) * kRanks * env.nc;
-    const int n = kRanks * env.nc;
-    constexpr int kBatch = 8;
     bool ok = true;
-    for (int base = lane; base < n; base += kBatch * 32) {
-        uint64_t v[kBatch];
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-            const int i = base + q * 32;
-            v[q] = i < n ? ld_relaxed_sys(rel + i) : env.epoch;
-        }
-#pragma unroll
-        for (int q = 0; q < kBatch; ++q) {
-            const int i = base + q * 32;
-            if (ok && v[q] < env.epoch - 2 &&
-                !wait_geq(env.ctx, rel + i, env.epoch - 2, kStageLlRelease, i / env.nc))
-                ok = false;
-        }
+    if (lane < kRanks) {
+        const auto* rel = reinterpret_cast<const uint64_t*>(env.local + a.off_rel) +
+                          env.parity * kRanks + lane;
+        const uint64_t target = static_cast<uint64_t>(env.nc) * ((env.epoch - 1) / 2);
+        if (ld_acquire_sys(rel) < target)
+            ok = wait_geq(env.ctx, rel, target, kStageLlRelease, lane);
     }
-    fence_acq_rel_sys();
     __syncwarp();
     return __all_sync(kFull, ok);
 }
@@ -262,28 +257,29 @@ __device__ __forceinline__ void store_epoch(const LlArgs& a, const Env& env) {
     }
 }
 
-// Receive end: this CTA no longer reads region epoch % 2; tell every peer.
+// Receive end: this CTA no longer reads region epoch % 2; tell every peer (one release addition
+// to its rel[parity][me]; the barrier orders every warp's reads of the region before it).
 template <int kRanks>
 __device__ __forceinline__ void release_region(const LlArgs& a, const Env& env) {
     __syncthreads();
     if (threadIdx.x < kRanks && !aborted(env.ctx)) {
         auto* rel = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(env.bases[threadIdx.x]) +
                                                 a.off_rel);
-        st_release_sys(
-            rel + (static_cast<int64_t>(env.parity) * kRanks + env.me) * env.nc + blockIdx.x,
-            env.epoch);
+        red_add_release_sys(rel + static_cast<int64_t>(env.parity) * kRanks + env.me, 1);
     }
 }
 
 // After a send phase: wait for this CTA's TMA stores and make every store of the CTA visible
-// before `flags` (a [R][num CTAs] array in region epoch % 2) is raised at every rank.
+// before `flags` (a [R][num CTAs] array in region epoch % 2) is raised at every rank. The
+// barrier orders every thread's stores (and, after wait + proxy fence, each warp's TMA stores)
+// before the flag stores of threads 0..R-1, whose release covers them (cumulativity): one
+// release per flag, no fence in every thread.
 template <int kRanks>
 __device__ __forceinline__ void signal_sent(const LlArgs& a, const Env& env, int64_t flags_off) {
     if ((threadIdx.x & 31) == 0) {
         tma_wait_all();
         fence_proxy_async();
     }
-    fence_acq_rel_sys();
     __syncthreads();
     if (threadIdx.x < kRanks && !aborted(env.ctx)) {
         auto* flag = reinterpret_cast<uint64_t*>(env.region(a, threadIdx.x) + flags_off) +
