@@ -258,14 +258,17 @@ struct HtCombine {
         // many warps at once, which shortens the tail after the last push.
         for (int64_t t = gw; t < T; t += nw) {
             const int64_t c = t / kChunk;
-            // Every lane acquires every peer's flag, so its own later loads are ordered.
             const HtWaitTimer tm(a.trace);
-            for (int d = 0; d < kRanks; ++d) {
-                if (d == me) continue;
-                const auto* flag =
-                    reinterpret_cast<const uint64_t*>(region + a.lay.cflag) + d * a.max_chunks + c;
-                if (!warp_wait_tag(ctx, flag, tag, nullptr, kStageCombineChunk, d)) return;
-            }
+            // Lane d waits for (and acquires) peer d's flag, all peers at once; __syncwarp then
+            // orders every lane's loads of the rows after those acquires.
+            bool ok = true;
+            if (lane < kRanks && lane != me)
+                ok = wait_tag(ctx,
+                              reinterpret_cast<const uint64_t*>(region + a.lay.cflag) +
+                                  lane * a.max_chunks + c,
+                              tag, nullptr, kStageCombineChunk, lane);
+            __syncwarp();
+            if (!__all_sync(0xffffffffu, ok)) return;
             tm.add(5);
             ht_trace_count(a.trace);
             const int32_t row = lane < kRanks ? a.send_row[t * kRanks + lane] : -1;

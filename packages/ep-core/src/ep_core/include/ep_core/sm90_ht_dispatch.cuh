@@ -162,18 +162,23 @@ struct HtDispatch {
         __syncwarp();
     }
 
-    // Lane 0: raise chunk c's flag at every destination (its writes must be complete).
+    // Lane 0: raise chunk c's flag at every destination (its writes must be complete). One
+    // fence for all R flags (a release fence followed by relaxed flag stores): a release store
+    // per flag is one system-scope fence per destination, each of which stalls the warp.
     static __device__ __forceinline__ void raise_chunk(const HtDispatchArgs& a, int64_t c,
                                                        uint32_t tag, int64_t region) {
         const int me = static_cast<int>(a.rank);
         fence_proxy_async();
-        for (int d = 0; d < kRanks; ++d) {
-            uint8_t* base = peer_ptr(a.peer_bases, d, region);
-            reinterpret_cast<int32_t*>(base + a.lay.drstart)[me * a.max_chunks + c] =
+        for (int d = 0; d < kRanks; ++d)
+            reinterpret_cast<int32_t*>(peer_ptr(a.peer_bases, d, region) +
+                                       a.lay.drstart)[me * a.max_chunks + c] =
                 a.chunk_prefix[c * kRanks + d];
-            st_release_sys(reinterpret_cast<uint64_t*>(base + a.lay.dflag) + me * a.max_chunks + c,
-                           make_tagged(tag, static_cast<uint32_t>(a.chunk_prefix[(c + 1) * kRanks + d])));
-        }
+        fence_acq_rel_sys();
+        for (int d = 0; d < kRanks; ++d)
+            st_relaxed_sys(
+                reinterpret_cast<uint64_t*>(peer_ptr(a.peer_bases, d, region) + a.lay.dflag) +
+                    me * a.max_chunks + c,
+                make_tagged(tag, static_cast<uint32_t>(a.chunk_prefix[(c + 1) * kRanks + d])));
     }
 
     static __device__ __forceinline__ void send(const HtDispatchArgs& a, const WaitContext& ctx,
@@ -271,8 +276,8 @@ struct HtDispatch {
         bool valid;
     };
 
-    // Moves `cur` to the first non-empty unit at or after `u`. Every lane waits for the unit flags
-    // itself (so each lane's later reads are ordered after the acquire).
+    // Moves `cur` to the first non-empty unit at or after `u`. warp_wait_tag acquires each unit's
+    // flag and orders every lane's later reads after that acquire.
     static __device__ __forceinline__ bool enter(const HtDispatchArgs& a, const WaitContext& ctx,
                                                  RecvCursor& cur, int64_t u, int64_t nunits,
                                                  int64_t stride, int nch_lane, uint32_t tag,

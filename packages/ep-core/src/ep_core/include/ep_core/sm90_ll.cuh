@@ -119,14 +119,6 @@ __device__ __forceinline__ void trace(const LlArgs& a, int point) {
             ep_jit::globaltimer_ns();
 }
 
-__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 __device__ __forceinline__ uint64_t tagged(uint64_t epoch, uint32_t value) {
     return (epoch << 32) | value;
 }
@@ -238,8 +230,7 @@ __device__ __forceinline__ bool warp_gate(const LlArgs& a, const Env& env) {
         const auto* rel = reinterpret_cast<const uint64_t*>(env.local + a.off_rel) +
                           env.parity * kRanks + lane;
         const uint64_t target = static_cast<uint64_t>(env.nc) * ((env.epoch - 1) / 2);
-        if (ld_acquire_sys(rel) < target)
-            ok = wait_geq(env.ctx, rel, target, kStageLlRelease, lane);
+        ok = wait_geq(env.ctx, rel, target, kStageLlRelease, lane);
     }
     __syncwarp();
     return __all_sync(kFull, ok);

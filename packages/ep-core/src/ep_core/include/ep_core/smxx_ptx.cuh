@@ -10,12 +10,22 @@ namespace ep_core {
 
 // System-scope acquire loads and release stores come from ep-jit (shared by every package).
 using ep_jit::ld_acquire_sys;
+using ep_jit::fence_acq_rel_sys;
 using ep_jit::st_release_sys;
 
 __device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
     uint64_t v;
     asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
+}
+
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Adds without returning the old value, with release semantics at system scope.
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ uint32_t ld_volatile(const uint32_t* p) {
@@ -153,44 +163,50 @@ __device__ __forceinline__ void report_timeout(const WaitContext& ctx, int stage
     report_timeout_impl(ctx.error, ctx.abort_flag, ctx.rank, stage, peer);
 }
 
-// Spin until `(*p >> 32) == tag` (epoch-tagged 64-bit word). Polls with relaxed loads (cheap for
-// the memory system), then acquires once. Returns false on timeout or abort.
+// Spin until `(*p >> 32) == tag` (epoch-tagged 64-bit word). The first read is the acquire
+// itself (one round trip when the word is already there); while it is not, polls with relaxed
+// loads (cheap for the memory system) and acquires once at the end. Returns false on timeout or
+// abort.
 __device__ __forceinline__ bool wait_tag(const WaitContext& ctx, const uint64_t* p, uint32_t tag,
                                          uint64_t* value, int stage, int peer) {
-    const int64_t start = clock64();
-    uint32_t polls = 0;
-    while (static_cast<uint32_t>(ld_relaxed_sys(p) >> 32) != tag) {
-        if ((++polls & 63u) == 0) {
-            if (aborted(ctx)) return false;
-            if (ctx.timeout_cycles > 0 && clock64() - start > ctx.timeout_cycles) {
-                report_timeout(ctx, stage, peer);
-                return false;
+    uint64_t v = ld_acquire_sys(p);
+    if (static_cast<uint32_t>(v >> 32) != tag) {
+        const int64_t start = clock64();
+        uint32_t polls = 0;
+        while (static_cast<uint32_t>(ld_relaxed_sys(p) >> 32) != tag) {
+            if ((++polls & 63u) == 0) {
+                if (aborted(ctx)) return false;
+                if (ctx.timeout_cycles > 0 && clock64() - start > ctx.timeout_cycles) {
+                    report_timeout(ctx, stage, peer);
+                    return false;
+                }
             }
+            __nanosleep(32);
         }
-        __nanosleep(32);
+        v = ld_acquire_sys(p);
     }
-    const uint64_t v = ld_acquire_sys(p);
     if (value != nullptr) *value = v;
     return true;
 }
 
-// The whole warp waits for one tagged word: lane 0 polls, then every lane acquires it once, so
-// each lane's later reads are ordered after the flag. Returns false (in every lane) on failure.
+// The whole warp waits for one tagged word: lane 0 waits and acquires it, then __syncwarp
+// orders every lane's later reads after that acquire (a barrier carries it to the other lanes,
+// as a CTA barrier after one thread's acquire does). Returns false (in every lane) on failure.
 __device__ __forceinline__ bool warp_wait_tag(const WaitContext& ctx, const uint64_t* p,
                                               uint32_t tag, uint64_t* value, int stage, int peer) {
     bool ok = true;
-    if ((threadIdx.x & 31) == 0) ok = wait_tag(ctx, p, tag, nullptr, stage, peer);
+    uint64_t v = 0;
+    if ((threadIdx.x & 31) == 0) ok = wait_tag(ctx, p, tag, &v, stage, peer);
+    __syncwarp();
     ok = __shfl_sync(0xffffffffu, ok ? 1 : 0, 0) != 0;
-    if (ok) {
-        const uint64_t v = ld_acquire_sys(p);
-        if (value != nullptr) *value = v;
-    }
+    if (value != nullptr) *value = __shfl_sync(0xffffffffu, v, 0);
     return ok;
 }
 
-// Spin until `*p >= target` (monotonic 64-bit counter).
+// Spin until `*p >= target` (monotonic 64-bit counter), acquire first as in wait_tag.
 __device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* p,
                                          uint64_t target, int stage, int peer) {
+    if (ld_acquire_sys(p) >= target) return true;
     const int64_t start = clock64();
     uint32_t polls = 0;
     while (ld_relaxed_sys(p) < target) {
