@@ -67,7 +67,8 @@ def test_layout_parts_do_not_overlap() -> None:
         (8, 33, 257, 256, 8192, 16),
     ):
         lay = compute_ll_layout(r, nc, n, el, h, k)
-        assert lay.off_rel + 2 * r * 8 <= lay.region[0]
+        assert lay.off_rel + 2 * r * 8 <= lay.off_pend
+        assert lay.off_pend + nc * 8 <= lay.region[0]
         parts = sorted(
             [
                 (lay.r_cnt, r * el * 8),

@@ -155,6 +155,7 @@ class LlArgs(ctypes.Structure):
         ("off_slot_epoch", ctypes.c_int64),
         ("off_cta_epoch", ctypes.c_int64),
         ("off_rel", ctypes.c_int64),
+        ("off_pend", ctypes.c_int64),
         ("region0", ctypes.c_int64),
         ("region1", ctypes.c_int64),
         ("r_cnt", ctypes.c_int64),
@@ -180,7 +181,7 @@ class LlLayout:
         hidden: Largest ``H``.
         num_topk: Largest ``k``.
         row_bytes: Stride of a staged row (a bf16 row, or e4m3 data plus scales).
-        off_abort, off_slot_epoch, off_cta_epoch, off_rel: Control block.
+        off_abort, off_slot_epoch, off_cta_epoch, off_rel, off_pend: Control block.
         region: Bases of the two alternating regions.
         r_cnt, r_ntok, r_done, r_meta, r_cmask, r_cw, r_stage: Offsets in a region.
         total_bytes: Bytes of the buffer.
@@ -197,6 +198,7 @@ class LlLayout:
     off_slot_epoch: int
     off_cta_epoch: int
     off_rel: int
+    off_pend: int
     region: tuple[int, int]
     r_cnt: int
     r_ntok: int
@@ -221,7 +223,8 @@ def compute_ll_layout(
     row_bytes = _align(max(2 * hidden, hidden + 4 * -(-hidden // 128)), 128)
     off_abort, off_slot_epoch, off_cta_epoch = 0, 64, 128
     off_rel = _align(off_cta_epoch + 8 * nc, 128)
-    ctrl_end = _align(off_rel + 2 * r * 8, 4096)
+    off_pend = _align(off_rel + 2 * r * 8, 128)
+    ctrl_end = _align(off_pend + 8 * nc, 4096)
     off = 0
     parts: dict[str, int] = {}
     for name, size in (
@@ -251,6 +254,7 @@ def compute_ll_layout(
         off_slot_epoch=off_slot_epoch,
         off_cta_epoch=off_cta_epoch,
         off_rel=off_rel,
+        off_pend=off_pend,
         region=region,
         r_cnt=parts["cnt"],
         r_ntok=parts["ntok"],
@@ -553,7 +557,7 @@ class LowLatencyEngine:
         a.buf_local_experts = lay.max_local_experts
         a.row_bytes = lay.row_bytes
         a.off_abort, a.off_slot_epoch = lay.off_abort, lay.off_slot_epoch
-        a.off_cta_epoch, a.off_rel = lay.off_cta_epoch, lay.off_rel
+        a.off_cta_epoch, a.off_rel, a.off_pend = lay.off_cta_epoch, lay.off_rel, lay.off_pend
         a.region0, a.region1 = lay.region
         a.r_cnt, a.r_ntok, a.r_done = lay.r_cnt, lay.r_ntok, lay.r_done
         a.r_meta, a.r_cmask, a.r_cw, a.r_stage = lay.r_meta, lay.r_cmask, lay.r_cw, lay.r_stage

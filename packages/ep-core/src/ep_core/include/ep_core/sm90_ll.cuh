@@ -80,7 +80,8 @@ struct LlArgs {
     int64_t off_abort;          // u32 abort flag (local use)
     int64_t off_slot_epoch;     // [2 kinds][2 slots] u64
     int64_t off_cta_epoch;      // [num CTAs] u64
-    int64_t off_rel;            // [2 parities][R][num CTAs] u64, written by peers
+    int64_t off_rel;            // [2 parities][R] u64 release counters, added to by peers
+    int64_t off_pend;           // [num CTAs] u64: epoch of this CTA's fused op not released yet
     int64_t region[2];          // bases of the two alternating regions
     int64_t r_cnt;              // [R][buf El] u64 (epoch << 32) | count
     int64_t r_ntok;             // [R] u64 (epoch << 32) | T of the source
@@ -248,8 +249,9 @@ __device__ __forceinline__ void store_epoch(const LlArgs& a, const Env& env) {
     }
 }
 
-// Receive end: this CTA no longer reads region epoch % 2; tell every peer (one release addition
-// to its rel[parity][me]; the barrier orders every warp's reads of the region before it).
+// Receive end of a split op (the hook's kernel): this CTA no longer reads region epoch % 2;
+// tell every peer (one release addition to its rel[parity][me]; the barrier orders every warp's
+// reads of the region before it).
 template <int kRanks>
 __device__ __forceinline__ void release_region(const LlArgs& a, const Env& env) {
     __syncthreads();
@@ -260,11 +262,22 @@ __device__ __forceinline__ void release_region(const LlArgs& a, const Env& env) 
     }
 }
 
+// Receive end of a fused op: the release is deferred to the next send kernel of this CTA index,
+// whose signal_sent adds it under the fence it pays anyway (a system-scope fence costs ~1 us, and
+// here it would end every kernel). Until then peers cannot reuse region epoch % 2 of this rank,
+// which they only do for op epoch + 2, after that next op has signalled. The kernel boundary
+// orders this op's reads before the release.
+__device__ __forceinline__ void defer_release(const LlArgs& a, const Env& env) {
+    if (threadIdx.x == 0 && !aborted(env.ctx))
+        reinterpret_cast<uint64_t*>(env.local + a.off_pend)[blockIdx.x] = env.epoch;
+}
+
 // After a send phase: wait for this CTA's TMA stores and make every store of the CTA visible
 // before `flags` (a [R][num CTAs] array in region epoch % 2) is raised at every rank. The
 // barrier orders every thread's stores (and, after wait + proxy fence, each warp's TMA stores)
-// before the flag stores of threads 0..R-1, whose release covers them (cumulativity): one
-// release per flag, no fence in every thread.
+// before one system-scope fence in threads 0..R-1 (cumulativity), each followed by relaxed
+// stores: its flag and, if this CTA's previous op was fused, that op's deferred release
+// (defer_release).
 template <int kRanks>
 __device__ __forceinline__ void signal_sent(const LlArgs& a, const Env& env, int64_t flags_off) {
     if ((threadIdx.x & 31) == 0) {
@@ -272,10 +285,22 @@ __device__ __forceinline__ void signal_sent(const LlArgs& a, const Env& env, int
         fence_proxy_async();
     }
     __syncthreads();
-    if (threadIdx.x < kRanks && !aborted(env.ctx)) {
-        auto* flag = reinterpret_cast<uint64_t*>(env.region(a, threadIdx.x) + flags_off) +
-                     static_cast<int64_t>(env.me) * env.nc + blockIdx.x;
-        st_release_sys(flag, env.epoch);
+    if (threadIdx.x < 32) {
+        auto* pend = reinterpret_cast<uint64_t*>(env.local + a.off_pend) + blockIdx.x;
+        const uint64_t prev = *pend;
+        if (threadIdx.x < kRanks && !aborted(env.ctx)) {
+            uint8_t* peer = reinterpret_cast<uint8_t*>(env.bases[threadIdx.x]);
+            fence_acq_rel_sys();
+            st_relaxed_sys(reinterpret_cast<uint64_t*>(env.region(a, threadIdx.x) + flags_off) +
+                               static_cast<int64_t>(env.me) * env.nc + blockIdx.x,
+                           env.epoch);
+            if (prev != 0)
+                red_add_relaxed_sys(reinterpret_cast<uint64_t*>(peer + a.off_rel) +
+                                        static_cast<int64_t>(prev & 1) * kRanks + env.me,
+                                    1);
+        }
+        __syncwarp();
+        if (threadIdx.x == 0 && prev != 0) *pend = 0;
     }
 }
 
@@ -306,6 +331,9 @@ struct Dispatch {
         !kFp8 ? 0 : (kUe8m0 ? (kHidden / 128 + 3) / 4 : kHidden / 128);
     static constexpr int kScaleWords = kChunk / 128;  // per warp, per chunk
     static constexpr int kIters = kChunk / 512;       // 16 channels per lane per iteration
+    static constexpr int kVec = kDataBytes / 16;      // 16-byte vectors of a row's data
+    static constexpr int kU = 16;                     // vectors per lane in one copy round
+    static constexpr int kScaleRounds = kNumScales > 0 ? (kNumScales + 31) / 32 : 1;
     static_assert(kRanks >= 1 && kRanks <= 32, "1..32 ranks");
     static_assert(kTopk >= 1 && kTopk <= 32, "top-k must fit a warp");
     static_assert(kHidden % (kFp8 ? 128 : 64) == 0, "hidden: multiple of 128 (FP8) or 64 (BF16)");
@@ -624,6 +652,20 @@ struct Dispatch {
                                                         : nullptr;
             if (!warp_wait_lanes(env, mine, env.epoch, kStageLlRows, s)) break;
             const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
+            // One round of independent loads: the lane table, the row's first kU vectors per
+            // lane and its scales (a token not routed here wastes them: ~10 % of the items).
+            const uint8_t* src_row = reg + a.r_stage + slot_idx * a.row_bytes;
+            int4 first[kU];
+            load_round(src_row, 0, first, lane);
+            uint32_t sf[kScaleRounds];
+            if constexpr (kFp8) {
+                const auto* src_sf = reinterpret_cast<const uint32_t*>(src_row + kDataBytes);
+#pragma unroll
+                for (int r = 0; r < kScaleRounds; ++r) {
+                    const int q = r * 32 + lane;
+                    sf[r] = q < kNumScales ? src_sf[q] : 0u;
+                }
+            }
             const int32_t m =
                 lane < kTopk
                     ? reinterpret_cast<const int32_t*>(reg + a.r_meta)[slot_idx * kTopk + lane]
@@ -641,21 +683,18 @@ struct Dispatch {
             }
             const uint32_t vmask = __ballot_sync(kFull, valid);
             if (vmask == 0) continue;
-            const uint8_t* src_row = reg + a.r_stage + slot_idx * a.row_bytes;
-            copy_row(src_row, recv_x, vmask, el, row, L, lane);
+            copy_row(src_row, first, recv_x, vmask, el, row, L, lane);
             if constexpr (kFp8) {
                 auto* scales = reinterpret_cast<uint32_t*>(a.recv_scales);
-                const auto* src_sf = reinterpret_cast<const uint32_t*>(src_row + kDataBytes);
 #pragma unroll
-                for (int q0 = 0; q0 < kNumScales; q0 += 32) {
-                    const int q = q0 + lane;
-                    const uint32_t val = q < kNumScales ? src_sf[q] : 0u;
+                for (int r = 0; r < kScaleRounds; ++r) {
+                    const int q = r * 32 + lane;
                     for (uint32_t mm = vmask; mm != 0; mm &= mm - 1) {
                         const int j = __ffs(mm) - 1;
                         const int tel = __shfl_sync(kFull, el, j);
                         const int trow = __shfl_sync(kFull, row, j);
                         if (q < kNumScales)
-                            scales[(static_cast<int64_t>(tel) * kNumScales + q) * L + trow] = val;
+                            scales[(static_cast<int64_t>(tel) * kNumScales + q) * L + trow] = sf[r];
                     }
                 }
             }
@@ -663,21 +702,29 @@ struct Dispatch {
         trace(a, 7);
     }
 
+    // Vectors v0 + q * 32 + lane (q < kU) of a staged row's data (zero past its end).
+    static __device__ __forceinline__ void load_round(const uint8_t* src, int v0, int4 (&buf)[kU],
+                                                      int lane) {
+#pragma unroll
+        for (int q = 0; q < kU; ++q) {
+            const int vi = v0 + q * 32 + lane;
+            buf[q] = vi < kVec ? *reinterpret_cast<const int4*>(src + vi * 16) : make_int4(0, 0, 0, 0);
+        }
+    }
+
     // Copies a staged row's data to row (el, row) of every lane in `vmask`, 8 KiB per round with
-    // all of the round's loads in flight.
-    static __device__ __forceinline__ void copy_row(const uint8_t* src, uint8_t* dst_base,
-                                                    uint32_t vmask, int el, int row, int L,
-                                                    int lane) {
-        constexpr int kVec = kDataBytes / 16;
-        constexpr int kU = 16;
+    // all of the round's loads in flight; `first` holds the first round, already loaded.
+    static __device__ __forceinline__ void copy_row(const uint8_t* src, const int4 (&first)[kU],
+                                                    uint8_t* dst_base, uint32_t vmask, int el,
+                                                    int row, int L, int lane) {
 #pragma unroll
         for (int v0 = 0; v0 < kVec; v0 += 32 * kU) {
             int4 buf[kU];
+            if (v0 == 0) {
 #pragma unroll
-            for (int q = 0; q < kU; ++q) {
-                const int vi = v0 + q * 32 + lane;
-                buf[q] = vi < kVec ? *reinterpret_cast<const int4*>(src + vi * 16)
-                                   : make_int4(0, 0, 0, 0);
+                for (int q = 0; q < kU; ++q) buf[q] = first[q];
+            } else {
+                load_round(src, v0, buf, lane);
             }
             for (uint32_t mm = vmask; mm != 0; mm &= mm - 1) {
                 const int j = __ffs(mm) - 1;
@@ -706,7 +753,10 @@ struct Dispatch {
         if constexpr ((kPhase & kPhaseRecv) != 0) {
             __syncthreads();
             recv(a, env, smem);
-            release_region<kRanks>(a, env);
+            if constexpr (kPhase == kPhaseRecv)
+                release_region<kRanks>(a, env);
+            else
+                defer_release(a, env);
         }
         trace(a, 8);
     }
@@ -979,7 +1029,10 @@ struct Combine {
         if constexpr ((kPhase & kPhaseRecv) != 0) {
             reduce(a, env, smem);
             trace(a, 7);
-            release_region<kRanks>(a, env);
+            if constexpr (kPhase == kPhaseRecv)
+                release_region<kRanks>(a, env);
+            else
+                defer_release(a, env);
         }
         trace(a, 8);
     }
