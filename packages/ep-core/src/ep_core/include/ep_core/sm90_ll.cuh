@@ -14,10 +14,11 @@
 //   kind; at most two ops of the engine wait for their hook at any time).
 // * Regions. Op e writes only into region e % 2 of its peers. Flags are 64-bit words that hold
 //   the epoch (or (epoch << 32) | value); they are never reset. Before writing into a peer, a send
-//   kernel waits until every CTA of every peer has released op e - 2: at the end of an op's
-//   receive each CTA adds 1 (release) to rel[e % 2][me] at every rank, so the gate waits for
-//   rel[e % 2][peer] >= num CTAs * ((e - 1) / 2) with one acquire load per peer. A region is
-//   never overwritten while its owner still reads it.
+//   kernel waits until every CTA of every peer has released op e - 2: once an op's receive is
+//   done each CTA adds 1 (release) to rel[e % 2][me] at every rank (a fused op defers that to the
+//   next send kernel's signal, defer_release), so the gate waits for rel[e % 2][peer] >=
+//   num CTAs * ((e - 1) / 2) with one acquire load per peer. A region is never overwritten while
+//   its owner still reads it.
 // * Dispatch (sender s, every CTA): per (token, chunk of 2048 channels) a warp loads x, casts
 //   to FP8 (per 128 channels, float32 IEEE arithmetic) into shared memory and TMA-stores the
 //   chunk once per destination rank into stage[s][t] of that rank (a token goes once per rank,
@@ -214,8 +215,9 @@ __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
 
 // Release gate of a send kernel, per warp, before the warp's first write into a peer: every CTA
 // of every peer must have finished reading region epoch % 2 for op epoch - 2. Each CTA of a peer
-// adds 1 with release semantics to rel[parity][peer] here at the end of every op (in op order:
-// no op of a parity can release before the op two earlier has, see below), so that word reaches
+// adds 1 with release semantics to rel[parity][peer] here once per op (release_region, or
+// signal_sent for a deferred one; in op order: no op of a parity can release before the op two
+// earlier has, see below), so that word reaches
 // nc * (number of ops of this parity before epoch) = nc * ((epoch - 1) / 2). Lane p reads the
 // word of peer p with one acquire load (its value comes from the last of the peer CTAs' release
 // additions, so the acquire synchronises with all of them), and spins only if it is not there
@@ -270,6 +272,16 @@ __device__ __forceinline__ void release_region(const LlArgs& a, const Env& env) 
 __device__ __forceinline__ void defer_release(const LlArgs& a, const Env& env) {
     if (threadIdx.x == 0 && !aborted(env.ctx))
         reinterpret_cast<uint64_t*>(env.local + a.off_pend)[blockIdx.x] = env.epoch;
+}
+
+// End of a receive phase: a split op (the hook's kernel, kPhase == kPhaseRecv) releases now, a
+// fused op defers its release.
+template <int kRanks, int kPhase>
+__device__ __forceinline__ void end_receive(const LlArgs& a, const Env& env) {
+    if constexpr (kPhase == kPhaseRecv)
+        release_region<kRanks>(a, env);
+    else
+        defer_release(a, env);
 }
 
 // After a send phase: wait for this CTA's TMA stores and make every store of the CTA visible
@@ -753,10 +765,7 @@ struct Dispatch {
         if constexpr ((kPhase & kPhaseRecv) != 0) {
             __syncthreads();
             recv(a, env, smem);
-            if constexpr (kPhase == kPhaseRecv)
-                release_region<kRanks>(a, env);
-            else
-                defer_release(a, env);
+            end_receive<kRanks, kPhase>(a, env);
         }
         trace(a, 8);
     }
@@ -1029,10 +1038,7 @@ struct Combine {
         if constexpr ((kPhase & kPhaseRecv) != 0) {
             reduce(a, env, smem);
             trace(a, 7);
-            if constexpr (kPhase == kPhaseRecv)
-                release_region<kRanks>(a, env);
-            else
-                defer_release(a, env);
+            end_receive<kRanks, kPhase>(a, env);
         }
         trace(a, 8);
     }
