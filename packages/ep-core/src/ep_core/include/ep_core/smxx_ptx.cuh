@@ -168,28 +168,38 @@ __device__ __forceinline__ void report_timeout(const WaitContext& ctx, int stage
     report_timeout_impl(ctx.error, ctx.abort_flag, ctx.rank, stage, peer);
 }
 
-// Spin until `(*p >> 32) == tag` (epoch-tagged 64-bit word). The first read is the acquire
-// itself (one round trip when the word is already there); while it is not, polls with relaxed
-// loads (cheap for the memory system) and acquires once at the end. Returns false on timeout or
-// abort.
+// Waits until done(*p). The first read is the acquire itself (one round trip when the word is
+// already there); while it is not, polls with relaxed loads (cheap for the memory system) and
+// acquires once at the end, into `v`. Returns false on timeout or abort.
+template <typename Done>
+__device__ __forceinline__ bool spin_acquire(const WaitContext& ctx, const uint64_t* p, Done done,
+                                             uint64_t& v, int stage, int peer) {
+    v = ld_acquire_sys(p);
+    if (done(v)) return true;
+    const int64_t start = clock64();
+    uint32_t polls = 0;
+    while (!done(ld_relaxed_sys(p))) {
+        if ((++polls & 63u) == 0) {
+            if (aborted(ctx)) return false;
+            if (ctx.timeout_cycles > 0 && clock64() - start > ctx.timeout_cycles) {
+                report_timeout(ctx, stage, peer);
+                return false;
+            }
+        }
+        __nanosleep(32);
+    }
+    v = ld_acquire_sys(p);
+    return true;
+}
+
+// Spin until `(*p >> 32) == tag` (epoch-tagged 64-bit word).
 __device__ __forceinline__ bool wait_tag(const WaitContext& ctx, const uint64_t* p, uint32_t tag,
                                          uint64_t* value, int stage, int peer) {
-    uint64_t v = ld_acquire_sys(p);
-    if (static_cast<uint32_t>(v >> 32) != tag) {
-        const int64_t start = clock64();
-        uint32_t polls = 0;
-        while (static_cast<uint32_t>(ld_relaxed_sys(p) >> 32) != tag) {
-            if ((++polls & 63u) == 0) {
-                if (aborted(ctx)) return false;
-                if (ctx.timeout_cycles > 0 && clock64() - start > ctx.timeout_cycles) {
-                    report_timeout(ctx, stage, peer);
-                    return false;
-                }
-            }
-            __nanosleep(32);
-        }
-        v = ld_acquire_sys(p);
-    }
+    uint64_t v = 0;
+    if (!spin_acquire(
+            ctx, p, [tag](uint64_t x) { return static_cast<uint32_t>(x >> 32) == tag; }, v, stage,
+            peer))
+        return false;
     if (value != nullptr) *value = v;
     return true;
 }
@@ -208,24 +218,11 @@ __device__ __forceinline__ bool warp_wait_tag(const WaitContext& ctx, const uint
     return ok;
 }
 
-// Spin until `*p >= target` (monotonic 64-bit counter), acquire first as in wait_tag.
+// Spin until `*p >= target` (monotonic 64-bit counter).
 __device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* p,
                                          uint64_t target, int stage, int peer) {
-    if (ld_acquire_sys(p) >= target) return true;
-    const int64_t start = clock64();
-    uint32_t polls = 0;
-    while (ld_relaxed_sys(p) < target) {
-        if ((++polls & 63u) == 0) {
-            if (aborted(ctx)) return false;
-            if (ctx.timeout_cycles > 0 && clock64() - start > ctx.timeout_cycles) {
-                report_timeout(ctx, stage, peer);
-                return false;
-            }
-        }
-        __nanosleep(32);
-    }
-    ld_acquire_sys(p);
-    return true;
+    uint64_t v = 0;
+    return spin_acquire(ctx, p, [target](uint64_t x) { return x >= target; }, v, stage, peer);
 }
 
 // Wait for a TMA load into shared memory, with the same timeout discipline.
