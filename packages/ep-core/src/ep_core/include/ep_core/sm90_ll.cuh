@@ -580,6 +580,8 @@ struct Dispatch {
         const uint32_t tag = static_cast<uint32_t>(env.epoch);
         const auto* cnt_words = reinterpret_cast<const uint64_t*>(reg + a.r_cnt);
         const int ncnt = kRanks * El;
+        const auto* ntok_words = reinterpret_cast<const uint64_t*>(reg + a.r_ntok);
+        uint64_t ntv = tid < kRanks ? ld_relaxed_sys(ntok_words + tid) : 0;  // with the counts
         constexpr int kBatch = 8;
         for (int base = tid; base < ncnt; base += kBatch * kThreads) {
             uint64_t v[kBatch];
@@ -606,12 +608,11 @@ struct Dispatch {
                 sbase[i] = static_cast<int>(static_cast<uint32_t>(v[q]));
             }
         }
-        for (int s = tid; s < kRanks; s += kThreads) {
-            uint64_t v = 0;
-            if (!wait_tag(env.ctx, reinterpret_cast<const uint64_t*>(reg + a.r_ntok) + s, tag, &v,
-                          kStageLlCounts, s))
+        if (tid < kRanks) {
+            if (static_cast<uint32_t>(ntv >> 32) != tag &&
+                !wait_tag(env.ctx, ntok_words + tid, tag, &ntv, kStageLlCounts, tid))
                 s_stop = 1;
-            sntok[s] = static_cast<int>(static_cast<uint32_t>(v));
+            sntok[tid] = static_cast<int>(static_cast<uint32_t>(ntv));
         }
         __syncthreads();
         trace(a, 5);
