@@ -346,6 +346,77 @@ def test_nvlink_ht_matches_reference(world_size: int) -> None:
     run_ranks(world_size, _worker, timeout_s=300)
 
 
+def _tag_wrap_worker(info: RankInfo) -> None:
+    """Ops across the 32-bit tag wrap, two of them refresh ops (epochs 2^32 and 2^32 + 1).
+
+    Every tagged flag of both regions is first made to look 2^32 ops old (the tag of op
+    2^32 + 9); the refresh ops must leave no such word, and every op must match the reference.
+    """
+    from ep_core.nvlink import NvlinkBackend
+    from ep_core.nvlink_ll import tag_word
+    from ep_core.reference import TorchBackend
+
+    nmax = NMAX  # _case passes NMAX as the call's maximum
+    cfg = _config(info, nmax, 1024, TOPK)
+    ref = TorchBackend.from_config(info.group, cfg)
+    fast = NvlinkBackend.from_config(info.group, cfg)
+    fast._jump_epoch_for_testing(2**32 - 3)
+    lay, r, cmax = fast.layout, info.world_size, fast.sizing.max_chunks
+    areas = {"info": (lay.info, 2 * r), "dispatch flags": (lay.dflag, r * cmax)}
+    areas["combine flags"] = (lay.cflag, r * cmax)
+    stale = tag_word(2**32 + 9) | 0x55
+
+    def words(base: int, area: str) -> torch.Tensor:
+        off, count = areas[area]
+        return fast.sym.tensor(base + off, (count,), torch.int64)
+
+    for base in (lay.region0, lay.region1):
+        for area in areas:
+            words(base, area).fill_(stale)
+    torch.cuda.synchronize()
+    fast.sym.barrier()
+    torch.cuda.synchronize()
+    # Three ops per case (dispatch, cached dispatch, combine): 2^32 - 2 .. 2^32 + 3; the
+    # refresh ops are the first case's combine and the second case's dispatch.
+    for case, (dtype, sms) in enumerate((("bf16", 24), ("fp8", 8))):
+        _case(
+            ref,
+            fast,
+            info,
+            seed=70 + case,
+            num_tokens=nmax - 40 - 7 * info.rank,
+            hidden=1024,
+            num_experts=16 * r,
+            topk=TOPK,
+            kind="uniform",
+            dtype=dtype,
+            weights=True,
+            do_expand=False,
+            alignment=1,
+            do_cpu_sync=True,
+            num_bias=0,
+            num_sms=sms,
+        )
+    torch.cuda.synchronize()
+    fast.sym.barrier()
+    torch.cuda.synchronize()
+    for p, base in enumerate((lay.region0, lay.region1)):
+        for area in areas:
+            tags = (words(base, area) >> 32) & 0xFFFFFFFF
+            old = int((tags == (stale >> 32) & 0xFFFFFFFF).sum())
+            assert old == 0, f"rank {info.rank} region {p} {area}: {old} words kept a stale tag"
+    fast.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "world_size",
+    [pytest.param(n, marks=pytest.mark.multigpu(n)) for n in (2, 4)],
+)
+def test_nvlink_ht_tag_wrap_and_refresh(world_size: int) -> None:
+    run_ranks(world_size, _tag_wrap_worker, timeout_s=300)
+
+
 def _timeout_worker(info: RankInfo) -> None:
     from ep_core.nvlink import NvlinkBackend
     from ep_core.nvlink_kernels import GpuTimeoutError

@@ -650,6 +650,68 @@ def _timeout_worker(info: RankInfo) -> None:
 # ---- GPU tests ----------------------------------------------------------------------------------
 
 
+def _tag_wrap_worker(info: RankInfo) -> None:
+    """Ops across the 32-bit tag wrap, two of them refresh ops (epochs 2^32 and 2^32 + 1).
+
+    Tagged words carry the low 32 bits of the epoch. Every word of both regions is first made
+    to look 2^32 ops old (the tag of op 2^32 + 6, as a slot that no op wrote since op 6 would
+    have); the refresh ops must leave no such word, and every op must match the reference.
+    """
+    from ep_core.nvlink_ll import tag_word
+
+    r, nmax, hidden, topk = info.world_size, 48, 1024, 8
+    num_experts = 8 * r
+    ref = _reference(info)
+    eng = _engine(info, nmax, hidden, num_experts, topk)
+    eng._jump_epoch_for_testing(2**32 - 3)
+    lay = eng.layout
+    areas = {
+        "counts": (lay.r_cnt, r * lay.max_local_experts),
+        "token counts": (lay.r_ntok, r),
+        "combine masks": (lay.r_cmask, r * nmax),
+        "combine weights": (lay.r_cw, r * nmax * topk),
+    }
+    stale = tag_word(2**32 + 6) | 0x1234
+
+    def words(p: int, area: str) -> torch.Tensor:
+        off, count = areas[area]
+        return eng.sym.tensor(lay.region[p] + off, (count,), torch.int64)
+
+    for p in (0, 1):
+        for area in areas:
+            words(p, area).fill_(stale)
+    torch.cuda.synchronize()
+    eng.sym.barrier()
+    torch.cuda.synchronize()
+    # Ops 2^32 - 2 .. 2^32 + 3: dispatch, combine per case; the second case's top-k is below the
+    # buffer's, so the refresh combine also covers the lanes past the call's top-k.
+    for case, (k, fmt) in enumerate(((topk, "fp8"), (4, "bf16"), (topk, "ue8m0"))):
+        _run_case(
+            eng,
+            ref,
+            info,
+            seed=90 + case,
+            num_tokens=nmax - 5 - 3 * info.rank,
+            nmax=nmax,
+            hidden=hidden,
+            num_experts=num_experts,
+            topk=k,
+            kind="uniform",
+            fmt=fmt,
+            use_out=False,
+        )
+    eng.check_error()
+    torch.cuda.synchronize()
+    eng.sym.barrier()
+    torch.cuda.synchronize()
+    for p in (0, 1):
+        for area in areas:
+            tags = (words(p, area) >> 32) & 0xFFFFFFFF
+            old = int((tags == (stale >> 32) & 0xFFFFFFFF).sum())
+            assert old == 0, f"rank {info.rank} region {p} {area}: {old} words kept a stale tag"
+    eng.destroy()
+
+
 @pytest.mark.gpu
 def test_reference_fp8_cast_is_device_independent() -> None:
     """The kernels implement docs/design.md's ``sf = max(amax, 1e-4) / 448`` (IEEE division).
@@ -693,3 +755,9 @@ def test_low_latency_hooks(world_size: int) -> None:
 @pytest.mark.parametrize("world_size", WORLDS)
 def test_low_latency_timeout_names_stage_and_peer(world_size: int) -> None:
     run_ranks(world_size, _timeout_worker, timeout_s=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", WORLDS)
+def test_low_latency_tag_wrap_and_refresh(world_size: int) -> None:
+    run_ranks(world_size, _tag_wrap_worker, timeout_s=300)

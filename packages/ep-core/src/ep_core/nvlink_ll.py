@@ -53,6 +53,7 @@ __all__ = [
     "ll_combine_spec",
     "ll_dispatch_spec",
     "shipped_kernels",
+    "tag_word",
 ]
 
 CHUNK = 2048
@@ -150,6 +151,7 @@ class LlArgs(ctypes.Structure):
         ("slot", ctypes.c_int64),
         ("buf_max_tokens", ctypes.c_int64),
         ("buf_local_experts", ctypes.c_int64),
+        ("buf_topk", ctypes.c_int64),
         ("row_bytes", ctypes.c_int64),
         ("off_abort", ctypes.c_int64),
         ("off_slot_epoch", ctypes.c_int64),
@@ -265,6 +267,12 @@ def compute_ll_layout(
         r_stage=parts["stage"],
         total_bytes=total,
     )
+
+
+def tag_word(epoch: int) -> int:
+    """A 64-bit tagged word of ``epoch`` with payload 0, as a signed int64 value (tests)."""
+    v = (epoch & 0xFFFFFFFF) << 32
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def dispatch_smem_bytes(num_ranks: int, num_tokens: int, num_experts: int) -> int:
@@ -555,6 +563,7 @@ class LowLatencyEngine:
         a.slot = slot
         a.buf_max_tokens = lay.max_tokens
         a.buf_local_experts = lay.max_local_experts
+        a.buf_topk = lay.num_topk
         a.row_bytes = lay.row_bytes
         a.off_abort, a.off_slot_epoch = lay.off_abort, lay.off_slot_epoch
         a.off_cta_epoch, a.off_rel, a.off_pend = lay.off_cta_epoch, lay.off_rel, lay.off_pend
@@ -824,6 +833,43 @@ class LowLatencyEngine:
         if t.numel() and t.data_ptr() % 16:
             t = t.clone()  # 16-byte vector loads
         return t
+
+    def _jump_epoch_for_testing(self, last_epoch: int) -> None:
+        """Tests only: makes the buffer look as if ``last_epoch`` ops had run and been released.
+
+        Lets a test reach the 32-bit tag wrap (op 2^32) and the tag refresh ops (epochs 0 and 1
+        modulo 2^30, ``kTagRefreshPeriod``) without running billions of ops. Collective: every
+        rank calls it with the same value, with no kernel in flight and no receive hook pending.
+        """
+        self._check_alive()
+        if self._pending:
+            raise RuntimeError("a receive hook is still pending")
+        if last_epoch < 0:
+            raise ValueError(f"last_epoch must be >= 0, got {last_epoch}")
+        lay, nc, r = self.layout, self.num_ctas, self.num_ranks
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            self.sym.barrier()
+            torch.cuda.synchronize(self.device)
+            self.sym.tensor(lay.off_cta_epoch, (nc,), torch.int64).fill_(last_epoch)
+            self.sym.tensor(lay.off_pend, (nc,), torch.int64).zero_()
+            # rel[q][peer] counts the CTA releases of ops of parity q (see warp_gate).
+            rel = self.sym.tensor(lay.off_rel, (2, r), torch.int64)
+            rel[0].fill_(nc * (last_epoch // 2))
+            rel[1].fill_(nc * ((last_epoch + 1) // 2))
+            # Tagged words and flags of each region as the last op of its parity left them.
+            k, n, el = lay.num_topk, lay.max_tokens, lay.max_local_experts
+            for p in (0, 1):
+                last = last_epoch if last_epoch % 2 == p else max(last_epoch - 1, 0)
+                base = lay.region[p]
+                for off, count in ((lay.r_cnt, r * el), (lay.r_ntok, r), (lay.r_cmask, r * n)):
+                    self.sym.tensor(base + off, (count,), torch.int64).fill_(tag_word(last))
+                self.sym.tensor(base + lay.r_cw, (r * n * k,), torch.int64).fill_(tag_word(last))
+                self.sym.tensor(base + lay.r_done, (r * nc,), torch.int64).fill_(last)
+            torch.cuda.synchronize(self.device)
+            self.sym.barrier()
+            torch.cuda.synchronize(self.device)
+        self._seq = last_epoch
 
     def destroy(self) -> None:
         """Frees the symmetric buffer (idempotent). Synchronises the device first."""

@@ -340,7 +340,22 @@ struct HtCombine {
         const WaitContext ctx{a.error, &ctrl->abort, a.timeout_cycles, me};
 
         ht_trace(a.trace, 0);
-        if (blockIdx.x == 0 && warp == 0) announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
+        if (blockIdx.x == 0 && warp == 0) {
+            announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
+            if (tag_refresh_epoch(epoch)) {
+                // Words no reader of this op waits on (kTagRefreshPeriod): this rank's dispatch
+                // words, and its combine flags past the last chunk of each source (all of them
+                // at this rank, which no push of its own raises).
+                for (int d = 0; d < kRanks; ++d) {
+                    uint8_t* reg = peer_ptr(a.peer_bases, d, a.lay.region[parity]);
+                    refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.info) + me * 2, 0, 2, tag);
+                    refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.dflag) + me * a.max_chunks,
+                                 0, a.max_chunks, tag);
+                    refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.cflag) + me * a.max_chunks,
+                                 d == me ? 0 : a.nchunks[d], a.max_chunks, tag);
+                }
+            }
+        }
         const int npush = static_cast<int>(a.num_push_ctas);
         const bool push_cta = !kSplit || static_cast<int>(blockIdx.x) < npush;
         if (push_cta && warp < kNumPushWarps) {

@@ -455,6 +455,18 @@ struct HtDispatch {
                 st_release_sys(info_words, make_tagged(tag, static_cast<uint32_t>(
                                                                 a.chunk_prefix[nchunks * kRanks + lane])));
             }
+            if (tag_refresh_epoch(epoch)) {
+                // Flags no reader of this op waits on (kTagRefreshPeriod): this rank's chunks
+                // past its last one, and its combine flags.
+                const int64_t nchunks = (a.num_tokens + kChunk - 1) / kChunk;
+                for (int d = 0; d < kRanks; ++d) {
+                    uint8_t* reg = peer_ptr(a.peer_bases, d, a.lay.region[parity]);
+                    refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.dflag) + me * a.max_chunks,
+                                 nchunks, a.max_chunks, tag);
+                    refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.cflag) + me * a.max_chunks,
+                                 0, a.max_chunks, tag);
+                }
+            }
         }
         // Role of this warp; CTA-level indices count only the CTAs of that role.
         const int nsend = static_cast<int>(a.num_send_ctas);

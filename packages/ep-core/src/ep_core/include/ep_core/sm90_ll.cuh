@@ -33,9 +33,11 @@
 //   which flag covers which item).
 // * Combine (source s): writes its top-k weights and per-destination lane masks to every rank
 //   as tagged words ((epoch << 32) | bits: no fence, no flag; a reader checks each word's tag).
-//   A tag is the low 32 bits of the epoch, so a slot that no op of its region wrote for exactly
-//   2^32 ops (a token index above every batch in between) would pass as current if read before
-//   its new value lands; count words are rewritten by every op and cannot be that old.
+//   A tag is the low 32 bits of the epoch, so a word that no op rewrote for a multiple of 2^32
+//   ops (a token index above every batch in between) would pass as current if read before its
+//   new value lands. The ops whose epoch is 0 or 1 modulo 2^30 (one per region) give their tag
+//   to every tagged word of theirs that they do not write anyway (refresh_words), so no word
+//   is ever more than 2^30 + 1 ops old.
 //   Each rank d, per (source, token, chunk) with lanes on d, computes
 //   p_d = bf16(sum over those lanes, increasing j, of w * float(y)) (__fmul_rn/__fadd_rn, starting
 //   from the first term) and TMA-stores it into stage[d][t] of s; releases done[d][cta]. The
@@ -77,6 +79,7 @@ struct LlArgs {
     int64_t slot;               // host-alternated slot of a split op (0/1)
     int64_t buf_max_tokens;     // Nmax the buffer is sized for (stride of the staged arrays)
     int64_t buf_local_experts;  // El the buffer is sized for (stride of the count words)
+    int64_t buf_topk;           // k the buffer is sized for (stride of the weight words)
     int64_t row_bytes;          // stride of a staged row
     int64_t off_abort;          // u32 abort flag (local use)
     int64_t off_slot_epoch;     // [2 kinds][2 slots] u64
@@ -89,7 +92,7 @@ struct LlArgs {
     int64_t r_done;             // [R][num CTAs] u64 epoch: rows/partials of a source CTA complete
     int64_t r_meta;             // [R][buf Nmax][k] int32
     int64_t r_cmask;            // [R][buf Nmax] u64 (epoch << 32) | combine lanes on this rank
-    int64_t r_cw;               // [R][buf Nmax][k] u64 (epoch << 32) | float32 bits of a weight
+    int64_t r_cw;               // [R][buf Nmax][buf k] u64 (epoch << 32) | float32 bits of a weight
     int64_t r_stage;            // [R][buf Nmax][row_bytes] staged rows / combine partials
     uint64_t trace;             // 0, or [num CTAs][kTracePoints] u64 %globaltimer (developer trace)
 };
@@ -329,6 +332,50 @@ __device__ __forceinline__ void source_offsets(int me, const int* ntok, int* spo
     }
 }
 
+// words[i] = tag only (payload 0) for i in [from, to), grid-strided over warps (gw of nw).
+__device__ __forceinline__ void refresh_range(uint64_t* words, int64_t from, int64_t to,
+                                              uint64_t epoch, int gw, int nw) {
+    const int64_t step = static_cast<int64_t>(nw) * 32;
+    for (int64_t i = from + static_cast<int64_t>(gw) * 32 + (threadIdx.x & 31); i < to; i += step)
+        st_relaxed_sys(words + i, tagged(epoch, 0));
+}
+
+// In a refresh op (tag_refresh_epoch, see kTagRefreshPeriod in smxx_ptx.cuh): this rank's
+// tagged words at every rank that no reader of this op waits on get this op's tag, so no word
+// ever keeps a tag that is 2^32 ops old. A dispatch refreshes the combine's masks and weights
+// and the count words past this call's experts; a combine refreshes the dispatch's count and
+// token words, its masks past this call's tokens and its weight words past this call's tokens
+// or top-k (send_weights gives the lanes not routed to a rank their tag). Words that the op
+// itself writes are left alone. Called by warps that passed the release gate.
+template <int kRanks, int kTopk, int kKind>
+__device__ __forceinline__ void refresh_words(const LlArgs& a, const Env& env, int gw, int nw) {
+    const int64_t nbuf = a.buf_max_tokens, kbuf = a.buf_topk, elbuf = a.buf_local_experts;
+    const int64_t T = a.num_tokens, k = kTopk;
+    for (int r = 0; r < kRanks; ++r) {
+        uint8_t* reg = env.region(a, r);
+        auto* cnt = reinterpret_cast<uint64_t*>(reg + a.r_cnt) + env.me * elbuf;
+        auto* mask = reinterpret_cast<uint64_t*>(reg + a.r_cmask) + env.me * nbuf;
+        auto* cw = reinterpret_cast<uint64_t*>(reg + a.r_cw) + env.me * nbuf * kbuf;
+        if (kKind == kKindDispatch) {
+            refresh_range(cnt, a.num_local_experts, elbuf, env.epoch, gw, nw);
+            refresh_range(mask, 0, nbuf, env.epoch, gw, nw);
+            refresh_range(cw, 0, nbuf * kbuf, env.epoch, gw, nw);
+        } else {
+            refresh_range(cnt, 0, elbuf, env.epoch, gw, nw);
+            refresh_range(reinterpret_cast<uint64_t*>(reg + a.r_ntok), env.me, env.me + 1,
+                          env.epoch, gw, nw);
+            refresh_range(mask, T, nbuf, env.epoch, gw, nw);
+            refresh_range(cw, T * kbuf, nbuf * kbuf, env.epoch, gw, nw);
+            // Top-k lanes [k, kbuf) of the call's tokens.
+            const int64_t extra = kbuf - k;
+            const int64_t step = static_cast<int64_t>(nw) * 32;
+            for (int64_t i = static_cast<int64_t>(gw) * 32 + (threadIdx.x & 31); i < T * extra;
+                 i += step)
+                st_relaxed_sys(cw + (i / extra) * kbuf + k + i % extra, tagged(env.epoch, 0));
+        }
+    }
+}
+
 // ==============================================================================================
 // Dispatch
 // ==============================================================================================
@@ -493,6 +540,8 @@ struct Dispatch {
             ++nitem;
         }
         if (!gated) ok = warp_gate<kRanks>(a, env);
+        if (ok && tag_refresh_epoch(env.epoch))
+            refresh_words<kRanks, kTopk, kKindDispatch>(a, env, gw, nc * kNumWarps);
         trace(a, 2);
 
         // 2. Per-expert bitmap of this rank's tokens: bm[e][w] bit b = token 32w + b chose e.
@@ -863,7 +912,11 @@ struct Combine {
         const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
         const auto* weights = reinterpret_cast<const float*>(a.topk_weights);
         const bool ok = warp_gate<kRanks>(a, env);
-        for (int t = warp * nc + static_cast<int>(blockIdx.x); ok && t < T; t += nc * kNumWarps) {
+        // A refresh op (kTagRefreshPeriod) also gives its tag to the weight words of the lanes
+        // not routed to a rank.
+        const bool refresh = tag_refresh_epoch(env.epoch);
+        const int gw = warp * nc + static_cast<int>(blockIdx.x);
+        for (int t = gw; ok && t < T; t += nc * kNumWarps) {
             const int64_t e =
                 lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             const float w =
@@ -877,12 +930,13 @@ struct Combine {
                 if (lane == 0)
                     st_relaxed_sys(reinterpret_cast<uint64_t*>(reg + a.r_cmask) + slot_idx,
                                    tagged(env.epoch, m));
-                if (d == r)
+                if (d == r || (refresh && lane < kTopk))
                     st_relaxed_sys(
-                        reinterpret_cast<uint64_t*>(reg + a.r_cw) + slot_idx * kTopk + lane,
+                        reinterpret_cast<uint64_t*>(reg + a.r_cw) + slot_idx * a.buf_topk + lane,
                         tagged(env.epoch, __float_as_uint(w)));
             }
         }
+        if (ok && refresh) refresh_words<kRanks, kTopk, kKindCombine>(a, env, gw, nc * kNumWarps);
         trace(a, 2);
     }
 
@@ -916,7 +970,7 @@ struct Combine {
             // One round of independent loads: the lane mask, and per lane its weight and row; a
             // word whose tag is not this op's yet is waited for (the weight only of a lane here).
             const int64_t slot_idx = static_cast<int64_t>(s) * a.buf_max_tokens + t;
-            const uint64_t* wword = lane < kTopk ? cws + slot_idx * kTopk + lane : nullptr;
+            const uint64_t* wword = lane < kTopk ? cws + slot_idx * a.buf_topk + lane : nullptr;
             uint64_t mv = ld_relaxed_sys(masks + slot_idx);
             uint64_t wv = wword != nullptr ? ld_relaxed_sys(wword) : 0;
             const int row_lane =

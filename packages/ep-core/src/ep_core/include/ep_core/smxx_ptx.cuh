@@ -218,6 +218,26 @@ __device__ __forceinline__ bool warp_wait_tag(const WaitContext& ctx, const uint
     return ok;
 }
 
+// Tags are the low 32 bits of the epoch, so a tagged word that no op rewrote for a multiple of
+// 2^32 ops would read as current. Every word a reader may wait on for its tag is therefore
+// rewritten (with the current tag) at least once per kTagRefreshPeriod ops: words a reader
+// needs in every op are rewritten by every op, and the others (slots past the current token or
+// chunk count, words of the other op kind) by the op whose epoch is 0 or 1 modulo the period,
+// one op per region. Epochs are consecutive, so no slot is ever older than the period plus two.
+constexpr uint64_t kTagRefreshPeriod = 1ull << 30;
+
+__device__ __forceinline__ bool tag_refresh_epoch(uint64_t epoch) {
+    return (epoch & (kTagRefreshPeriod - 1)) < 2;
+}
+
+// One warp: words[i] = (tag << 32) for i in [from, to) (system-scope relaxed stores; no reader
+// of this op looks at them, they only must not keep an old tag).
+__device__ __forceinline__ void refresh_tags(uint64_t* words, int64_t from, int64_t to,
+                                             uint32_t tag) {
+    for (int64_t i = from + (threadIdx.x & 31); i < to; i += 32)
+        st_relaxed_sys(words + i, static_cast<uint64_t>(tag) << 32);
+}
+
 // Spin until `*p >= target` (monotonic 64-bit counter).
 __device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* p,
                                          uint64_t target, int stage, int peer) {
