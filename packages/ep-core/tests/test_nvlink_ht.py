@@ -260,6 +260,11 @@ def _worker(info: RankInfo) -> None:
                 _case(ref, fast, info, seed=i, hidden=HIDDEN, num_experts=ne, topk=topk, **case)
             except AssertionError as e:
                 raise AssertionError(f"case {i} {case}: {e}") from e
+    # Two ranks combine with mixed CTAs at every SM count (use_split_combine): the split launch
+    # (4 push warps x 4 slots, 16 reducers) still runs here, as a developer override.
+    fast.combine_override = (4, 16, 4, 1)
+    _case(ref, fast, info, seed=50, hidden=HIDDEN, num_experts=ne, topk=TOPK, **cases[0])
+    fast.combine_override = None
     # Other shapes through a second buffer: hidden 2880 bf16 (gpt-oss), top-4, many experts.
     cfg2 = _config(info, NMAX, 2880, 4)
     fast2 = NvlinkBackend.from_config(info.group, cfg2)

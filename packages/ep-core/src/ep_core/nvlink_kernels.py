@@ -42,6 +42,7 @@ __all__ = [
     "register_include_root",
     "shipped_kernels",
     "use_split",
+    "use_split_combine",
 ]
 
 DEFAULT_NUM_SMS = 24
@@ -57,6 +58,13 @@ and faster from 24 on."""
 def use_split(num_sms: int) -> bool:
     """Whether launches of ``num_sms`` CTAs give each CTA one role (see ``SPLIT_MIN_SMS``)."""
     return num_sms >= SPLIT_MIN_SMS
+
+
+def use_split_combine(num_sms: int, num_ranks: int) -> bool:
+    """``use_split`` for the combine: with two ranks mixed CTAs (4 push + 12 reducer warps) at
+    every SM count, 15-20 % faster than the split launch at 20-32 SMs on 2x H200 (sixth round of
+    docs/kernels.md); from three ranks on as ``use_split`` (measured on 4x H200)."""
+    return num_ranks > 2 and use_split(num_sms)
 
 
 CYCLES_PER_SECOND = 1.98e9
@@ -226,17 +234,20 @@ def dispatch_config(
     raise ValueError(f"rows of {payload} bytes are too large for the dispatch kernel")
 
 
-def combine_config(payload: int, split: bool = True) -> CombineConfig:
+def combine_config(payload: int, split: bool = True, num_ranks: int = 4) -> CombineConfig:
     """Push warps with TMA slots and reducer warps.
 
     With ``split`` half of the CTAs push (4 warps, up to 4 slots each) and the other half reduce
     (16 warps): on 4x H200 this took combine of 4096 x 7168 at 24 SMs from 705 to 616 us
-    (docs/kernels.md). Without it each CTA has 5 push warps x 3 slots and 12 reducer warps
-    (fewer push warps when their slots do not fit): the fastest mixed shape measured below
-    20 SMs (``use_split``).
+    (docs/kernels.md). Without it (below 20 SMs, ``use_split``) each CTA has 12 reducer warps
+    and up to 3 slots per push warp, with 4 push warps for two ranks and 5 from three ranks on
+    (fewer when their slots do not fit): the fastest mixed shapes measured, on 2x H200 (4 push
+    warps: 8-16 SMs 13-25 % faster than 5, sixth round) and on 4x H200 (5 push warps, third
+    round; 4 x 12 not measured there since). A CTA of 17 warps gets at most 96 registers and
+    spills a few bytes; 16 warps get 128.
     """
     budget = SMEM_LIMIT - 512
-    most_warps, most_slots, reducers = (4, 4, 16) if split else (5, 3, 12)
+    most_warps, most_slots, reducers = (4, 4, 16) if split else (4 if num_ranks <= 2 else 5, 3, 12)
     for warps in range(most_warps, 0, -1):
         slots = min(most_slots, budget // (warps * (payload + 12)))
         if slots >= 2:
@@ -472,7 +483,7 @@ def launch_combine(
 ) -> None:
     """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
     r, k, hidden = be.num_ranks, handle.num_topk, x.shape[1]
-    splittable = use_split(num_sms)
+    splittable = use_split_combine(num_sms, r)
     key = ("combine", r, k, hidden, be.combine_override, splittable)
     found = _configured.get(key)
     if found is None:
@@ -480,7 +491,7 @@ def launch_combine(
         if be.combine_override is not None:
             cfg = CombineConfig.from_override(be.combine_override, payload)
         else:
-            cfg = combine_config(payload, split=splittable)
+            cfg = combine_config(payload, split=splittable, num_ranks=r)
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
     a = HtCombineArgs()
