@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-topk", type=int, default=8)
     p.add_argument("--num-experts", type=int, default=256)
-    p.add_argument("--ctas", default="64")
+    p.add_argument("--ctas", default="128")
     p.add_argument("--cooperative", default="1,0", help="comma list of 1 (cooperative) / 0")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default="")

@@ -64,8 +64,10 @@ NUM_WARPS = 8
 
 THREADS = NUM_WARPS * 32
 
-MAX_CTAS = 64
-"""Default (and largest) number of CTAs; every kernel of an engine uses the same count."""
+MAX_CTAS = 128
+"""Default number of CTAs, ``min(MAX_CTAS, SMs)``; every kernel of an engine uses the same count.
+On 2x H200 128 CTAs replayed 128/256-token calls 1-9 us faster than 64 and equal at 1-32 tokens
+(docs/kernels.md, sixth round)."""
 
 MAX_RANKS = 32
 MAX_TOPK = 32
@@ -386,7 +388,7 @@ class LowLatencyEngine:
         device: This rank's CUDA device; default the current one.
         num_gpu_timeout_secs: How long a kernel waits for a peer before it records a timeout
             (``<= 0``: forever).
-        num_sms: CTAs of every kernel (one per SM); 0 picks ``min(64, SMs)``. Must agree on
+        num_sms: CTAs of every kernel (one per SM); 0 picks ``min(128, SMs)``. Must agree on
             every rank.
         cooperative: Launch cooperatively (guarantees that all CTAs are resident, which the
             kernels' intra-grid waits need).
