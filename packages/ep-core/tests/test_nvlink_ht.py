@@ -358,8 +358,8 @@ def _tag_wrap_worker(info: RankInfo) -> None:
     2^32 + 9); the refresh ops must leave no such word, and every op must match the reference.
     """
     from ep_core.nvlink import NvlinkBackend
-    from ep_core.nvlink_ll import tag_word
     from ep_core.reference import TorchBackend
+    from ep_core.testing import StaleTags
 
     nmax = NMAX  # _case passes NMAX as the call's maximum
     cfg = _config(info, nmax, 1024, TOPK)
@@ -369,18 +369,8 @@ def _tag_wrap_worker(info: RankInfo) -> None:
     lay, r, cmax = fast.layout, info.world_size, fast.sizing.max_chunks
     areas = {"info": (lay.info, 2 * r), "dispatch flags": (lay.dflag, r * cmax)}
     areas["combine flags"] = (lay.cflag, r * cmax)
-    stale = tag_word(2**32 + 9) | 0x55
-
-    def words(base: int, area: str) -> torch.Tensor:
-        off, count = areas[area]
-        return fast.sym.tensor(base + off, (count,), torch.int64)
-
-    for base in (lay.region0, lay.region1):
-        for area in areas:
-            words(base, area).fill_(stale)
-    torch.cuda.synchronize()
-    fast.sym.barrier()
-    torch.cuda.synchronize()
+    stale = StaleTags(fast.sym, areas, (lay.region0, lay.region1), 2**32 + 9)
+    stale.plant()
     # Three ops per case (dispatch, cached dispatch, combine): 2^32 - 2 .. 2^32 + 3; the
     # refresh ops are the first case's combine and the second case's dispatch.
     for case, (dtype, sms) in enumerate((("bf16", 24), ("fp8", 8))):
@@ -402,14 +392,8 @@ def _tag_wrap_worker(info: RankInfo) -> None:
             num_bias=0,
             num_sms=sms,
         )
-    torch.cuda.synchronize()
-    fast.sym.barrier()
-    torch.cuda.synchronize()
-    for p, base in enumerate((lay.region0, lay.region1)):
-        for area in areas:
-            tags = (words(base, area) >> 32) & 0xFFFFFFFF
-            old = int((tags == (stale >> 32) & 0xFFFFFFFF).sum())
-            assert old == 0, f"rank {info.rank} region {p} {area}: {old} words kept a stale tag"
+    left = {name: n for name, n in stale.remaining().items() if n}
+    assert not left, f"rank {info.rank}: words that kept a stale tag: {left}"
     fast.destroy()
 
 

@@ -657,7 +657,7 @@ def _tag_wrap_worker(info: RankInfo) -> None:
     to look 2^32 ops old (the tag of op 2^32 + 6, as a slot that no op wrote since op 6 would
     have); the refresh ops must leave no such word, and every op must match the reference.
     """
-    from ep_core.nvlink_ll import tag_word
+    from ep_core.testing import StaleTags
 
     r, nmax, hidden, topk = info.world_size, 48, 1024, 8
     num_experts = 8 * r
@@ -671,18 +671,8 @@ def _tag_wrap_worker(info: RankInfo) -> None:
         "combine masks": (lay.r_cmask, r * nmax),
         "combine weights": (lay.r_cw, r * nmax * topk),
     }
-    stale = tag_word(2**32 + 6) | 0x1234
-
-    def words(p: int, area: str) -> torch.Tensor:
-        off, count = areas[area]
-        return eng.sym.tensor(lay.region[p] + off, (count,), torch.int64)
-
-    for p in (0, 1):
-        for area in areas:
-            words(p, area).fill_(stale)
-    torch.cuda.synchronize()
-    eng.sym.barrier()
-    torch.cuda.synchronize()
+    stale = StaleTags(eng.sym, areas, lay.region, 2**32 + 6)
+    stale.plant()
     # Ops 2^32 - 2 .. 2^32 + 3: dispatch, combine per case; the second case's top-k is below the
     # buffer's, so the refresh combine also covers the lanes past the call's top-k.
     for case, (k, fmt) in enumerate(((topk, "fp8"), (4, "bf16"), (topk, "ue8m0"))):
@@ -701,14 +691,8 @@ def _tag_wrap_worker(info: RankInfo) -> None:
             use_out=False,
         )
     eng.check_error()
-    torch.cuda.synchronize()
-    eng.sym.barrier()
-    torch.cuda.synchronize()
-    for p in (0, 1):
-        for area in areas:
-            tags = (words(p, area) >> 32) & 0xFFFFFFFF
-            old = int((tags == (stale >> 32) & 0xFFFFFFFF).sum())
-            assert old == 0, f"rank {info.rank} region {p} {area}: {old} words kept a stale tag"
+    left = {name: n for name, n in stale.remaining().items() if n}
+    assert not left, f"rank {info.rank}: words that kept a stale tag: {left}"
     eng.destroy()
 
 

@@ -8,6 +8,7 @@
   :class:`~ep_core.backend.EPBackend` and compare bit for bit (optionally with a reference).
 * :data:`HT_CASES`, :data:`LL_CASES`, :func:`run_standard_cases`: the standard scenario set the
   test suites and the multi-node check share.
+* :class:`StaleTags`: epoch-tagged words made to look 2^32 ops old, for the tag-refresh tests.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ep_core.testing._oracle import (
     expected_low_latency_dispatch,
 )
 from ep_core.testing._standard import HT_CASES, LL_CASES, run_standard_cases
+from ep_core.testing._tags import StaleTags, settle
 
 __all__ = [
     "HT_CASES",
@@ -32,6 +34,7 @@ __all__ = [
     "ExpectedDispatch",
     "ExpectedLowLatency",
     "RankInputs",
+    "StaleTags",
     "assert_equal",
     "expected_combine",
     "expected_dispatch",
@@ -43,4 +46,5 @@ __all__ = [
     "run_low_latency_case",
     "run_standard_cases",
     "seeded",
+    "settle",
 ]
