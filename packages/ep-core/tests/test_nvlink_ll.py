@@ -696,6 +696,37 @@ def _tag_wrap_worker(info: RankInfo) -> None:
     eng.destroy()
 
 
+def _agreement_worker(info: RankInfo) -> None:
+    from ep_core.nvlink_ll import LowLatencyEngine
+
+    common = {
+        "rank": info.rank,
+        "num_ranks": info.world_size,
+        "num_max_dispatch_tokens_per_rank": 32,
+        "hidden": 1024,
+        "num_experts": 8 * info.world_size,
+        "num_topk": 4,
+        "device": info.device,
+    }
+    # Ranks that would build different engines all fail, naming the field.
+    with pytest.raises(ValueError, match="num_ctas differs"):
+        LowLatencyEngine(info.group, num_sms=16 + 8 * info.rank, **common)
+    # A size error on one rank fails every rank (none waits for it in the buffer's set-up).
+    bad = dict(common, hidden=100 if info.rank == 0 else 1024)
+    with pytest.raises(ValueError, match="hidden must be" if info.rank == 0 else "rank 0: hidden"):
+        LowLatencyEngine(info.group, **bad)
+    # The group is usable afterwards.
+    eng = LowLatencyEngine(info.group, num_sms=16, **common)
+    x = torch.randn(8, 1024, device=info.device).to(torch.bfloat16)
+    idx = torch.randint(0, 8 * info.world_size, (8, 4), device=info.device)
+    eng.dispatch(
+        x, idx, num_max_dispatch_tokens_per_rank=32, num_experts=8 * info.world_size, use_fp8=False
+    )
+    torch.cuda.synchronize()
+    eng.check_error()
+    eng.destroy()
+
+
 @pytest.mark.gpu
 def test_reference_fp8_cast_is_device_independent() -> None:
     """The kernels implement docs/design.md's ``sf = max(amax, 1e-4) / 448`` (IEEE division).
@@ -745,3 +776,9 @@ def test_low_latency_timeout_names_stage_and_peer(world_size: int) -> None:
 @pytest.mark.parametrize("world_size", WORLDS)
 def test_low_latency_tag_wrap_and_refresh(world_size: int) -> None:
     run_ranks(world_size, _tag_wrap_worker, timeout_s=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", WORLDS)
+def test_low_latency_engines_must_agree(world_size: int) -> None:
+    run_ranks(world_size, _agreement_worker, timeout_s=300)

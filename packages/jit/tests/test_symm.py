@@ -160,6 +160,19 @@ def _barrier_kernel_worker(info: RankInfo, cache: str) -> None:
     buf.destroy()
 
 
+def _sizes_worker(info: RankInfo) -> None:
+    # Ranks asking for different sizes all fail (a smaller peer buffer would be written past its
+    # end); the group is usable afterwards.
+    with pytest.raises(ValueError, match="must agree on every rank"):
+        SymmetricBuffer(info.group, 4096 * (1 + info.rank))
+    with pytest.raises(ValueError, match="signal_bytes=8"):
+        SymmetricBuffer(info.group, 4096, signal_bytes=4 + 4 * (info.rank % 2))
+    buf = SymmetricBuffer(info.group, 4096)
+    buf.barrier()
+    torch.cuda.synchronize()
+    buf.destroy()
+
+
 def _domain_worker(info: RankInfo, expected: bool) -> None:
     assert ep_jit.is_single_nvlink_domain(info.group) is expected
 
@@ -195,3 +208,8 @@ def test_create_destroy_cycles_do_not_leak(world_size: int) -> None:
 @pytest.mark.parametrize("world_size", MULTI)
 def test_barrier_kernel_and_timeout(world_size: int, jit_cache: Path) -> None:
     run_ranks(world_size, _barrier_kernel_worker, str(jit_cache), timeout_s=300)
+
+
+@pytest.mark.parametrize("world_size", MULTI)
+def test_symmetric_buffer_sizes_must_agree(world_size: int) -> None:
+    run_ranks(world_size, _sizes_worker, timeout_s=180)

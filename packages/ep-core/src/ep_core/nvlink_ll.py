@@ -271,6 +271,34 @@ def compute_ll_layout(
     )
 
 
+def _check_agreement(
+    group: dist.ProcessGroup, device: torch.device, problem: str | None, config: dict[str, Any]
+) -> None:
+    """Every rank must build the same engine (the kernels index each other's buffers and count
+    each other's CTAs), and none may fail alone (the others would wait for it in the buffer's
+    collective set-up). One all-gather of each rank's configuration and local ``problem``; every
+    rank raises a ``ValueError`` (its own problem first, else the others', else the fields that
+    differ)."""
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    with torch.cuda.device(device):
+        dist.all_gather_object(gathered, {"problem": problem, "config": config}, group=group)
+    if problem is not None:
+        raise ValueError(problem)
+    failed = [f"rank {r}: {g['problem']}" for r, g in enumerate(gathered) if g["problem"]]
+    if failed:
+        raise ValueError("LowLatencyEngine cannot be built: " + "; ".join(failed))
+    problems = []
+    for key in config:
+        values = [g["config"][key] for g in gathered]
+        if any(v != values[0] for v in values[1:]):
+            by_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            problems.append(f"{key} differs ({by_rank})")
+    if problems:
+        raise ValueError(
+            "LowLatencyEngine configuration must agree on every rank: " + "; ".join(problems)
+        )
+
+
 def tag_word(epoch: int) -> int:
     """A 64-bit tagged word of ``epoch`` with payload 0, as a signed int64 value (tests)."""
     v = (epoch & 0xFFFFFFFF) << 32
@@ -395,7 +423,8 @@ class LowLatencyEngine:
         poison_outputs: Fill outputs with NaN/-1 patterns before the kernels write them (tests).
 
     Raises:
-        ValueError: A size outside what the kernels support.
+        ValueError: A size outside what the kernels support (on this or another rank), or ranks
+            whose configurations differ (raised on every rank).
     """
 
     trace: torch.Tensor | None = None
@@ -426,21 +455,6 @@ class LowLatencyEngine:
                 f"rank {rank} / num_ranks {num_ranks} do not match the group "
                 f"(rank {group.rank()} of {group.size()})"
             )
-        if not 1 <= num_max_dispatch_tokens_per_rank <= 65535:
-            raise ValueError(
-                "num_max_dispatch_tokens_per_rank must be in [1, 65535], got "
-                f"{num_max_dispatch_tokens_per_rank}"
-            )
-        if hidden <= 0 or hidden % 64 or hidden > MAX_HIDDEN:
-            raise ValueError(
-                f"hidden must be a positive multiple of 64 up to {MAX_HIDDEN}, got {hidden}"
-            )
-        if num_experts <= 0 or num_experts % num_ranks:
-            raise ValueError(
-                f"num_experts {num_experts} must be a positive multiple of {num_ranks}"
-            )
-        if not 1 <= num_topk <= MAX_TOPK:
-            raise ValueError(f"num_topk must be in [1, {MAX_TOPK}], got {num_topk}")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device())
         device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -450,14 +464,41 @@ class LowLatencyEngine:
             device = torch.device("cuda", torch.cuda.current_device())
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_ctas = num_sms if num_sms > 0 else min(MAX_CTAS, sms)
-        if not 1 <= num_ctas <= min(sms, 1024):
-            raise ValueError(f"num_sms must be in [1, {sms}], got {num_sms}")
+        # Size errors are gathered with the configuration, so every rank fails together.
+        problem = None
         smem = dispatch_smem_bytes(num_ranks, num_max_dispatch_tokens_per_rank, num_experts)
-        if smem > SMEM_LIMIT:
-            raise ValueError(
+        if not 1 <= num_max_dispatch_tokens_per_rank <= 65535:
+            problem = (
+                "num_max_dispatch_tokens_per_rank must be in [1, 65535], got "
+                f"{num_max_dispatch_tokens_per_rank}"
+            )
+        elif hidden <= 0 or hidden % 64 or hidden > MAX_HIDDEN:
+            problem = f"hidden must be a positive multiple of 64 up to {MAX_HIDDEN}, got {hidden}"
+        elif num_experts <= 0 or num_experts % num_ranks:
+            problem = f"num_experts {num_experts} must be a positive multiple of {num_ranks}"
+        elif not 1 <= num_topk <= MAX_TOPK:
+            problem = f"num_topk must be in [1, {MAX_TOPK}], got {num_topk}"
+        elif not 1 <= num_ctas <= min(sms, 1024):
+            problem = f"num_sms must be in [1, {sms}], got {num_sms}"
+        elif smem > SMEM_LIMIT:
+            problem = (
                 f"{num_experts} experts x {num_max_dispatch_tokens_per_rank} tokens need {smem} B "
                 f"of shared memory per CTA (limit {SMEM_LIMIT}); use fewer tokens or experts"
             )
+        _check_agreement(
+            group,
+            device,
+            problem,
+            {
+                "num_ranks": num_ranks,
+                "num_max_dispatch_tokens_per_rank": num_max_dispatch_tokens_per_rank,
+                "hidden": hidden,
+                "num_experts": num_experts,
+                "num_topk": num_topk,
+                "num_ctas": num_ctas,
+                "cooperative": cooperative,
+            },
+        )
 
         self.group = group
         self.rank = rank

@@ -28,6 +28,22 @@ _ALIGN = 256
 _backend_lock = threading.Lock()
 
 
+def _check_same_sizes(
+    group: dist.ProcessGroup, device: torch.device, nbytes: int, signal_bytes: int
+) -> None:
+    """Every rank must ask for the same sizes: a peer whose buffer is smaller would be written
+    past its end. One all-gather before anything is allocated; every rank raises the same error.
+    """
+    sizes: list[Any] = [None] * dist.get_world_size(group)
+    with torch.cuda.device(device):
+        dist.all_gather_object(sizes, (nbytes, signal_bytes), group=group)
+    if any(tuple(s) != tuple(sizes[0]) for s in sizes[1:]):
+        by_rank = ", ".join(
+            f"rank {r}: nbytes={n}, signal_bytes={sb}" for r, (n, sb) in enumerate(sizes)
+        )
+        raise ValueError(f"SymmetricBuffer sizes must agree on every rank ({by_rank})")
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -81,7 +97,8 @@ class SymmetricBuffer:
         world_size: Ranks in ``group``.
 
     Raises:
-        ValueError: Bad ``nbytes``/``signal_bytes``, or ``device`` is not a CUDA device.
+        ValueError: Bad ``nbytes``/``signal_bytes``, ranks that ask for different sizes (raised
+            on every rank), or ``device`` is not a CUDA device.
     """
 
     def __init__(
@@ -105,6 +122,7 @@ class SymmetricBuffer:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD  # type: ignore[assignment]
+        _check_same_sizes(self.group, device, nbytes, signal_bytes)
         self.device = device
         self.nbytes = nbytes
         self.signal_offset = _align(nbytes)
