@@ -332,14 +332,6 @@ __device__ __forceinline__ void source_offsets(int me, const int* ntok, int* spo
     }
 }
 
-// words[i] = tag only (payload 0) for i in [from, to), grid-strided over warps (gw of nw).
-__device__ __forceinline__ void refresh_range(uint64_t* words, int64_t from, int64_t to,
-                                              uint64_t epoch, int gw, int nw) {
-    const int64_t step = static_cast<int64_t>(nw) * 32;
-    for (int64_t i = from + static_cast<int64_t>(gw) * 32 + (threadIdx.x & 31); i < to; i += step)
-        st_relaxed_sys(words + i, tagged(epoch, 0));
-}
-
 // In a refresh op (tag_refresh_epoch, see kTagRefreshPeriod in smxx_ptx.cuh): this rank's
 // tagged words at every rank that no reader of this op waits on get this op's tag, so no word
 // ever keeps a tag that is 2^32 ops old. A dispatch refreshes the combine's masks and weights
@@ -351,21 +343,22 @@ template <int kRanks, int kTopk, int kKind>
 __device__ __forceinline__ void refresh_words(const LlArgs& a, const Env& env, int gw, int nw) {
     const int64_t nbuf = a.buf_max_tokens, kbuf = a.buf_topk, elbuf = a.buf_local_experts;
     const int64_t T = a.num_tokens, k = kTopk;
+    const uint32_t tag = static_cast<uint32_t>(env.epoch);
     for (int r = 0; r < kRanks; ++r) {
         uint8_t* reg = env.region(a, r);
         auto* cnt = reinterpret_cast<uint64_t*>(reg + a.r_cnt) + env.me * elbuf;
         auto* mask = reinterpret_cast<uint64_t*>(reg + a.r_cmask) + env.me * nbuf;
         auto* cw = reinterpret_cast<uint64_t*>(reg + a.r_cw) + env.me * nbuf * kbuf;
         if (kKind == kKindDispatch) {
-            refresh_range(cnt, a.num_local_experts, elbuf, env.epoch, gw, nw);
-            refresh_range(mask, 0, nbuf, env.epoch, gw, nw);
-            refresh_range(cw, 0, nbuf * kbuf, env.epoch, gw, nw);
+            refresh_tags(cnt, a.num_local_experts, elbuf, tag, gw, nw);
+            refresh_tags(mask, 0, nbuf, tag, gw, nw);
+            refresh_tags(cw, 0, nbuf * kbuf, tag, gw, nw);
         } else {
-            refresh_range(cnt, 0, elbuf, env.epoch, gw, nw);
-            refresh_range(reinterpret_cast<uint64_t*>(reg + a.r_ntok), env.me, env.me + 1,
-                          env.epoch, gw, nw);
-            refresh_range(mask, T, nbuf, env.epoch, gw, nw);
-            refresh_range(cw, T * kbuf, nbuf * kbuf, env.epoch, gw, nw);
+            refresh_tags(cnt, 0, elbuf, tag, gw, nw);
+            refresh_tags(reinterpret_cast<uint64_t*>(reg + a.r_ntok), env.me, env.me + 1, tag,
+                         gw, nw);
+            refresh_tags(mask, T, nbuf, tag, gw, nw);
+            refresh_tags(cw, T * kbuf, nbuf * kbuf, tag, gw, nw);
             // Top-k lanes [k, kbuf) of the call's tokens.
             const int64_t extra = kbuf - k;
             const int64_t step = static_cast<int64_t>(nw) * 32;

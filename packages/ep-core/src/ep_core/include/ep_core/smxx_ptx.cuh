@@ -230,11 +230,13 @@ __device__ __forceinline__ bool tag_refresh_epoch(uint64_t epoch) {
     return (epoch & (kTagRefreshPeriod - 1)) < 2;
 }
 
-// One warp: words[i] = (tag << 32) for i in [from, to) (system-scope relaxed stores; no reader
-// of this op looks at them, they only must not keep an old tag).
+// words[i] = (tag << 32) for i in [from, to), by warp gw of nw warps sharing the range (one
+// warp: 0 of 1). System-scope relaxed stores: no reader of this op looks at these words, they
+// only must not keep an old tag.
 __device__ __forceinline__ void refresh_tags(uint64_t* words, int64_t from, int64_t to,
-                                             uint32_t tag) {
-    for (int64_t i = from + (threadIdx.x & 31); i < to; i += 32)
+                                             uint32_t tag, int gw = 0, int nw = 1) {
+    const int64_t step = static_cast<int64_t>(nw) * 32;
+    for (int64_t i = from + static_cast<int64_t>(gw) * 32 + (threadIdx.x & 31); i < to; i += step)
         st_relaxed_sys(words + i, static_cast<uint64_t>(tag) << 32);
 }
 
