@@ -116,12 +116,17 @@ constexpr int kKindDispatch = 0;
 constexpr int kKindCombine = 1;
 constexpr int kTracePoints = 16;
 
-// Developer trace (LlArgs::trace != 0): thread 0 of each CTA records the global timer (ns) at
-// numbered points of the kernel (see nvlink_ll.TRACE_POINTS). Costs one uniform branch when off.
-__device__ __forceinline__ void trace(const LlArgs& a, int point) {
-    if (a.trace != 0 && threadIdx.x == 0)
+// Developer trace (LlArgs::trace != 0): one thread of each CTA records the global timer (ns) at
+// numbered points of the kernel (see nvlink_ll.TRACE_POINTS): trace_here by the calling thread,
+// trace by thread 0. Costs one branch when off.
+__device__ __forceinline__ void trace_here(const LlArgs& a, int point) {
+    if (a.trace != 0)
         reinterpret_cast<uint64_t*>(a.trace)[blockIdx.x * kTracePoints + point] =
             ep_jit::globaltimer_ns();
+}
+
+__device__ __forceinline__ void trace(const LlArgs& a, int point) {
+    if (threadIdx.x == 0) trace_here(a, point);
 }
 
 __device__ __forceinline__ uint64_t tagged(uint64_t epoch, uint32_t value) {
@@ -319,17 +324,16 @@ __device__ __forceinline__ void signal_sent(const LlArgs& a, const Env& env, int
     }
 }
 
-// Rotated source order (this rank first): item prefix sums over sources, `spoff[0..R]`.
+// Rotated source order (this rank first): item prefix sums over sources, `spoff[0..R]` (by one
+// thread).
 template <int kRanks, int kNumChunks>
 __device__ __forceinline__ void source_offsets(int me, const int* ntok, int* spoff) {
-    if (threadIdx.x == 0) {
-        int acc = 0;
-        for (int i = 0; i < kRanks; ++i) {
-            spoff[i] = acc;
-            acc += ntok[(me + i) % kRanks] * kNumChunks;
-        }
-        spoff[kRanks] = acc;
+    int acc = 0;
+    for (int i = 0; i < kRanks; ++i) {
+        spoff[i] = acc;
+        acc += ntok[(me + i) % kRanks] * kNumChunks;
     }
+    spoff[kRanks] = acc;
 }
 
 // In a refresh op (tag_refresh_epoch, see kTagRefreshPeriod in smxx_ptx.cuh): this rank's
@@ -502,64 +506,74 @@ struct Dispatch {
         }
     }
 
-    static __device__ __forceinline__ void send(const LlArgs& a, const Env& env, uint8_t* smem) {
-        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // Warps [kFirstTableWarp, kNumWarps) build the tables (bitmap, counts, lane tables and, in a
+    // fused op, the receive tables) while the lower warps issue the rows; they take rows of
+    // their own only when a CTA has more items than row warps (more than 96 tokens per 128 CTAs
+    // with hidden 7168).
+    static constexpr int kTableWarps = kNumWarps / 2;
+    static constexpr int kFirstTableWarp = kNumWarps - kTableWarps;
+    static constexpr int kTableThreads = kTableWarps * 32;
+    static constexpr uint32_t kTableBarrier = 1;  // named barrier of the table warps
+    static_assert(kTableWarps >= 1 && kFirstTableWarp >= 1, "row and table warps");
+
+    static __device__ __forceinline__ void table_sync() {
+        named_barrier(kTableBarrier, kTableThreads);
+    }
+
+    // Shared-memory tables of the receive side (over the send side's bitmap, which they follow).
+    struct RecvTables {
+        int* sbase;  // [R][El] first packed row of (source, expert), then the counts' prefix
+        int* stot;   // [El] rows of each local expert
+        int* sntok;  // [R] tokens of each source
+        int* spoff;  // [R + 1] item prefix over sources, this rank first
+    };
+
+    static __device__ __forceinline__ RecvTables recv_tables_at(const LlArgs& a, uint8_t* smem) {
+        const int El = static_cast<int>(a.num_local_experts);
+        RecvTables tb;
+        tb.sbase = reinterpret_cast<int*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+        tb.stot = tb.sbase + kRanks * El;
+        tb.sntok = tb.stot + El;
+        tb.spoff = tb.sntok + kRanks;
+        return tb;
+    }
+
+    // Tables of the send side, by the table warps (`ttid` = thread index among them): the
+    // per-expert bitmap of this rank's tokens (bm[e][w] bit b = token 32w + b chose e), this
+    // rank's per-expert counts and token count at every rank, and the lane table of each token
+    // at every rank. Passes the release gate (returned in `ok`) before its first peer write.
+    static __device__ __forceinline__ void send_tables(const LlArgs& a, const Env& env,
+                                                       uint32_t* bm, int ttid, bool& ok) {
+        const int lane = ttid & 31, tw = ttid >> 5;
         const int T = static_cast<int>(a.num_tokens);
         const int E = static_cast<int>(a.num_experts);
         const int El = static_cast<int>(a.num_local_experts);
         const int nc = env.nc;
         const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
-        uint8_t* ring = smem + warp * 2 * kSlotBytes;
-        uint32_t* scl =
-            reinterpret_cast<uint32_t*>(smem + kNumWarps * 2 * kSlotBytes) + warp * kScaleWords;
-        auto* bm =
-            reinterpret_cast<uint32_t*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
-
-        // 1. Rows: item u = (t, chunk) belongs to CTA u % nc (consecutive items on different SMs).
-        const int gw = warp * nc + static_cast<int>(blockIdx.x);
-        int nitem = 0;
-        bool gated = false, ok = true;  // this warp passed the release gate / may write to peers
-        for (int u = gw; u < T * kNumChunks; u += nc * kNumWarps) {
-            const int t = u / kNumChunks, ch = u - t * kNumChunks;
-            const int64_t e =
-                lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
-            const bool valid = e >= 0 && e < E;
-            const int d = valid ? static_cast<int>(e) / El : 0;
-            const uint32_t dmask = __reduce_or_sync(kFull, valid ? (1u << d) : 0u);
-            if (dmask == 0) continue;
-            if (nitem >= 2 && lane == 0) tma_wait_read<1>();  // slot nitem % 2 is read out
-            __syncwarp();
-            send_chunk(a, env, t, ch, dmask, ring + (nitem & 1) * kSlotBytes, scl, lane, gated, ok);
-            ++nitem;
-        }
-        if (!gated) ok = warp_gate<kRanks>(a, env);
-        if (ok && tag_refresh_epoch(env.epoch))
-            refresh_words<kRanks, kTopk, kKindDispatch>(a, env, gw, nc * kNumWarps);
-        trace(a, 2);
-
-        // 2. Per-expert bitmap of this rank's tokens: bm[e][w] bit b = token 32w + b chose e.
         const int W = (T + 31) / 32;
-        for (int i = tid; i < E * W; i += kThreads) bm[i] = 0;
-        __syncthreads();
-        constexpr int kBatch = 4;  // independent loads in flight per thread
-        for (int base = tid; base < T * kTopk; base += kBatch * kThreads) {
+        for (int i = ttid; i < E * W; i += kTableThreads) bm[i] = 0;
+        table_sync();
+        constexpr int kBatch = 8;  // independent loads in flight per thread
+        for (int base = ttid; base < T * kTopk; base += kBatch * kTableThreads) {
             int64_t ev[kBatch];
 #pragma unroll
             for (int q = 0; q < kBatch; ++q) {
-                const int i = base + q * kThreads;
+                const int i = base + q * kTableThreads;
                 ev[q] = i < T * kTopk ? __ldg(topk + i) : -1;
             }
 #pragma unroll
             for (int q = 0; q < kBatch; ++q) {
-                const int t = (base + q * kThreads) / kTopk;
+                const int t = (base + q * kTableThreads) / kTopk;
                 if (ev[q] >= 0 && ev[q] < E)
                     atomicOr(&bm[static_cast<int>(ev[q]) * W + (t >> 5)], 1u << (t & 31));
             }
         }
-        __syncthreads();
+        ok = warp_gate<kRanks>(a, env);  // its load overlaps the barrier wait
+        table_sync();
 
-        // 3. Counts: expert e is written by CTA e % nc; the token count by CTA 0.
-        for (int e = static_cast<int>(blockIdx.x) + nc * tid; ok && e < E; e += nc * kThreads) {
+        // Counts: expert e is written by CTA e % nc; the token count by CTA 0.
+        for (int e = static_cast<int>(blockIdx.x) + nc * ttid; ok && e < E;
+             e += nc * kTableThreads) {
             int cnt = 0;
             for (int w = 0; w < W; ++w) cnt += __popc(bm[e * W + w]);
             const int d = e / El, el = e - d * El;
@@ -567,13 +581,13 @@ struct Dispatch {
                          static_cast<int64_t>(env.me) * a.buf_local_experts + el;
             st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(cnt)));
         }
-        if (ok && blockIdx.x == 0 && tid < kRanks) {
-            auto* word = reinterpret_cast<uint64_t*>(env.region(a, tid) + a.r_ntok) + env.me;
+        if (ok && blockIdx.x == 0 && ttid < kRanks) {
+            auto* word = reinterpret_cast<uint64_t*>(env.region(a, ttid) + a.r_ntok) + env.me;
             st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(T)));
         }
 
-        // 4. Lane table of token t (written by CTA t % nc) at every rank.
-        for (int t = static_cast<int>(blockIdx.x) + nc * warp; ok && t < T; t += nc * kNumWarps) {
+        // Lane table of token t (written by CTA t % nc) at every rank.
+        for (int t = static_cast<int>(blockIdx.x) + nc * tw; ok && t < T; t += nc * kTableWarps) {
             const int64_t e =
                 lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
             int d = -1;
@@ -595,27 +609,78 @@ struct Dispatch {
                         r == d ? val : -1;
             }
         }
-        trace(a, 3);
+    }
+
+    static __device__ __forceinline__ void send(const LlArgs& a, const Env& env, uint8_t* smem) {
+        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+        const int T = static_cast<int>(a.num_tokens);
+        const int E = static_cast<int>(a.num_experts);
+        const int nc = env.nc;
+        const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
+        uint8_t* ring = smem + warp * 2 * kSlotBytes;
+        uint32_t* scl =
+            reinterpret_cast<uint32_t*>(smem + kNumWarps * 2 * kSlotBytes) + warp * kScaleWords;
+        auto* bm =
+            reinterpret_cast<uint32_t*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+
+        bool gated = false, ok = true;  // this warp passed the release gate / may write to peers
+        const bool table_warp = warp >= kFirstTableWarp;
+        if (table_warp) {
+            const int ttid = tid - kFirstTableWarp * 32;
+            send_tables(a, env, bm, ttid, ok);
+            gated = true;
+            if (ttid == 0) trace_here(a, 3);
+            // A fused op's receive tables need only the peers' counts: build them now, while
+            // this CTA's rows are still on the way (the lane tables above are done with bm).
+            if constexpr (kPhase == kPhaseSend + kPhaseRecv) {
+                table_sync();
+                recv_tables(a, env, recv_tables_at(a, smem), ttid, kTableThreads,
+                            [] { table_sync(); });
+            }
+        }
+
+        // Rows: item u = (t, chunk) belongs to CTA u % nc (consecutive items on different SMs);
+        // a CTA's i-th item goes to warp i % kNumWarps, so the table warps get rows last.
+        const int gw = warp * nc + static_cast<int>(blockIdx.x);
+        int nitem = 0;
+        for (int u = gw; u < T * kNumChunks; u += nc * kNumWarps) {
+            const int t = u / kNumChunks, ch = u - t * kNumChunks;
+            const int64_t e =
+                lane < kTopk ? __ldg(topk + static_cast<int64_t>(t) * kTopk + lane) : -1;
+            const bool valid = e >= 0 && e < E;
+            const int d = valid ? static_cast<int>(e) / static_cast<int>(a.num_local_experts) : 0;
+            const uint32_t dmask = __reduce_or_sync(kFull, valid ? (1u << d) : 0u);
+            if (dmask == 0) continue;
+            if (nitem >= 2 && lane == 0) tma_wait_read<1>();  // slot nitem % 2 is read out
+            __syncwarp();
+            send_chunk(a, env, t, ch, dmask, ring + (nitem & 1) * kSlotBytes, scl, lane, gated, ok);
+            ++nitem;
+        }
+        if (!gated) ok = warp_gate<kRanks>(a, env);
+        if (ok && tag_refresh_epoch(env.epoch))
+            refresh_words<kRanks, kTopk, kKindDispatch>(a, env, gw, nc * kNumWarps);
+        trace(a, 2);
         signal_sent<kRanks>(a, env, a.r_done);
         trace(a, 4);
     }
 
     // ---- receive ------------------------------------------------------------------------------
-    static __device__ __forceinline__ void recv(const LlArgs& a, const Env& env, uint8_t* smem) {
-        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // Receive tables from the sources' counts, by `nthreads` threads (`gtid` = index among them,
+    // `sync` their barrier): first packed row of each (source, expert), the outputs recv_count,
+    // recv_layout_range, recv_ntok (CTA 0) and recv_src_info's -1 past each count (grid-strided).
+    // A timeout or abort sets s_stop.
+    template <typename Sync>
+    static __device__ __forceinline__ void recv_tables(const LlArgs& a, const Env& env,
+                                                       const RecvTables& tb, int gtid,
+                                                       int nthreads, Sync&& sync) {
         const int El = static_cast<int>(a.num_local_experts);
         const int nmax = static_cast<int>(a.num_max_tokens);
         const int L = kRanks * nmax;
         const int nc = env.nc;
         const uint8_t* reg = env.my_region(a);
-        __shared__ int s_stop;
-        // Tables (after the send phase's bitmap, which they overwrite).
-        int* sbase = reinterpret_cast<int*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
-        int* stot = sbase + kRanks * El;
-        int* sntok = stot + El;
-        int* spoff = sntok + kRanks;
-        if (tid == 0) s_stop = 0;
-        __syncthreads();
+        int* sbase = tb.sbase;
+        int* stot = tb.stot;
+        int* sntok = tb.sntok;
 
         // Count words carry their own tag (no payload behind them): batched relaxed loads, and a
         // timed spin only for a word not written yet.
@@ -623,13 +688,14 @@ struct Dispatch {
         const auto* cnt_words = reinterpret_cast<const uint64_t*>(reg + a.r_cnt);
         const int ncnt = kRanks * El;
         const auto* ntok_words = reinterpret_cast<const uint64_t*>(reg + a.r_ntok);
-        uint64_t ntv = tid < kRanks ? ld_relaxed_sys(ntok_words + tid) : 0;  // with the counts
+        uint64_t ntv = gtid < kRanks ? ld_relaxed_sys(ntok_words + gtid) : 0;  // with the counts
         constexpr int kBatch = 8;
-        for (int base = tid; base < ncnt; base += kBatch * kThreads) {
+        bool stop = false;
+        for (int base = gtid; base < ncnt; base += kBatch * nthreads) {
             uint64_t v[kBatch];
 #pragma unroll
             for (int q = 0; q < kBatch; ++q) {
-                const int i = base + q * kThreads;
+                const int i = base + q * nthreads;
                 const int s = i / El;
                 v[q] = i < ncnt ? ld_relaxed_sys(cnt_words +
                                                  static_cast<int64_t>(s) * a.buf_local_experts +
@@ -638,7 +704,7 @@ struct Dispatch {
             }
 #pragma unroll
             for (int q = 0; q < kBatch; ++q) {
-                const int i = base + q * kThreads;
+                const int i = base + q * nthreads;
                 if (i >= ncnt) continue;
                 const int s = i / El;
                 if (static_cast<uint32_t>(v[q] >> 32) != tag &&
@@ -646,23 +712,24 @@ struct Dispatch {
                         env.ctx,
                         cnt_words + static_cast<int64_t>(s) * a.buf_local_experts + (i - s * El),
                         tag, &v[q], kStageLlCounts, s))
-                    s_stop = 1;
+                    stop = true;
                 sbase[i] = static_cast<int>(static_cast<uint32_t>(v[q]));
             }
         }
-        if (tid < kRanks) {
+        if (gtid < kRanks) {
             if (static_cast<uint32_t>(ntv >> 32) != tag &&
-                !wait_tag(env.ctx, ntok_words + tid, tag, &ntv, kStageLlCounts, tid))
-                s_stop = 1;
-            sntok[tid] = static_cast<int>(static_cast<uint32_t>(ntv));
+                !wait_tag(env.ctx, ntok_words + gtid, tag, &ntv, kStageLlCounts, gtid))
+                stop = true;
+            sntok[gtid] = static_cast<int>(static_cast<uint32_t>(ntv));
         }
-        __syncthreads();
-        trace(a, 5);
-        if (s_stop) return;
+        if (stop) s_stop_word() = 1;
+        sync();
+        if (gtid == 0) trace_here(a, 5);
+        if (s_stop_word()) return;  // uniform over the group (read after its barrier)
 
         // First row of (source, expert) = rows of lower sources; outputs from CTA 0.
         auto* range = reinterpret_cast<int64_t*>(a.recv_range);
-        for (int el = tid; el < El; el += kThreads) {
+        for (int el = gtid; el < El; el += nthreads) {
             int run = 0;
             for (int s = 0; s < kRanks; ++s) {
                 const int c = sbase[s * El + el];
@@ -675,19 +742,44 @@ struct Dispatch {
             stot[el] = run;
             if (blockIdx.x == 0) reinterpret_cast<int32_t*>(a.recv_count)[el] = run;
         }
-        if (blockIdx.x == 0 && tid < kRanks)
-            reinterpret_cast<int32_t*>(a.recv_ntok)[tid] = sntok[tid];
-        source_offsets<kRanks, 1>(env.me, sntok, spoff);
-        __syncthreads();
+        if (blockIdx.x == 0 && gtid < kRanks)
+            reinterpret_cast<int32_t*>(a.recv_ntok)[gtid] = sntok[gtid];
+        if (gtid == 0) source_offsets<kRanks, 1>(env.me, sntok, tb.spoff);
+        sync();
 
         auto* src_info = reinterpret_cast<int32_t*>(a.recv_src_info);
-        for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
-             i < static_cast<int64_t>(El) * L; i += static_cast<int64_t>(nc) * kThreads) {
+        for (int64_t i = static_cast<int64_t>(blockIdx.x) * nthreads + gtid;
+             i < static_cast<int64_t>(El) * L; i += static_cast<int64_t>(nc) * nthreads) {
             const int el = static_cast<int>(i / L);
             if (static_cast<int>(i - static_cast<int64_t>(el) * L) >= stot[el]) src_info[i] = -1;
         }
+        if (gtid == 0) trace_here(a, 6);
+    }
 
-        trace(a, 6);
+    // The CTA's stop flag of the receive side (a timeout or abort while reading the counts).
+    static __device__ __forceinline__ int& s_stop_word() {
+        __shared__ int s_stop;
+        return s_stop;
+    }
+
+    static __device__ __forceinline__ void recv(const LlArgs& a, const Env& env, uint8_t* smem) {
+        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+        const int El = static_cast<int>(a.num_local_experts);
+        const int nmax = static_cast<int>(a.num_max_tokens);
+        const int L = kRanks * nmax;
+        const int nc = env.nc;
+        const uint8_t* reg = env.my_region(a);
+        const RecvTables tb = recv_tables_at(a, smem);
+        const int* sbase = tb.sbase;
+        const int* spoff = tb.spoff;
+        // A fused op built the tables in its send phase (signal_sent's barrier publishes them);
+        // a receive kernel builds them here with every thread.
+        if constexpr (kPhase == kPhaseRecv) {
+            recv_tables(a, env, tb, tid, kThreads, [] { __syncthreads(); });
+        }
+        if (s_stop_word()) return;
+
+        auto* src_info = reinterpret_cast<int32_t*>(a.recv_src_info);
         // Items: one (source, token) each, this rank's own tokens first. The whole staged row is
         // copied with every load in flight.
         const auto* done = reinterpret_cast<const uint64_t*>(reg + a.r_done);
@@ -799,6 +891,7 @@ struct Dispatch {
         extern __shared__ __align__(128) uint8_t smem[];
         Env env;
         trace(a, 0);
+        if (threadIdx.x == 0) s_stop_word() = 0;  // published by the prologue's barrier
         if (!prologue<kRanks, kKindDispatch, kPhase>(a, env)) return;
         trace(a, 1);
         if constexpr ((kPhase & kPhaseSend) != 0) {
@@ -944,7 +1037,7 @@ struct Combine {
         int* sntok = spoff + kRanks + 1;
         if (tid < kRanks) sntok[tid] = reinterpret_cast<const int32_t*>(a.recv_ntok)[tid];
         __syncthreads();
-        source_offsets<kRanks, kNumChunks>(env.me, sntok, spoff);
+        if (tid == 0) source_offsets<kRanks, kNumChunks>(env.me, sntok, spoff);
         __syncthreads();
 
         const auto* masks = reinterpret_cast<const uint64_t*>(reg + a.r_cmask);

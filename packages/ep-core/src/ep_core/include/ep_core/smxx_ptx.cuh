@@ -39,6 +39,12 @@ __device__ __forceinline__ uint32_t ld_volatile(const uint32_t* p) {
     return v;
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads's) of `threads` threads, whole warps that all call it
+// with the same id and count: a subset of the CTA's warps synchronises without the others.
+__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Makes this thread's generic stores to shared memory visible to later TMA reads of it.
 __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
