@@ -63,7 +63,8 @@ def use_split(num_sms: int) -> bool:
 def use_split_combine(num_sms: int, num_ranks: int) -> bool:
     """``use_split`` for the combine: with two ranks mixed CTAs (4 push + 12 reducer warps) at
     every SM count, 15-20 % faster than the split launch at 20-32 SMs on 2x H200 (sixth round of
-    docs/kernels.md); from three ranks on as ``use_split`` (measured on 4x H200)."""
+    docs/kernels.md); from three ranks on as ``use_split`` (on 4x H200 the split launch stays
+    2-4 % ahead of the mixed one at 20 and 24 SMs, seventh round)."""
     return num_ranks > 2 and use_split(num_sms)
 
 
@@ -234,20 +235,19 @@ def dispatch_config(
     raise ValueError(f"rows of {payload} bytes are too large for the dispatch kernel")
 
 
-def combine_config(payload: int, split: bool = True, num_ranks: int = 4) -> CombineConfig:
+def combine_config(payload: int, split: bool = True) -> CombineConfig:
     """Push warps with TMA slots and reducer warps.
 
     With ``split`` half of the CTAs push (4 warps, up to 4 slots each) and the other half reduce
     (16 warps): on 4x H200 this took combine of 4096 x 7168 at 24 SMs from 705 to 616 us
-    (docs/kernels.md). Without it (below 20 SMs, ``use_split``) each CTA has 12 reducer warps
-    and up to 3 slots per push warp, with 4 push warps for two ranks and 5 from three ranks on
-    (fewer when their slots do not fit): the fastest mixed shapes measured, on 2x H200 (4 push
-    warps: 8-16 SMs 13-25 % faster than 5, sixth round) and on 4x H200 (5 push warps, third
-    round; 4 x 12 not measured there since). A CTA of 17 warps gets at most 96 registers and
-    spills a few bytes; 16 warps get 128.
+    (docs/kernels.md). Without it (``use_split_combine``: two ranks, or fewer than 20 SMs) each
+    CTA has 4 push warps with up to 3 slots (fewer warps when their slots do not fit) and 12
+    reducer warps: the fastest mixed shape measured on 2x H200 (sixth round) and on 4x H200
+    (seventh round: 8-16 SMs 4-10 % faster than 5 push warps, whose 17-warp CTA is capped at 96
+    registers and spills).
     """
     budget = SMEM_LIMIT - 512
-    most_warps, most_slots, reducers = (4, 4, 16) if split else (4 if num_ranks <= 2 else 5, 3, 12)
+    most_warps, most_slots, reducers = (4, 4, 16) if split else (4, 3, 12)
     for warps in range(most_warps, 0, -1):
         slots = min(most_slots, budget // (warps * (payload + 12)))
         if slots >= 2:
@@ -491,7 +491,7 @@ def launch_combine(
         if be.combine_override is not None:
             cfg = CombineConfig.from_override(be.combine_override, payload)
         else:
-            cfg = combine_config(payload, split=splittable, num_ranks=r)
+            cfg = combine_config(payload, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
     a = HtCombineArgs()
