@@ -22,15 +22,17 @@
 // * Dispatch (sender s, every CTA): per (token, chunk of 2048 channels) a warp loads x, casts
 //   to FP8 (per 128 channels, float32 IEEE arithmetic) into shared memory and TMA-stores the
 //   chunk once per destination rank into stage[s][t] of that rank (a token goes once per rank,
-//   not once per expert); FP8 scales follow as plain stores. Then each CTA builds a per-expert
-//   bitmap of this rank's tokens, writes its share of the per-expert counts (tagged words), and
-//   for its tokens the lane table meta[s][t][j] = (local expert << 16) | position-in-expert, or
-//   -1, at every rank. After its TMA stores completed, it releases done[s][cta] at every rank.
+//   not once per expert); FP8 scales follow as plain stores. Meanwhile the upper half of each
+//   CTA's warps (the table warps) builds a per-expert bitmap of this rank's tokens, writes the
+//   CTA's share of the per-expert counts (tagged words), and for its tokens the lane table
+//   meta[s][t][j] = (local expert << 16) | position-in-expert, or -1, at every rank. After its
+//   TMA stores completed, the CTA releases done[s][cta] at every rank.
 // * Dispatch (receiver d): waits for every source's counts (prefix over sources gives each
-//   (expert, source) its first row), then copies each staged (source, token) row into the packed
-//   rows of its local experts as soon as the source CTAs that wrote its chunks and its lane table
-//   are done (work item u of a kernel always belongs to CTA u % num_ctas, so a receiver knows
-//   which flag covers which item).
+//   (expert, source) its first row; in a fused op the table warps do this before the CTA's own
+//   flags, while its rows are on the way), then copies each staged (source, token) row into the
+//   packed rows of its local experts as soon as the source CTAs that wrote its chunks and its
+//   lane table are done (work item u of a kernel always belongs to CTA u % num_ctas, so a
+//   receiver knows which flag covers which item).
 // * Combine (source s): writes its top-k weights and per-destination lane masks to every rank
 //   as tagged words ((epoch << 32) | bits: no fence, no flag; a reader checks each word's tag).
 //   A tag is the low 32 bits of the epoch, so a word that no op rewrote for a multiple of 2^32
