@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,8 +18,9 @@ from ep_core.sizing import get_buffer_size_hint as _size_hint
 from ep_core.sizing import get_theoretical_num_sms as _num_sms
 from ep_core.validation import MAX_TOPK, check_hidden, check_positive_int
 from ep_elastic.event import EventHandle, get_comm_stream
+from ep_jit.agreement import check_agreement, gather_checked
 
-__all__ = ["BufferBase", "check_agreement", "gather_checked", "gather_config", "group_device"]
+__all__ = ["BufferBase", "group_device"]
 
 
 def group_device(group: dist.ProcessGroup, device: torch.device | str | None) -> torch.device:
@@ -47,47 +47,6 @@ def group_device(group: dist.ProcessGroup, device: torch.device | str | None) ->
     if "gloo" not in backend:
         raise ValueError(f"device cpu needs a group with a gloo backend, got {backend!r}")
     return dev
-
-
-def gather_config(group: dist.ProcessGroup, config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's ``config`` (collective; one ``all_gather_object``)."""
-    gathered: list[Any] = [None] * group.size()
-    dist.all_gather_object(gathered, dict(config), group=group)
-    return gathered
-
-
-def check_agreement(configs: list[dict[str, Any]], what: str = "ElasticBuffer") -> None:
-    """Raises ``ValueError`` naming each field whose value differs between ranks.
-
-    Every rank gets the same gathered list, so every rank raises the same error (no hang).
-    """
-    problems = []
-    for field in configs[0]:
-        values = [c.get(field) for c in configs]
-        if any(v != values[0] for v in values[1:]):
-            by_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-            problems.append(f"{field} differs across ranks ({by_rank})")
-    if problems:
-        raise ValueError(f"{what} configuration must agree on every rank: " + "; ".join(problems))
-
-
-def gather_checked(
-    group: dist.ProcessGroup, payload: Mapping[str, Any], error: Exception | None
-) -> list[dict[str, Any]]:
-    """All-gathers ``payload`` with this rank's local ``error``; fails on every rank together.
-
-    Raises:
-        ValueError, TypeError: This rank's own ``error``; or ``ValueError`` naming the ranks that
-            failed when only others did.
-    """
-    message = None if error is None else f"{type(error).__name__}: {error}"
-    gathered = gather_config(group, {"payload": dict(payload), "error": message})
-    if error is not None:
-        raise error
-    failed = [f"rank {r}: {g['error']}" for r, g in enumerate(gathered) if g["error"]]
-    if failed:
-        raise ValueError("ElasticBuffer cannot be built: " + "; ".join(failed))
-    return [g["payload"] for g in gathered]
 
 
 def _resolve_num_bytes(
@@ -175,8 +134,8 @@ class BufferBase:
             )
         except (ValueError, TypeError) as exc:
             error = exc
-        configs = gather_checked(group, config, error)
-        check_agreement(configs)
+        configs = gather_checked(group, config, error, what="ElasticBuffer")
+        check_agreement(configs, "ElasticBuffer")
         self.num_bytes = num_bytes = resolved_bytes
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         self.hidden = hidden
@@ -194,7 +153,10 @@ class BufferBase:
             resolved = resolve_backend(config["backend"], group, all_cuda)
         except ValueError as exc:
             error = exc
-        check_agreement(gather_checked(group, {"resolved backend": resolved}, error))
+        resolved_all = gather_checked(
+            group, {"resolved backend": resolved}, error, what="ElasticBuffer"
+        )
+        check_agreement(resolved_all, "ElasticBuffer")
         self.backend_name = resolved
         self._backend = create_backend(
             resolved,
