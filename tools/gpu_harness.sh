@@ -4,10 +4,17 @@
 #
 #   bash tools/gpu_harness.sh                      # everything (GPU tests, then the benchmark)
 #   bash tools/gpu_harness.sh --quick              # fewer cases: tests not marked slow, bench --quick
-#   bash tools/gpu_harness.sh --tests test_buffer  # pytest -k test_buffer (or a path / node id)
+#   bash tools/gpu_harness.sh --tests test_buffer  # pytest -k test_buffer (or paths / node ids)
+#   bash tools/gpu_harness.sh --no-bench --tests-part 1/2   # first half of the GPU tests
 #   bash tools/gpu_harness.sh --no-tests --bench "--num-tokens 4096 --hidden 7168"
 #   bash tools/gpu_harness.sh --no-bench --keep-going   # all GPU tests, not stopping at a failure
 #   options: --tests-timeout S (default 400, quick 240), --bench-timeout S (170, quick 150)
+#
+# On 4x H200 every GPU test takes longer than one 10-minute call (about 330 s for the first 28
+# of 50, compilation included): run them in two calls with --tests-part 1/2 and 2/2 (contiguous
+# halves of the collected tests, in collection order). tests.log has one line per finished test,
+# so a step cut by its timeout still shows what passed; the summary then counts from it and
+# names the test that was running.
 #
 # Output goes to $OUT when it is set (the device tool's folder), else ./out: six files, one level
 # deep (harness.log, tests.log, tests.xml, bench.json, bench.png, summary.txt). Each step runs
@@ -21,6 +28,7 @@ QUICK=0
 RUN_TESTS=1
 RUN_BENCH=1
 TEST_SEL=""
+TEST_PART=""
 BENCH_ARGS=""
 KEEP_GOING=0
 TESTS_TIMEOUT=""
@@ -29,6 +37,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --tests) TEST_SEL="${2:?--tests needs a pattern or path}"; shift ;;
+        --tests-part) TEST_PART="${2:?--tests-part needs K/N}"; shift ;;
         --no-tests) RUN_TESTS=0 ;;
         --bench) BENCH_ARGS="${2?--bench needs an argument string}"; shift ;;
         --no-bench) RUN_BENCH=0 ;;
@@ -124,25 +133,69 @@ if [[ $RUN_TESTS == 1 ]]; then
     [[ $QUICK == 1 ]] && marker="gpu and not slow"
     sel=(packages/*/tests)
     if [[ -n $TEST_SEL ]]; then
-        if [[ -e ${TEST_SEL%%::*} ]]; then sel=($TEST_SEL); else sel+=(-k "$TEST_SEL"); fi
+        # Paths or node ids (every word names an existing file), else a -k expression.
+        read -r -a words <<<"$TEST_SEL"
+        all_paths=1
+        for w in "${words[@]}"; do [[ -e ${w%%::*} ]] || all_paths=0; done
+        if [[ $all_paths == 1 ]]; then sel=("${words[@]}"); else sel+=(-k "$TEST_SEL"); fi
+    fi
+    if [[ -n $TEST_PART ]]; then
+        # Part K of N: a contiguous slice of the collected node ids.
+        if [[ ! $TEST_PART =~ ^([0-9]+)/([0-9]+)$ ]] || ((BASH_REMATCH[1] < 1 ||
+            BASH_REMATCH[1] > BASH_REMATCH[2])); then
+            echo "gpu_harness: --tests-part wants K/N with 1 <= K <= N, got $TEST_PART" >&2
+            exit 2
+        fi
+        part=${BASH_REMATCH[1]} parts=${BASH_REMATCH[2]}
+        mapfile -t ids < <("$PY" -m pytest "${sel[@]}" -m "$marker" -p no:xdist --collect-only -q \
+            2>/dev/null | grep '::')
+        n=${#ids[@]}
+        lo=$(((part - 1) * n / parts)) hi=$((part * n / parts))
+        sel=("${ids[@]:lo:hi-lo}")
+        log "tests: part $part/$parts = collected tests $((lo + 1))-$hi of $n"
     fi
     stop=(-x)
     [[ $KEEP_GOING == 1 ]] && stop=()
-    log "tests: pytest ${sel[*]} -m '$marker' (timeout ${TESTS_TIMEOUT}s)"
-    timeout -k 15 "$TESTS_TIMEOUT" "$PY" -m pytest "${sel[@]}" -m "$marker" -p no:xdist \
-        "${stop[@]}" -q --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1
-    tests_rc=$?
+    log "tests: pytest ${sel[*]:0:8}$([[ ${#sel[@]} -gt 8 ]] && echo " ...") -m '$marker' (timeout ${TESTS_TIMEOUT}s)"
+    rm -f "$OUT_DIR/tests.xml"
+    if [[ ${#sel[@]} == 0 ]]; then
+        echo "no tests in this part" >"$OUT_DIR/tests.log"
+        tests_rc=5
+    else
+        timeout -k 15 "$TESTS_TIMEOUT" "$PY" -m pytest "${sel[@]}" -m "$marker" -p no:xdist \
+            "${stop[@]}" -v -rfE --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1
+        tests_rc=$?
+    fi
     tail -n 25 "$OUT_DIR/tests.log"
-    counts=$("$PY" - "$OUT_DIR/tests.xml" <<'PY' 2>/dev/null || echo "no junit report"
+    counts=$("$PY" - "$OUT_DIR/tests.xml" "$OUT_DIR/tests.log" <<'PY' 2>/dev/null || echo "no report"
+import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 
-t = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
-for suite in ET.parse(sys.argv[1]).getroot().iter("testsuite"):
-    for k in t:
-        t[k] += int(suite.get(k, 0))
-bad = t["failures"] + t["errors"]
-print(f"{t['tests'] - bad - t['skipped']} passed, {bad} failed, {t['skipped']} skipped")
+xml_path, log_path = sys.argv[1], sys.argv[2]
+if os.path.exists(xml_path):
+    t = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    for suite in ET.parse(xml_path).getroot().iter("testsuite"):
+        for k in t:
+            t[k] += int(suite.get(k, 0))
+    bad = t["failures"] + t["errors"]
+    print(f"{t['tests'] - bad - t['skipped']} passed, {bad} failed, {t['skipped']} skipped")
+else:  # cut short (timeout): count the verbose result lines, name the test left running
+    n = dict.fromkeys(("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"), 0)
+    running = ""
+    for line in open(log_path, errors="replace"):
+        m = re.match(r"^(\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b)?", line)
+        if m:
+            if m.group(2):
+                n[m.group(2)] += 1
+                running = ""
+            else:
+                running = m.group(1)
+    print(
+        f"cut short: {n['PASSED']} passed, {n['FAILED'] + n['ERROR']} failed, "
+        f"{n['SKIPPED']} skipped before it" + (f"; running: {running}" if running else "")
+    )
 PY
 )
     first_fail=$(grep -m1 -E '^(FAILED|ERROR) ' "$OUT_DIR/tests.log" | cut -c1-100 || true)
