@@ -510,7 +510,7 @@ struct Dispatch {
 
     // Warps [kFirstTableWarp, kNumWarps) build the tables (bitmap, counts, lane tables and, in a
     // fused op, the receive tables) while the lower warps issue the rows; they take rows of
-    // their own only when a CTA has more items than row warps (more than 96 tokens per 128 CTAs
+    // their own only when a CTA has more items than row warps (more than 128 tokens per 128 CTAs
     // with hidden 7168).
     static constexpr int kTableWarps = kNumWarps / 2;
     static constexpr int kFirstTableWarp = kNumWarps - kTableWarps;
