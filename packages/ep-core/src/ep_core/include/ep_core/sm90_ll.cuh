@@ -517,6 +517,9 @@ struct Dispatch {
     static constexpr int kTableThreads = kTableWarps * 32;
     static constexpr uint32_t kTableBarrier = 1;  // named barrier of the table warps
     static_assert(kTableWarps >= 1 && kFirstTableWarp >= 1, "row and table warps");
+    // Shared memory: each warp's two staging slots, each warp's scale words, then the send
+    // side's bitmap, which the receive tables overwrite (dispatch_smem_bytes in nvlink_ll.py).
+    static constexpr int kTablesOffset = kNumWarps * (2 * kSlotBytes + kScaleWords * 4);
 
     static __device__ __forceinline__ void table_sync() {
         named_barrier(kTableBarrier, kTableThreads);
@@ -533,7 +536,7 @@ struct Dispatch {
     static __device__ __forceinline__ RecvTables recv_tables_at(const LlArgs& a, uint8_t* smem) {
         const int El = static_cast<int>(a.num_local_experts);
         RecvTables tb;
-        tb.sbase = reinterpret_cast<int*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+        tb.sbase = reinterpret_cast<int*>(smem + kTablesOffset);
         tb.stot = tb.sbase + kRanks * El;
         tb.sntok = tb.stot + El;
         tb.spoff = tb.sntok + kRanks;
@@ -622,8 +625,7 @@ struct Dispatch {
         uint8_t* ring = smem + warp * 2 * kSlotBytes;
         uint32_t* scl =
             reinterpret_cast<uint32_t*>(smem + kNumWarps * 2 * kSlotBytes) + warp * kScaleWords;
-        auto* bm =
-            reinterpret_cast<uint32_t*>(smem + kNumWarps * (2 * kSlotBytes + kScaleWords * 4));
+        auto* bm = reinterpret_cast<uint32_t*>(smem + kTablesOffset);
 
         bool gated = false, ok = true;  // this warp passed the release gate / may write to peers
         const bool table_warp = warp >= kFirstTableWarp;
