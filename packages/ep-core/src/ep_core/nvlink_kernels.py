@@ -207,17 +207,19 @@ def dispatch_config(
 
     With ``split`` sender and receiver warps run in different CTAs: 8 warps x 3 slots per CTA
     with 10 of every 24 CTAs sending when 24 payload rows fit in shared memory (FP8 rows of
-    7.5 KB), 4 x 3 with half of the CTAs sending when 12 fit (bf16 rows of 14 KB). Without it
-    every CTA holds both roles: 4 sender warps x 3 slots + 8 receiver warps x 2 slots when 28
-    rows fit, 3 x 2 + 3 x 3 when 15 fit. These were the fastest shapes measured on 4x H200
-    (docs/kernels.md, 2026-11-22); the split ones from 20 SMs on, the mixed ones below
-    (``use_split``).
+    7.5 KB; half of them with two ranks, whose receivers copy only half of the rows), 4 x 3 with
+    half of the CTAs sending when 12 fit (bf16 rows of 14 KB). Without it every CTA holds both
+    roles: 4 sender warps x 3 slots + 8 receiver warps x 2 slots when 28 rows fit, 3 x 2 + 3 x 3
+    when 15 fit. These were the fastest shapes measured on 4x H200 (docs/kernels.md, 2026-11-22;
+    the two-rank FP8 share on 2x H200, eighth round); the split ones from 20 SMs on, the mixed
+    ones below (``use_split``).
     """
     budget = SMEM_LIMIT - num_local_experts * 4 - 1024
     per_slot = payload + 8 + (1 + num_ranks) * 4
     total = budget // per_slot
     if split and total >= 24:
-        return DispatchConfig(8, 8, 3, 3, payload, num_ranks, split=True, send_fraction=10 / 24)
+        share = 0.5 if num_ranks == 2 else 10 / 24
+        return DispatchConfig(8, 8, 3, 3, payload, num_ranks, split=True, send_fraction=share)
     if split and total >= 12:
         return DispatchConfig(4, 4, 3, 3, payload, num_ranks, split=True)
     if total >= 28:

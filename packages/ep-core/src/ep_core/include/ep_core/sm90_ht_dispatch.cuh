@@ -4,16 +4,20 @@
 // warps. Tokens are cut into chunks of kChunk consecutive tokens; sender warp g owns chunks
 // g, g + G, ... (G = all sender warps). For each token a warp assembles one "payload" row in a
 // shared-memory slot (the token's data by TMA load, its scale packs and metadata by lane stores)
-// and TMA-stores the whole payload into the staging region of every destination rank at
-// `data[src = me][send_row]`. When a warp has finished a chunk it waits for its stores to complete
-// and raises the chunk's flag at every destination (tagged with the epoch, low half = the chunk's
-// end row for that destination).
+// and TMA-stores the whole payload into the staging region of every other destination rank at
+// `data[src = me][send_row]`. A token's row for this rank itself skips the staging region: the
+// sender writes it straight into the output (data by TMA store, the rest by lane stores) at row
+// (rows of lower sources, from their announced totals) + send_row, so no receiver copies it
+// (with R ranks a receiver moves (R - 1) / R of the rows, and each own row crosses the SM's memory
+// path twice instead of four times). When a warp has finished a chunk it waits for its stores to
+// complete and raises the chunk's flag at every other destination (tagged with the epoch, low
+// half = the chunk's end row for that destination).
 //
 // With kSplit, CTAs [0, num_send_ctas) hold only sender warps and the others only receiver warps,
 // so an SM's TMA unit serves one role (local copy-out is not queued behind stores that wait for
 // NVLink) and the host can balance the two roles' SM counts.
 //
-// Receiver warps take the (chunk, source) units in the same order, wait for the unit's flag,
+// Receiver warps take the (chunk, peer source) units in the same order, wait for the unit's flag,
 // TMA-load each payload row from the local staging region and write the outputs: the data by TMA
 // store into the packed output (row = rows of lower sources + row inside the source), scale packs,
 // local expert ids, weights and source metadata by lane stores. Copy-out overlaps the transfer.
@@ -170,25 +174,77 @@ struct HtDispatch {
         const int me = static_cast<int>(a.rank);
         fence_proxy_async();
         for (int d = 0; d < kRanks; ++d)
-            reinterpret_cast<int32_t*>(peer_ptr(a.peer_bases, d, region) +
-                                       a.lay.drstart)[me * a.max_chunks + c] =
-                a.chunk_prefix[c * kRanks + d];
+            if (d != me)
+                reinterpret_cast<int32_t*>(peer_ptr(a.peer_bases, d, region) +
+                                           a.lay.drstart)[me * a.max_chunks + c] =
+                    a.chunk_prefix[c * kRanks + d];
         fence_acq_rel_sys();
         for (int d = 0; d < kRanks; ++d)
-            st_relaxed_sys(
-                reinterpret_cast<uint64_t*>(peer_ptr(a.peer_bases, d, region) + a.lay.dflag) +
-                    me * a.max_chunks + c,
-                make_tagged(tag, static_cast<uint32_t>(a.chunk_prefix[(c + 1) * kRanks + d])));
+            if (d != me)
+                st_relaxed_sys(
+                    reinterpret_cast<uint64_t*>(peer_ptr(a.peer_bases, d, region) + a.lay.dflag) +
+                        me * a.max_chunks + c,
+                    make_tagged(tag, static_cast<uint32_t>(a.chunk_prefix[(c + 1) * kRanks + d])));
+    }
+
+    // Where this rank's own rows start in its output: the rows announced by every lower source
+    // (their info words). Warp-wide; false after a timeout or an abort.
+    static __device__ __forceinline__ bool own_rows_base(const HtDispatchArgs& a,
+                                                         const WaitContext& ctx,
+                                                         const uint8_t* my_region, uint32_t tag,
+                                                         int lane, int64_t& base) {
+        int cnt = 0;
+        bool ok = true;
+        if (lane < static_cast<int>(a.rank)) {
+            uint64_t v = 0;
+            ok = wait_tag(ctx, reinterpret_cast<const uint64_t*>(my_region + a.lay.info) + lane * 2,
+                          tag, &v, kStageDispatchInfo, lane);
+            cnt = ok ? static_cast<int>(static_cast<uint32_t>(v)) : 0;
+        }
+        base = static_cast<int64_t>(__reduce_add_sync(0xffffffffu, static_cast<uint32_t>(cnt)));
+        return __all_sync(0xffffffffu, ok);
+    }
+
+    // Every output of a row except its data (local expert ids, weights, source metadata, scale
+    // packs) from its payload in a shared-memory slot, and its count per local expert (the
+    // CTA's shared-memory counters). `o` = output row, `s` = source rank.
+    static __device__ __forceinline__ void write_row_outputs(const HtDispatchArgs& a,
+                                                             const uint8_t* slot, int64_t o, int s,
+                                                             int lane, int* counts) {
+        const int64_t lo = a.rank * a.num_local_experts, hi = lo + a.num_local_experts;
+        const uint8_t* meta = slot + kRowBytes + kSFBytes;
+        if (lane < kTopk) {
+            const int64_t e = reinterpret_cast<const int64_t*>(meta + 8)[lane];
+            const bool local = e >= lo && e < hi;
+            a.out_topk_idx[o * kTopk + lane] = local ? e - lo : -1;
+            if (a.out_topk_weights != nullptr)
+                a.out_topk_weights[o * kTopk + lane] =
+                    local ? reinterpret_cast<const float*>(meta + 8 + 8 * kTopk)[lane] : 0.0f;
+            if (local) atomicAdd(&counts[e - lo], 1);
+        }
+        if (lane == 0) {
+            const int32_t tok = *reinterpret_cast<const int32_t*>(meta);
+            a.out_src_meta[o * 2] = static_cast<int32_t>(s * a.num_max_tokens + tok);
+            a.out_src_meta[o * 2 + 1] = s;
+        }
+        if constexpr (kNumSF > 0) {
+            const auto* sf = reinterpret_cast<const uint32_t*>(slot + kRowBytes);
+            for (int p = lane; p < kNumSF; p += 32) a.out_sf[o * kNumSF + p] = sf[p];
+        }
     }
 
     static __device__ __forceinline__ void send(const HtDispatchArgs& a, const WaitContext& ctx,
                                                 WarpRing<kSendSlots, kPayload> ring, int32_t* info,
                                                 int gw, int nsw, uint32_t tag, int parity,
-                                                int lane) {
+                                                int lane, int* counts) {
         const int me = static_cast<int>(a.rank);
         const int64_t T = a.num_tokens;
         const int64_t nchunks = (T + kChunk - 1) / kChunk;
         const int64_t region = a.lay.region[parity];
+        // This rank's own rows skip the staging region: the sender writes them into the output
+        // itself (data by TMA store, the rest by lane stores), at own_base + their row.
+        const uint8_t* my_region = peer_ptr(a.peer_bases, me, region);
+        int64_t own_base = -1;
 
         SendCursor ld, pr;
         ld.start(gw, T);
@@ -218,22 +274,28 @@ struct HtDispatch {
                 const HtWaitTimer tm(a.trace);
                 ok = ring.wait(ctx, i, kStageDispatchLoad);
                 tm.add(3);
-                if (ok) {
-                    const HtWaitTimer issue(a.trace);
-                    const int32_t* slot_info = info + (i % kSendSlots) * kInfoInts;
-                    const uint32_t mask = static_cast<uint32_t>(slot_info[0]);
-#pragma unroll
-                    for (int d = 0; d < kRanks; ++d) {
-                        if (!(mask & (1u << d))) continue;
-                        const int64_t idx = me * a.num_max_tokens + slot_info[1 + d];
-                        tma_store(peer_ptr(a.peer_bases, d, region + a.lay.data) + idx * kPayload,
-                                  ring.slot(i), kPayload);
-                    }
-                    issue.add(5);
-                }
-                tma_commit();
             }
             if (!__shfl_sync(0xffffffffu, ok ? 1 : 0, 0)) return;
+            const int32_t* slot_info = info + (i % kSendSlots) * kInfoInts;
+            const uint32_t mask = static_cast<uint32_t>(slot_info[0]);
+            const bool own = (mask >> me) & 1u;
+            if (own && own_base < 0 && !own_rows_base(a, ctx, my_region, tag, lane, own_base))
+                return;
+            const int64_t own_row = own ? own_base + slot_info[1 + me] : -1;
+            if (lane == 0) {
+                const HtWaitTimer issue(a.trace);
+#pragma unroll
+                for (int d = 0; d < kRanks; ++d) {
+                    if (d == me || !(mask & (1u << d))) continue;
+                    const int64_t idx = me * a.num_max_tokens + slot_info[1 + d];
+                    tma_store(peer_ptr(a.peer_bases, d, region + a.lay.data) + idx * kPayload,
+                              ring.slot(i), kPayload);
+                }
+                if (own) tma_store(a.out_x + own_row * kRowBytes, ring.slot(i), kRowBytes);
+                issue.add(5);
+                tma_commit();
+            }
+            if (own) write_row_outputs(a, ring.slot(i), own_row, me, lane, counts);
             ++since;
             // Refill the slot of item i - 1 (its stores are done reading once <= 1 group pends).
             ht_trace_count(a.trace);
@@ -270,6 +332,10 @@ struct HtDispatch {
     }
 
     // ---- receiver -----------------------------------------------------------------------------
+    // Receivers take only the peers' rows (this rank's own rows go straight from its senders into
+    // the output): unit u is chunk u / kPeers of source me + 1 + u % kPeers (mod R).
+    static constexpr int kPeers = kRanks > 1 ? kRanks - 1 : 1;
+
     struct RecvCursor {
         int64_t u, i, end;
         int s;
@@ -283,8 +349,8 @@ struct HtDispatch {
                                                  int64_t stride, int nch_lane, uint32_t tag,
                                                  const uint8_t* my_region, bool record, int lane) {
         for (; u < nunits; u += stride) {
-            const int s = static_cast<int>(u % kRanks);
-            const int64_t c = u / kRanks;
+            const int s = static_cast<int>((a.rank + 1 + u % kPeers) % kRanks);
+            const int64_t c = u / kPeers;
             const int nch = __shfl_sync(0xffffffffu, nch_lane, s);
             if (c >= nch) continue;
             uint64_t v = 0;
@@ -349,8 +415,11 @@ struct HtDispatch {
             a.out_counts[lane] = incl;
             a.out_nchunks[lane] = nch_lane;
         }
-        const int64_t nunits = static_cast<int64_t>(max_nch) * kRanks;
-        const int64_t lo = me * a.num_local_experts, hi = lo + a.num_local_experts;
+        const int64_t nunits = kRanks > 1 ? static_cast<int64_t>(max_nch) * kPeers : 0;
+        // Chunk ends of this rank's own rows (the combine reads them per source like the others).
+        const int64_t nch_me = (a.num_tokens + kChunk - 1) / kChunk;
+        for (int64_t c = rw * 32 + lane; c < nch_me; c += static_cast<int64_t>(nrw) * 32)
+            a.out_chunk_end[me * a.max_chunks + c] = a.chunk_prefix[(c + 1) * kRanks + me];
 
         RecvCursor ld, pr;
         if (!enter(a, ctx, ld, rw, nunits, nrw, nch_lane, tag, my_region, true, lane)) return;
@@ -391,25 +460,7 @@ struct HtDispatch {
                 tma_commit();
                 issue.add(4);
             }
-            const uint8_t* meta = slot + kRowBytes + kSFBytes;
-            if (lane < kTopk) {
-                const int64_t e = reinterpret_cast<const int64_t*>(meta + 8)[lane];
-                const bool local = e >= lo && e < hi;
-                a.out_topk_idx[o * kTopk + lane] = local ? e - lo : -1;
-                if (a.out_topk_weights != nullptr)
-                    a.out_topk_weights[o * kTopk + lane] =
-                        local ? reinterpret_cast<const float*>(meta + 8 + 8 * kTopk)[lane] : 0.0f;
-                if (local) atomicAdd(&smem_counts[e - lo], 1);
-            }
-            if (lane == 0) {
-                const int32_t tok = *reinterpret_cast<const int32_t*>(meta);
-                a.out_src_meta[o * 2] = static_cast<int32_t>(s * a.num_max_tokens + tok);
-                a.out_src_meta[o * 2 + 1] = s;
-            }
-            if constexpr (kNumSF > 0) {
-                const auto* sf = reinterpret_cast<const uint32_t*>(slot + kRowBytes);
-                for (int p = lane; p < kNumSF; p += 32) a.out_sf[o * kNumSF + p] = sf[p];
-            }
+            write_row_outputs(a, slot, o, s, lane, smem_counts);
             if (ld.valid) {
                 // Reuse the slot of item - 1 once its store has read it; lanes are done with it.
                 if (lane == 0) {
@@ -457,12 +508,13 @@ struct HtDispatch {
             }
             if (tag_refresh_epoch(epoch)) {
                 // Flags no reader of this op waits on (kTagRefreshPeriod): this rank's chunks
-                // past its last one, and its combine flags.
+                // past its last one (all of them at this rank itself, whose own rows are never
+                // flagged), and its combine flags.
                 const int64_t nchunks = (a.num_tokens + kChunk - 1) / kChunk;
                 for (int d = 0; d < kRanks; ++d) {
                     uint8_t* reg = peer_ptr(a.peer_bases, d, a.lay.region[parity]);
                     refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.dflag) + me * a.max_chunks,
-                                 nchunks, a.max_chunks, tag);
+                                 d == me ? 0 : nchunks, a.max_chunks, tag);
                     refresh_tags(reinterpret_cast<uint64_t*>(reg + a.lay.cflag) + me * a.max_chunks,
                                  0, a.max_chunks, tag);
                 }
@@ -481,7 +533,7 @@ struct HtDispatch {
                 slots + static_cast<int64_t>(warp) * kSendSlots * kPayload, bars + warp * kSendSlots};
             ring.init(lane);
             send(a, ctx, ring, info + warp * kSendSlots * kInfoInts, role_cta * kNumSendWarps + warp,
-                 role_ctas * kNumSendWarps, tag, parity, lane);
+                 role_ctas * kNumSendWarps, tag, parity, lane, counts);
         } else if ((!kSplit || !send_cta) && rwarp >= 0 && rwarp < kNumRecvWarps) {
             const int64_t off = kRecvSlotBase;
             WarpRing<kRecvSlots, kPayload> ring{
