@@ -165,7 +165,8 @@ def _sizes_worker(info: RankInfo) -> None:
     # end); the group is usable afterwards.
     with pytest.raises(ValueError, match="must agree on every rank"):
         SymmetricBuffer(info.group, 4096 * (1 + info.rank))
-    with pytest.raises(ValueError, match="signal_bytes=8"):
+    differs = r"signal_bytes differs across ranks \(rank 0: 4, rank 1: 8"
+    with pytest.raises(ValueError, match=differs):
         SymmetricBuffer(info.group, 4096, signal_bytes=4 + 4 * (info.rank % 2))
     buf = SymmetricBuffer(info.group, 4096)
     buf.barrier()

@@ -415,16 +415,14 @@ class NvlinkBackend:
         See ``LowLatencyEngine._jump_epoch_for_testing`` (which the low-latency engine, if one
         exists, also gets). Collective, with no kernel in flight.
         """
-        from ep_core.nvlink_ll import tag_word
+        from ep_core.nvlink_ll import last_op_of_parity, settle, tag_word
 
         self._check()
         if last_epoch < 0:
             raise ValueError(f"last_epoch must be >= 0, got {last_epoch}")
         lay = self.layout
         with torch.cuda.device(self.device):
-            torch.cuda.synchronize(self.device)
-            self.sym.barrier()
-            torch.cuda.synchronize(self.device)
+            settle(self.sym, self.device)
             # Ctrl: u64 epoch, u32 finish counter, u32 abort; arrive: [R] u64.
             self.sym.tensor(lay.ctrl, (1,), torch.int64).fill_(last_epoch)
             self.sym.tensor(lay.ctrl + 8, (1,), torch.int32).zero_()
@@ -432,12 +430,10 @@ class NvlinkBackend:
             # Tagged words of each region as the last op of its parity left them.
             r, cmax = self.num_ranks, self.sizing.max_chunks
             for p, base in enumerate((lay.region0, lay.region1)):
-                last = last_epoch if last_epoch % 2 == p else max(last_epoch - 1, 0)
+                last = last_op_of_parity(last_epoch, p)
                 for off, count in ((lay.info, 2 * r), (lay.dflag, r * cmax), (lay.cflag, r * cmax)):
                     self.sym.tensor(base + off, (count,), torch.int64).fill_(tag_word(last))
-            torch.cuda.synchronize(self.device)
-            self.sym.barrier()
-            torch.cuda.synchronize(self.device)
+            settle(self.sym, self.device)
         if self._ll is not None:
             self._ll._jump_epoch_for_testing(last_epoch)
 

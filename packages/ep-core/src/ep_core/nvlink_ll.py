@@ -38,6 +38,7 @@ import torch.distributed as dist
 from ep_core.backend import LowLatencyDispatchResult
 from ep_core.handle import LowLatencyHandle
 from ep_core.nvlink_kernels import GpuTimeoutError, build_kernel, device_ptr
+from ep_jit.agreement import check_agreement, gather_checked
 
 __all__ = [
     "LL_STAGES",
@@ -271,32 +272,16 @@ def compute_ll_layout(
     )
 
 
-def _check_agreement(
-    group: dist.ProcessGroup, device: torch.device, problem: str | None, config: dict[str, Any]
-) -> None:
-    """Every rank must build the same engine (the kernels index each other's buffers and count
-    each other's CTAs), and none may fail alone (the others would wait for it in the buffer's
-    collective set-up). One all-gather of each rank's configuration and local ``problem``; every
-    rank raises a ``ValueError`` (its own problem first, else the others', else the fields that
-    differ)."""
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    with torch.cuda.device(device):
-        dist.all_gather_object(gathered, {"problem": problem, "config": config}, group=group)
-    if problem is not None:
-        raise ValueError(problem)
-    failed = [f"rank {r}: {g['problem']}" for r, g in enumerate(gathered) if g["problem"]]
-    if failed:
-        raise ValueError("LowLatencyEngine cannot be built: " + "; ".join(failed))
-    problems = []
-    for key in config:
-        values = [g["config"][key] for g in gathered]
-        if any(v != values[0] for v in values[1:]):
-            by_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-            problems.append(f"{key} differs ({by_rank})")
-    if problems:
-        raise ValueError(
-            "LowLatencyEngine configuration must agree on every rank: " + "; ".join(problems)
-        )
+def settle(sym: Any, device: torch.device | None = None) -> None:
+    """Every rank's queued GPU work on ``sym``'s buffer is done (collective)."""
+    torch.cuda.synchronize(device)
+    sym.barrier()
+    torch.cuda.synchronize(device)
+
+
+def last_op_of_parity(last_epoch: int, parity: int) -> int:
+    """The epoch of the last op of ``parity`` once ops ``1..last_epoch`` have run (0: none)."""
+    return last_epoch if last_epoch % 2 == parity else max(last_epoch - 1, 0)
 
 
 def tag_word(epoch: int) -> int:
@@ -485,20 +470,21 @@ class LowLatencyEngine:
                 f"{num_experts} experts x {num_max_dispatch_tokens_per_rank} tokens need {smem} B "
                 f"of shared memory per CTA (limit {SMEM_LIMIT}); use fewer tokens or experts"
             )
-        _check_agreement(
-            group,
-            device,
-            problem,
-            {
-                "num_ranks": num_ranks,
-                "num_max_dispatch_tokens_per_rank": num_max_dispatch_tokens_per_rank,
-                "hidden": hidden,
-                "num_experts": num_experts,
-                "num_topk": num_topk,
-                "num_ctas": num_ctas,
-                "cooperative": cooperative,
-            },
-        )
+        # Every rank must build the same engine (the kernels index each other's buffers and count
+        # each other's CTAs), and none may fail alone (the others would wait for it in the
+        # buffer's collective set-up): one all-gather, every rank raises the same error.
+        config = {
+            "num_ranks": num_ranks,
+            "num_max_dispatch_tokens_per_rank": num_max_dispatch_tokens_per_rank,
+            "hidden": hidden,
+            "num_experts": num_experts,
+            "num_topk": num_topk,
+            "num_ctas": num_ctas,
+            "cooperative": cooperative,
+        }
+        error = None if problem is None else ValueError(problem)
+        configs = gather_checked(group, config, error, what="LowLatencyEngine", device=device)
+        check_agreement(configs, "LowLatencyEngine")
 
         self.group = group
         self.rank = rank
@@ -891,9 +877,7 @@ class LowLatencyEngine:
             raise ValueError(f"last_epoch must be >= 0, got {last_epoch}")
         lay, nc, r = self.layout, self.num_ctas, self.num_ranks
         with torch.cuda.device(self.device):
-            torch.cuda.synchronize(self.device)
-            self.sym.barrier()
-            torch.cuda.synchronize(self.device)
+            settle(self.sym, self.device)
             self.sym.tensor(lay.off_cta_epoch, (nc,), torch.int64).fill_(last_epoch)
             self.sym.tensor(lay.off_pend, (nc,), torch.int64).zero_()
             # rel[q][peer] counts the CTA releases of ops of parity q (see warp_gate).
@@ -903,15 +887,13 @@ class LowLatencyEngine:
             # Tagged words and flags of each region as the last op of its parity left them.
             k, n, el = lay.num_topk, lay.max_tokens, lay.max_local_experts
             for p in (0, 1):
-                last = last_epoch if last_epoch % 2 == p else max(last_epoch - 1, 0)
+                last = last_op_of_parity(last_epoch, p)
                 base = lay.region[p]
                 for off, count in ((lay.r_cnt, r * el), (lay.r_ntok, r), (lay.r_cmask, r * n)):
                     self.sym.tensor(base + off, (count,), torch.int64).fill_(tag_word(last))
                 self.sym.tensor(base + lay.r_cw, (r * n * k,), torch.int64).fill_(tag_word(last))
                 self.sym.tensor(base + lay.r_done, (r * nc,), torch.int64).fill_(last)
-            torch.cuda.synchronize(self.device)
-            self.sym.barrier()
-            torch.cuda.synchronize(self.device)
+            settle(self.sym, self.device)
         self._seq = last_epoch
 
     def destroy(self) -> None:

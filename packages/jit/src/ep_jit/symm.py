@@ -21,27 +21,12 @@ import torch
 import torch.distributed as dist
 
 from ep_jit._cuda import check, current_stream_handle, driver, ensure_context
+from ep_jit.agreement import check_agreement, gather_checked
 
 __all__ = ["SymmetricBuffer", "is_single_nvlink_domain"]
 
 _ALIGN = 256
 _backend_lock = threading.Lock()
-
-
-def _check_same_sizes(
-    group: dist.ProcessGroup, device: torch.device, nbytes: int, signal_bytes: int
-) -> None:
-    """Every rank must ask for the same sizes: a peer whose buffer is smaller would be written
-    past its end. One all-gather before anything is allocated; every rank raises the same error.
-    """
-    sizes: list[Any] = [None] * dist.get_world_size(group)
-    with torch.cuda.device(device):
-        dist.all_gather_object(sizes, (nbytes, signal_bytes), group=group)
-    if any(tuple(s) != tuple(sizes[0]) for s in sizes[1:]):
-        by_rank = ", ".join(
-            f"rank {r}: nbytes={n}, signal_bytes={sb}" for r, (n, sb) in enumerate(sizes)
-        )
-        raise ValueError(f"SymmetricBuffer sizes must agree on every rank ({by_rank})")
 
 
 def _align(n: int) -> int:
@@ -122,7 +107,13 @@ class SymmetricBuffer:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD  # type: ignore[assignment]
-        _check_same_sizes(self.group, device, nbytes, signal_bytes)
+        # Every rank must ask for the same sizes (a peer whose buffer is smaller would be
+        # written past its end): one all-gather before anything is allocated.
+        sizes = {"nbytes": nbytes, "signal_bytes": signal_bytes}
+        check_agreement(
+            gather_checked(self.group, sizes, None, what="SymmetricBuffer", device=device),
+            "SymmetricBuffer",
+        )
         self.device = device
         self.nbytes = nbytes
         self.signal_offset = _align(nbytes)

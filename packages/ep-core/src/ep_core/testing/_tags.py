@@ -7,12 +7,7 @@ from typing import Any
 
 import torch
 
-
-def settle(sym: Any) -> None:
-    """Every rank's queued GPU work on ``sym``'s buffer is done (collective)."""
-    torch.cuda.synchronize()
-    sym.barrier()
-    torch.cuda.synchronize()
+from ep_core.nvlink_ll import settle
 
 
 class StaleTags:
