@@ -345,7 +345,7 @@ def _graph_case(ref, fast, info: RankInfo) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "world_size",
-    [pytest.param(n, marks=pytest.mark.multigpu(n)) for n in (2, 4)],
+    [pytest.param(n, marks=pytest.mark.multigpu(n)) for n in (1, 2, 4)],
 )
 def test_nvlink_ht_matches_reference(world_size: int) -> None:
     run_ranks(world_size, _worker, timeout_s=300)
