@@ -257,6 +257,10 @@ def combine_config(payload: int, split: bool = True) -> CombineConfig:
     raise ValueError(f"rows of {payload} bytes are too large for the combine kernel")
 
 
+LAYOUT_THREADS = 1024
+"""Threads per CTA of the routing layout kernel (``kLayoutThreads``)."""
+
+
 def _layout_spec(num_ranks: int, num_topk: int) -> Any:
     from ep_jit import KernelSpec
 
@@ -273,7 +277,7 @@ def _layout_spec(num_ranks: int, num_topk: int) -> Any:
             "int32_t* chunk_prefix",
         ],
         constants={"kRanks": num_ranks, "kTopk": num_topk, "kChunk": CHUNK_TOKENS},
-        launch_bounds=(1024, 1),
+        launch_bounds=(LAYOUT_THREADS, 1),
     )
 
 
@@ -385,7 +389,7 @@ def launch_layout(
     is_in: torch.Tensor,
     chunk_prefix: torch.Tensor,
 ) -> None:
-    """Routing layout kernel on the current stream (grid = ranks, 1024 threads)."""
+    """Routing layout kernel on the current stream (grid = ranks, ``LAYOUT_THREADS`` threads)."""
     key = ("layout", num_ranks, num_topk)
     found = _configured.get(key)
     if found is None:
@@ -393,7 +397,7 @@ def launch_layout(
     kernel = found[1]
     kernel.launch(
         (num_ranks, 1, 1),
-        (1024, 1, 1),
+        (LAYOUT_THREADS, 1, 1),
         topk_idx,
         topk_idx.shape[0],
         num_local_experts,

@@ -110,39 +110,67 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* smem_warp, int* 
     return warp_base + x - v;
 }
 
-// Routing layout, one CTA per destination rank d (grid = R, block = 1024):
+// Routing layout, one CTA per destination rank d (grid = R, block = kLayoutThreads):
 //   send_row[t][d]     row of token t inside d's region for this source, -1 if not sent
 //   is_in[t][d]        token t goes to d
 //   chunk_prefix[c][d] rows sent to d by tokens before chunk c (c = 0 .. nchunks)
+// The CTA walks the tokens in tiles of kLayoutThreads. A tile's ids are read flat (id m * blockDim
+// + thread), so each load instruction of a warp is coalesced and a thread's kTopk loads are in
+// flight together; the next tile's loads are issued before this tile's scan. Each id's hit goes
+// to a byte in shared memory, thread i ORs the bytes of the tile's token i, and one block scan
+// per tile numbers the rows.
+constexpr int kLayoutThreads = 1024;
+
 template <int kRanks, int kTopk, int kChunk>
 __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, int64_t num_tokens,
                                           int64_t num_local_experts, int32_t* __restrict__ send_row,
                                           bool* __restrict__ is_in,
                                           int32_t* __restrict__ chunk_prefix) {
     __shared__ int warp_sums[32];
+    __shared__ __align__(16) uint8_t hits[kLayoutThreads * kTopk];
+    const int tid = threadIdx.x;
     const int d = blockIdx.x;
     const int64_t lo = d * num_local_experts, hi = lo + num_local_experts;
-    int running = 0;
-    for (int64_t base = 0; base < num_tokens; base += blockDim.x) {
-        const int64_t t = base + threadIdx.x;
-        int flag = 0;
-        if (t < num_tokens) {
+    const int64_t num_ids = num_tokens * kTopk;
+    int64_t ids[kTopk];
+    auto load_tile = [&](int64_t first_token) {
+        const int64_t first = first_token * kTopk + tid;
 #pragma unroll
-            for (int j = 0; j < kTopk; ++j) {
-                const int64_t e = topk_idx[t * kTopk + j];
-                flag |= (e >= lo && e < hi) ? 1 : 0;
-            }
+        for (int m = 0; m < kTopk; ++m) {
+            const int64_t i = first + static_cast<int64_t>(m) * kLayoutThreads;
+            ids[m] = i < num_ids ? __ldg(topk_idx + i) : -1;
         }
+    };
+    load_tile(0);
+    int running = 0;
+    for (int64_t base = 0; base < num_tokens; base += kLayoutThreads) {
+#pragma unroll
+        for (int m = 0; m < kTopk; ++m)
+            hits[m * kLayoutThreads + tid] = (ids[m] >= lo && ids[m] < hi) ? 1 : 0;
+        if (base + kLayoutThreads < num_tokens) load_tile(base + kLayoutThreads);
+        __syncthreads();
+        const uint8_t* h = hits + tid * kTopk;
+        uint32_t any = 0;
+        if constexpr (kTopk % 4 == 0) {
+#pragma unroll
+            for (int j = 0; j < kTopk / 4; ++j) any |= reinterpret_cast<const uint32_t*>(h)[j];
+        } else {
+#pragma unroll
+            for (int j = 0; j < kTopk; ++j) any |= h[j];
+        }
+        const int flag = any != 0 ? 1 : 0;
+        // The scan's barriers also keep the next tile's hit bytes from overwriting this one's.
         int total;
-        const int excl = block_exclusive_scan(flag, warp_sums, &total);
+        const int row = running + block_exclusive_scan(flag, warp_sums, &total);
+        const int64_t t = base + tid;
         if (t < num_tokens) {
-            send_row[t * kRanks + d] = flag ? running + excl : -1;
+            send_row[t * kRanks + d] = flag ? row : -1;
             is_in[t * kRanks + d] = flag != 0;
-            if (t % kChunk == 0) chunk_prefix[(t / kChunk) * kRanks + d] = running + excl;
+            if (t % kChunk == 0) chunk_prefix[(t / kChunk) * kRanks + d] = row;
         }
         running += total;
     }
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
         const int64_t nchunks = (num_tokens + kChunk - 1) / kChunk;
         chunk_prefix[nchunks * kRanks + d] = running;
     }
