@@ -232,6 +232,28 @@ def test_kernel_time_columns() -> None:
     assert " 125.0 " not in table
 
 
+def test_in_graph_column() -> None:
+    from ep_elastic.bench_report import IN_GRAPH_CALLS
+
+    counts = {"logical": 1e6, "deepep": 1.1e6, "remote": 7e5}
+    case = _ht_case("ll", "fp8", 128, 27.2, counts, kernel_us=22.4, in_graph_us=21.3)
+    case.update(mode="ll", graph=True, case="ll/fp8/t=128/dispatch")
+    meta = {"device": "cuda", "num_ranks": 4, "backend_name": "nvlink", "torch": "x"}
+    table = format_table(build_document(meta, {}, [case], ["ep-bench"]))
+    header = table.splitlines()[1]
+    row = next(line for line in table.splitlines() if line.startswith("ll   dispatch*"))
+    col = header.split().index(f"g{IN_GRAPH_CALLS}_us")
+    assert row.split()[col] == "21.3"
+    assert f"one graph of {IN_GRAPH_CALLS} dispatches" in table
+    case.update(in_graph_us=None)
+    row = next(
+        line
+        for line in format_table(build_document(meta, {}, [case], ["ep-bench"])).splitlines()
+        if line.startswith("ll   dispatch*")
+    )
+    assert row.split()[col] == "-"
+
+
 def test_kernel_times_off_cuda() -> None:
     from ep_elastic.bench_timing import kernel_times
 

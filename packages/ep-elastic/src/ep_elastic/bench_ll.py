@@ -8,6 +8,12 @@ the reference backend called on the same inputs: per-expert counts, the valid ro
 expert (data and FP8 scales), and the combined tokens, all bit for bit. The baseline is the
 ``all_to_all_single`` pipeline at the same size (FP8 cast included when the dispatch casts), not
 graph-captured since it synchronises the host.
+
+A replay of a graph that holds one call also pays the graph's launch on the device (about 4-5 us
+on an H200, more than an empty kernel takes). A serving step replays one graph holding many
+calls, so each case also times graphs of :data:`IN_GRAPH_CALLS` dispatches and of as many
+combines (of the last dispatch's handle), replayed whole, and reports the time per call
+(``in_graph_us``): the kernel plus the gap to the next kernel, one launch shared by all.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.distributed as dist
 from ep_elastic.bench_baseline import baseline_combine, baseline_dispatch
 from ep_elastic.bench_cases import Case, make_tokens, tokens_in_rank
 from ep_elastic.bench_context import RankContext, agree, cast_fp8, check_equal, measure, split_fp8
+from ep_elastic.bench_report import IN_GRAPH_CALLS
 from ep_elastic.bench_timing import kernel_times, time_steps
 
 __all__ = ["CHECK_REPLAYS", "KERNELS", "run_ll_case"]
@@ -83,6 +90,21 @@ class _LowLatencyRunner:
         torch.cuda.synchronize(device)
         self.graphs = (graph_d, graph_c)
 
+    def capture_chains(self, calls: int) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+        """Two graphs: ``calls`` dispatches, and ``calls`` combines of the last one's handle.
+
+        Call after the checks and timings of the one-call graphs: :attr:`d_out` then belongs to
+        the last captured dispatch.
+        """
+        graph_d, graph_c = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph_d, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                self._dispatch()
+        with torch.cuda.graph(graph_c, capture_error_mode="thread_local"):
+            for _ in range(calls):
+                self._combine()
+        return graph_d, graph_c
+
     def dispatch(self) -> None:
         """One dispatch: a graph replay when captured; outputs in :attr:`d_out`."""
         if self.graphs is not None:
@@ -138,6 +160,26 @@ def _try_capture(ctx: RankContext, runner: _LowLatencyRunner) -> str:
     note = f"CUDA graph capture failed, eager calls timed ({first})"
     ctx.log(f"      {note}")
     return note
+
+
+def _time_in_graph(ctx: RankContext, runner: _LowLatencyRunner) -> dict[str, float]:
+    """Per-call time (us, max over ranks of the medians) inside graphs of several calls."""
+    try:
+        chains = runner.capture_chains(IN_GRAPH_CALLS)
+    except Exception as exc:  # a failed capture must not lose the case's other numbers
+        ctx.log(f"      in-graph timing skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+        chains = None
+    ok = [chains is not None] * ctx.num_ranks
+    dist.all_gather_object(ok, chains is not None, group=ctx.group)
+    if not all(ok):
+        return {}
+    assert chains is not None
+    steps = [("dispatch", chains[0].replay), ("combine", chains[1].replay)]
+    t = time_steps(
+        steps, iters=ctx.cfg.iters, warmup=ctx.cfg.warmup, device=ctx.device, group=ctx.group
+    )
+    del chains
+    return {op: t[op].median_us / IN_GRAPH_CALLS for op in ("dispatch", "combine")}
 
 
 def run_ll_case(
@@ -232,6 +274,7 @@ def run_ll_case(
     ]
     t = time_steps(steps, iters=cfg.iters, warmup=cfg.warmup, device=dev, group=ctx.group)
     kern = kernel_times(steps[:2], KERNELS, iters=min(cfg.iters, 10), device=dev, group=ctx.group)
+    in_graph = _time_in_graph(ctx, runner) if runner.graphs is not None else {}
 
     idx = inputs["topk_idx"]
     selected = idx >= 0
@@ -264,6 +307,8 @@ def run_ll_case(
                 "status": "FAIL" if op_bad else "PASS",
                 "mismatches": op_bad,
                 **measure(ctx, t[op], row_bytes[op], (rows, remote), kern[op]),
+                "in_graph_us": in_graph.get(op),
+                "in_graph_calls": IN_GRAPH_CALLS if op in in_graph else None,
                 "baseline": {
                     "status": "not checked (different layout)",
                     "mismatches": [],

@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "BYTE_COUNTING",
+    "IN_GRAPH_CALLS",
     "build_document",
     "format_table",
     "git_commit",
@@ -23,6 +24,9 @@ __all__ = [
     "write_json",
     "write_plot",
 ]
+
+IN_GRAPH_CALLS = 8
+"""Calls per graph for the low-latency per-call time inside a graph (``in_graph_us``)."""
 
 BYTE_COUNTING = {
     "logical": (
@@ -44,6 +48,12 @@ BYTE_COUNTING = {
         "torch profiler, same start line, median of 10 calls per kernel, max over ranks): "
         "what DeepEP's tests report as their kernel time; no host work or host sync in it. "
         "kGB/s = logical bytes / kern_us. '-' = not measured (reference backend, CPU)."
+    ),
+    "in_graph": (
+        f"g{IN_GRAPH_CALLS}_us (ll, CUDA graphs only) = per call inside one graph of "
+        f"{IN_GRAPH_CALLS} dispatches (or {IN_GRAPH_CALLS} combines of the last dispatch's "
+        f"handle): replay time / {IN_GRAPH_CALLS}, same start line; one graph launch shared by "
+        "the calls, as in a serving step's graph. med_us replays a graph of one call."
     ),
     "low_latency_rows": "one row per (token, expert) selection, as the LL layout stores it.",
 }
@@ -110,6 +120,7 @@ _COLUMNS = (
     ("dpep", 7, ">"),
     ("kern_us", 8, ">"),
     ("kGB/s", 7, ">"),
+    (f"g{IN_GRAPH_CALLS}_us", 7, ">"),
     ("rem_MB", 8, ">"),
     ("rem_GB/s", 8, ">"),
     ("|", 1, "<"),
@@ -152,6 +163,7 @@ def format_table(doc: dict[str, Any]) -> str:
             f"{c['gbps']['deepep']:.2f}",
             "-" if c.get("kernel_us") is None else f"{c['kernel_us']:.1f}",
             "-" if c.get("kernel_gbps") is None else f"{c['kernel_gbps']['logical']:.2f}",
+            "-" if c.get("in_graph_us") is None else f"{c['in_graph_us']:.1f}",
             f"{c['bytes']['remote'] / 1e6:.3f}",
             f"{c['gbps']['remote']:.2f}",
             "|",
@@ -169,6 +181,7 @@ def format_table(doc: dict[str, Any]) -> str:
         "rem = " + BYTE_COUNTING["remote"],
         "times: " + BYTE_COUNTING["time"],
         BYTE_COUNTING["kernel"],
+        BYTE_COUNTING["in_graph"],
         "base = plain all_to_all_single pipeline in the same run (its own rows for ll); "
         "speedup = base_us / med_us; * = timed as CUDA graph replays.",
     ]
