@@ -1,9 +1,10 @@
-"""Routing layout kernel alone on one GPU: outputs checked against torch, then timed.
+"""Routing layout kernel alone on one GPU: outputs checked against the reference, then timed.
 
 Developer tool (the dispatch's kernel time in ``ep-bench`` includes this kernel). Each case runs
 the shipped ``ep_ht_layout`` kernel on random top-k ids (10 % of them -1) and on a skewed routing
-(every token to expert 0 only), compares ``send_row``, ``is_in`` and ``chunk_prefix`` with an
-independent torch computation, then times one launch with CUDA events after an L2 flush (median
+(every token to expert 0 only), compares ``send_row``, ``is_in`` and ``chunk_prefix`` with the
+reference backend's routing layout (``ep_core.layout.get_dispatch_layout``, chunk prefixes
+from its ``is_token_in_rank``), then times one launch with CUDA events after an L2 flush (median
 of ``--iters``).
 
     PYTHONPATH=packages/jit/src:packages/ep-core/src \\
@@ -19,19 +20,20 @@ import sys
 import torch
 
 from ep_core import nvlink_kernels as nk
+from ep_core.layout import get_dispatch_layout
 from ep_core.nvlink_layout import CHUNK_TOKENS
 
 
 def _expected(idx: torch.Tensor, ranks: int, local: int) -> tuple[torch.Tensor, ...]:
-    dest = torch.where(idx >= 0, idx // local, -1)
-    is_in = torch.stack([(dest == d).any(1) for d in range(ranks)], 1)
-    before = torch.cumsum(is_in.to(torch.int32), 0) - is_in.to(torch.int32)
-    send_row = torch.where(is_in, before, -1).to(torch.int32)
+    layout = get_dispatch_layout(idx, ranks * local, ranks)
+    is_in, send_row = layout.is_token_in_rank, layout.send_row
     nch = -(-idx.shape[0] // CHUNK_TOKENS)
     prefix = torch.zeros((nch + 1, ranks), dtype=torch.int32, device=idx.device)
     if idx.shape[0]:
+        # Rows sent to each rank by the tokens before token t (exclusive running count).
+        before = torch.cumsum(is_in.to(torch.int32), 0) - is_in.to(torch.int32)
         prefix[:nch] = before[::CHUNK_TOKENS]
-        prefix[nch] = is_in.sum(0)
+        prefix[nch] = layout.num_tokens_per_rank
     return send_row, is_in, prefix
 
 
