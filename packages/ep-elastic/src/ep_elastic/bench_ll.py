@@ -164,16 +164,15 @@ def _try_capture(ctx: RankContext, runner: _LowLatencyRunner) -> str:
 
 def _time_in_graph(ctx: RankContext, runner: _LowLatencyRunner) -> dict[str, float]:
     """Per-call time (us, max over ranks of the medians) inside graphs of several calls."""
+    error: list[str] = []
     try:
         chains = runner.capture_chains(IN_GRAPH_CALLS)
     except Exception as exc:  # a failed capture must not lose the case's other numbers
-        ctx.log(f"      in-graph timing skipped: {type(exc).__name__}: {exc}".splitlines()[0])
-        chains = None
-    ok = [chains is not None] * ctx.num_ranks
-    dist.all_gather_object(ok, chains is not None, group=ctx.group)
-    if not all(ok):
+        error.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+    failed = agree(ctx, error)
+    if failed:
+        ctx.log(f"      in-graph timing skipped ({failed[0]})")
         return {}
-    assert chains is not None
     steps = [("dispatch", chains[0].replay), ("combine", chains[1].replay)]
     t = time_steps(
         steps, iters=ctx.cfg.iters, warmup=ctx.cfg.warmup, device=ctx.device, group=ctx.group
