@@ -132,6 +132,13 @@ def _case(
     ):
         _eq(field, getattr(f.handle, field), getattr(r.handle, field))
     _eq("recv_src_metadata", f.handle.recv_src_metadata, r.handle.recv_src_metadata)
+    _eq("handle topk_idx", f.handle.topk_idx, idx)
+    if not do_cpu_sync and not do_expand:
+        # Worst-case outputs: the rows past the valid count hold -1 ids and 0 weights.
+        assert rows is not None
+        assert bool((f.recv_topk_idx[rows:] == -1).all()), "ids past the valid rows"
+        if f.recv_topk_weights is not None:
+            assert bool((f.recv_topk_weights[rows:] == 0).all()), "weights past the valid rows"
 
     # Cached dispatch replays the same placement.
     if not do_expand:
@@ -329,7 +336,11 @@ def _graph_case(ref, fast, info: RankInfo) -> None:
         comb, comb_w = fast.combine(res.recv_x, res.handle, res.recv_topk_weights, (), 8)
     for rep in range(1, 6):
         fill(rep)
-        res.recv_x.fill_(7)  # poison: every valid row must be rewritten by the replay
+        # Poison: every valid row, the rows past them and the handle's routing copy must be
+        # rewritten by the replay.
+        res.recv_x.fill_(7)
+        res.recv_topk_idx.fill_(7)
+        res.handle.topk_idx.fill_(7)
         g.replay()
         r = ref.dispatch(x, None, idx, w, **kw)
         rc, rcw = ref.combine(r.recv_x, r.handle, r.recv_topk_weights, (), 8)
@@ -338,6 +349,8 @@ def _graph_case(ref, fast, info: RankInfo) -> None:
         assert int(res.handle.psum_num_recv_tokens_per_rank[-1].item()) == rows
         _eq(f"graph {rep} recv_x", res.recv_x, r.recv_x, rows)
         _eq(f"graph {rep} recv_topk_idx", res.recv_topk_idx, r.recv_topk_idx, rows)
+        assert bool((res.recv_topk_idx[rows:] == -1).all()), f"graph {rep}: ids past the rows"
+        _eq(f"graph {rep} handle topk_idx", res.handle.topk_idx, idx)
         _eq(f"graph {rep} combined", comb, rc)
         _eq(f"graph {rep} combined weights", comb_w, rcw)
 

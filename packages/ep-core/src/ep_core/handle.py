@@ -16,9 +16,17 @@ import torch
 __all__ = ["EPHandle", "LowLatencyHandle"]
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+"""Field names per handle class: ``dataclasses.fields`` walks the class's field table on every
+call, and a handle's tensors are listed on the host path of every dispatch, after its CPU sync."""
+
+
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    for f in fields(obj):
-        value = getattr(obj, f.name)
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+    for name in names:
+        value = getattr(obj, name)
         if isinstance(value, torch.Tensor):
             yield value
 

@@ -84,6 +84,9 @@ class NvlinkBackend:
         self.sym.local.zero_()
         self.peer_bases = self.sym.peer_ptrs_dev
         self.error = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        # Pinned landing buffers of the dispatch's counts (by length), read after the one host
+        # synchronisation of a dispatch with do_cpu_sync.
+        self._host_counts: dict[int, torch.Tensor] = {}
         self.timeout_cycles = int(max(config.num_gpu_timeout_secs, 0.0) * nk.CYCLES_PER_SECOND)
         torch.cuda.synchronize(self.device)
         self.sym.barrier()
@@ -157,11 +160,14 @@ class NvlinkBackend:
         n_sms = self._num_sms(num_sms)
         dev = self.device
         nchunks = -(-num_tokens // CHUNK_TOKENS)
+        idx_copy: torch.Tensor | None = None
         if handle is None:
             send_row = torch.empty((num_tokens, r), dtype=torch.int32, device=dev)
             is_in = torch.empty((num_tokens, r), dtype=torch.bool, device=dev)
             chunk_prefix = torch.empty((nchunks + 1, r), dtype=torch.int32, device=dev)
-            nk.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix)
+            # The handle's copy of the routing is written by the layout kernel (no copy kernel).
+            idx_copy = torch.empty_like(topk_idx)
+            nk.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
         else:
             send_row, is_in = handle.send_row, handle.is_token_in_rank
             state = handle.backend_state
@@ -206,9 +212,6 @@ class NvlinkBackend:
             expert_alignment=expert_alignment,
             num_sms=n_sms,
         )
-        # The handle's copy of the routing is queued before the host synchronisation below, so
-        # no GPU work is left to launch after it.
-        idx_copy = topk_idx.clone() if handle is None else None
         psum_rank = counts[:r]
         unaligned = counts[r : r + el]
         aligned_psum = counts[r + el :]
@@ -220,7 +223,7 @@ class NvlinkBackend:
             assert isinstance(prev, _HtState)
             exact_rows = prev.exact_rows
         elif do_cpu_sync:
-            host = counts.cpu().tolist()  # the one host synchronisation of this call
+            host = self._read_counts(counts)  # the one host synchronisation of this call
             nk.raise_if_failed(self.error)
             exact_rows = int(host[r - 1])
             aligned_list = _aligned_from_psum(host[r + el :])
@@ -233,13 +236,9 @@ class NvlinkBackend:
         meta = out_meta[:num_rows]
         # Rows past the valid count are unspecified by contract; still give them the reference's
         # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
-        # worst-case tensors stays in bounds. Device ops only, no host sync.
+        # worst-case tensors stays in bounds. One small kernel, in place, no host sync.
         if exact_rows is None:
-            valid = (torch.arange(rows, device=dev) < psum_rank[r - 1])[:, None]
-            meta = torch.where(valid, meta, -1)
-            recv_idx = torch.where(valid, out_idx, -1)
-            if recv_w is not None:
-                recv_w = torch.where(valid, recv_w, 0.0)
+            nk.launch_dispatch_tail(counts.data_ptr() + 4 * (r - 1), out_meta, out_idx, out_w)
 
         if handle is not None and handle.do_expand != do_expand:
             raise ValueError("a cached dispatch must use the handle's do_expand")
@@ -404,6 +403,20 @@ class NvlinkBackend:
         result, _ = self._ll.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook=False)
         return result
 
+    def _read_counts(self, counts: torch.Tensor) -> list[int]:
+        """``counts`` as Python ints: copied into a pinned buffer, then the stream synchronised.
+
+        Cheaper on the host than ``counts.cpu()`` (no pageable staging copy); everything the
+        host does between the sync and the return of the dispatch adds to the call's latency.
+        """
+        n = counts.numel()
+        host = self._host_counts.get(n)
+        if host is None:
+            host = self._host_counts[n] = torch.empty(n, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.tolist()
+
     def barrier(self) -> None:
         """GPU barrier across the group on the current stream."""
         self._check()
@@ -449,8 +462,5 @@ class NvlinkBackend:
 
 
 def _aligned_from_psum(psum: list[int]) -> list[int]:
-    out, prev = [], 0
-    for v in psum:
-        out.append(int(v) - prev)
-        prev = int(v)
-    return out
+    """Per-expert counts from their inclusive prefix sums (Python ints)."""
+    return [b - a for a, b in zip([0, *psum][:-1], psum, strict=True)]

@@ -37,6 +37,7 @@ __all__ = [
     "dispatch_config",
     "launch_combine",
     "launch_dispatch",
+    "launch_dispatch_tail",
     "launch_layout",
     "raise_if_failed",
     "register_include_root",
@@ -275,9 +276,33 @@ def _layout_spec(num_ranks: int, num_topk: int) -> Any:
             "int32_t* send_row",
             "bool* is_in",
             "int32_t* chunk_prefix",
+            "int64_t* topk_copy",
         ],
         constants={"kRanks": num_ranks, "kTopk": num_topk, "kChunk": CHUNK_TOKENS},
         launch_bounds=(LAYOUT_THREADS, 1),
+    )
+
+
+TAIL_THREADS = 256
+TAIL_MAX_CTAS = 64
+
+
+def _tail_spec(num_topk: int) -> Any:
+    from ep_jit import KernelSpec
+
+    return KernelSpec(
+        name="ep_ht_dispatch_tail",
+        includes=["ep_core/smxx_ht_common.cuh"],
+        template="ep_core::ht_dispatch_tail",
+        params=[
+            "const int32_t* valid_rows",
+            "int64_t rows",
+            "int32_t* meta",
+            "int64_t* topk_idx",
+            "float* topk_weights",
+        ],
+        constants={"kTopk": num_topk},
+        launch_bounds=(TAIL_THREADS, 1),
     )
 
 
@@ -337,7 +362,7 @@ def shipped_kernels() -> list[Any]:
     from ep_core.nvlink_ll import shipped_kernels as low_latency_kernels
 
     register_include_root()
-    specs = [_layout_spec(4, 8)]
+    specs = [_layout_spec(4, 8), _tail_spec(8)]
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
         cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
         specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
@@ -388,8 +413,10 @@ def launch_layout(
     send_row: torch.Tensor,
     is_in: torch.Tensor,
     chunk_prefix: torch.Tensor,
+    topk_copy: torch.Tensor | None = None,
 ) -> None:
-    """Routing layout kernel on the current stream (grid = ranks, ``LAYOUT_THREADS`` threads)."""
+    """Routing layout kernel on the current stream (grid = ranks, ``LAYOUT_THREADS`` threads);
+    also copies ``topk_idx`` into ``topk_copy`` when given (same shape, contiguous)."""
     key = ("layout", num_ranks, num_topk)
     found = _configured.get(key)
     if found is None:
@@ -404,7 +431,26 @@ def launch_layout(
         send_row,
         is_in,
         chunk_prefix,
+        topk_copy,
     )
+
+
+def launch_dispatch_tail(
+    valid_rows: torch.Tensor | int,
+    out_meta: torch.Tensor,
+    out_idx: torch.Tensor,
+    out_w: torch.Tensor | None,
+) -> None:
+    """Fills the rows of a dispatch's worst-case outputs past the valid count on the current
+    stream: metadata and ids -1, weights 0. ``valid_rows``: the count, an int32 in device memory
+    (a tensor or its address), read by the kernel."""
+    rows, k = out_idx.shape
+    key = ("tail", k)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, build_kernel(_tail_spec(k)))
+    ctas = max(1, min(TAIL_MAX_CTAS, -(-rows * k // TAIL_THREADS)))
+    found[1].launch((ctas, 1, 1), (TAIL_THREADS, 1, 1), valid_rows, rows, out_meta, out_idx, out_w)
 
 
 def launch_dispatch(

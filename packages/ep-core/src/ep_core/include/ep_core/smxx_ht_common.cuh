@@ -114,6 +114,8 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* smem_warp, int* 
 //   send_row[t][d]     row of token t inside d's region for this source, -1 if not sent
 //   is_in[t][d]        token t goes to d
 //   chunk_prefix[c][d] rows sent to d by tokens before chunk c (c = 0 .. nchunks)
+//   topk_copy          (optional, CTA 0) a copy of topk_idx for the dispatch's handle, written
+//                      from the loads the CTA makes anyway instead of by a separate copy kernel
 // The CTA walks the tokens in tiles of kLayoutThreads. A tile's ids are read flat (id m * blockDim
 // + thread), so each load instruction of a warp is coalesced and a thread's kTopk loads are in
 // flight together; the next tile's loads are issued before this tile's scan. Each id's hit goes
@@ -125,7 +127,8 @@ template <int kRanks, int kTopk, int kChunk>
 __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, int64_t num_tokens,
                                           int64_t num_local_experts, int32_t* __restrict__ send_row,
                                           bool* __restrict__ is_in,
-                                          int32_t* __restrict__ chunk_prefix) {
+                                          int32_t* __restrict__ chunk_prefix,
+                                          int64_t* __restrict__ topk_copy) {
     __shared__ int warp_sums[32];
     __shared__ __align__(16) uint8_t hits[kLayoutThreads * kTopk];
     const int tid = threadIdx.x;
@@ -141,12 +144,21 @@ __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, 
             ids[m] = i < num_ids ? __ldg(topk_idx + i) : -1;
         }
     };
+    const bool copy = topk_copy != nullptr && d == 0;
     load_tile(0);
     int running = 0;
     for (int64_t base = 0; base < num_tokens; base += kLayoutThreads) {
 #pragma unroll
         for (int m = 0; m < kTopk; ++m)
             hits[m * kLayoutThreads + tid] = (ids[m] >= lo && ids[m] < hi) ? 1 : 0;
+        if (copy) {
+            const int64_t first = base * kTopk + tid;
+#pragma unroll
+            for (int m = 0; m < kTopk; ++m) {
+                const int64_t i = first + static_cast<int64_t>(m) * kLayoutThreads;
+                if (i < num_ids) topk_copy[i] = ids[m];
+            }
+        }
         if (base + kLayoutThreads < num_tokens) load_tile(base + kLayoutThreads);
         __syncthreads();
         const uint8_t* h = hits + tid * kTopk;
@@ -174,6 +186,23 @@ __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, 
         const int64_t nchunks = (num_tokens + kChunk - 1) / kChunk;
         chunk_prefix[nchunks * kRanks + d] = running;
     }
+}
+
+// Rows of a dispatch without CPU sync past the valid count (*valid_rows, read on the device) up to
+// `rows`: metadata and top-k ids -1, weights 0 (weights may be null), so code that indexes with
+// the worst-case outputs stays in bounds. Grid-stride loops, one per output, each coalesced.
+template <int kTopk>
+__device__ __forceinline__ void ht_dispatch_tail(const int32_t* __restrict__ valid_rows,
+                                                 int64_t rows, int32_t* __restrict__ meta,
+                                                 int64_t* __restrict__ topk_idx,
+                                                 float* __restrict__ topk_weights) {
+    const int64_t valid = *valid_rows;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int64_t i = valid * 2 + first; i < rows * 2; i += stride) meta[i] = -1;
+    for (int64_t i = valid * kTopk + first; i < rows * kTopk; i += stride) topk_idx[i] = -1;
+    if (topk_weights != nullptr)
+        for (int64_t i = valid * kTopk + first; i < rows * kTopk; i += stride) topk_weights[i] = 0.0f;
 }
 
 // Called by every CTA at its very end (after __syncthreads). The last CTA to finish publishes the
