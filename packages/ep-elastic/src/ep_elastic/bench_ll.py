@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ep_elastic.bench_baseline import baseline_combine, baseline_dispatch
 from ep_elastic.bench_cases import Case, make_tokens, tokens_in_rank
@@ -145,19 +144,16 @@ def _compare_dispatch(got: tuple[Any, ...], exp: tuple[Any, ...]) -> list[str]:
 
 def _try_capture(ctx: RankContext, runner: _LowLatencyRunner) -> str:
     """Captures on every rank; returns ``""`` or why graphs are not used (same on all ranks)."""
-    error = ""
+    error: list[str] = []
     try:
         runner.capture(ctx.device)
     except Exception as exc:  # fall back to eager calls, reported in the table and the JSON
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        runner.graphs = None
-    errors: list[Any] = [None] * ctx.num_ranks
-    dist.all_gather_object(errors, error, group=ctx.group)
-    first = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
-    if not first:
+        error.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+    failed = agree(ctx, error)
+    if not failed:
         return ""
     runner.graphs = None
-    note = f"CUDA graph capture failed, eager calls timed ({first})"
+    note = f"CUDA graph capture failed, eager calls timed ({failed[0]})"
     ctx.log(f"      {note}")
     return note
 
