@@ -187,20 +187,35 @@ struct HtDispatch {
                     make_tagged(tag, static_cast<uint32_t>(a.chunk_prefix[(c + 1) * kRanks + d])));
     }
 
-    // Where this rank's own rows start in its output: the rows announced by every lower source
-    // (their info words). Warp-wide; false after a timeout or an abort.
+    // Lane s < n: what source s announced to this rank at the start of the op (its info words):
+    // `cnt` = rows it sends here and, with kTokens, `ntok` = its token count; 0 on other lanes
+    // and after a timeout or an abort (the lane's result is false then).
+    template <bool kTokens>
+    static __device__ __forceinline__ bool read_source_info(const HtDispatchArgs& a,
+                                                            const WaitContext& ctx,
+                                                            const uint8_t* my_region, uint32_t tag,
+                                                            int lane, int n, int& cnt, int& ntok) {
+        cnt = 0;
+        ntok = 0;
+        if (lane >= n) return true;
+        const auto* info = reinterpret_cast<const uint64_t*>(my_region + a.lay.info) + lane * 2;
+        uint64_t v0 = 0, v1 = 0;
+        if (!wait_tag(ctx, info, tag, &v0, kStageDispatchInfo, lane)) return false;
+        if (kTokens && !wait_tag(ctx, info + 1, tag, &v1, kStageDispatchInfo, lane)) return false;
+        cnt = static_cast<int>(static_cast<uint32_t>(v0));
+        ntok = static_cast<int>(static_cast<uint32_t>(v1));
+        return true;
+    }
+
+    // Where this rank's own rows start in its output: the rows announced by every lower source.
+    // Warp-wide; false after a timeout or an abort.
     static __device__ __forceinline__ bool own_rows_base(const HtDispatchArgs& a,
                                                          const WaitContext& ctx,
                                                          const uint8_t* my_region, uint32_t tag,
                                                          int lane, int64_t& base) {
-        int cnt = 0;
-        bool ok = true;
-        if (lane < static_cast<int>(a.rank)) {
-            uint64_t v = 0;
-            ok = wait_tag(ctx, reinterpret_cast<const uint64_t*>(my_region + a.lay.info) + lane * 2,
-                          tag, &v, kStageDispatchInfo, lane);
-            cnt = ok ? static_cast<int>(static_cast<uint32_t>(v)) : 0;
-        }
+        int cnt = 0, ntok = 0;
+        const bool ok = read_source_info<false>(a, ctx, my_region, tag, lane,
+                                                static_cast<int>(a.rank), cnt, ntok);
         base = static_cast<int64_t>(__reduce_add_sync(0xffffffffu, static_cast<uint32_t>(cnt)));
         return __all_sync(0xffffffffu, ok);
     }
@@ -390,15 +405,7 @@ struct HtDispatch {
         const uint8_t* my_region = peer_ptr(a.peer_bases, me, a.lay.region[parity]);
         // Per-source totals, published by each sender at the start of the op.
         int cnt = 0, ntok = 0;
-        if (lane < kRanks) {
-            const auto* info = reinterpret_cast<const uint64_t*>(my_region + a.lay.info) + lane * 2;
-            uint64_t v0 = 0, v1 = 0;
-            if (wait_tag(ctx, info, tag, &v0, kStageDispatchInfo, lane) &&
-                wait_tag(ctx, info + 1, tag, &v1, kStageDispatchInfo, lane)) {
-                cnt = static_cast<int>(static_cast<uint32_t>(v0));
-                ntok = static_cast<int>(static_cast<uint32_t>(v1));
-            }
-        }
+        read_source_info<true>(a, ctx, my_region, tag, lane, kRanks, cnt, ntok);
         if (__any_sync(0xffffffffu, aborted(ctx))) return;
         int incl = cnt;
 #pragma unroll
