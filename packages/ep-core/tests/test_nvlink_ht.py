@@ -448,3 +448,16 @@ def _timeout_worker(info: RankInfo) -> None:
 @pytest.mark.multigpu(2)
 def test_nvlink_timeout_names_the_peer() -> None:
     run_ranks(2, _timeout_worker, timeout_s=120)
+
+
+def test_aligned_counts_from_prefix_sums() -> None:
+    # The host side of a dispatch with CPU sync turns the kernel's inclusive prefix sums of the
+    # aligned per-expert counts into the counts (`num_recv_tokens_per_expert_list`).
+    from ep_core.nvlink import _aligned_from_psum
+
+    assert _aligned_from_psum([]) == []
+    assert _aligned_from_psum([0]) == [0]
+    assert _aligned_from_psum([4, 4, 12, 16]) == [4, 0, 8, 4]
+    counts = torch.randint(0, 50, (64,)).tolist()
+    psum = torch.tensor(counts).cumsum(0).tolist()
+    assert _aligned_from_psum(psum) == counts
