@@ -18,21 +18,32 @@ from ep_jit.cache import compile_spec as compile_spec
 from ep_jit.cache import reset_cache_stats as reset_cache_stats
 from ep_jit.compiler import FunctionUsage as FunctionUsage
 from ep_jit.compiler import parse_ptxas as parse_ptxas
+from ep_jit.errors import HostTimeoutError as HostTimeoutError
 from ep_jit.errors import JitCompileError as JitCompileError
 from ep_jit.errors import JitError as JitError
 from ep_jit.errors import JitLaunchError as JitLaunchError
 from ep_jit.errors import JitPtxasCheckError as JitPtxasCheckError
 from ep_jit.errors import JitTimeoutError as JitTimeoutError
+from ep_jit.hostwait import wait_event as wait_event
+from ep_jit.hostwait import wait_stream as wait_stream
 from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
 from ep_jit.launch import Kernel as Kernel
 from ep_jit.launch import build as build
+from ep_jit.peer_memory import PeerMemory as PeerMemory
 from ep_jit.spec import KernelSpec as KernelSpec
+from ep_jit.streamops import MemOp as MemOp
+from ep_jit.streamops import batch_mem_ops as batch_mem_ops
+from ep_jit.streamops import wait_value as wait_value
+from ep_jit.streamops import write_value as write_value
 from ep_jit.symm import SymmetricBuffer as SymmetricBuffer
 from ep_jit.symm import is_single_nvlink_domain as is_single_nvlink_domain
+from ep_jit.symm import peer_memory as peer_memory
 from ep_jit.toolchain import include_roots as include_roots
 from ep_jit.toolchain import register_include_root as register_include_root
 from ep_jit.toolchain import resolve_arch as resolve_arch
 from ep_jit.toolchain import unregister_include_root as unregister_include_root
+from ep_jit.topology import Topology as Topology
+from ep_jit.topology import topology as topology
 from ep_jit.watchdog import DeviceWatchdog as DeviceWatchdog
 from ep_jit.watchdog import WaitContext as WaitContext
 
@@ -41,6 +52,7 @@ __all__ = [
     "CacheStats",
     "DeviceWatchdog",
     "FunctionUsage",
+    "HostTimeoutError",
     "JitCompileError",
     "JitError",
     "JitLaunchError",
@@ -48,9 +60,13 @@ __all__ = [
     "JitTimeoutError",
     "Kernel",
     "KernelSpec",
+    "MemOp",
+    "PeerMemory",
     "SymmetricBuffer",
+    "Topology",
     "WaitContext",
     "__version__",
+    "batch_mem_ops",
     "build",
     "cache_stats",
     "clear_memory_cache",
@@ -60,8 +76,14 @@ __all__ = [
     "iter_shipped_kernels",
     "knobs",
     "parse_ptxas",
+    "peer_memory",
     "register_include_root",
     "reset_cache_stats",
     "resolve_arch",
+    "topology",
     "unregister_include_root",
+    "wait_event",
+    "wait_stream",
+    "wait_value",
+    "write_value",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "HostTimeoutError",
     "JitCompileError",
     "JitError",
     "JitLaunchError",
@@ -103,3 +104,18 @@ class JitTimeoutError(JitError):
             f"GPU timeout on rank {rank} in stage {stage!r} waiting for {who}: "
             f"observed {observed}, expected {expected} (block {block}, thread {thread})"
         )
+
+
+class HostTimeoutError(JitError, TimeoutError):
+    """A host-side wait (a stream synchronisation, a handle exchange) passed its deadline.
+
+    Attributes:
+        what: What was waited for.
+        timeout_s: The limit that passed.
+    """
+
+    def __init__(self, what: str, timeout_s: float) -> None:
+        """Stores what was waited for and the limit."""
+        self.what = what
+        self.timeout_s = timeout_s
+        super().__init__(f"timed out after {timeout_s:g} s waiting for {what}")

@@ -292,6 +292,23 @@ class JitKnobs(KnobGroup):
     arch = knob_opt_str(
         "EP_JIT_ARCH", "Target architecture, e.g. 90a (default: the current device's)."
     )
+    peer_memory = knob_choice(
+        "EP_JIT_PEER_MEMORY",
+        "auto",
+        ("auto", "vmm", "torch"),
+        "Peer memory path: vmm (driver virtual memory, shared by file descriptor), torch "
+        "(torch symmetric memory), auto (torch for one GPU per rank, else vmm).",
+    )
+    ranks_per_node = knob_int(
+        "EP_JIT_RANKS_PER_NODE",
+        0,
+        "Simulated nodes of this many consecutive ranks in ep_jit.topology (0: real hosts).",
+    )
+    host_timeout_s = knob_int(
+        "EP_JIT_HOST_TIMEOUT_S",
+        300,
+        "Default limit in seconds of host waits (stream syncs, handle exchange, destroy).",
+    )
     cuda_home = knob_opt_str("CUDA_HOME", "CUDA toolkit root (headers, nvcc); read by ep-jit.")
     cuda_path = knob_opt_str("CUDA_PATH", "Fallback for CUDA_HOME; read by ep-jit.")
 

@@ -167,9 +167,15 @@ class Kernel:
         return f"Kernel({self.spec.entry}, sm_{self.entry.arch}, {self.entry.path})"
 
     def load(self) -> None:
-        """Loads the cubin (idempotent); call before CUDA graph capture to keep it out."""
+        """Loads the cubin and the kernel's code into the current context (idempotent).
+
+        The code is loaded eagerly (``cuFuncLoad``), whatever ``CUDA_MODULE_LOADING`` says: a
+        lazy first load synchronises the context and would wait behind a pending stream wait
+        (``ep_jit.wait_value``) forever. Call before CUDA graph capture to keep the load out.
+        """
         with self._lock:
             if self._kernel is not None:
+                self._function(torch.cuda.current_device(), 0)
                 return
             ensure_context(torch.cuda.current_device())
             library = check(
@@ -180,6 +186,7 @@ class Kernel:
                 "cuLibraryGetKernel", driver.cuLibraryGetKernel(library, self.spec.entry.encode())
             )
             self._library = library
+            self._function(torch.cuda.current_device(), 0)
 
     def _config(
         self,
@@ -222,6 +229,7 @@ class Kernel:
         func = self._functions.get(device)
         if func is None:
             func = check("cuKernelGetFunction", driver.cuKernelGetFunction(self._kernel))
+            check("cuFuncLoad", driver.cuFuncLoad(func), detail=self.spec.entry)
             self._functions[device] = func
         if smem > max(self._smem_set.get(device, 0), _STATIC_SMEM_LIMIT):
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES

@@ -11,7 +11,6 @@ buffer through plain device pointers (``peer_ptrs``) over NVLink, or through cop
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import warnings
 from collections.abc import Sequence
@@ -20,10 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ep_jit._cuda import check, current_stream_handle, driver, ensure_context
+from ep_jit import knobs
 from ep_jit.agreement import check_agreement, gather_checked
+from ep_jit.peer_memory import PeerMemory, PeerViews
+from ep_jit.topology import topology
 
-__all__ = ["SymmetricBuffer", "is_single_nvlink_domain"]
+__all__ = ["SymmetricBuffer", "is_single_nvlink_domain", "peer_memory"]
 
 _ALIGN = 256
 _backend_lock = threading.Lock()
@@ -56,7 +57,7 @@ def _prepare_backend(
                 enable(group.group_name)
 
 
-class SymmetricBuffer:
+class SymmetricBuffer(PeerViews):
     """``nbytes`` of device memory on every rank of ``group``, mapped into every peer.
 
     Collective: every rank of ``group`` must construct it with the same ``nbytes`` and
@@ -150,29 +151,6 @@ class SymmetricBuffer:
         """Whether :meth:`destroy` ran."""
         return self._handle is None
 
-    def _check_range(self, offset: int, nbytes: int, itemsize: int) -> None:
-        if offset < 0 or offset % itemsize:
-            raise ValueError(f"offset {offset} must be >= 0 and a multiple of {itemsize}")
-        if offset + nbytes > self.nbytes:
-            raise ValueError(
-                f"bytes [{offset}, {offset + nbytes}) exceed the buffer ({self.nbytes})"
-            )
-
-    def tensor(self, offset: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous view of the local data region at byte ``offset``.
-
-        Raises:
-            ValueError: Misaligned ``offset`` or a view past the end of the region.
-        """
-        self._alive()
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        self._check_range(offset, numel * itemsize, itemsize)
-        view: torch.Tensor = self.local[offset : offset + numel * itemsize].view(dtype)
-        return view.view(tuple(shape))
-
     def peer_tensor(
         self, peer: int, offset: int, shape: Sequence[int], dtype: torch.dtype
     ) -> torch.Tensor:
@@ -184,8 +162,7 @@ class SymmetricBuffer:
             ValueError: ``peer`` out of range, misaligned ``offset`` or a view past the end.
         """
         handle = self._alive()
-        if not 0 <= peer < self.world_size:
-            raise ValueError(f"peer {peer} out of range [0, {self.world_size})")
+        self._check_peer(peer)
         itemsize = torch.empty((), dtype=dtype).element_size()
         numel = 1
         for s in shape:
@@ -193,35 +170,6 @@ class SymmetricBuffer:
         self._check_range(offset, numel * itemsize, itemsize)
         view: torch.Tensor = handle.get_buffer(peer, [numel], dtype, offset // itemsize)
         return view.view(tuple(shape))
-
-    def copy_to_peer(self, peer: int, offset: int, src: torch.Tensor) -> None:
-        """Copies ``src`` into ``peer``'s data region at byte ``offset`` with a copy engine.
-
-        Asynchronous on the current stream (``cuMemcpyAsync``; no SM is used).
-
-        Raises:
-            ValueError: ``peer``/``offset`` out of range.
-            TypeError: ``src`` is not a contiguous CUDA tensor.
-        """
-        self._alive()
-        if not 0 <= peer < self.world_size:
-            raise ValueError(f"peer {peer} out of range [0, {self.world_size})")
-        if src.device.type != "cuda" or not src.is_contiguous():
-            raise TypeError("src must be a contiguous CUDA tensor")
-        nbytes = src.numel() * src.element_size()
-        self._check_range(offset, nbytes, 1)
-        if nbytes == 0:
-            return
-        ensure_context(torch.cuda.current_device())
-        check(
-            "cuMemcpyAsync",
-            driver.cuMemcpyAsync(
-                self.peer_ptrs[peer] + offset,
-                src.data_ptr(),
-                nbytes,
-                driver.CUstream(current_stream_handle()),
-            ),
-        )
 
     def barrier(self, timeout_ms: int = 0) -> None:
         """GPU barrier across the group, enqueued on the current stream (asynchronous).
@@ -267,27 +215,12 @@ class SymmetricBuffer:
         return f"SymmetricBuffer(rank {self.rank}/{self.world_size}, {state})"
 
 
-def _local_view() -> dict[str, object]:
-    info: dict[str, object] = {"host": socket.gethostname(), "cuda": False}
-    if torch.cuda.is_available():
-        dev = torch.cuda.current_device()
-        info["cuda"] = True
-        info["uuid"] = str(torch.cuda.get_device_properties(dev).uuid)
-    return info
-
-
-def _visible_uuids() -> dict[str, int]:
-    return {
-        str(torch.cuda.get_device_properties(i).uuid): i for i in range(torch.cuda.device_count())
-    }
-
-
 def is_single_nvlink_domain(group: dist.ProcessGroup | None = None) -> bool:
     """Whether every rank of ``group`` can load and store every other rank's GPU memory.
 
-    True when all ranks run on one host, each on its own CUDA device, and CUDA reports peer
-    access between every pair of those devices (NVLink or NVSwitch on the machines we target).
-    False on CPU-only ranks (gloo). Collective: every rank must call it; all get the same answer.
+    True when all ranks run on one host on CUDA devices that are the same device or have peer
+    access between every pair (NVLink or NVSwitch on the machines we target; several ranks on
+    one GPU also qualify). False on CPU-only ranks. Collective (see :func:`ep_jit.topology`).
 
     Args:
         group: Process group (default: the world).
@@ -295,21 +228,57 @@ def is_single_nvlink_domain(group: dist.ProcessGroup | None = None) -> bool:
     Returns:
         The same bool on every rank.
     """
-    views: list[dict[str, object] | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(views, _local_view(), group=group)
-    ok = all(v is not None and v["cuda"] for v in views)
-    ok = ok and len({v["host"] for v in views if v is not None}) == 1
-    uuids = [str(v["uuid"]) for v in views if v is not None and v["cuda"]]
-    ok = ok and len(set(uuids)) == len(uuids)
-    if ok:
-        # Peer access is queried from this process, so every peer device must be visible here.
-        local = _visible_uuids()
-        if all(u in local for u in uuids):
-            idx = [local[u] for u in uuids]
-            ok = all(torch.cuda.can_device_access_peer(a, b) for a in idx for b in idx if a != b)
-        else:
-            ok = False
-    # Ranks may see different devices (CUDA_VISIBLE_DEVICES); agree on the strictest answer.
-    votes: list[bool | None] = [None] * len(views)
-    dist.all_gather_object(votes, ok, group=group)
-    return all(bool(v) for v in votes)
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+    return topology(group, dev, ranks_per_node=0).single_nvlink_domain
+
+
+def peer_memory(
+    group: dist.ProcessGroup | None,
+    nbytes: int,
+    device: torch.device | int | str | None = None,
+    *,
+    signal_bytes: int = 4096,
+    host_bytes: int = 0,
+    timeout_s: float | None = None,
+) -> SymmetricBuffer | PeerMemory:
+    """Peer-mapped memory on the path this group should use; collective.
+
+    ``EP_JIT_PEER_MEMORY`` picks: ``vmm`` (:class:`PeerMemory`), ``torch``
+    (:class:`SymmetricBuffer`), or ``auto``: torch's symmetric memory where every rank has a GPU
+    of its own and no host segment is asked for (the path verified across GPUs), else
+    :class:`PeerMemory` (ranks sharing a GPU, gloo groups, host segments). The ranks agree on
+    the choice first, so a knob set differently on one rank fails on every rank.
+
+    Args: as :class:`PeerMemory` (``host_bytes`` and ``timeout_s`` need the vmm path).
+
+    Raises:
+        ValueError: Ranks chose different paths, or ``torch`` was forced where it cannot serve.
+    """
+    group = group if group is not None else dist.group.WORLD
+    assert group is not None
+    dev = None if device is None else torch.device(device)
+    if dev is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    topo = topology(group, dev, ranks_per_node=0)
+    nccl = "nccl" in str(dist.get_backend(group)).lower()
+    wanted = knobs.jit.peer_memory
+    path, error = wanted, None
+    if wanted == "auto":
+        path = "torch" if nccl and not topo.shares_gpu and not host_bytes else "vmm"
+    elif wanted == "torch" and (topo.shares_gpu or host_bytes or not nccl):
+        error = ValueError(
+            "EP_JIT_PEER_MEMORY=torch cannot serve this group: torch's symmetric memory needs an "
+            "NCCL group with one GPU per rank and has no host segments"
+        )
+    choice = gather_checked(
+        group, {"peer memory path": path}, error, what="peer memory", device=dev
+    )
+    check_agreement(choice, "peer memory")
+    if path == "torch":
+        return SymmetricBuffer(group, nbytes, device=dev, signal_bytes=signal_bytes)
+    return PeerMemory(
+        group, nbytes, dev, signal_bytes=signal_bytes, host_bytes=host_bytes, timeout_s=timeout_s
+    )

@@ -13,6 +13,7 @@ from ep_jit.testing._launcher import RankFailedError as RankFailedError
 from ep_jit.testing._launcher import RankInfo as RankInfo
 from ep_jit.testing._launcher import run_from_env as run_from_env
 from ep_jit.testing._launcher import run_ranks as run_ranks
+from ep_jit.testing._placements import gpu_placements as gpu_placements
 
 __all__ = [
     "L2_FLUSH_BYTES",
@@ -20,6 +21,7 @@ __all__ = [
     "RankFailedError",
     "RankInfo",
     "bench",
+    "gpu_placements",
     "run_from_env",
     "run_ranks",
 ]

@@ -47,9 +47,10 @@ class RankInfo:
         local_world_size: Ranks per node.
         node_rank: Index of this node (``rank // local_world_size`` for ``run_ranks``).
         num_nodes: Number of nodes.
-        device: ``cuda:<local_rank>`` when GPUs are used, else ``cpu``.
+        device: ``cuda:<local_rank // ranks_per_gpu>`` when GPUs are used, else ``cpu``.
         backend: The ``torch.distributed`` backend string the group was created with.
         group: The default (world) process group.
+        ranks_per_gpu: Ranks sharing each GPU (1: a GPU per rank; > 1: a gloo group).
     """
 
     rank: int
@@ -61,6 +62,7 @@ class RankInfo:
     device: torch.device
     backend: str
     group: dist.ProcessGroup
+    ranks_per_gpu: int = 1
 
 
 class RankFailedError(RuntimeError):
@@ -135,9 +137,17 @@ def _auto_backend(use_gpu: bool) -> str:
 
 
 def _make_info(
-    rank: int, world: int, local_rank: int, local_world: int, node: int, use_gpu: bool, backend: str
+    rank: int,
+    world: int,
+    local_rank: int,
+    local_world: int,
+    node: int,
+    use_gpu: bool,
+    backend: str,
+    ranks_per_gpu: int = 1,
 ) -> RankInfo:
-    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+    gpu = local_rank // ranks_per_gpu
+    device = torch.device("cuda", gpu) if use_gpu else torch.device("cpu")
     group = dist.group.WORLD
     assert group is not None  # init_process_group has run
     return RankInfo(
@@ -150,6 +160,7 @@ def _make_info(
         device=device,
         backend=backend,
         group=group,
+        ranks_per_gpu=ranks_per_gpu,
     )
 
 
@@ -163,6 +174,7 @@ def _child_main(
     fn_ref: _FnRef,
     args_blob: bytes,
     results: Any,  # a multiprocessing queue
+    ranks_per_gpu: int = 1,
 ) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
@@ -170,18 +182,20 @@ def _child_main(
         fn = fn_ref.resolve()
         args = pickle.loads(args_blob)
         if use_gpu:
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(rank // ranks_per_gpu)
         else:
             # Ranks share the host's cores; avoid N x cores intra-op threads.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
         init_kwargs: dict[str, Any] = {"store": store, "rank": rank, "world_size": world_size}
-        if use_gpu:
-            init_kwargs["device_id"] = torch.device("cuda", rank)
+        if use_gpu and "nccl" in backend:
+            init_kwargs["device_id"] = torch.device("cuda", rank // ranks_per_gpu)
         dist.init_process_group(backend, timeout=timeout, **init_kwargs)
         try:
-            info = _make_info(rank, world_size, rank, world_size, 0, use_gpu, backend)
+            info = _make_info(
+                rank, world_size, rank, world_size, 0, use_gpu, backend, ranks_per_gpu
+            )
             returned = pickle.dumps(fn(info, *args))
         finally:
             dist.destroy_process_group()
@@ -240,6 +254,7 @@ def run_ranks(
     timeout_s: float = 300.0,
     backend: str | None = None,
     use_gpu: bool | None = None,
+    ranks_per_gpu: int = 1,
 ) -> list[Any]:
     """Runs ``fn(info, *args)`` in ``world_size`` spawned processes joined in one process group.
 
@@ -259,6 +274,10 @@ def run_ranks(
             and ``"gloo"`` without.
         use_gpu: Give rank ``r`` the device ``cuda:r``; ``None`` means "when CUDA is available
             and has at least ``world_size`` devices".
+        ranks_per_gpu: Ranks sharing each GPU: rank ``r`` gets ``cuda:<r // ranks_per_gpu>``
+            and the group defaults to gloo (NCCL refuses two ranks on one GPU). With
+            ``ranks_per_gpu=world_size`` every rank runs on ``cuda:0``: multi-rank GPU code
+            tested on one GPU (correctness only: the ranks' contexts time-slice the GPU).
 
     Returns:
         What ``fn`` returned on each rank (picklable values), indexed by rank.
@@ -274,13 +293,20 @@ def run_ranks(
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     fn_ref = _FnRef.of(fn)
+    if not isinstance(ranks_per_gpu, int) or ranks_per_gpu < 1:
+        raise ValueError(f"ranks_per_gpu must be a positive int, got {ranks_per_gpu!r}")
+    gpus = -(-world_size // ranks_per_gpu)
+    if ranks_per_gpu > 1 and use_gpu is False:
+        raise ValueError("ranks_per_gpu > 1 places ranks on GPUs; it needs use_gpu")
     if use_gpu is None:
-        use_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-    elif use_gpu and torch.cuda.device_count() < world_size:
+        use_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= gpus
+    elif use_gpu and torch.cuda.device_count() < gpus:
         raise ValueError(
-            f"use_gpu=True needs {world_size} CUDA devices, found {torch.cuda.device_count()}"
+            f"use_gpu=True needs {gpus} CUDA devices, found {torch.cuda.device_count()}"
         )
-    backend = backend or _auto_backend(use_gpu)
+    if ranks_per_gpu > 1 and not use_gpu:
+        raise ValueError(f"ranks_per_gpu={ranks_per_gpu} needs {gpus} CUDA devices")
+    backend = backend or ("gloo" if ranks_per_gpu > 1 else _auto_backend(use_gpu))
     args_blob = pickle.dumps(args)
 
     ctx = mp.get_context("spawn")
@@ -299,6 +325,7 @@ def run_ranks(
                 fn_ref,
                 args_blob,
                 results,
+                ranks_per_gpu,
             ),
             name=f"ep_jit-rank{r}",
             daemon=True,

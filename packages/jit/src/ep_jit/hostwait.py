@@ -1,0 +1,62 @@
+"""Host waits with a deadline: a stuck GPU or peer becomes an exception, never a hang.
+
+``torch.cuda.synchronize`` blocks without a limit. :func:`wait_stream` records an event on the
+stream and polls it until the deadline, then raises :class:`~ep_jit.errors.HostTimeoutError`
+naming what it waited for::
+
+    ep_jit.wait_stream(what="dispatch counts", timeout_s=buffer.num_cpu_timeout_secs)
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ep_jit import knobs
+from ep_jit.errors import HostTimeoutError
+
+__all__ = ["wait_event", "wait_stream"]
+
+
+def wait_event(event: torch.cuda.Event, what: str, timeout_s: float | None = None) -> None:
+    """Polls ``event`` until it completes or ``timeout_s`` passes.
+
+    Sleeps between polls, starting at 20 µs and doubling to 1 ms, so a short wait costs little
+    and a long one leaves the core to other work.
+
+    Args:
+        event: A recorded CUDA event.
+        what: Named in the error.
+        timeout_s: Limit in seconds; default ``EP_JIT_HOST_TIMEOUT_S``; ``<= 0`` waits forever.
+
+    Raises:
+        HostTimeoutError: The event did not complete in time.
+    """
+    limit = float(knobs.jit.host_timeout_s if timeout_s is None else timeout_s)
+    if event.query():
+        return
+    deadline = time.monotonic() + limit
+    pause = 20e-6
+    while not event.query():
+        if limit > 0 and time.monotonic() > deadline:
+            raise HostTimeoutError(what, limit)
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+
+
+def wait_stream(
+    stream: torch.cuda.Stream | None = None,
+    *,
+    what: str = "the GPU stream",
+    timeout_s: float | None = None,
+) -> None:
+    """Waits, with a deadline, for the work queued so far on ``stream`` (default: current).
+
+    Raises:
+        HostTimeoutError: The stream did not drain in time (its work keeps running).
+    """
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    event = torch.cuda.Event()
+    event.record(stream)
+    wait_event(event, what, timeout_s)
