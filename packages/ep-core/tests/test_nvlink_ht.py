@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_jit.testing import RankInfo, run_ranks
+from ep_jit.testing import RankInfo, gpu_placements, run_ranks
 
 NMAX = 512
 HIDDEN = 2048
@@ -355,13 +355,9 @@ def _graph_case(ref, fast, info: RankInfo) -> None:
         _eq(f"graph {rep} combined weights", comb_w, rcw)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "world_size",
-    [pytest.param(n, marks=pytest.mark.multigpu(n)) for n in (1, 2, 4)],
-)
-def test_nvlink_ht_matches_reference(world_size: int) -> None:
-    run_ranks(world_size, _worker, timeout_s=300)
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((1, 2, 4)))
+def test_nvlink_ht_matches_reference(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _worker, timeout_s=600, ranks_per_gpu=per_gpu)
 
 
 def _tag_wrap_worker(info: RankInfo) -> None:
@@ -410,13 +406,9 @@ def _tag_wrap_worker(info: RankInfo) -> None:
     fast.destroy()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "world_size",
-    [pytest.param(n, marks=pytest.mark.multigpu(n)) for n in (2, 4)],
-)
-def test_nvlink_ht_tag_wrap_and_refresh(world_size: int) -> None:
-    run_ranks(world_size, _tag_wrap_worker, timeout_s=300)
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2, 4)))
+def test_nvlink_ht_tag_wrap_and_refresh(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _tag_wrap_worker, timeout_s=600, ranks_per_gpu=per_gpu)
 
 
 def _timeout_worker(info: RankInfo) -> None:
@@ -444,10 +436,9 @@ def _timeout_worker(info: RankInfo) -> None:
             )
 
 
-@pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_nvlink_timeout_names_the_peer() -> None:
-    run_ranks(2, _timeout_worker, timeout_s=120)
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
+def test_nvlink_timeout_names_the_peer(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _timeout_worker, timeout_s=180, ranks_per_gpu=per_gpu)
 
 
 def test_aligned_counts_from_prefix_sums() -> None:

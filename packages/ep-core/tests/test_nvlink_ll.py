@@ -21,13 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ep_jit.testing import RankInfo, run_ranks
+from ep_jit.testing import RankInfo, gpu_placements, run_ranks
 
 HEADER = Path(__file__).resolve().parents[1] / "src/ep_core/include/ep_core/sm90_ll.cuh"
-WORLDS = [
-    pytest.param(2, marks=pytest.mark.multigpu(2)),
-    pytest.param(4, marks=pytest.mark.multigpu(4)),
-]
+WORLDS = gpu_placements((2, 4))
+PLACES = ("world_size", "per_gpu")
 
 # ---- CPU ----------------------------------------------------------------------------------------
 
@@ -748,38 +746,32 @@ def test_reference_fp8_cast_is_device_independent() -> None:
         assert_equal(f"data round={round_scale}", q_gpu, q_cpu)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [1, *WORLDS])
-def test_low_latency_matches_reference(world_size: int) -> None:
-    run_ranks(world_size, _cases_worker, timeout_s=900)
+@pytest.mark.parametrize(PLACES, gpu_placements((1, 2, 4)))
+def test_low_latency_matches_reference(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _cases_worker, timeout_s=900, ranks_per_gpu=per_gpu)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", WORLDS)
+@pytest.mark.parametrize(PLACES, WORLDS)
 @pytest.mark.parametrize("fmt,replays", [("fp8", 20), ("ue8m0", 5), ("bf16", 5)])
-def test_low_latency_graph_replays(world_size: int, fmt: str, replays: int) -> None:
-    run_ranks(world_size, _graph_worker, fmt, replays, timeout_s=900)
+def test_low_latency_graph_replays(world_size: int, per_gpu: int, fmt: str, replays: int) -> None:
+    run_ranks(world_size, _graph_worker, fmt, replays, timeout_s=900, ranks_per_gpu=per_gpu)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", WORLDS)
-def test_low_latency_hooks(world_size: int) -> None:
-    run_ranks(world_size, _hook_worker, timeout_s=900)
+@pytest.mark.parametrize(PLACES, WORLDS)
+def test_low_latency_hooks(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _hook_worker, timeout_s=900, ranks_per_gpu=per_gpu)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", WORLDS)
-def test_low_latency_timeout_names_stage_and_peer(world_size: int) -> None:
-    run_ranks(world_size, _timeout_worker, timeout_s=300)
+@pytest.mark.parametrize(PLACES, WORLDS)
+def test_low_latency_timeout_names_stage_and_peer(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _timeout_worker, timeout_s=300, ranks_per_gpu=per_gpu)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", WORLDS)
-def test_low_latency_tag_wrap_and_refresh(world_size: int) -> None:
-    run_ranks(world_size, _tag_wrap_worker, timeout_s=300)
+@pytest.mark.parametrize(PLACES, WORLDS)
+def test_low_latency_tag_wrap_and_refresh(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _tag_wrap_worker, timeout_s=300, ranks_per_gpu=per_gpu)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", WORLDS)
-def test_low_latency_engines_must_agree(world_size: int) -> None:
-    run_ranks(world_size, _agreement_worker, timeout_s=300)
+@pytest.mark.parametrize(PLACES, WORLDS)
+def test_low_latency_engines_must_agree(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _agreement_worker, timeout_s=300, ranks_per_gpu=per_gpu)

@@ -14,7 +14,7 @@ import torch
 
 from ep_core import BackendConfig, TorchBackend, create_backend, get_buffer_size_hint
 from ep_core.testing import HT_CASES, run_standard_cases
-from ep_jit.testing import run_ranks
+from ep_jit.testing import gpu_placements, run_ranks
 
 
 def _backend(name: str, info: Any) -> Any:
@@ -56,13 +56,14 @@ def test_reference_matches_oracle_nccl() -> None:
     run_ranks(2, check_cases_worker, "torch", False, timeout_s=600, use_gpu=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "world_size",
-    [
-        pytest.param(2, marks=pytest.mark.multigpu(2)),
-        pytest.param(4, marks=pytest.mark.multigpu(4)),
-    ],
-)
-def test_nvlink_matches_reference(world_size: int) -> None:
-    run_ranks(world_size, check_cases_worker, "nvlink", True, timeout_s=600, use_gpu=True)
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2, 4)))
+def test_nvlink_matches_reference(world_size: int, per_gpu: int) -> None:
+    run_ranks(
+        world_size,
+        check_cases_worker,
+        "nvlink",
+        True,
+        timeout_s=900,
+        use_gpu=True,
+        ranks_per_gpu=per_gpu,
+    )

@@ -16,7 +16,7 @@ from ep_core.backend import DispatchResult, LowLatencyDispatchResult
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.testing import Case, make_inputs, run_case, run_low_latency_case
 from ep_elastic import ElasticBuffer
-from ep_jit.testing import run_ranks
+from ep_jit.testing import gpu_placements, run_ranks
 
 CASES = [
     Case("fp8-expand-bias", fp8="fp8", expert_alignment=16, num_bias=2, seed=31),
@@ -167,13 +167,20 @@ def oracle_worker(info: Any, backend: str, compare_with_torch: bool) -> None:
         num_topk=TOPK,
         backend=backend,
         explicitly_destroy=True,
+        device=info.device,
     )
     assert (buffer.rank_idx, buffer.num_ranks) == (info.rank, info.world_size)
     assert buffer.backend_name == ("torch" if info.device.type == "cpu" else buffer.backend_name)
     reference = None
     if compare_with_torch:
         reference = BufferAsBackend(
-            ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, backend="torch")
+            ElasticBuffer(
+                info.group,
+                num_max_tokens_per_rank=NMAX,
+                hidden=HIDDEN,
+                backend="torch",
+                device=info.device,
+            )
         )
     for i, case in enumerate(CASES):
         be = BufferAsBackend(buffer, async_ops=i % 2 == 1)
@@ -238,13 +245,14 @@ def test_buffer_torch_backend_nccl() -> None:
     run_ranks(2, oracle_worker, "torch", False, timeout_s=600, use_gpu=True)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "world_size",
-    [
-        pytest.param(2, marks=pytest.mark.multigpu(2)),
-        pytest.param(4, marks=pytest.mark.multigpu(4)),
-    ],
-)
-def test_buffer_nvlink_matches_torch(world_size: int) -> None:
-    run_ranks(world_size, oracle_worker, "nvlink", True, timeout_s=600, use_gpu=True)
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2, 4)))
+def test_buffer_nvlink_matches_torch(world_size: int, per_gpu: int) -> None:
+    run_ranks(
+        world_size,
+        oracle_worker,
+        "nvlink",
+        True,
+        timeout_s=900,
+        use_gpu=True,
+        ranks_per_gpu=per_gpu,
+    )

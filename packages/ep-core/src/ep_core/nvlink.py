@@ -54,7 +54,8 @@ class NvlinkBackend:
     """Kernel implementation of :class:`ep_core.backend.EPBackend` for one NVLink domain.
 
     Args:
-        group: The process group (NCCL), every rank on its own GPU of one host.
+        group: The process group: NCCL with every rank on its own GPU of one host, or gloo with
+            ranks sharing GPUs (peer memory on ``ep_jit.PeerMemory``; for testing).
         config: The agreed configuration of the owning ``ElasticBuffer``.
 
     Raises:
@@ -80,7 +81,7 @@ class NvlinkBackend:
             num_topk=topk,
         )
         self.layout, nbytes = compute_layout(self.sizing)
-        self.sym = ep_jit.SymmetricBuffer(group, nbytes, device=self.device)
+        self.sym = ep_jit.peer_memory(group, nbytes, device=self.device)
         self.sym.local.zero_()
         self.peer_bases = self.sym.peer_ptrs_dev
         self.error = torch.zeros(4, dtype=torch.int32, pin_memory=True)

@@ -506,9 +506,7 @@ class LowLatencyEngine:
             hidden,
             num_topk,
         )
-        self.sym = ep_jit.SymmetricBuffer(
-            group, self.layout.total_bytes, device=device, signal_bytes=0
-        )
+        self.sym = ep_jit.peer_memory(group, self.layout.total_bytes, device=device, signal_bytes=0)
         # Pinned host memory is device-accessible at the same address (UVA).
         self._error = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         with torch.cuda.device(device):

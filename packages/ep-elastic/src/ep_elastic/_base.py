@@ -30,7 +30,8 @@ def group_device(group: dist.ProcessGroup, device: torch.device | str | None) ->
     available, else the CPU (gloo).
 
     Raises:
-        ValueError: ``device`` is neither CPU nor CUDA, or CUDA without an NCCL-capable group.
+        ValueError: ``device`` is neither CPU nor CUDA, or CUDA on a group that is neither NCCL
+            nor gloo.
     """
     backend = str(dist.get_backend(group)).lower()
     if device is None:
@@ -39,8 +40,12 @@ def group_device(group: dist.ProcessGroup, device: torch.device | str | None) ->
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda":
-        if "nccl" not in backend:
-            raise ValueError(f"device {dev} needs a group with an NCCL backend, got {backend!r}")
+        if "nccl" not in backend and "gloo" not in backend:
+            raise ValueError(
+                f"device {dev} needs a group with an NCCL or gloo backend, got {backend!r}"
+            )
+        # gloo with CUDA: ranks that share a GPU (NCCL refuses them); the NVLink backend runs
+        # on ep-jit's peer memory and the reference backend's collectives go through gloo.
         return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
     if dev.type != "cpu":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {dev}")

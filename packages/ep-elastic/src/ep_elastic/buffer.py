@@ -37,7 +37,8 @@ class ElasticBuffer(HighThroughputMixin, LowLatencyMixin):
         backend: ``"auto"`` (NVLink kernels when every rank is on CUDA in one NVLink domain and
             they are available, else the reference; ``EP_BACKEND`` overrides ``"auto"``),
             ``"torch"`` or ``"nvlink"`` (``ValueError`` where impossible).
-        device: ``None`` = the current CUDA device for an NCCL group, else CPU.
+        device: ``None`` = the current CUDA device for an NCCL group, else CPU; a CUDA device
+            with a gloo group runs ranks that share a GPU.
 
     Attributes:
         group, rank_idx, num_ranks, num_bytes, num_max_tokens_per_rank, hidden, num_topk,
