@@ -19,6 +19,7 @@ _SUCCESS = driver.CUresult.CUDA_SUCCESS
 _init_lock = threading.Lock()
 _initialized = False
 _primary: dict[int, Any] = {}
+_current = threading.local()  # the device whose primary context this thread made current
 
 
 def _error_name(err: object) -> str:
@@ -63,6 +64,10 @@ def ensure_context(device: int) -> None:
     otherwise fail with ``CUDA_ERROR_INVALID_CONTEXT`` or create a context torch does not use.
     """
     global _initialized
+    if getattr(_current, "device", None) == device:
+        # Launch path: this thread already made the device's primary context current. torch
+        # switches devices only through cudaSetDevice, which selects the same primary contexts.
+        return
     if not _initialized:
         with _init_lock:
             torch.cuda.current_device()  # torch initialises CUDA lazily
@@ -72,6 +77,7 @@ def ensure_context(device: int) -> None:
     if ctx is not None and int(ctx) != 0:
         current = check("cuCtxGetDevice", driver.cuCtxGetDevice())
         if int(current) == device:
+            _current.device = device
             return
     primary = _primary.get(device)
     if primary is None:
@@ -82,6 +88,7 @@ def ensure_context(device: int) -> None:
             "cuDevicePrimaryCtxRetain", driver.cuDevicePrimaryCtxRetain(dev)
         )
     check("cuCtxSetCurrent", driver.cuCtxSetCurrent(primary))
+    _current.device = device
 
 
 def current_stream_handle() -> int:

@@ -28,6 +28,27 @@ Dim3 = int | tuple[int] | tuple[int, int] | tuple[int, int, int]
 """A grid or block shape: ``x`` or ``(x,)``, ``(x, y)``, ``(x, y, z)``."""
 
 _STATIC_SMEM_LIMIT = 48 * 1024
+_SUCCESS = driver.CUresult.CUDA_SUCCESS
+# torch's raw current-stream lookup costs a fraction of torch.cuda.current_stream() (which builds
+# a Stream object); both give the same cudaStream_t.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def _current_raw_stream(device: int) -> int:
+    if _raw_stream is not None:
+        return int(_raw_stream(device))
+    return current_stream_handle()
+
+
+def _as_tuple(value: Any) -> Dim3:
+    return value if isinstance(value, int) else tuple(value)
+
+
+def _current_device() -> int:
+    return int(_get_device()) if _get_device is not None else torch.cuda.current_device()
+
+
 _SCALARS: dict[str, type[Any]] = {
     "bool": ctypes.c_bool,
     "char": ctypes.c_char,
@@ -71,67 +92,108 @@ def _int_range(ctype: type[Any]) -> tuple[int, int] | None:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
-def _marshal(
-    spec: KernelSpec,
-    args: Sequence[object],
-    kinds: list[tuple[str, type[Any] | None]],
-    names: list[str],
-) -> tuple[Any, list[Any]]:
-    if len(args) != len(kinds):
-        raise TypeError(
-            f"kernel {spec.name} takes {len(kinds)} arguments ({', '.join(names)}), got {len(args)}"
-        )
-    keep: list[Any] = []
-    for value, (kind, ctype), name in zip(args, kinds, names, strict=True):
-        if kind == "ptr":
-            if isinstance(value, torch.Tensor):
-                if value.device.type != "cuda":
-                    raise TypeError(
-                        f"argument {name} of {spec.name}: tensor on {value.device}, "
-                        "expected a CUDA tensor"
-                    )
-                obj: Any = ctypes.c_void_p(value.data_ptr())
-            elif value is None:
-                obj = ctypes.c_void_p(0)
-            elif isinstance(value, int) and not isinstance(value, bool):
-                obj = ctypes.c_void_p(value)
+_PTR, _SCALAR, _STRUCT = 0, 1, 2
+
+
+class _Slots(threading.local):
+    """One thread's argument storage for a kernel: a value per parameter and the pointer array.
+
+    ``cuLaunchKernel`` copies the arguments before it returns, so the storage is reused by every
+    launch of the thread; building it once keeps ctypes allocation out of the launch path.
+    """
+
+    def __init__(self, kinds: list[tuple[str, type[Any] | None]]) -> None:
+        self.values: list[Any] = []
+        self.array = (ctypes.c_void_p * max(1, len(kinds)))()
+        for i, (kind, ctype) in enumerate(kinds):
+            if kind == "ptr":
+                value: Any = ctypes.c_uint64()
+            elif kind == "scalar":
+                assert ctype is not None
+                value = ctypes.c_int8() if ctype is ctypes.c_char else ctype()
             else:
-                raise TypeError(
-                    f"argument {name} of {spec.name} is a pointer: pass a tensor, "
-                    f"an int address or None, not {type(value).__name__}"
-                )
-        elif kind == "scalar":
-            assert ctype is not None
-            if isinstance(value, ctype):
-                obj = value
-            elif isinstance(value, (int, float, bool)) and not isinstance(value, torch.Tensor):
-                bounds = _int_range(ctype)
-                if bounds is not None:
-                    if not isinstance(value, int):
+                value = None
+            self.values.append(value)
+            if value is not None:
+                self.array[i] = ctypes.addressof(value)
+        self.address = ctypes.addressof(self.array)
+
+
+class _Packer:
+    """Checks a kernel's launch arguments and writes them into the thread's :class:`_Slots`."""
+
+    def __init__(self, spec: KernelSpec, kinds: list[tuple[str, type[Any] | None]]) -> None:
+        self.spec = spec
+        self.names = param_names(spec.params)
+        self.codes = [{"ptr": _PTR, "scalar": _SCALAR}.get(k, _STRUCT) for k, _ in kinds]
+        self.ctypes = [c for _, c in kinds]
+        self.bounds = [None if c is None else _int_range(c) for c in self.ctypes]
+        self.slots = _Slots(kinds)
+
+    def pack(self, args: Sequence[object]) -> int:
+        """The address of the ``void*[]`` kernel-parameter array holding ``args``."""
+        if len(args) != len(self.codes):
+            raise TypeError(
+                f"kernel {self.spec.name} takes {len(self.codes)} arguments "
+                f"({', '.join(self.names)}), got {len(args)}"
+            )
+        slots = self.slots
+        values = slots.values
+        for i, value in enumerate(args):
+            code = self.codes[i]
+            if code == _PTR:
+                if isinstance(value, torch.Tensor):
+                    if not value.is_cuda:
                         raise TypeError(
-                            f"argument {name} of {spec.name} must be an int, got {value!r}"
+                            f"argument {self.names[i]} of {self.spec.name}: tensor on "
+                            f"{value.device}, expected a CUDA tensor"
                         )
-                    if not bounds[0] <= value <= bounds[1]:
-                        raise ValueError(
-                            f"argument {name}={value} of {spec.name} does not fit "
-                            f"in {ctype.__name__}"
-                        )
-                obj = ctype(value)
+                    values[i].value = value.data_ptr()
+                elif value is None:
+                    values[i].value = 0
+                elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    values[i].value = value
+                else:
+                    raise TypeError(
+                        f"argument {self.names[i]} of {self.spec.name} is a pointer: pass a "
+                        f"tensor, an int address or None, not {type(value).__name__}"
+                    )
+            elif code == _SCALAR:
+                values[i].value = self._scalar(i, value)
             else:
+                if not isinstance(value, (ctypes.Structure, ctypes.Union, ctypes.Array)):
+                    raise TypeError(
+                        f"argument {self.names[i]} of {self.spec.name} is passed by value: give "
+                        f"a ctypes.Structure, got {type(value).__name__}"
+                    )
+                # The caller's object stays alive for the whole call (it is in ``args``).
+                slots.array[i] = ctypes.addressof(value)
+        return slots.address
+
+    def _scalar(self, i: int, value: object) -> Any:
+        ctype = self.ctypes[i]
+        if ctype is not None and isinstance(value, ctype):
+            value = value.value
+        if isinstance(value, bytes) and ctype is ctypes.c_char and len(value) == 1:
+            return value[0]
+        if not isinstance(value, (int, float, bool)):
+            raise TypeError(
+                f"argument {self.names[i]} of {self.spec.name} must be a number, "
+                f"got {type(value).__name__}"
+            )
+        bounds = self.bounds[i]
+        if bounds is not None:
+            if not isinstance(value, int):
                 raise TypeError(
-                    f"argument {name} of {spec.name} must be a number, got {type(value).__name__}"
+                    f"argument {self.names[i]} of {self.spec.name} must be an int, got {value!r}"
                 )
-        else:
-            if not isinstance(value, (ctypes.Structure, ctypes.Union, ctypes.Array)):
-                raise TypeError(
-                    f"argument {name} of {spec.name} is passed by value: give a "
-                    f"ctypes.Structure, got {type(value).__name__}"
+            if not bounds[0] <= value <= bounds[1]:
+                assert ctype is not None
+                raise ValueError(
+                    f"argument {self.names[i]}={value} of {self.spec.name} does not fit "
+                    f"in {ctype.__name__}"
                 )
-            obj = value
-        keep.append(obj)
-    array = (ctypes.c_void_p * max(1, len(keep)))(*[ctypes.addressof(o) for o in keep])
-    keep.append(array)
-    return array, keep
+        return value
 
 
 def _dim3(value: Dim3, what: str) -> tuple[int, int, int]:
@@ -160,6 +222,9 @@ class Kernel:
         self._functions: dict[int, Any] = {}
         self._smem_set: dict[int, int] = {}
         self._configs: dict[tuple[Any, ...], Any] = {}
+        self._shapes: dict[tuple[Any, ...], Any] = {}
+        self._streams: dict[int, Any] = {}
+        self._packer = _Packer(self.spec, self._kinds)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -269,26 +334,27 @@ class Kernel:
             ValueError: Bad launch shape, or a scalar out of its C type's range.
             JitLaunchError: A driver call failed; names the call and the ``CUresult``.
         """
-        g, b = _dim3(grid, "grid"), _dim3(block, "block")
-        threads = b[0] * b[1] * b[2]
-        bound = self.spec.launch_bounds
-        limit = bound if isinstance(bound, int) else (bound[0] if bound else 1024)
-        if threads > limit:
-            raise ValueError(f"block {b} has {threads} threads; {self.spec.name} allows {limit}")
-        if smem < 0:
-            raise ValueError(f"smem must be >= 0, got {smem}")
-        clus = _dim3(cluster, "cluster") if cluster is not None else None
-        array, keep = _marshal(self.spec, args, self._kinds, self._names)
+        if isinstance(grid, list) or isinstance(block, list) or isinstance(cluster, list):
+            # Lists are accepted like tuples but cannot key the shape cache.
+            grid, block = _as_tuple(grid), _as_tuple(block)
+            cluster = None if cluster is None else _as_tuple(cluster)
+        shape_key = (grid, block, smem, cluster)
+        shape = self._shapes.get(shape_key)
+        if shape is None:
+            shape = self._shapes[shape_key] = self._check_shape(grid, block, smem, cluster)
+        g, b, clus = shape
+        params = self._packer.pack(args)
         if self._kernel is None:
             self.load()
-        device = torch.cuda.current_device()
+        device = _current_device()
         ensure_context(device)
-        func = self._function(device, smem)
+        func = self._functions.get(device)
+        if func is None or smem > _STATIC_SMEM_LIMIT:
+            func = self._function(device, smem)
         if stream is None:
-            handle = current_stream_handle()
+            handle = _current_raw_stream(device)
         else:
             handle = stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
-        cfg = self._config(g, b, smem, handle, clus, cooperative)
         if knobs.jit.debug:
             verbose(
                 "launch %s grid=%s block=%s smem=%d stream=%#x cluster=%s coop=%s",
@@ -300,12 +366,40 @@ class Kernel:
                 clus,
                 cooperative,
             )
-        check(
-            "cuLaunchKernelEx",
-            driver.cuLaunchKernelEx(cfg, func, ctypes.addressof(array), 0),
-            detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}",
-        )
-        del keep
+        if clus is None and not cooperative:
+            cu_stream = self._streams.get(handle)
+            if cu_stream is None:
+                if len(self._streams) > 256:
+                    self._streams.clear()
+                cu_stream = self._streams[handle] = driver.CUstream(handle)
+            result = driver.cuLaunchKernel(
+                func, g[0], g[1], g[2], b[0], b[1], b[2], smem, cu_stream, params, 0
+            )
+            call = "cuLaunchKernel"
+        else:
+            cfg = self._config(g, b, smem, handle, clus, cooperative)
+            result = driver.cuLaunchKernelEx(cfg, func, params, 0)
+            call = "cuLaunchKernelEx"
+        if result[0] != _SUCCESS:
+            check(
+                call, result, detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}"
+            )
+
+    def _check_shape(
+        self, grid: Dim3, block: Dim3, smem: int, cluster: Dim3 | None
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int] | None]:
+        g, b = _dim3(grid, "grid"), _dim3(block, "block")
+        threads = b[0] * b[1] * b[2]
+        bound = self.spec.launch_bounds
+        limit = bound if isinstance(bound, int) else (bound[0] if bound else 1024)
+        if threads > limit:
+            raise ValueError(f"block {b} has {threads} threads; {self.spec.name} allows {limit}")
+        if smem < 0:
+            raise ValueError(f"smem must be >= 0, got {smem}")
+        clus = _dim3(cluster, "cluster") if cluster is not None else None
+        if len(self._shapes) > 256:
+            self._shapes.clear()
+        return g, b, clus
 
 
 _kernels: dict[str, Kernel] = {}
