@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import ep_jit
 from ep_core import knobs as core_knobs
 from ep_core.backend import BackendConfig, EPBackend
 from ep_core.factory import create_backend, resolve_backend
@@ -268,12 +269,15 @@ class BufferBase:
 
         Args:
             use_comm_stream: Order the barrier after the comm stream's work (CUDA).
-            with_cpu_sync: ``torch.cuda.synchronize()`` before and after (CUDA).
+            with_cpu_sync: Synchronise the device before and after (CUDA), each wait bounded
+                by ``num_cpu_timeout_secs`` (``ep_jit.HostTimeoutError`` past it).
         """
         backend = self.backend
         cuda = self.device.type == "cuda"
         if cuda and with_cpu_sync:
-            torch.cuda.synchronize(self.device)
+            ep_jit.wait_device(
+                self.device, what="ElasticBuffer.barrier", timeout_s=self.num_cpu_timeout_secs
+            )
         if cuda and use_comm_stream:
             get_comm_stream(self.device).wait_stream(torch.cuda.current_stream(self.device))
         barrier = getattr(backend, "barrier", None)
@@ -282,7 +286,9 @@ class BufferBase:
         else:
             dist.barrier(group=self.group)
         if cuda and with_cpu_sync:
-            torch.cuda.synchronize(self.device)
+            ep_jit.wait_device(
+                self.device, what="ElasticBuffer.barrier", timeout_s=self.num_cpu_timeout_secs
+            )
 
     def get_comm_stream(self) -> torch.cuda.Stream | None:
         """The comm stream (``torch.cuda.Stream``) on CUDA, ``None`` on CPU."""

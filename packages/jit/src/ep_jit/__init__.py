@@ -24,6 +24,7 @@ from ep_jit.errors import JitError as JitError
 from ep_jit.errors import JitLaunchError as JitLaunchError
 from ep_jit.errors import JitPtxasCheckError as JitPtxasCheckError
 from ep_jit.errors import JitTimeoutError as JitTimeoutError
+from ep_jit.hostwait import wait_device as wait_device
 from ep_jit.hostwait import wait_event as wait_event
 from ep_jit.hostwait import wait_stream as wait_stream
 from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
@@ -82,6 +83,7 @@ __all__ = [
     "resolve_arch",
     "topology",
     "unregister_include_root",
+    "wait_device",
     "wait_event",
     "wait_stream",
     "wait_value",

@@ -16,14 +16,15 @@ import torch
 from ep_jit import knobs
 from ep_jit.errors import HostTimeoutError
 
-__all__ = ["wait_event", "wait_stream"]
+__all__ = ["wait_device", "wait_event", "wait_stream"]
 
 
 def wait_event(event: torch.cuda.Event, what: str, timeout_s: float | None = None) -> None:
     """Polls ``event`` until it completes or ``timeout_s`` passes.
 
-    Sleeps between polls, starting at 20 µs and doubling to 1 ms, so a short wait costs little
-    and a long one leaves the core to other work.
+    Polls without sleeping for the first 2 ms (a wait for a kernel's counts should cost no more
+    than a stream synchronisation), then sleeps between polls, doubling from 20 µs to 1 ms, so a
+    long wait leaves the core to other work.
 
     Args:
         event: A recorded CUDA event.
@@ -36,13 +37,17 @@ def wait_event(event: torch.cuda.Event, what: str, timeout_s: float | None = Non
     limit = float(knobs.jit.host_timeout_s if timeout_s is None else timeout_s)
     if event.query():
         return
-    deadline = time.monotonic() + limit
+    start = time.monotonic()
+    deadline = start + limit
+    spin_until = start + 2e-3
     pause = 20e-6
     while not event.query():
-        if limit > 0 and time.monotonic() > deadline:
+        now = time.monotonic()
+        if limit > 0 and now > deadline:
             raise HostTimeoutError(what, limit)
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-3)
+        if now > spin_until:
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
 
 def wait_stream(
@@ -60,3 +65,23 @@ def wait_stream(
     event = torch.cuda.Event()
     event.record(stream)
     wait_event(event, what, timeout_s)
+
+
+def wait_device(
+    device: torch.device | int | None = None,
+    *,
+    what: str = "the GPU",
+    timeout_s: float | None = None,
+) -> None:
+    """Like ``torch.cuda.synchronize(device)``, but the wait for the current stream is bounded.
+
+    The current stream of ``device`` is drained with a deadline first (where a stuck kernel of
+    ours would show), then the device is synchronised, which returns at once unless other
+    streams still hold work.
+
+    Raises:
+        HostTimeoutError: The current stream did not drain in time.
+    """
+    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
+        wait_stream(what=what, timeout_s=timeout_s)
+        torch.cuda.synchronize()
