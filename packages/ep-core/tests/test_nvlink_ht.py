@@ -413,14 +413,14 @@ def test_nvlink_ht_tag_wrap_and_refresh(world_size: int, per_gpu: int) -> None:
 
 def _timeout_worker(info: RankInfo) -> None:
     from ep_core.nvlink import NvlinkBackend
-    from ep_core.nvlink_kernels import GpuTimeoutError
+    from ep_jit import JitTimeoutError
 
     fast = NvlinkBackend.from_config(info.group, _config(info, 64, 256, 2, timeout=1.0))
     x = torch.randn(16, 256, device=info.device).to(torch.bfloat16)
     idx = torch.zeros(16, 2, dtype=torch.int64, device=info.device)
     idx[:, 1] = info.world_size  # expert on rank 1
     if info.rank == 0:
-        with pytest.raises(GpuTimeoutError, match="rank 1"):
+        with pytest.raises(JitTimeoutError, match="waiting for peer 1"):
             fast.dispatch(
                 x,
                 None,

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ep_jit import DeviceWatchdog, JitTimeoutError
 from ep_jit.testing import RankInfo, gpu_placements, run_ranks
 
 HEADER = Path(__file__).resolve().parents[1] / "src/ep_core/include/ep_core/sm90_ll.cuh"
@@ -119,9 +120,9 @@ def _host_only_engine(monkeypatch: pytest.MonkeyPatch, launched: list[tuple[str,
         True,
         True,
     )
-    eng.timeout_cycles = 1
+    eng._watchdog = DeviceWatchdog(nvlink_ll.LL_STAGES, rank=0, timeout_s=1.0, device="cpu")
+    eng.timeout_ns = eng._watchdog.timeout_ns
     eng.layout = nvlink_ll.compute_ll_layout(r, 4, nmax, num_experts // r, hidden, k)
-    eng._error = torch.zeros(4, dtype=torch.int32)
     eng._peer_bases = torch.zeros(r, dtype=torch.int64)
     eng._seq, eng._pending, eng._calls, eng._destroyed = 0, set(), [0, 0], False
     eng.sym = None
@@ -135,8 +136,6 @@ def _host_only_engine(monkeypatch: pytest.MonkeyPatch, launched: list[tuple[str,
 
 
 def test_host_logic_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ep_core.nvlink_kernels import GpuTimeoutError
-
     launched: list[tuple[str, int]] = []
     eng = _host_only_engine(monkeypatch, launched)
     x = torch.zeros(5, 256, dtype=torch.bfloat16)
@@ -190,8 +189,9 @@ def test_host_logic_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         eng.dispatch(torch.zeros(5, 192, dtype=torch.bfloat16), idx, use_fp8=True, **opts)
     with pytest.raises(ValueError, match="round_scale"):
         eng.dispatch(x, idx, use_fp8=True, use_ue8m0=True, **opts)
-    eng._error[0], eng._error[1], eng._error[2] = 1, 23, 1
-    with pytest.raises(GpuTimeoutError, match="rank 1"):
+    record = eng._watchdog._record.view(torch.int32)  # code, stage, peer, rank, ...
+    record[0], record[1], record[2] = 1, 23, 1
+    with pytest.raises(JitTimeoutError, match="waiting for peer 1"):
         eng.dispatch(x, idx, use_fp8=False, **opts)
 
 
@@ -614,8 +614,6 @@ def _hook_worker(info: RankInfo) -> None:
 def _timeout_worker(info: RankInfo) -> None:
     import torch.distributed as dist
 
-    from ep_core.nvlink_kernels import GpuTimeoutError
-
     eng = _engine(info, 32, 256, 4 * info.world_size, 2, timeout=2.0)
     cpu_group = dist.new_group(backend="gloo")
     x = torch.randn(16, 256, device=info.device).to(torch.bfloat16)
@@ -630,10 +628,10 @@ def _timeout_worker(info: RankInfo) -> None:
             use_fp8=False,
         )
         torch.cuda.synchronize()
-        with pytest.raises(GpuTimeoutError, match="rank 1") as err:
+        with pytest.raises(JitTimeoutError, match="waiting for peer 1") as err:
             eng.check_error()
         assert "low-latency dispatch" in str(err.value)
-        with pytest.raises(GpuTimeoutError):
+        with pytest.raises(JitTimeoutError):
             eng.dispatch(
                 x,
                 idx,

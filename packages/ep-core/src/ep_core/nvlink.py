@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+import ep_jit
 from ep_core import nvlink_kernels as nk
 from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
 from ep_core.expand import expand_rows, reduce_expanded_rows
@@ -65,8 +66,6 @@ class NvlinkBackend:
     name = "nvlink"
 
     def __init__(self, group: dist.ProcessGroup, config: BackendConfig) -> None:
-        import ep_jit
-
         self.group = group
         self.rank = config.rank
         self.num_ranks = config.num_ranks
@@ -84,14 +83,22 @@ class NvlinkBackend:
         self.sym = ep_jit.peer_memory(group, nbytes, device=self.device)
         self.sym.local.zero_()
         self.peer_bases = self.sym.peer_ptrs_dev
-        self.error = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        # Device timeouts: the kernels record stage, peer and values here; the abort word that
+        # stops every CTA is the buffer's own (ctrl), so it lives with the buffer.
+        self.watchdog = ep_jit.DeviceWatchdog(
+            nk.STAGES,
+            rank=self.rank,
+            timeout_s=max(config.num_gpu_timeout_secs, 0.0),
+            device=self.device,
+        )
         # Pinned landing buffers of the dispatch's counts (by length), read after the one host
         # synchronisation of a dispatch with do_cpu_sync.
         self._host_counts: dict[int, torch.Tensor] = {}
-        self.timeout_cycles = int(max(config.num_gpu_timeout_secs, 0.0) * nk.CYCLES_PER_SECOND)
-        torch.cuda.synchronize(self.device)
+        self._host_timeout_s = config.num_cpu_timeout_secs
+        what = "the NVLink buffer's first barrier"
+        ep_jit.wait_device(self.device, what=what, timeout_s=self._host_timeout_s)
         self.sym.barrier()
-        torch.cuda.synchronize(self.device)
+        ep_jit.wait_device(self.device, what=what, timeout_s=self._host_timeout_s)
         self._ll: LowLatencyEngine | None = None
         self._destroyed = False
         # Developer overrides of the kernels' launch shape (benchmarks sweep them):
@@ -113,7 +120,7 @@ class NvlinkBackend:
     def _check(self) -> None:
         if self._destroyed:
             raise RuntimeError("NvlinkBackend was destroyed")
-        nk.raise_if_failed(self.error)
+        self.watchdog.check()
 
     def _check_shape(self, hidden: int, topk: int, nmax: int) -> None:
         if hidden > self.sizing.hidden:
@@ -225,7 +232,7 @@ class NvlinkBackend:
             exact_rows = prev.exact_rows
         elif do_cpu_sync:
             host = self._read_counts(counts)  # the one host synchronisation of this call
-            nk.raise_if_failed(self.error)
+            self.watchdog.check()
             exact_rows = int(host[r - 1])
             aligned_list = _aligned_from_psum(host[r + el :])
         num_rows = exact_rows if exact_rows is not None else rows
@@ -415,7 +422,11 @@ class NvlinkBackend:
         if host is None:
             host = self._host_counts[n] = torch.empty(n, dtype=counts.dtype, pin_memory=True)
         host.copy_(counts, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
+        ep_jit.wait_stream(
+            torch.cuda.current_stream(self.device),
+            what="the dispatch's received-token counts",
+            timeout_s=self._host_timeout_s,
+        )
         return host.tolist()
 
     def barrier(self) -> None:

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from ep_core.nvlink import NvlinkBackend
 
 __all__ = [
-    "CYCLES_PER_SECOND",
     "DEFAULT_NUM_SMS",
     "SPLIT_MIN_SMS",
     "STAGES",
@@ -39,7 +38,6 @@ __all__ = [
     "launch_dispatch",
     "launch_dispatch_tail",
     "launch_layout",
-    "raise_if_failed",
     "register_include_root",
     "shipped_kernels",
     "use_split",
@@ -69,9 +67,6 @@ def use_split_combine(num_sms: int, num_ranks: int) -> bool:
     return num_ranks > 2 and use_split(num_sms)
 
 
-CYCLES_PER_SECOND = 1.98e9
-"""SM clock used to turn the timeout in seconds into cycles (H100/H200 boost clock)."""
-
 SMEM_LIMIT = 232448
 """Dynamic shared memory one CTA may use on sm_90 (227 KiB)."""
 
@@ -84,29 +79,8 @@ STAGES = {
     12: "combine: waiting for a TMA load",
     13: "combine: waiting for every peer to start",
 }
-"""Stage ids written by the kernels' timed waits (``enum DispatchStage/CombineStage``)."""
-
-
-class GpuTimeoutError(RuntimeError):
-    """A GPU-side wait timed out; the buffer must be destroyed and re-created.
-
-    Attributes:
-        stage: What the kernel waited for.
-        peer: The rank it waited for (-1 when not peer-specific).
-        rank: The rank whose kernel timed out.
-    """
-
-    def __init__(self, stage: str, peer: int, rank: int) -> None:
-        self.stage, self.peer, self.rank = stage, peer, rank
-        who = f"rank {peer}" if peer >= 0 else "a local copy"
-        super().__init__(f"GPU timeout on rank {rank} in {stage!r} (waited for {who})")
-
-
-def raise_if_failed(error: torch.Tensor) -> None:
-    """Raises :class:`GpuTimeoutError` when a kernel recorded a timeout in ``error`` (pinned)."""
-    code, stage, peer, rank = (int(v) for v in error.tolist())
-    if code != 0:
-        raise GpuTimeoutError(STAGES.get(stage, f"stage {stage}"), peer, rank)
+"""Stage ids written by the kernels' timed waits (``enum DispatchStage/CombineStage``); the
+backend's ``ep_jit.DeviceWatchdog`` names them in its ``JitTimeoutError``."""
 
 
 def _first_role_ctas(grid: int, fraction: float) -> int:
@@ -502,12 +476,12 @@ def launch_dispatch(
         device_ptr(chunk_end),
         device_ptr(nchunks),
     )
-    a.error = device_ptr(be.error)
+    a.error = be.watchdog.record_ptr
     a.sf_stride_t = 0 if x_scales is None else x_scales.stride(0)
     a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
     a.num_tokens, a.num_max_tokens = x.shape[0], num_max_tokens
     a.num_local_experts, a.max_chunks = num_local_experts, be.sizing.max_chunks
-    a.expert_alignment, a.timeout_cycles, a.rank = expert_alignment, be.timeout_cycles, be.rank
+    a.expert_alignment, a.timeout_ns, a.rank = expert_alignment, be.watchdog.timeout_ns, be.rank
     a.lay = be.layout
     a.trace = device_ptr(be.trace_dispatch) or None
     a.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
@@ -554,10 +528,10 @@ def launch_combine(
     a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
     a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
     a.peer_bases = device_ptr(be.peer_bases)
-    a.out, a.out_weights, a.error = device_ptr(out), device_ptr(out_w), device_ptr(be.error)
+    a.out, a.out_weights, a.error = device_ptr(out), device_ptr(out_w), be.watchdog.record_ptr
     a.num_tokens, a.num_max_tokens = handle.num_tokens, handle.num_max_tokens_per_rank
     a.num_local_experts, a.max_chunks = handle.num_local_experts, be.sizing.max_chunks
-    a.timeout_cycles, a.rank = be.timeout_cycles, be.rank
+    a.timeout_ns, a.rank = be.watchdog.timeout_ns, be.rank
     a.lay = be.layout
     a.trace = device_ptr(be.trace_combine) or None
     a.num_push_ctas = cfg.num_push_ctas(num_sms) if cfg.split else 0

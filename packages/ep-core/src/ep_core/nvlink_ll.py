@@ -22,7 +22,8 @@ Results themselves stay valid as long as they are referenced.
 Timeouts: a wait that exceeds ``num_gpu_timeout_secs`` records the stage and the peer in a
 host-mapped record and every kernel of the engine unwinds; the next call (or
 :meth:`LowLatencyEngine.check_error` after a synchronisation) raises
-:class:`~ep_core.nvlink_kernels.GpuTimeoutError`. The engine is unusable afterwards.
+:class:`ep_jit.JitTimeoutError` (stage, peer, seen and expected values). The engine is unusable
+afterwards.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import ep_jit
 from ep_core.backend import LowLatencyDispatchResult
 from ep_core.handle import LowLatencyHandle
-from ep_core.nvlink_kernels import GpuTimeoutError, build_kernel, device_ptr
+from ep_core.nvlink_kernels import build_kernel, device_ptr
 from ep_jit.agreement import check_agreement, gather_checked
 
 __all__ = [
@@ -75,9 +77,6 @@ MAX_TOPK = 32
 MAX_HIDDEN = 8192
 SMEM_LIMIT = 232448
 """Dynamic shared memory one CTA may use on sm_90 (227 KiB)."""
-
-CYCLES_PER_SECOND = 1.98e9
-"""SM clock used to turn the timeout in seconds into cycles (H100/H200 boost clock)."""
 
 _SLOT_BYTES = CHUNK * 2
 _RING_BYTES = NUM_WARPS * (2 * _SLOT_BYTES + (CHUNK // 128) * 4)
@@ -149,7 +148,7 @@ class LlArgs(ctypes.Structure):
         ("num_experts", ctypes.c_int64),
         ("num_local_experts", ctypes.c_int64),
         ("num_max_tokens", ctypes.c_int64),
-        ("timeout_cycles", ctypes.c_int64),
+        ("timeout_ns", ctypes.c_uint64),
         ("rank", ctypes.c_int64),
         ("slot", ctypes.c_int64),
         ("buf_max_tokens", ctypes.c_int64),
@@ -273,10 +272,10 @@ def compute_ll_layout(
 
 
 def settle(sym: Any, device: torch.device | None = None) -> None:
-    """Every rank's queued GPU work on ``sym``'s buffer is done (collective)."""
-    torch.cuda.synchronize(device)
+    """Every rank's queued GPU work on ``sym``'s buffer is done (collective; bounded waits)."""
+    ep_jit.wait_device(device, what="settling the peer buffer")
     sym.barrier()
-    torch.cuda.synchronize(device)
+    ep_jit.wait_device(device, what="settling the peer buffer")
 
 
 def last_op_of_parity(last_epoch: int, parity: int) -> int:
@@ -431,7 +430,6 @@ class LowLatencyEngine:
         cooperative: bool = True,
         poison_outputs: bool = False,
     ) -> None:
-        import ep_jit
 
         if not 1 <= num_ranks <= MAX_RANKS:
             raise ValueError(f"num_ranks must be in [1, {MAX_RANKS}], got {num_ranks}")
@@ -497,7 +495,11 @@ class LowLatencyEngine:
         self.num_ctas = num_ctas
         self.cooperative = cooperative
         self.poison_outputs = poison_outputs
-        self.timeout_cycles = int(max(num_gpu_timeout_secs, 0.0) * CYCLES_PER_SECOND)
+        # Device timeouts (the abort word is the buffer's own, in its control block).
+        self._watchdog = ep_jit.DeviceWatchdog(
+            LL_STAGES, rank=rank, timeout_s=max(num_gpu_timeout_secs, 0.0), device=device
+        )
+        self.timeout_ns = self._watchdog.timeout_ns
         self.layout = compute_ll_layout(
             num_ranks,
             num_ctas,
@@ -508,12 +510,9 @@ class LowLatencyEngine:
         )
         self.sym = ep_jit.peer_memory(group, self.layout.total_bytes, device=device, signal_bytes=0)
         # Pinned host memory is device-accessible at the same address (UVA).
-        self._error = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         with torch.cuda.device(device):
             self.sym.local.zero_()
-            torch.cuda.synchronize(device)
-            self.sym.barrier()
-            torch.cuda.synchronize(device)
+            settle(self.sym, device)
         self._peer_bases = self.sym.peer_ptrs_dev
         self._seq = 0
         self._pending: set[int] = set()
@@ -547,13 +546,11 @@ class LowLatencyEngine:
         )
 
     def check_error(self) -> None:
-        """Raises :class:`GpuTimeoutError` if a kernel recorded a timeout (reads host memory).
+        """Raises ``ep_jit.JitTimeoutError`` if a kernel recorded a timeout (reads host memory).
 
         Call after synchronising with the kernels' stream to see their latest state.
         """
-        code, stage, peer, rank = (int(v) for v in self._error.tolist())
-        if code != 0:
-            raise GpuTimeoutError(LL_STAGES.get(stage, f"stage {stage}"), peer, rank)
+        self._watchdog.check()
 
     def _check_alive(self) -> None:
         if self._destroyed:
@@ -584,8 +581,8 @@ class LowLatencyEngine:
         lay = self.layout
         a = LlArgs()
         a.peer_bases = device_ptr(self._peer_bases)
-        a.error = device_ptr(self._error)
-        a.timeout_cycles = self.timeout_cycles
+        a.error = self._watchdog.record_ptr
+        a.timeout_ns = self.timeout_ns
         a.rank = self.rank
         a.slot = slot
         a.buf_max_tokens = lay.max_tokens
@@ -655,7 +652,7 @@ class LowLatencyEngine:
         Raises:
             ValueError: Bad shapes, dtypes or sizes beyond the engine's.
             RuntimeError: A third op while the op two calls back still waits for its hook.
-            GpuTimeoutError: An earlier kernel of the engine timed out.
+            JitTimeoutError: An earlier kernel of the engine timed out.
         """
         self._check_alive()
         r, nmax = self.num_ranks, num_max_dispatch_tokens_per_rank
@@ -767,7 +764,7 @@ class LowLatencyEngine:
         Raises:
             ValueError/TypeError: Bad shapes, dtypes, or a handle of another backend or engine.
             RuntimeError: A third op while the op two calls back still waits for its hook.
-            GpuTimeoutError: An earlier kernel of the engine timed out.
+            JitTimeoutError: An earlier kernel of the engine timed out.
         """
         self._check_alive()
         state = handle.backend_state
@@ -900,5 +897,5 @@ class LowLatencyEngine:
             return
         self._destroyed = True
         self._pending.clear()
-        torch.cuda.synchronize(self.device)
+        ep_jit.wait_device(self.device, what="LowLatencyEngine.destroy")
         self.sym.destroy()

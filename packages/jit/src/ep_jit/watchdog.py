@@ -1,7 +1,8 @@
 """Host side of device timeouts: turns a stuck spin wait into a ``JitTimeoutError``.
 
 A :class:`DeviceWatchdog` owns one ``ep_jit::ErrorRecord`` in pinned host memory (readable even
-after a kernel trapped and killed the context) and one claim word in device memory. Kernels take
+after a kernel trapped and killed the context) and one abort word in device memory (kernels may
+use a word of their own buffer instead: ``record_ptr`` with their own abort word). Kernels take
 ``watchdog.context()`` (an ``ep_jit::WaitContext`` by value) and call ``ep_jit::wait_ge`` /
 ``wait_until`` from ``<ep_jit/smxx_timeout.cuh>``; after the kernel (or when a sync raises),
 ``watchdog.check()`` raises a ``JitTimeoutError`` naming the stage and the peer::
@@ -38,7 +39,7 @@ class WaitContext(ctypes.Structure):
 
     _fields_ = [
         ("record", ctypes.c_void_p),
-        ("claim", ctypes.c_void_p),
+        ("abort", ctypes.c_void_p),
         ("timeout_ns", ctypes.c_uint64),
         ("rank", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
@@ -54,11 +55,11 @@ class DeviceWatchdog:
     Args:
         stages: Names of the stage ids kernels pass to the waits (a list indexes from 0).
         rank: This process's rank, reported in the error.
-        timeout_s: How long a wait may spin before it records a timeout.
-        device: CUDA device of the claim word; default the current device.
+        timeout_s: How long a wait may spin before it records a timeout; 0: forever.
+        device: CUDA device of the abort word; default the current device.
 
     Raises:
-        ValueError: ``timeout_s`` is not positive.
+        ValueError: ``timeout_s`` is negative.
     """
 
     def __init__(
@@ -69,9 +70,9 @@ class DeviceWatchdog:
         timeout_s: float = 100.0,
         device: torch.device | int | str | None = None,
     ) -> None:
-        """Allocates the record and the claim word (see the class docstring)."""
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        """Allocates the record and the abort word (see the class docstring)."""
+        if timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
         self.stages: dict[int, str] = (
             dict(stages) if isinstance(stages, Mapping) else dict(enumerate(stages))
         )
@@ -83,15 +84,27 @@ class DeviceWatchdog:
             else (torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
         )
         # Pinned host memory is device-accessible at the same address under UVA.
-        self._record = torch.zeros(_RECORD_WORDS, dtype=torch.int64, pin_memory=True)
-        self._claim = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._record = torch.zeros(
+            _RECORD_WORDS, dtype=torch.int64, pin_memory=torch.cuda.is_available()
+        )
+        self._abort = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    @property
+    def record_ptr(self) -> int:
+        """Device-visible address of the ``ep_jit::ErrorRecord`` (pinned host memory)."""
+        return int(self._record.data_ptr())
+
+    @property
+    def timeout_ns(self) -> int:
+        """The timeout in nanoseconds, as kernels take it (0: wait forever)."""
+        return int(self.timeout_s * 1e9)
 
     def context(self) -> WaitContext:
         """The ``ep_jit::WaitContext`` to pass to a kernel."""
         return WaitContext(
             record=self._record.data_ptr(),
-            claim=self._claim.data_ptr(),
-            timeout_ns=int(self.timeout_s * 1e9),
+            abort=self._abort.data_ptr(),
+            timeout_ns=self.timeout_ns,
             rank=self.rank,
             reserved=0,
         )
@@ -126,6 +139,6 @@ class DeviceWatchdog:
         raise JitTimeoutError(name, peer, rank, observed, expected, block, thread) from cause
 
     def reset(self) -> None:
-        """Clears the record and the claim word (the latter on the current stream, async)."""
+        """Clears the record and the abort word (the latter on the current stream, async)."""
         self._record.zero_()
-        self._claim.zero_()
+        self._abort.zero_()

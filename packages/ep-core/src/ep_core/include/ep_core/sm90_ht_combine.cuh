@@ -37,7 +37,7 @@ struct HtCombineArgs {
     int64_t num_max_tokens;
     int64_t num_local_experts;
     int64_t max_chunks;
-    int64_t timeout_cycles;
+    uint64_t timeout_ns;
     int64_t rank;
     SymLayout lay;
     uint64_t* trace;        // null, or the developer trace (ht_trace)
@@ -337,7 +337,7 @@ struct HtCombine {
         const uint64_t epoch = *reinterpret_cast<volatile uint64_t*>(&ctrl->epoch) + 1;
         const uint32_t tag = static_cast<uint32_t>(epoch);
         const int parity = static_cast<int>(epoch & 1);
-        const WaitContext ctx{a.error, &ctrl->abort, a.timeout_cycles, me};
+        const WaitContext ctx{a.error, &ctrl->abort, a.timeout_ns, me, 0};
 
         ht_trace(a.trace, 0);
         if (blockIdx.x == 0 && warp == 0) {

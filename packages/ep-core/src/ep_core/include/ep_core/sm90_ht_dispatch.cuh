@@ -53,7 +53,7 @@ struct HtDispatchArgs {
     int64_t num_local_experts;
     int64_t max_chunks;
     int64_t expert_alignment;
-    int64_t timeout_cycles;
+    uint64_t timeout_ns;
     int64_t rank;
     SymLayout lay;
     uint64_t* trace;        // null, or the developer trace (ht_trace)
@@ -492,7 +492,7 @@ struct HtDispatch {
         const uint64_t epoch = *reinterpret_cast<volatile uint64_t*>(&ctrl->epoch) + 1;
         const uint32_t tag = static_cast<uint32_t>(epoch);
         const int parity = static_cast<int>(epoch & 1);
-        const WaitContext ctx{a.error, &ctrl->abort, a.timeout_cycles, me};
+        const WaitContext ctx{a.error, &ctrl->abort, a.timeout_ns, me, 0};
 
         uint8_t* slots = smem;
         auto* bars = reinterpret_cast<uint64_t*>(smem + static_cast<int64_t>(kNumSlots) * kPayload);

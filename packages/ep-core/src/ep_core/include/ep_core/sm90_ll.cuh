@@ -76,7 +76,7 @@ struct LlArgs {
     int64_t num_experts;        // E
     int64_t num_local_experts;  // El
     int64_t num_max_tokens;     // Nmax of this call (L = R * Nmax)
-    int64_t timeout_cycles;
+    uint64_t timeout_ns;
     int64_t rank;
     int64_t slot;               // host-alternated slot of a split op (0/1)
     int64_t buf_max_tokens;     // Nmax the buffer is sized for (stride of the staged arrays)
@@ -206,7 +206,7 @@ __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
     env.nc = static_cast<int>(gridDim.x);
     auto* abort_flag = reinterpret_cast<uint32_t*>(env.local + a.off_abort);
     env.ctx =
-        WaitContext{reinterpret_cast<ErrorRecord*>(a.error), abort_flag, a.timeout_cycles, env.me};
+        WaitContext{reinterpret_cast<ErrorRecord*>(a.error), abort_flag, a.timeout_ns, env.me, 0};
     if (tid == 0) {
         s_stop = ld_volatile(abort_flag) != 0 ? 1 : 0;
         const auto* word =

@@ -1,12 +1,16 @@
 // Timeout-checked spin waits that report a stuck peer to the host instead of hanging.
 //
-// The host (ep_jit.DeviceWatchdog) allocates one ErrorRecord in pinned, device-mapped host
-// memory, so it stays readable after the context dies, and one claim word in device memory
-// (atomics on host memory are not atomic over PCIe). A wait that exceeds the timeout claims the
-// word with a CAS (the first failure wins), fills in the stage, the peer and the values,
-// then either returns false (the kernel unwinds) or traps (the context dies, the host sees a
-// launch failure and reads the record). DeviceWatchdog.check() turns the record into a
-// JitTimeoutError naming the stage and the peer.
+// The one timeout system of every package's kernels. The host (ep_jit.DeviceWatchdog) allocates
+// one ErrorRecord in pinned, device-mapped host memory, so it stays readable after the context
+// dies. The abort word lives in device memory (atomics on host memory are not atomic over
+// PCIe): the kernels' own (a DeviceWatchdog's, or a word of the caller's buffer). A wait that
+// exceeds the timeout claims the abort word with a CAS (the first failure wins) and fills in the
+// stage, the peer and the values; from then on every wait of every CTA that shares the word
+// sees `aborted()` and unwinds, so one stuck peer stops the whole grid instead of each CTA
+// waiting out its own timeout. The word stays set until the host resets it. A wait either
+// returns false (the kernel unwinds) or traps (the context dies, the host sees a launch failure
+// and reads the record). DeviceWatchdog.check() turns the record into a JitTimeoutError naming
+// the stage and the peer. Times come from the GPU's nanosecond timer (%globaltimer).
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -34,34 +38,50 @@ struct ErrorRecord {
 };
 static_assert(sizeof(ErrorRecord) == 64, "ErrorRecord layout is shared with Python");
 
-// Passed to kernels by value; layout shared with ep_jit/watchdog.py (32 bytes).
+// Passed to kernels by value, or built inside them; layout shared with ep_jit/watchdog.py.
 struct WaitContext {
-  ErrorRecord* record;  // host-mapped; nullptr: waits never time out
-  int32_t* claim;       // device memory, zero until a failure is recorded
-  uint64_t timeout_ns;
+  ErrorRecord* record;  // host-mapped; nullptr: no record (waits still honour the abort word)
+  uint32_t* abort;      // device memory, zero until a failure is recorded; never null
+  uint64_t timeout_ns;  // 0: wait forever
   int32_t rank;
   int32_t reserved;
 };
 static_assert(sizeof(WaitContext) == 32, "WaitContext layout is shared with Python");
 
-__device__ __forceinline__ void record_error(const WaitContext& ctx, int32_t code, int32_t stage,
-                                             int32_t peer, int64_t observed, int64_t expected) {
-  if (ctx.record == nullptr) return;
-  if (atomicCAS(ctx.claim, 0, 1) == 0) {
-    ctx.record->stage = stage;
-    ctx.record->peer = peer;
-    ctx.record->rank = ctx.rank;
-    ctx.record->block = static_cast<int32_t>(blockIdx.x);
-    ctx.record->thread = static_cast<int32_t>(threadIdx.x);
-    ctx.record->observed = observed;
-    ctx.record->expected = expected;
+// Whether any thread sharing the abort word recorded a failure (lets every wait bail out).
+__device__ __forceinline__ bool aborted(const WaitContext& ctx) {
+  return ld_volatile(ctx.abort) != 0;
+}
+
+__device__ __forceinline__ bool timed_out(const WaitContext& ctx, uint64_t start) {
+  return ctx.timeout_ns != 0 && globaltimer_ns() - start > ctx.timeout_ns;
+}
+
+// Out of line, with plain values: the record's stores would otherwise swell every inlined
+// wait, and a reference parameter of a non-inlined function would force a local-memory copy.
+__device__ __noinline__ void record_error_at(ErrorRecord* record, uint32_t* abort, int32_t rank,
+                                             int32_t code, int32_t stage, int32_t peer,
+                                             int64_t observed, int64_t expected) {
+  if (atomicCAS(abort, 0u, 1u) == 0u && record != nullptr) {
+    record->stage = stage;
+    record->peer = peer;
+    record->rank = rank;
+    record->block = static_cast<int32_t>(blockIdx.x);
+    record->thread = static_cast<int32_t>(threadIdx.x);
+    record->observed = observed;
+    record->expected = expected;
     __threadfence_system();
-    st_release_sys(&ctx.record->code, code);
+    st_release_sys(&record->code, code);
   }
 }
 
+__device__ __forceinline__ void record_error(const WaitContext& ctx, int32_t code, int32_t stage,
+                                             int32_t peer, int64_t observed, int64_t expected) {
+  record_error_at(ctx.record, ctx.abort, ctx.rank, code, stage, peer, observed, expected);
+}
+
 // Spins until ld_acquire_sys(flag) - expected >= 0 (wrap-safe, for monotonic counters).
-// Returns false after recording a timeout; traps instead when kTrap.
+// Returns false after a timeout (recorded) or an abort; traps instead when kTrap.
 template <bool kTrap = false>
 __device__ __forceinline__ bool wait_ge(const uint32_t* flag, uint32_t expected,
                                         const WaitContext& ctx, int32_t stage, int32_t peer) {
@@ -69,7 +89,8 @@ __device__ __forceinline__ bool wait_ge(const uint32_t* flag, uint32_t expected,
   if (static_cast<int32_t>(seen - expected) >= 0) return true;
   const uint64_t start = globaltimer_ns();
   while (static_cast<int32_t>(seen - expected) < 0) {
-    if (ctx.record != nullptr && globaltimer_ns() - start > ctx.timeout_ns) {
+    if (aborted(ctx)) return false;
+    if (timed_out(ctx, start)) {
       record_error(ctx, kErrorTimeout, stage, peer, seen, expected);
       if constexpr (kTrap) {
         asm volatile("trap;");
@@ -81,14 +102,15 @@ __device__ __forceinline__ bool wait_ge(const uint32_t* flag, uint32_t expected,
   return true;
 }
 
-// Spins until pred() is true; same timeout behaviour as wait_ge. `observed` is reported.
+// Spins until pred() is true; same timeout and abort behaviour as wait_ge.
 template <bool kTrap = false, typename Pred>
 __device__ __forceinline__ bool wait_until(Pred pred, const WaitContext& ctx, int32_t stage,
                                            int32_t peer, int64_t expected = 0) {
   if (pred()) return true;
   const uint64_t start = globaltimer_ns();
   while (!pred()) {
-    if (ctx.record != nullptr && globaltimer_ns() - start > ctx.timeout_ns) {
+    if (aborted(ctx)) return false;
+    if (timed_out(ctx, start)) {
       record_error(ctx, kErrorTimeout, stage, peer, 0, expected);
       if constexpr (kTrap) {
         asm volatile("trap;");
@@ -99,9 +121,49 @@ __device__ __forceinline__ bool wait_until(Pred pred, const WaitContext& ctx, in
   return true;
 }
 
-// Whether any thread of the grid already recorded a failure (lets other waits bail out early).
-__device__ __forceinline__ bool failed(const WaitContext& ctx) {
-  return ctx.record != nullptr && ld_relaxed_sys(reinterpret_cast<uint32_t*>(ctx.claim)) != 0;
+// Waits until done(*p) for a 64-bit word. The first read is the acquire itself (one round trip
+// when the word is already there); while it is not, polls with relaxed loads (cheap for the
+// memory system), checks the abort word and the clock every 64 polls, and acquires once at the
+// end, into `v`. Returns false on timeout (recorded) or abort.
+template <typename Done>
+__device__ __forceinline__ bool spin_acquire(const WaitContext& ctx, const uint64_t* p, Done done,
+                                             uint64_t& v, int stage, int peer) {
+  v = ld_acquire_sys(p);
+  if (done(v)) return true;
+  const uint64_t start = globaltimer_ns();
+  uint32_t polls = 0;
+  while (!done(ld_relaxed_sys(p))) {
+    if ((++polls & 63u) == 0) {
+      if (aborted(ctx)) return false;
+      if (timed_out(ctx, start)) {
+        record_error(ctx, kErrorTimeout, stage, peer, static_cast<int64_t>(ld_relaxed_sys(p)), 0);
+        return false;
+      }
+    }
+    __nanosleep(32);
+  }
+  v = ld_acquire_sys(p);
+  return true;
+}
+
+// Spin until `*p >= target` (monotonic 64-bit counter).
+__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, const uint64_t* p,
+                                         uint64_t target, int stage, int peer) {
+  uint64_t v = 0;
+  return spin_acquire(ctx, p, [target](uint64_t x) { return x >= target; }, v, stage, peer);
+}
+
+// Wait for a TMA load into shared memory (an mbarrier phase), with the same discipline.
+__device__ __forceinline__ bool wait_mbar(const WaitContext& ctx, uint64_t* bar, uint32_t parity,
+                                          int stage) {
+  const uint64_t start = globaltimer_ns();
+  while (!mbar_try_wait(bar, parity)) {
+    if (timed_out(ctx, start)) {
+      record_error(ctx, kErrorTimeout, stage, -1, 0, parity);
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace ep_jit
