@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -139,7 +138,7 @@ def test_dump_ptx_writes_next_to_cubin(jit_cache: Path) -> None:
 
 
 @pytest.mark.skipif(
-    shutil.which("cuobjdump") is None and not Path("/usr/local/cuda/bin/cuobjdump").exists(),
+    toolchain.cuda_tool_path("cuobjdump") is None,
     reason="cuobjdump not installed",
 )
 def test_dump_sass(jit_cache: Path) -> None:
@@ -216,7 +215,7 @@ __device__ void helpers(uint32_t* flags, uint64_t* wide, ep_jit::WaitContext ctx
   const uint32_t old = ep_jit::atom_add_acq_rel_sys(flags + 3, 1u);
   if (!ep_jit::wait_ge<kTrap>(flags + 4, old, ctx, 1, 0)) return;
   ep_jit::wait_until<kTrap>([&] { return ep_jit::ld_acquire_gpu(flags + 5) != 0u; }, ctx, 2, 1);
-  if (ep_jit::failed(ctx)) ep_jit::st_relaxed_sys(flags + 6, 1u);
+  if (ep_jit::aborted(ctx)) ep_jit::st_relaxed_sys(flags + 6, 1u);
 }
 }  // namespace t
 """

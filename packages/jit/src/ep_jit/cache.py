@@ -167,19 +167,20 @@ def _write(folder: Path, name: str, data: bytes | str) -> Path:
 
 
 def _dump_sass(cubin: Path) -> str | None:
+    # The cuobjdump of nvcc's toolkit first, so that both come from one CUDA release.
     nvcc = toolchain.nvcc_path(required=False)
-    candidates = [str(Path(nvcc).resolve().parent / "cuobjdump")] if nvcc else []
-    found = shutil.which("cuobjdump")
-    candidates += [found] if found else []
-    candidates.append("/usr/local/cuda/bin/cuobjdump")
-    for tool in candidates:
-        if os.access(tool, os.X_OK):
-            proc = subprocess.run(
-                [tool, "--dump-sass", str(cubin)], capture_output=True, text=True, check=False
-            )
-            return proc.stdout if proc.returncode == 0 else f"cuobjdump failed:\n{proc.stderr}"
-    verbose("EP_JIT_DUMP_SASS: cuobjdump not found; no SASS written for %s", cubin)
-    return None
+    beside = Path(nvcc).resolve().parent / "cuobjdump" if nvcc else None
+    if beside is not None and os.access(beside, os.X_OK):
+        tool: str | None = str(beside)
+    else:
+        tool = toolchain.cuda_tool_path("cuobjdump")
+    if tool is None:
+        verbose("EP_JIT_DUMP_SASS: cuobjdump not found; no SASS written for %s", cubin)
+        return None
+    proc = subprocess.run(
+        [tool, "--dump-sass", str(cubin)], capture_output=True, text=True, check=False
+    )
+    return proc.stdout if proc.returncode == 0 else f"cuobjdump failed:\n{proc.stderr}"
 
 
 def _build(

@@ -19,14 +19,16 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from ep_jit import knobs
 
 __all__ = [
     "HEADER_SUFFIXES",
     "cuda_include_dirs",
+    "cuda_tool_path",
     "headers_digest",
     "include_roots",
     "normalize_arch",
@@ -144,8 +146,36 @@ def _has_cuda_headers(include: Path) -> bool:
     return (include / "cuda_bf16.h").is_file() and (include / "cuda_fp8.h").is_file()
 
 
-def _wheel_include_dirs() -> list[Path]:
-    # CUDA 13 wheels unpack into nvidia/cu13/include; CUDA 12 wheels into nvidia/<lib>/include.
+def _pathfinder() -> ModuleType | None:
+    """``cuda.pathfinder`` (NVIDIA's locator of CUDA components), or ``None`` when absent."""
+    try:
+        return importlib.import_module("cuda.pathfinder")
+    except ImportError:
+        return None
+
+
+def _pathfinder_function(name: str) -> Callable[[str], str | None] | None:
+    # Older cuda-pathfinder releases lack some functions; ep-jit's own search stands in then.
+    function = getattr(_pathfinder(), name, None)
+    return function if callable(function) else None
+
+
+def _pathfinder_supports(table: str, name: str) -> bool:
+    return name in getattr(_pathfinder(), table, ())
+
+
+def _pathfinder_header_dir(libname: str) -> Path | None:
+    """The header folder cuda.pathfinder finds for a CUDA library (wheels, conda, toolkit)."""
+    find = _pathfinder_function("find_nvidia_header_directory")
+    if find is None or not _pathfinder_supports("SUPPORTED_HEADERS_CTK", libname):
+        return None
+    found = find(libname)
+    return Path(found) if found else None
+
+
+def _legacy_wheel_include_dirs() -> list[Path]:
+    # Only used without cuda.pathfinder. CUDA 13 wheels unpack into nvidia/cu13/include, CUDA 12
+    # wheels into nvidia/<lib>/include.
     try:
         nvidia = importlib.import_module("nvidia")  # namespace package of the nvidia-* wheels
     except ImportError:
@@ -153,55 +183,99 @@ def _wheel_include_dirs() -> list[Path]:
     found: list[Path] = []
     for base in getattr(nvidia, "__path__", []):
         for sub in ("cu13/include", "cu12/include", "cuda_runtime/include"):
-            candidate = Path(base) / sub
-            if _has_cuda_headers(candidate):
-                found.append(candidate)
+            found.append(Path(base) / sub)
     return found
+
+
+def _include_candidates() -> Iterator[Path]:
+    # Lazy: nvcc is only looked for when the earlier candidates miss.
+    for root in knobs.cuda_home_candidates():
+        yield Path(root) / "include"
+    has_pathfinder = _pathfinder_function("find_nvidia_header_directory") is not None
+    if has_pathfinder:
+        found = _pathfinder_header_dir("cudart")
+        if found is not None:
+            yield found
+    nvcc = nvcc_path(required=False)
+    if nvcc is not None:
+        yield Path(nvcc).resolve().parent.parent / "include"
+    if not has_pathfinder:
+        yield from _legacy_wheel_include_dirs()
+        yield Path("/usr/local/cuda/include")
+
+
+def _with_cccl(include: Path) -> tuple[Path, ...]:
+    # CUDA 13 moved libcu++ (<cuda/std/...>) into include/cccl; wheels may ship it apart.
+    if (include / "cuda" / "std").is_dir():
+        return (include,)
+    if (include / "cccl").is_dir():
+        return (include, include / "cccl")
+    cccl = _pathfinder_header_dir("cccl")
+    return (include, cccl) if cccl is not None and cccl != include else (include,)
 
 
 @functools.cache
 def cuda_include_dirs() -> tuple[Path, ...]:
     """The CUDA toolkit include folders NVRTC needs (``cuda_bf16.h``, ``cuda/atomic``, ...).
 
-    Searched in order: ``CUDA_HOME``/``CUDA_PATH``, the folder of nvcc, the nvidia-* wheels,
-    ``/usr/local/cuda``. Returns the first hit plus its ``cccl/`` subfolder when present (CUDA 13
-    moved libcu++ there). Empty when nothing is found; NVRTC then sees only its built-in headers.
+    Searched in order: ``CUDA_HOME``/``CUDA_PATH`` (explicit overrides), then
+    ``cuda.pathfinder.find_nvidia_header_directory("cudart")`` (nvidia-* wheels, conda,
+    ``/usr/local/cuda*``, ...), then the toolkit of :func:`nvcc_path`. Returns the first folder
+    with ``cuda_bf16.h`` and ``cuda_fp8.h`` plus the folder of libcu++ when it lives apart
+    (``cccl/`` since CUDA 13). Empty when nothing is found; NVRTC then sees only its built-in
+    headers. The result is cached for the process.
     """
-    candidates = [Path(p) / "include" for p in knobs.cuda_home_candidates()]
-    nvcc = nvcc_path(required=False)
-    if nvcc is not None:
-        candidates.append(Path(nvcc).resolve().parent.parent / "include")
-    candidates += _wheel_include_dirs()
-    candidates.append(Path("/usr/local/cuda/include"))
-    for inc in candidates:
-        if _has_cuda_headers(inc):
-            cccl = inc / "cccl"
-            return (inc, cccl) if cccl.is_dir() else (inc,)
+    for include in _include_candidates():
+        if _has_cuda_headers(include):
+            return _with_cccl(include)
     return ()
 
 
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def cuda_tool_path(name: str) -> str | None:
+    """Path of a CUDA toolkit program such as ``nvcc`` or ``cuobjdump``, or ``None``.
+
+    Searched in order: ``CUDA_HOME/bin``, ``CUDA_PATH/bin``, then
+    ``cuda.pathfinder.find_nvidia_binary_utility`` (nvidia-* wheels, conda, the toolkit of the
+    loadable ``libcudart``), then ``PATH`` and ``/usr/local/cuda/bin``. Symlinks are resolved.
+    """
+    for root in knobs.cuda_home_candidates():
+        candidate = Path(root) / "bin" / name
+        if _executable(candidate):
+            return str(candidate.resolve())
+    find = _pathfinder_function("find_nvidia_binary_utility")
+    if find is not None and _pathfinder_supports("SUPPORTED_BINARY_UTILITIES", name):
+        found = find(name)
+        if found:
+            return str(found)
+    for fallback in (shutil.which(name), f"/usr/local/cuda/bin/{name}"):
+        if fallback and _executable(Path(fallback)):
+            return str(Path(fallback).resolve())
+    return None
+
+
 def nvcc_path(*, required: bool = True) -> str | None:
-    """Path of nvcc: ``EP_JIT_NVCC_COMPILER``, ``CUDA_HOME/bin``, ``PATH``, ``/usr/local/cuda``.
+    """Path of nvcc: ``EP_JIT_NVCC_COMPILER`` when set, else ``cuda_tool_path("nvcc")``.
+
+    That is ``CUDA_HOME/bin``, ``CUDA_PATH/bin``, cuda.pathfinder, ``PATH``, then
+    ``/usr/local/cuda/bin``.
 
     Raises:
-        FileNotFoundError: ``required`` and no nvcc exists.
+        FileNotFoundError: ``EP_JIT_NVCC_COMPILER`` is not executable, or ``required`` and no
+            nvcc exists.
     """
     explicit = knobs.jit.nvcc_compiler
     if explicit:
         if not os.access(explicit, os.X_OK):
             raise FileNotFoundError(f"EP_JIT_NVCC_COMPILER={explicit!r} is not executable")
         return explicit
-    candidates = [str(Path(p) / "bin" / "nvcc") for p in knobs.cuda_home_candidates()]
-    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            # nvcc may be a wrapper script on PATH; the real binary sits next to its headers.
-            real = Path(c).resolve()
-            beside = real.parent.parent / "bin" / "nvcc"
-            return str(beside) if beside.is_file() and beside != real else str(real)
-    if required:
+    found = cuda_tool_path("nvcc")
+    if found is None and required:
         raise FileNotFoundError("nvcc not found: set EP_JIT_NVCC_COMPILER or CUDA_HOME")
-    return None
+    return found
 
 
 @functools.cache
@@ -217,6 +291,10 @@ def nvcc_version(nvcc: str) -> str:
 @functools.cache
 def nvrtc_version() -> tuple[int, int]:
     """``(major, minor)`` of the NVRTC library cuda-bindings loads.
+
+    Recent cuda-bindings load it with ``cuda.pathfinder.load_nvidia_dynamic_lib("nvrtc")``: a
+    copy already loaded, the nvidia-cuda-nvrtc wheel, conda, the system loader, then
+    ``CUDA_PATH``/``CUDA_HOME``.
 
     Raises:
         RuntimeError: NVRTC cannot be loaded.
