@@ -1,16 +1,18 @@
-"""Environment knobs of ep-elastic (``EP_*``); ep-core declares the shared ones.
+"""Environment knobs of ep-elastic (``EP_*``); ep-core and ep-jit declare the shared ones.
 
 ``EP_CHECK_INPUTS``, ``EP_BUFFER_DEBUG`` and ``EP_BACKEND`` live in :mod:`ep_core.knobs`
-(``ep_core.knobs.ep``); this module adds what only the user API reads::
+(``ep_core.knobs.ep``); ``EP_AVOID_RECORD_STREAM`` lives in :mod:`ep_jit.knobs`
+(``ep_jit.knobs.jit.avoid_record_stream``), next to the comm stream that reads it. This group
+keeps the old spelling working::
 
     from ep_elastic import knobs
 
-    knobs.elastic.avoid_record_stream  # bool, from EP_AVOID_RECORD_STREAM
+    knobs.elastic.avoid_record_stream  # bool, from EP_AVOID_RECORD_STREAM (ep-jit's knob)
 """
 
 from __future__ import annotations
 
-from ep_jit.knobs import KnobGroup, knob_bool
+from ep_jit.knobs import JitKnobs, KnobGroup
 
 __all__ = ["ElasticKnobs", "elastic"]
 
@@ -18,11 +20,8 @@ __all__ = ["ElasticKnobs", "elastic"]
 class ElasticKnobs(KnobGroup):
     """The knobs of ep-elastic."""
 
-    avoid_record_stream = knob_bool(
-        "EP_AVOID_RECORD_STREAM",
-        False,
-        "Keep async operands alive in the returned EventOverlap instead of calling record_stream.",
-    )
+    # The same descriptor as ep-jit's (declared once there), not a second declaration.
+    avoid_record_stream = JitKnobs.avoid_record_stream
 
 
 elastic = ElasticKnobs()

@@ -36,6 +36,10 @@ from ep_jit.streamops import MemOp as MemOp
 from ep_jit.streamops import batch_mem_ops as batch_mem_ops
 from ep_jit.streamops import wait_value as wait_value
 from ep_jit.streamops import write_value as write_value
+from ep_jit.streams import EventHandle as EventHandle
+from ep_jit.streams import EventOverlap as EventOverlap
+from ep_jit.streams import get_comm_stream as get_comm_stream
+from ep_jit.streams import run_on_comm_stream as run_on_comm_stream
 from ep_jit.symm import SymmetricBuffer as SymmetricBuffer
 from ep_jit.symm import is_single_nvlink_domain as is_single_nvlink_domain
 from ep_jit.symm import peer_memory as peer_memory
@@ -52,6 +56,8 @@ __all__ = [
     "CacheEntry",
     "CacheStats",
     "DeviceWatchdog",
+    "EventHandle",
+    "EventOverlap",
     "FunctionUsage",
     "HostTimeoutError",
     "JitCompileError",
@@ -72,6 +78,7 @@ __all__ = [
     "cache_stats",
     "clear_memory_cache",
     "compile_spec",
+    "get_comm_stream",
     "include_roots",
     "is_single_nvlink_domain",
     "iter_shipped_kernels",
@@ -81,6 +88,7 @@ __all__ = [
     "register_include_root",
     "reset_cache_stats",
     "resolve_arch",
+    "run_on_comm_stream",
     "topology",
     "unregister_include_root",
     "wait_device",

@@ -258,7 +258,7 @@ def _default_cache_dir() -> str:
 
 
 class JitKnobs(KnobGroup):
-    """The knobs of ep-jit (``EP_JIT_*``)."""
+    """The knobs of ep-jit (``EP_JIT_*``, plus ``EP_AVOID_RECORD_STREAM`` and ``CUDA_*``)."""
 
     cache_dir = knob_str(
         "EP_JIT_CACHE_DIR",
@@ -308,6 +308,12 @@ class JitKnobs(KnobGroup):
         "EP_JIT_HOST_TIMEOUT_S",
         300,
         "Default limit in seconds of host waits (stream syncs, handle exchange, destroy).",
+    )
+    # DeepEP's name, read by ep_jit.streams for every package's comm-stream calls.
+    avoid_record_stream = knob_bool(
+        "EP_AVOID_RECORD_STREAM",
+        False,
+        "Keep async operands alive in the returned EventOverlap instead of calling record_stream.",
     )
     cuda_home = knob_opt_str("CUDA_HOME", "CUDA toolkit root (headers, nvcc); read by ep-jit.")
     cuda_path = knob_opt_str("CUDA_PATH", "Fallback for CUDA_HOME; read by ep-jit.")

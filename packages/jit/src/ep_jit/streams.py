@@ -1,0 +1,179 @@
+"""Events, the communication stream, and running a collective call on it.
+
+On CUDA every communication call of the packages built on ep-jit runs on one process-global,
+high-priority communication stream per device. The comm stream first waits for
+``previous_event`` (or for the current compute stream). Afterwards either the compute stream
+waits for the comm stream (synchronous use), or an :class:`EventOverlap` recorded on the comm
+stream is returned and the operands are kept alive (``record_stream``, or held by the event with
+``EP_AVOID_RECORD_STREAM=1``). On CPU all of this is a no-op: calls complete before they return
+and events are empty. Importing this module initialises no CUDA context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+
+from ep_jit import knobs
+
+__all__ = ["EventHandle", "EventOverlap", "get_comm_stream", "run_on_comm_stream"]
+
+T = TypeVar("T")
+
+_COMM_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def get_comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """The process-global high-priority communication stream of a CUDA device.
+
+    Args:
+        device: A CUDA device; without an index, the current device.
+
+    Returns:
+        The same stream for every call with that device (created on first use).
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _COMM_STREAMS.get(index)
+    if stream is None:
+        # Out-of-range priorities map to the nearest valid one: this is the highest.
+        stream = torch.cuda.Stream(device=torch.device("cuda", index), priority=-(2**10))
+        _COMM_STREAMS[index] = stream
+    return stream
+
+
+class EventHandle:
+    """A point on a CUDA stream: a ``torch.cuda.Event`` recorded at creation.
+
+    Args:
+        stream: Where to record; ``None`` uses the current stream when CUDA is initialised. On a
+            machine without an initialised CUDA context the handle is empty (already complete).
+    """
+
+    def __init__(self, stream: torch.cuda.Stream | None = None) -> None:
+        self.event: torch.cuda.Event | None = None
+        if stream is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            stream = torch.cuda.current_stream()
+        if stream is not None:
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+
+    def current_stream_wait(self) -> None:
+        """Makes the current CUDA stream wait for this point (no-op when empty; asynchronous)."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def stream_wait(self, stream: torch.cuda.Stream) -> None:
+        """Makes ``stream`` wait for this point (no-op when empty; asynchronous)."""
+        if self.event is not None:
+            stream.wait_event(self.event)
+
+
+class EventOverlap:
+    """The completion of an asynchronous call, for overlapping communication with compute.
+
+    ``current_stream_wait()`` (or leaving a ``with`` block) makes the current stream wait for
+    it. An empty ``EventOverlap()`` (synchronous calls, CPU) waits for nothing.
+
+    Args:
+        event: The point on the comm stream, or ``None``.
+        extra_tensors: Tensors kept alive until the wait (``EP_AVOID_RECORD_STREAM=1``).
+    """
+
+    def __init__(
+        self,
+        event: EventHandle | None = None,
+        extra_tensors: tuple[torch.Tensor, ...] | None = None,
+    ) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+        self._hooks: list[Callable[[], None]] = []
+
+    def current_stream_wait(self, release_handle: bool = False) -> None:
+        """Makes the current stream wait, then runs (once) the hooks registered after wait.
+
+        Args:
+            release_handle: Drop the event and the tensors it keeps alive afterwards.
+        """
+        if self.event is not None:
+            self.event.current_stream_wait()
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+        if release_handle:
+            self.event = None
+            self.extra_tensors = None
+
+    def register_hook_after_wait(self, hook: Callable[[], None]) -> None:
+        """Runs ``hook()`` once, right after the next :meth:`current_stream_wait`."""
+        self._hooks.append(hook)
+
+    def __enter__(self) -> EventOverlap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.current_stream_wait()
+
+
+def tensors_in(values: Iterable[Any]) -> list[torch.Tensor]:
+    """Tensors among ``values``, one level into tuples/lists and objects with ``tensors()``."""
+    out: list[torch.Tensor] = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, tuple | list):
+            out.extend(t for t in v if isinstance(t, torch.Tensor))
+        elif hasattr(v, "tensors"):
+            out.extend(v.tensors())
+    return out
+
+
+def run_on_comm_stream(
+    device: torch.device,
+    fn: Callable[[], T],
+    inputs: Iterable[Any],
+    outputs_of: Callable[[T], Iterable[Any]],
+    *,
+    previous_event: EventHandle | None,
+    async_with_compute_stream: bool,
+) -> tuple[T, EventOverlap]:
+    """Runs ``fn`` on ``device``'s comm stream with the stream protocol of the module doc.
+
+    Args:
+        device: Where the operands live; CPU runs ``fn`` directly.
+        fn: The call; tensors it allocates belong to the comm stream.
+        inputs: Operands read by ``fn`` (tensors, tuples of them, objects with ``tensors()``).
+        outputs_of: Picks the tensors to keep alive from ``fn``'s result.
+        previous_event: The comm stream waits for it instead of the compute stream.
+        async_with_compute_stream: Return an event instead of making compute wait.
+
+    Returns:
+        ``(fn's result, EventOverlap)``; the event is empty unless asynchronous on CUDA.
+    """
+    if device.type != "cuda":
+        return fn(), EventOverlap()
+    compute = torch.cuda.current_stream(device)
+    comm = get_comm_stream(device)
+    if previous_event is not None:
+        previous_event.stream_wait(comm)
+    else:
+        comm.wait_stream(compute)
+    with torch.cuda.stream(comm):
+        result = fn()
+    outputs = tensors_in(outputs_of(result))
+    avoid = knobs.jit.avoid_record_stream
+    if async_with_compute_stream:
+        ins = tensors_in(inputs)
+        if avoid:
+            return result, EventOverlap(EventHandle(comm), tuple(ins + outputs))
+        for t in ins:
+            t.record_stream(comm)
+        for t in outputs:
+            t.record_stream(compute)
+        return result, EventOverlap(EventHandle(comm))
+    compute.wait_stream(comm)
+    if not avoid:
+        for t in outputs:
+            t.record_stream(compute)
+    return result, EventOverlap()
