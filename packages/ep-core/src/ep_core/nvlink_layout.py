@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from ep_jit.regions import RegionPlan, double_buffered
+
 __all__ = [
     "CHUNK_TOKENS",
     "HtCombineArgs",
@@ -109,25 +111,19 @@ def compute_layout(sizing: NvlinkSizing) -> tuple[SymLayout, int]:
     lay = SymLayout()
     lay.ctrl = 0
     lay.arrive = _CTRL_BYTES
-    off = 0
-    lay.info = off
-    off = _align(off + r * 16)
-    lay.dflag = off
-    off = _align(off + r * cmax * 8)
-    lay.drstart = off
-    off = _align(off + r * cmax * 4)
-    lay.cflag = off
-    off = _align(off + r * cmax * 8)
-    lay.data = off
     payload = max(
         dispatch_payload_bytes(sizing.hidden * 2, sizing.max_scale_packs, sizing.num_topk),
         combine_payload_bytes(sizing.hidden, sizing.num_topk),
     )
-    end = _align(off + r * nmax * payload)
-    region_bytes = _align(end, 2 << 20)
-    lay.region0 = _HEADER_BYTES
-    lay.region1 = _HEADER_BYTES + region_bytes
-    total = _align(_HEADER_BYTES + 2 * region_bytes, 2 << 20)
+    plan = RegionPlan(align=_ALIGN)
+    lay.info = plan.add("info", r * 16)
+    lay.dflag = plan.add("dispatch flags", r * cmax * 8)
+    lay.drstart = plan.add("dispatch row starts", r * cmax * 4)
+    lay.cflag = plan.add("combine flags", r * cmax * 8)
+    lay.data = plan.add("rows", r * nmax * payload)
+    regions = double_buffered(plan.padded(_ALIGN), _HEADER_BYTES)
+    lay.region0, lay.region1 = regions.starts
+    total = regions.total
     return lay, total
 
 

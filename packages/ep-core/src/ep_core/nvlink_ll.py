@@ -41,6 +41,7 @@ from ep_core.backend import LowLatencyDispatchResult
 from ep_core.handle import LowLatencyHandle
 from ep_core.nvlink_kernels import build_kernel, device_ptr
 from ep_jit.agreement import check_agreement, gather_checked
+from ep_jit.regions import RegionPlan, double_buffered
 
 __all__ = [
     "LL_STAGES",
@@ -226,11 +227,11 @@ def compute_ll_layout(
     r, nc, n, k = num_ranks, num_ctas, max_tokens, num_topk
     row_bytes = _align(max(2 * hidden, hidden + 4 * -(-hidden // 128)), 128)
     off_abort, off_slot_epoch, off_cta_epoch = 0, 64, 128
-    off_rel = _align(off_cta_epoch + 8 * nc, 128)
-    off_pend = _align(off_rel + 2 * r * 8, 128)
-    ctrl_end = _align(off_pend + 8 * nc, 4096)
-    off = 0
-    parts: dict[str, int] = {}
+    ctrl = RegionPlan(align=128, size=off_cta_epoch + 8 * nc)
+    off_rel = ctrl.add("release words", 2 * r * 8)
+    off_pend = ctrl.add("pending words", 8 * nc)
+    ctrl_end = ctrl.padded(4096)
+    plan = RegionPlan(align=128)
     for name, size in (
         ("cnt", r * max_local_experts * 8),
         ("ntok", r * 8),
@@ -239,13 +240,14 @@ def compute_ll_layout(
         ("cmask", r * n * 8),
         ("cw", r * n * k * 8),
     ):
-        parts[name] = off
-        off = _align(off + size, 128)
-    off = _align(off, 1024)
-    parts["stage"] = off
-    region_bytes = _align(off + r * n * row_bytes, 1 << 20)
-    region = (ctrl_end, ctrl_end + region_bytes)
-    total = _align(ctrl_end + 2 * region_bytes, 2 << 20)
+        plan.add(name, size)
+    # Every part's end is padded to 128 bytes before the staged rows start at a 1 KiB offset.
+    plan.size = plan.padded(128)
+    plan.add("stage", r * n * row_bytes, align=1024)
+    parts = plan.offsets
+    regions = double_buffered(plan.size, ctrl_end, region_align=1 << 20)
+    region = regions.starts
+    total = regions.total
     return LlLayout(
         num_ranks=r,
         num_ctas=nc,

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ep_core._rows import RowField, all_to_all_fixed, all_to_all_uneven, pack_rows, unpack_rows
 from ep_core.backend import DispatchResult
 from ep_core.expand import accumulate, expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle
@@ -31,6 +30,7 @@ from ep_core.layout import (
     invert_positions,
     worst_case_num_expanded_tokens,
 )
+from ep_jit.rows import RowField, all_to_all_fixed, all_to_all_uneven, pack_rows, unpack_rows
 
 __all__ = ["ExactCounts", "combine", "dispatch"]
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ep_core._rows import RowField, all_to_all_fixed, pack_rows, unpack_rows
 from ep_core.backend import LowLatencyDispatchResult
 from ep_core.fp8 import per_token_cast_to_fp8
 from ep_core.handle import LowLatencyHandle
 from ep_core.layout import gather_rows, get_dispatch_layout, invert_positions
+from ep_jit.rows import RowField, all_to_all_fixed, pack_rows, unpack_rows
 
 __all__ = ["LowLatencyState", "low_latency_combine", "low_latency_dispatch"]
 

@@ -1,8 +1,8 @@
-"""Byte rows and the collectives the reference backend moves them with.
+"""Byte rows and the all-to-all collectives that move them (reference backends).
 
-The reference backend packs everything one token carries (data, scales, ids, weights, source
-index) into one ``uint8`` row, so a single ``all_to_all_single`` moves it whatever the dtypes:
-gloo has no float8 or int16 collectives, and bytes work the same on NCCL.
+A reference backend packs everything one item carries (a token's data, scales, ids, weights and
+source index) into one ``uint8`` row, so a single ``all_to_all_single`` moves it whatever the
+dtypes: gloo has no float8 or int16 collectives, and bytes work the same on NCCL.
 """
 
 from __future__ import annotations
