@@ -1,7 +1,9 @@
-"""Backend selection: ``"auto"``, ``"torch"`` (reference) or ``"nvlink"`` (CUDA kernels).
+"""The backends of primitive ``"ep"``: ``"torch"`` (reference) and ``"nvlink"`` (CUDA kernels).
 
-Backends are built with ``cls.from_config(group, config)``, ``config`` a
-:class:`~ep_core.backend.BackendConfig`.
+Both are registered with ep-jit's backend registry (:mod:`ep_jit.registry`) through the
+``ep_jit.backends`` entry point ``ep_core = "ep_core.factory:ep_backends"``; ``"auto"`` picks the
+highest-priority backend that can serve the group. Backends are built with
+``cls.from_config(group, config)``, ``config`` a :class:`~ep_core.backend.BackendConfig`.
 The NVLink backend lives in ``ep_core.nvlink`` and is imported lazily, only when a CUDA group
 asks for it, so importing ep-core never touches CUDA or the compiler.
 """
@@ -14,10 +16,23 @@ from typing import Any
 import torch.distributed as dist
 
 from ep_core.backend import BackendConfig, EPBackend
-from ep_core.knobs import BACKEND_CHOICES
-from ep_core.reference import TorchBackend
+from ep_jit.registry import BackendSpec, get_backend, select_backend
 
-__all__ = ["create_backend", "nvlink_backend_class", "nvlink_unavailable_reason", "resolve_backend"]
+__all__ = [
+    "PRIMITIVE",
+    "create_backend",
+    "ep_backends",
+    "nvlink_backend_class",
+    "nvlink_unavailable_reason",
+    "resolve_backend",
+]
+
+PRIMITIVE = "ep"
+"""The primitive name ep-core's backends are registered under."""
+
+# ep-core's own provider is always consulted, so a checkout run from PYTHONPATH (no entry
+# points) still finds its backends; with the entry point installed the name is used once.
+_PROVIDERS = (("ep_core", "ep_core.factory:ep_backends"),)
 
 
 def nvlink_backend_class() -> Any | None:
@@ -53,37 +68,50 @@ def nvlink_unavailable_reason(group: dist.ProcessGroup, all_cuda: bool) -> str |
     return None
 
 
-def resolve_backend(requested: str, group: dist.ProcessGroup, all_cuda: bool) -> str:
-    """Turns a requested backend name into ``"torch"`` or ``"nvlink"``.
+def ep_backends() -> list[BackendSpec]:
+    """ep-core's ``ep_jit.backends`` provider: backends ``"nvlink"`` and ``"torch"`` of ``"ep"``.
 
-    ``"auto"`` picks ``"nvlink"`` when possible, else ``"torch"``. Collective (see
-    :func:`nvlink_unavailable_reason`) unless ``requested == "torch"``.
+    Nothing is imported here beyond the specs; the backend modules load when built.
+    """
+    return [
+        BackendSpec(
+            primitive=PRIMITIVE,
+            name="nvlink",
+            priority=100,
+            factory="ep_core.nvlink:NvlinkBackend.from_config",
+            unavailable=nvlink_unavailable_reason,
+            description="JIT CUDA kernels on peer-mapped memory within one NVLink domain",
+        ),
+        BackendSpec(
+            primitive=PRIMITIVE,
+            name="torch",
+            priority=0,
+            factory="ep_core.reference:TorchBackend.from_config",
+            description="reference backend on torch.distributed (gloo on CPU, NCCL on GPU)",
+        ),
+    ]
+
+
+def resolve_backend(requested: str, group: dist.ProcessGroup, all_cuda: bool) -> str:
+    """Turns a requested backend name into a registered one (``"torch"``, ``"nvlink"``, ...).
+
+    ``"auto"`` picks the highest-priority backend that can serve ``group`` (``"nvlink"`` when
+    possible, else ``"torch"``) and logs that choice once. Collective (see
+    :func:`nvlink_unavailable_reason` and :func:`ep_jit.registry.select_backend`): every rank
+    must call it with the same arguments.
 
     Raises:
-        ValueError: Unknown name, or ``"nvlink"`` requested where it cannot run (with why).
+        ValueError: Unknown name (the message lists the known ones), or a named backend that
+            cannot serve ``group`` (with why).
     """
-    if requested not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {requested!r}")
-    if requested == "torch":
-        return "torch"
-    reason = nvlink_unavailable_reason(group, all_cuda)
-    if reason is None:
-        return "nvlink"
-    if requested == "nvlink":
-        raise ValueError(f"backend='nvlink' cannot be used: {reason}")
-    return "torch"
+    return select_backend(PRIMITIVE, requested, group, all_cuda, _PROVIDERS).name
 
 
 def create_backend(name: str, group: dist.ProcessGroup, config: BackendConfig) -> EPBackend:
-    """Builds the resolved backend ``"torch"`` or ``"nvlink"``."""
-    if name == "torch":
-        return TorchBackend.from_config(group, config)
-    if name == "nvlink":
-        cls = nvlink_backend_class()
-        if cls is None:
-            raise ValueError(
-                "backend 'nvlink' requested but ep_core.nvlink.NvlinkBackend is missing"
-            )
-        backend: EPBackend = cls.from_config(group, config)
-        return backend
-    raise ValueError(f"unknown resolved backend {name!r}; expected 'torch' or 'nvlink'")
+    """Builds the resolved backend ``name`` (see :func:`resolve_backend`) for ``group``.
+
+    Raises:
+        ValueError: ``name`` is not a registered backend, or its module cannot be imported.
+    """
+    backend: EPBackend = get_backend(PRIMITIVE, name, _PROVIDERS).build(group, config)
+    return backend

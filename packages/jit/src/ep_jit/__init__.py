@@ -31,6 +31,10 @@ from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
 from ep_jit.launch import Kernel as Kernel
 from ep_jit.launch import build as build
 from ep_jit.peer_memory import PeerMemory as PeerMemory
+from ep_jit.registry import BackendSpec as BackendSpec
+from ep_jit.registry import get_backend as get_backend
+from ep_jit.registry import registered_backends as registered_backends
+from ep_jit.registry import select_backend as select_backend
 from ep_jit.spec import KernelSpec as KernelSpec
 from ep_jit.streamops import MemOp as MemOp
 from ep_jit.streamops import batch_mem_ops as batch_mem_ops
@@ -53,6 +57,7 @@ from ep_jit.watchdog import DeviceWatchdog as DeviceWatchdog
 from ep_jit.watchdog import WaitContext as WaitContext
 
 __all__ = [
+    "BackendSpec",
     "CacheEntry",
     "CacheStats",
     "DeviceWatchdog",
@@ -78,6 +83,7 @@ __all__ = [
     "cache_stats",
     "clear_memory_cache",
     "compile_spec",
+    "get_backend",
     "get_comm_stream",
     "include_roots",
     "is_single_nvlink_domain",
@@ -86,9 +92,11 @@ __all__ = [
     "parse_ptxas",
     "peer_memory",
     "register_include_root",
+    "registered_backends",
     "reset_cache_stats",
     "resolve_arch",
     "run_on_comm_stream",
+    "select_backend",
     "topology",
     "unregister_include_root",
     "wait_device",
