@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from ep_core import nvlink_kernels as nk
 from ep_core.layout import get_dispatch_layout
-from ep_core.nvlink_layout import CHUNK_TOKENS
+from ep_core.nvlink import ht as nk
+from ep_core.nvlink.layout import CHUNK_TOKENS
 
 
 def _expected(idx: torch.Tensor, ranks: int, local: int) -> tuple[torch.Tensor, ...]:

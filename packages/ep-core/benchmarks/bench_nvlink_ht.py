@@ -123,11 +123,11 @@ def _traced(be, attr: str, fn, n_sms: int) -> dict[str, object]:
     host launch skew between ranks.
     """
     trace = torch.zeros((n_sms, 32, 8), dtype=torch.int64, device=be.device)
-    setattr(be, attr, trace)
+    setattr(be.ht, attr, trace)
     try:
         g = capture_graph(fn)
     finally:
-        setattr(be, attr, None)
+        setattr(be.ht, attr, None)
     trace.zero_()
     start_line(torch.zeros(1, device=be.device))
     g.replay()
@@ -202,8 +202,8 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
             row_bytes = h * xin.element_size() + (0 if sin is None else sin.shape[1] * 4)
             remote = m - int((res.handle.recv_src_metadata[:, 1] == info.rank).sum())
             if args.graph:
-                from ep_core import nvlink_kernels as nk
-                from ep_core.nvlink_layout import dispatch_payload_bytes
+                from ep_core.nvlink import ht as nk
+                from ep_core.nvlink.layout import dispatch_payload_bytes
 
                 payload = dispatch_payload_bytes(
                     h * xin.element_size(), 0 if sin is None else sin.shape[1], k
@@ -215,7 +215,7 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                         > nk.SMEM_LIMIT
                     ):
                         continue
-                    be.dispatch_override = dcfg if len(dcfg) >= 4 else None
+                    be.ht.dispatch_override = dcfg if len(dcfg) >= 4 else None
                     _check_same(
                         f"dispatch-{dtype}-{dcfg}",
                         res,
@@ -245,13 +245,13 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                             else {},
                         }
                     )
-                be.dispatch_override = None
+                be.ht.dispatch_override = None
                 if dtype == "bf16":
                     y = torch.randn(res.recv_x.shape, device=dev).to(torch.bfloat16)
-                    be.combine_override = None
+                    be.ht.combine_override = None
                     ref_out = be.combine(y, res.handle, None, (), n_sms)[0].clone()
                     for ccfg in ccfgs:
-                        be.combine_override = ccfg if len(ccfg) >= 3 else None
+                        be.ht.combine_override = ccfg if len(ccfg) >= 3 else None
                         got = be.combine(y, res.handle, None, (), n_sms)[0]
                         if not torch.equal(got, ref_out):
                             print(f"[rank {info.rank}] MISMATCH combine-{ccfg}", flush=True)
@@ -279,7 +279,7 @@ def _worker(info: RankInfo, args: argparse.Namespace, out: list) -> None:
                                 else {},
                             }
                         )
-                    be.combine_override = None
+                    be.ht.combine_override = None
             if args.graph_only:
                 continue
             td = _time(

@@ -1,7 +1,7 @@
 """Latency of the NVLink low-latency kernels, with a per-phase trace (developer tool).
 
 ``ep-bench --mode low-latency`` is the user-facing benchmark. This script drives
-:class:`ep_core.nvlink_ll.LowLatencyEngine` directly so launch variants can be compared in one
+:class:`ep_core.nvlink.ll.LowLatencyEngine` directly so launch variants can be compared in one
 run: CTA counts, cooperative or plain launches. Every timed call is a CUDA-graph replay started
 as in ep-bench (L2 flush, barrier, sleep kernel, one-element all-reduce as the start line, events
 around the replay). After the timings one more replay of each graph records the kernels'
@@ -67,10 +67,10 @@ def _trace_rows(trace: torch.Tensor, names: dict[int, str]) -> dict[int, tuple[f
 
 def _worker(info: RankInfo, args: argparse.Namespace) -> None:
     import ep_jit
-    from ep_core import nvlink_kernels as nk
-    from ep_core.nvlink_ll import TRACE_NAMES, LowLatencyEngine
+    from ep_core.nvlink._common import register_include_root
+    from ep_core.nvlink.ll import TRACE_NAMES, LowLatencyEngine
 
-    nk.register_include_root()
+    register_include_root()
     if "probe" not in ep_jit.include_roots():
         ep_jit.register_include_root("probe", Path(__file__).parent)
     r, dev = info.world_size, info.device

@@ -145,9 +145,9 @@ def _ce_run(
 
 def _worker(info: RankInfo, args: argparse.Namespace) -> None:
     import ep_jit
-    from ep_core import nvlink_kernels as nk
+    from ep_core.nvlink._common import register_include_root
 
-    nk.register_include_root()
+    register_include_root()
     if "probe" not in ep_jit.include_roots():
         ep_jit.register_include_root("probe", Path(__file__).parent)
     r, rows, row_bytes = info.world_size, args.rows, args.row_bytes

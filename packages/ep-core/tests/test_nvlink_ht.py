@@ -169,7 +169,7 @@ def _worker(info: RankInfo) -> None:
     ref = TorchBackend.from_config(info.group, cfg)
     fast = NvlinkBackend.from_config(info.group, cfg)
     ne = 16 * info.world_size
-    # SM counts cover both launch shapes: from nvlink_kernels.SPLIT_MIN_SMS (20) on each CTA has
+    # SM counts cover both launch shapes: from ht.SPLIT_MIN_SMS (20) on each CTA has
     # one role, below it every CTA has both.
     cases = [
         {
@@ -269,9 +269,9 @@ def _worker(info: RankInfo) -> None:
                 raise AssertionError(f"case {i} {case}: {e}") from e
     # Two ranks combine with mixed CTAs at every SM count (use_split_combine): the split launch
     # (4 push warps x 4 slots, 16 reducers) still runs here, as a developer override.
-    fast.combine_override = (4, 16, 4, 1)
+    fast.ht.combine_override = (4, 16, 4, 1)
     _case(ref, fast, info, seed=50, hidden=HIDDEN, num_experts=ne, topk=TOPK, **cases[0])
-    fast.combine_override = None
+    fast.ht.combine_override = None
     # Other shapes through a second buffer: hidden 2880 bf16 (gpt-oss), top-4, many experts.
     cfg2 = _config(info, NMAX, 2880, 4)
     fast2 = NvlinkBackend.from_config(info.group, cfg2)
@@ -444,7 +444,7 @@ def test_nvlink_timeout_names_the_peer(world_size: int, per_gpu: int) -> None:
 def test_aligned_counts_from_prefix_sums() -> None:
     # The host side of a dispatch with CPU sync turns the kernel's inclusive prefix sums of the
     # aligned per-expert counts into the counts (`num_recv_tokens_per_expert_list`).
-    from ep_core.nvlink import _aligned_from_psum
+    from ep_core.nvlink.backend import _aligned_from_psum
 
     assert _aligned_from_psum([]) == []
     assert _aligned_from_psum([0]) == [0]

@@ -1,6 +1,6 @@
-"""The NVLink low-latency kernels (``ep_core.nvlink_ll``) against the reference backend.
+"""The NVLink low-latency kernels (``ep_core.nvlink.ll``) against the reference backend.
 
-GPU tests build a :class:`~ep_core.nvlink_ll.LowLatencyEngine` and the reference
+GPU tests build a :class:`~ep_core.nvlink.ll.LowLatencyEngine` and the reference
 :class:`~ep_core.reference.TorchBackend` on the same group, feed both the same fresh random inputs
 and compare bit for bit: the valid rows of every local expert (data and scales), ``recv_count``,
 the handle's ranges and source tokens, and the combined output. Outputs are poisoned before the
@@ -33,7 +33,7 @@ PLACES = ("world_size", "per_gpu")
 
 def test_module_imports_without_cuda() -> None:
     code = (
-        "import torch, ep_core.nvlink_ll as m\n"
+        "import torch, ep_core.nvlink.ll as m\n"
         "specs = m.shipped_kernels()\n"
         "lay = m.compute_ll_layout(4, 64, 128, 64, 7168, 8)\n"
         "assert lay.total_bytes > 0 and specs\n"
@@ -44,7 +44,7 @@ def test_module_imports_without_cuda() -> None:
 
 
 def test_args_mirror_matches_header() -> None:
-    from ep_core.nvlink_ll import LlArgs
+    from ep_core.nvlink.ll import LlArgs
 
     body = re.search(r"struct LlArgs \{(.*?)\n\};", HEADER.read_text(), re.S)
     assert body is not None
@@ -58,7 +58,7 @@ def test_args_mirror_matches_header() -> None:
 
 
 def test_layout_parts_do_not_overlap() -> None:
-    from ep_core.nvlink_ll import compute_ll_layout
+    from ep_core.nvlink.ll import compute_ll_layout
 
     for r, nc, n, el, h, k in (
         (1, 1, 1, 1, 64, 1),
@@ -88,10 +88,11 @@ def test_layout_parts_do_not_overlap() -> None:
 
 def test_kernels_compile_for_sm90a(tmp_path: Path) -> None:
     ep_jit = pytest.importorskip("ep_jit")
-    from ep_core import nvlink_kernels, nvlink_ll
+    from ep_core.nvlink import _common
+    from ep_core.nvlink import ll as nvlink_ll
     from ep_jit import knobs
 
-    nvlink_kernels.register_include_root()
+    _common.register_include_root()
     with knobs.jit.scope():
         knobs.jit.cache_dir = str(tmp_path / "cache")
         knobs.jit.ptxas_check = True  # a stack frame or a spill is an error
@@ -108,7 +109,7 @@ def _host_only_engine(monkeypatch: pytest.MonkeyPatch, launched: list[tuple[str,
     """A LowLatencyEngine without a GPU: the launches are recorded instead of run."""
     import contextlib
 
-    from ep_core import nvlink_ll
+    from ep_core.nvlink import ll as nvlink_ll
 
     eng = object.__new__(nvlink_ll.LowLatencyEngine)
     r, nmax, hidden, num_experts, k = 2, 8, 256, 8, 4
@@ -201,7 +202,7 @@ def test_host_logic_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def _engine(
     info: RankInfo, nmax: int, hidden: int, num_experts: int, topk: int, timeout: float = 60.0
 ):
-    from ep_core.nvlink_ll import LowLatencyEngine
+    from ep_core.nvlink.ll import LowLatencyEngine
 
     return LowLatencyEngine(
         info.group,
@@ -693,7 +694,7 @@ def _tag_wrap_worker(info: RankInfo) -> None:
 
 
 def _agreement_worker(info: RankInfo) -> None:
-    from ep_core.nvlink_ll import LowLatencyEngine
+    from ep_core.nvlink.ll import LowLatencyEngine
 
     common = {
         "rank": info.rank,

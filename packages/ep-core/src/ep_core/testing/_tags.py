@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ep_core.nvlink_ll import settle
+from ep_core.nvlink.ll import settle
 
 
 class StaleTags:

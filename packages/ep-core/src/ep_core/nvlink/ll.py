@@ -39,7 +39,7 @@ import torch.distributed as dist
 import ep_jit
 from ep_core.backend import LowLatencyDispatchResult
 from ep_core.handle import LowLatencyHandle
-from ep_core.nvlink_kernels import build_kernel, device_ptr
+from ep_core.nvlink._common import build_kernel, device_ptr, register_include_root
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.regions import RegionPlan, double_buffered
 
@@ -359,6 +359,7 @@ def ll_combine_spec(num_ranks: int, num_topk: int, hidden: int, phase: int) -> A
 
 def shipped_kernels() -> list[Any]:
     """Representative instantiations (EP4, top-8, H 7168 and 2880) for compile-only checks."""
+    register_include_root()
     specs = [ll_dispatch_spec(4, 8, 7168, fmt, _PHASE_BOTH) for fmt in _FORMATS]
     specs += [ll_dispatch_spec(4, 8, 7168, "fp8", p) for p in (_PHASE_SEND, _PHASE_RECV)]
     specs.append(ll_dispatch_spec(8, 6, 2880, "bf16", _PHASE_BOTH))

@@ -8,37 +8,33 @@ so that one CTA fills one SM's shared memory.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ep_core.nvlink_layout import (
+from ep_core.nvlink._common import build_kernel, device_ptr, register_include_root
+from ep_core.nvlink.layout import (
     CHUNK_TOKENS,
     HtCombineArgs,
     HtDispatchArgs,
+    NvlinkSizing,
+    SymLayout,
     combine_payload_bytes,
     dispatch_payload_bytes,
 )
-
-if TYPE_CHECKING:
-    from ep_core.nvlink import NvlinkBackend
 
 __all__ = [
     "DEFAULT_NUM_SMS",
     "SPLIT_MIN_SMS",
     "STAGES",
-    "build_kernel",
+    "HtContext",
     "combine_config",
-    "device_ptr",
     "dispatch_config",
     "launch_combine",
     "launch_dispatch",
     "launch_dispatch_tail",
     "launch_layout",
-    "register_include_root",
     "shipped_kernels",
     "use_split",
     "use_split_combine",
@@ -331,10 +327,8 @@ def _combine_spec(num_ranks: int, num_topk: int, hidden: int, cfg: CombineConfig
 def shipped_kernels() -> list[Any]:
     """Representative instantiations of every kernel ep-core ships (for compile-only checks).
 
-    The ``ep_jit.kernels`` entry point of ep-core; registers the include root first.
+    High-throughput kernels only; ``ep_core.nvlink.shipped_kernels`` adds the low-latency ones.
     """
-    from ep_core.nvlink_ll import shipped_kernels as low_latency_kernels
-
     register_include_root()
     specs = [_layout_spec(4, 8), _tail_spec(8)]
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
@@ -349,34 +343,41 @@ def shipped_kernels() -> list[Any]:
     specs.append(
         _combine_spec(4, 8, 7168, combine_config(combine_payload_bytes(7168, 8), split=False))
     )
-    return specs + list(low_latency_kernels())
+    return specs
 
 
-def register_include_root() -> None:
-    """Makes ``#include <ep_core/...>`` resolvable for ep-jit (idempotent)."""
-    from ep_jit import include_roots
-    from ep_jit import register_include_root as register
+@dataclass
+class HtContext:
+    """What the high-throughput launchers need of a buffer (the backend holds one).
 
-    if "ep_core" not in include_roots():
-        register("ep_core", Path(__file__).parent / "include")
+    Attributes:
+        rank: This rank.
+        num_ranks: Ranks of the buffer.
+        sizing: The buffer's sizing.
+        layout: Offsets of the buffer's regions (passed to the kernels by value).
+        peer_bases: ``[R]`` int64 CUDA tensor of the peers' buffer addresses.
+        watchdog: The ``ep_jit.DeviceWatchdog`` whose record the kernels fill on a timeout.
+        dispatch_override: Developer override of the dispatch's launch shape (benchmarks):
+            (send warps, recv warps, send slots, recv slots[, split[, send %]]).
+        combine_override: The same for the combine: (push, reduce, slots[, split[, push %]]).
+        trace_dispatch: Developer trace, ``[CTAs, 32 warps, 8]`` int64, written when set.
+        trace_combine: The same for the combine.
+    """
 
-
-@functools.cache
-def build_kernel(spec: Any) -> Any:
-    """ep-jit's kernel for ``spec`` (compiled on first use; the include root registered)."""
-    from ep_jit import build
-
-    register_include_root()
-    return build(spec)
+    rank: int
+    num_ranks: int
+    sizing: NvlinkSizing
+    layout: SymLayout
+    peer_bases: torch.Tensor
+    watchdog: Any
+    dispatch_override: tuple[int, ...] | None = None
+    combine_override: tuple[int, ...] | None = None
+    trace_dispatch: torch.Tensor | None = None
+    trace_combine: torch.Tensor | None = None
 
 
 _configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 """Launch configuration and kernel per shape, so a call builds no spec (host overhead)."""
-
-
-def device_ptr(t: torch.Tensor | None) -> int:
-    """``t``'s device address, 0 for ``None`` (kernel-argument structs hold raw pointers)."""
-    return 0 if t is None else int(t.data_ptr())
 
 
 def launch_layout(
@@ -428,7 +429,7 @@ def launch_dispatch_tail(
 
 
 def launch_dispatch(
-    be: NvlinkBackend,
+    ctx: HtContext,
     *,
     x: torch.Tensor,
     x_scales: torch.Tensor | None,
@@ -450,16 +451,25 @@ def launch_dispatch(
     num_sms: int,
 ) -> None:
     """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
-    r, k = be.num_ranks, topk_idx.shape[1]
+    r, k = ctx.num_ranks, topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
     num_sf = 0 if x_scales is None else x_scales.shape[1]
     splittable = use_split(num_sms)
-    key = ("dispatch", r, k, row_bytes, num_sf, num_local_experts, be.dispatch_override, splittable)
+    key = (
+        "dispatch",
+        r,
+        k,
+        row_bytes,
+        num_sf,
+        num_local_experts,
+        ctx.dispatch_override,
+        splittable,
+    )
     found = _configured.get(key)
     if found is None:
         payload = dispatch_payload_bytes(row_bytes, num_sf, k)
-        if be.dispatch_override is not None:
-            cfg = DispatchConfig.from_override(be.dispatch_override, payload, r)
+        if ctx.dispatch_override is not None:
+            cfg = DispatchConfig.from_override(ctx.dispatch_override, payload, r)
         else:
             cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
@@ -468,7 +478,7 @@ def launch_dispatch(
     a.x, a.x_sf = device_ptr(x), device_ptr(x_scales)
     a.topk_idx, a.topk_weights = device_ptr(topk_idx), device_ptr(topk_weights)
     a.send_row, a.chunk_prefix = device_ptr(send_row), device_ptr(chunk_prefix)
-    a.peer_bases = device_ptr(be.peer_bases)
+    a.peer_bases = device_ptr(ctx.peer_bases)
     a.out_x, a.out_sf, a.out_topk_idx = device_ptr(out_x), device_ptr(out_sf), device_ptr(out_idx)
     a.out_topk_weights, a.out_src_meta = device_ptr(out_w), device_ptr(out_meta)
     a.out_counts, a.out_chunk_end, a.out_nchunks = (
@@ -476,14 +486,14 @@ def launch_dispatch(
         device_ptr(chunk_end),
         device_ptr(nchunks),
     )
-    a.error = be.watchdog.record_ptr
+    a.error = ctx.watchdog.record_ptr
     a.sf_stride_t = 0 if x_scales is None else x_scales.stride(0)
     a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
     a.num_tokens, a.num_max_tokens = x.shape[0], num_max_tokens
-    a.num_local_experts, a.max_chunks = num_local_experts, be.sizing.max_chunks
-    a.expert_alignment, a.timeout_ns, a.rank = expert_alignment, be.watchdog.timeout_ns, be.rank
-    a.lay = be.layout
-    a.trace = device_ptr(be.trace_dispatch) or None
+    a.num_local_experts, a.max_chunks = num_local_experts, ctx.sizing.max_chunks
+    a.expert_alignment, a.timeout_ns, a.rank = expert_alignment, ctx.watchdog.timeout_ns, ctx.rank
+    a.lay = ctx.layout
+    a.trace = device_ptr(ctx.trace_dispatch) or None
     a.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
     kernel.launch(
         (num_sms, 1, 1),
@@ -495,7 +505,7 @@ def launch_dispatch(
 
 
 def launch_combine(
-    be: NvlinkBackend,
+    ctx: HtContext,
     *,
     x: torch.Tensor,
     weights: torch.Tensor | None,
@@ -508,14 +518,14 @@ def launch_combine(
     num_sms: int,
 ) -> None:
     """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
-    r, k, hidden = be.num_ranks, handle.num_topk, x.shape[1]
+    r, k, hidden = ctx.num_ranks, handle.num_topk, x.shape[1]
     splittable = use_split_combine(num_sms, r)
-    key = ("combine", r, k, hidden, be.combine_override, splittable)
+    key = ("combine", r, k, hidden, ctx.combine_override, splittable)
     found = _configured.get(key)
     if found is None:
         payload = combine_payload_bytes(hidden, k)
-        if be.combine_override is not None:
-            cfg = CombineConfig.from_override(be.combine_override, payload)
+        if ctx.combine_override is not None:
+            cfg = CombineConfig.from_override(ctx.combine_override, payload)
         else:
             cfg = combine_config(payload, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
@@ -527,13 +537,13 @@ def launch_combine(
     a.topk_idx, a.send_row = device_ptr(handle.topk_idx), device_ptr(handle.send_row)
     a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
     a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
-    a.peer_bases = device_ptr(be.peer_bases)
-    a.out, a.out_weights, a.error = device_ptr(out), device_ptr(out_w), be.watchdog.record_ptr
+    a.peer_bases = device_ptr(ctx.peer_bases)
+    a.out, a.out_weights, a.error = device_ptr(out), device_ptr(out_w), ctx.watchdog.record_ptr
     a.num_tokens, a.num_max_tokens = handle.num_tokens, handle.num_max_tokens_per_rank
-    a.num_local_experts, a.max_chunks = handle.num_local_experts, be.sizing.max_chunks
-    a.timeout_ns, a.rank = be.watchdog.timeout_ns, be.rank
-    a.lay = be.layout
-    a.trace = device_ptr(be.trace_combine) or None
+    a.num_local_experts, a.max_chunks = handle.num_local_experts, ctx.sizing.max_chunks
+    a.timeout_ns, a.rank = ctx.watchdog.timeout_ns, ctx.rank
+    a.lay = ctx.layout
+    a.trace = device_ptr(ctx.trace_combine) or None
     a.num_push_ctas = cfg.num_push_ctas(num_sms) if cfg.split else 0
     kernel.launch(
         (num_sms, 1, 1),

@@ -3,7 +3,7 @@
 For groups whose ranks share one NVLink domain (one host, peer access between every pair). The
 kernels (``include/ep_core/sm90_ht_*.cuh``) push token rows with TMA stores straight into the
 peers' symmetric buffers and copy them out as they arrive (see ``docs/kernels.md``); the
-low-latency pair is delegated to :class:`ep_core.nvlink_ll.LowLatencyEngine`. Results equal the
+low-latency pair is delegated to :class:`ep_core.nvlink.ll.LowLatencyEngine`. Results equal the
 reference backend's bit for bit (``docs/design.md``).
 
 Every method launches on the caller's current stream and returns without waiting, except where
@@ -14,21 +14,17 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 
 import ep_jit
-from ep_core import nvlink_kernels as nk
 from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
 from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
-from ep_core.nvlink_layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
-
-if TYPE_CHECKING:
-    from ep_core.nvlink_ll import LowLatencyEngine
+from ep_core.nvlink import ht
+from ep_core.nvlink.layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
+from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, settle, tag_word
 
 __all__ = ["NvlinkBackend"]
 
@@ -86,7 +82,7 @@ class NvlinkBackend:
         # Device timeouts: the kernels record stage, peer and values here; the abort word that
         # stops every CTA is the buffer's own (ctrl), so it lives with the buffer.
         self.watchdog = ep_jit.DeviceWatchdog(
-            nk.STAGES,
+            ht.STAGES,
             rank=self.rank,
             timeout_s=max(config.num_gpu_timeout_secs, 0.0),
             device=self.device,
@@ -101,15 +97,16 @@ class NvlinkBackend:
         ep_jit.wait_device(self.device, what=what, timeout_s=self._host_timeout_s)
         self._ll: LowLatencyEngine | None = None
         self._destroyed = False
-        # Developer overrides of the kernels' launch shape (benchmarks sweep them):
-        # dispatch (send warps, recv warps, send slots, recv slots[, split[, send %]]), combine
-        # (push, reduce, slots[, split[, push %]]).
-        self.dispatch_override: tuple[int, ...] | None = None
-        self.combine_override: tuple[int, ...] | None = None
-        # Developer trace (benchmarks): [CTAs, 32 warps, 8] int64 per warp (times, waits, rows),
-        # written by the kernels when set (see ht_trace in smxx_ht_common.cuh).
-        self.trace_dispatch: torch.Tensor | None = None
-        self.trace_combine: torch.Tensor | None = None
+        # What the high-throughput launchers see of this buffer; its developer fields
+        # (launch-shape overrides, traces) are set by benchmarks.
+        self.ht = ht.HtContext(
+            rank=self.rank,
+            num_ranks=self.num_ranks,
+            sizing=self.sizing,
+            layout=self.layout,
+            peer_bases=self.peer_bases,
+            watchdog=self.watchdog,
+        )
 
     @classmethod
     def from_config(cls, group: dist.ProcessGroup, config: BackendConfig) -> NvlinkBackend:
@@ -137,7 +134,7 @@ class NvlinkBackend:
 
     def _num_sms(self, num_sms: int) -> int:
         limit = torch.cuda.get_device_properties(self.device).multi_processor_count
-        n = num_sms if num_sms > 0 else nk.DEFAULT_NUM_SMS
+        n = num_sms if num_sms > 0 else ht.DEFAULT_NUM_SMS
         if not 1 <= n <= limit:
             raise ValueError(f"num_sms must be in [1, {limit}], got {num_sms}")
         return n
@@ -175,7 +172,7 @@ class NvlinkBackend:
             chunk_prefix = torch.empty((nchunks + 1, r), dtype=torch.int32, device=dev)
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
             idx_copy = torch.empty_like(topk_idx)
-            nk.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
+            ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
         else:
             send_row, is_in = handle.send_row, handle.is_token_in_rank
             state = handle.backend_state
@@ -199,8 +196,8 @@ class NvlinkBackend:
         counts = torch.zeros(r + 2 * el, dtype=torch.int32, device=dev)
         chunk_end = torch.empty((r, self.sizing.max_chunks), dtype=torch.int32, device=dev)
         nchunks_t = torch.empty(r, dtype=torch.int32, device=dev)
-        nk.launch_dispatch(
-            self,
+        ht.launch_dispatch(
+            self.ht,
             x=x,
             x_scales=x_scales,
             topk_idx=topk_idx,
@@ -246,7 +243,7 @@ class NvlinkBackend:
         # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
         # worst-case tensors stays in bounds. One small kernel, in place, no host sync.
         if exact_rows is None:
-            nk.launch_dispatch_tail(counts.data_ptr() + 4 * (r - 1), out_meta, out_idx, out_w)
+            ht.launch_dispatch_tail(counts.data_ptr() + 4 * (r - 1), out_meta, out_idx, out_w)
 
         if handle is not None and handle.do_expand != do_expand:
             raise ValueError("a cached dispatch must use the handle's do_expand")
@@ -332,8 +329,8 @@ class NvlinkBackend:
         out_w = None
         if weights is not None:
             out_w = torch.empty((num_tokens, k), dtype=torch.float32, device=self.device)
-        nk.launch_combine(
-            self,
+        ht.launch_combine(
+            self.ht,
             x=x.contiguous(),
             weights=None if weights is None else weights.contiguous(),
             meta=meta,
@@ -348,7 +345,6 @@ class NvlinkBackend:
 
     # ---- low-latency ------------------------------------------------------------------------
     def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int) -> LowLatencyEngine:
-        from ep_core.nvlink_ll import LowLatencyEngine
 
         eng = self._ll
         if eng is None or not eng.fits(nmax, hidden, num_experts, k):
@@ -440,8 +436,6 @@ class NvlinkBackend:
         See ``LowLatencyEngine._jump_epoch_for_testing`` (which the low-latency engine, if one
         exists, also gets). Collective, with no kernel in flight.
         """
-        from ep_core.nvlink_ll import last_op_of_parity, settle, tag_word
-
         self._check()
         if last_epoch < 0:
             raise ValueError(f"last_epoch must be >= 0, got {last_epoch}")
