@@ -15,9 +15,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from bench_graphs import capture_graph, start_line
 
-from ep_jit.testing import RankInfo, run_ranks
+from ep_jit.testing import RankInfo, capture_graph, run_ranks, start_line
 
 
 def _time(fn, iters: int, warmup: int) -> list[float]:

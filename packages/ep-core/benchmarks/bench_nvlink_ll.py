@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from bench_graphs import capture_graph, start_line
 
-from ep_jit.testing import L2_FLUSH_BYTES, RankInfo, run_ranks
+from ep_jit.testing import L2_FLUSH_BYTES, RankInfo, capture_graph, run_ranks, start_line
 
 
 def _time(replay: Callable[[], object], iters: int, flush: torch.Tensor) -> list[float]:

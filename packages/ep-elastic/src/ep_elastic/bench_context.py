@@ -26,8 +26,7 @@ import torch.distributed as dist
 
 from ep_elastic.bench_cases import BenchConfig, make_routing
 from ep_elastic.bench_cases import seeded_generator as _gen
-from ep_elastic.bench_timing import RankTiming, allgather_floats
-from ep_jit.testing import RankInfo
+from ep_jit.testing import RankInfo, RankTiming, allgather_floats
 
 __all__ = [
     "RankContext",

@@ -1,90 +1,44 @@
-"""Timing loop of ``ep-bench``: every rank starts each timed call together, rank stats are merged.
+"""Timing loop of ``ep-bench``: ep-jit's collective timing with ep-core's input checks off.
 
-``ep_jit.testing.bench`` times back-to-back calls of one function; a communication benchmark also
-needs all ranks to start each call at the same moment (otherwise the time a rank waits for a late
-peer is counted as transfer time) and needs the slowest rank's time. :func:`time_steps` therefore
-runs, for every timed call: an L2 flush, a device synchronisation, ``dist.barrier()``, on CUDA a
-~1 ms sleep kernel (the host enqueues the call meanwhile) and a one-element all-reduce as a GPU-side
-start line, then the call bracketed by CUDA events (``time.perf_counter`` on CPU). Host launch
-overhead is thus hidden as in DeepEP's kernel timings, but host synchronisation inside a call
-(``do_cpu_sync``) still counts. Several steps (dispatch, then the
-combine that consumes its handle) run in turn inside one iteration, so stateful APIs see the order
-they expect. Per rank the median and the 10th/90th percentiles are taken over the iterations; the
-reported value of each is the maximum over ranks. The input value checks of the buffer
-(``EP_CHECK_INPUTS``: host reads of the expert ids) are off while timing, as DeepEP has none;
-the correctness pass before the timings runs with them.
+The loop itself (L2 flush, barrier, sleep kernel and one-element all-reduce as a GPU start line,
+CUDA events, max over ranks) is :func:`ep_jit.testing.time_steps` and
+:func:`ep_jit.testing.kernel_times`; see ``ep_jit.testing`` for what it measures. What ``ep-bench``
+adds: the input value checks of the buffer (``EP_CHECK_INPUTS``: host reads of the expert ids) are
+off while timing, as DeepEP has none; the correctness pass before the timings runs with them.
+:class:`RankTiming`, :func:`allgather_floats` and :func:`per_call_kernel_us` are re-exported from
+``ep_jit.testing``.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ep_core import knobs as core_knobs
-from ep_jit.testing import L2_FLUSH_BYTES, BenchStats
+from ep_jit import testing as jit_testing
+from ep_jit.testing import RankTiming as RankTiming
+from ep_jit.testing import allgather_floats as allgather_floats
+from ep_jit.testing import per_call_kernel_us as per_call_kernel_us
 
-__all__ = ["RankTiming", "allgather_floats", "kernel_times", "per_call_kernel_us", "time_steps"]
-
-_SLEEP_CYCLES = 2_000_000
-"""Cycles of the sleep kernel before each timed call (about 1 ms on H100/H200)."""
-
-
-@dataclass(frozen=True)
-class RankTiming:
-    """Timing of one step over all ranks, in microseconds.
-
-    Attributes:
-        median_us: Max over ranks of each rank's median.
-        p10_us: Max over ranks of each rank's 10th percentile.
-        p90_us: Max over ranks of each rank's 90th percentile.
-        per_rank_median_us: Each rank's median, by rank.
-        samples: Timed calls per rank.
-    """
-
-    median_us: float
-    p10_us: float
-    p90_us: float
-    per_rank_median_us: tuple[float, ...]
-    samples: int
-
-    def to_json(self) -> dict[str, object]:
-        """The timing as a JSON-ready dict."""
-        return {
-            "median": self.median_us,
-            "p10": self.p10_us,
-            "p90": self.p90_us,
-            "per_rank_median": list(self.per_rank_median_us),
-            "samples": self.samples,
-        }
+__all__ = [
+    "RankTiming",
+    "allgather_floats",
+    "input_checks_off",
+    "kernel_times",
+    "per_call_kernel_us",
+    "time_steps",
+]
 
 
-def allgather_floats(
-    values: Sequence[float], *, device: torch.device, group: dist.ProcessGroup
-) -> list[list[float]]:
-    """Gathers one list of floats per rank (same length on every rank); blocks the host.
-
-    Args:
-        values: This rank's values.
-        device: Where the exchange tensor lives (``cuda:<i>`` for NCCL, ``cpu`` for gloo).
-        group: The process group.
-
-    Returns:
-        ``out[r]`` = the values of rank ``r``.
-    """
-    local = torch.tensor(list(values), dtype=torch.float64, device=device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    return [t.tolist() for t in gathered]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@contextlib.contextmanager
+def input_checks_off() -> Iterator[None]:
+    """Switches ep-core's ``EP_CHECK_INPUTS`` off inside the block, restoring it on exit."""
+    with core_knobs.ep.scope():
+        core_knobs.ep.check_inputs = False
+        yield
 
 
 def time_steps(
@@ -95,13 +49,7 @@ def time_steps(
     device: torch.device,
     group: dist.ProcessGroup,
 ) -> dict[str, RankTiming]:
-    """Times each step of ``steps``, ``iters`` times, with a barrier before every timed call.
-
-    One iteration runs every step once, in order. Before each call (warm-up included) the L2 is
-    flushed (CUDA: :data:`ep_jit.testing.L2_FLUSH_BYTES` zeroed on the current stream), the device
-    synchronised and ``dist.barrier()`` passed; the call is bracketed by CUDA events on the current
-    stream, so the time covers the host-side launch work and any host synchronisation inside the
-    call as well as the kernels. Collective: every rank must call it with the same steps.
+    """:func:`ep_jit.testing.time_steps` with ep-core's input checks off; collective.
 
     Args:
         steps: ``(name, fn)`` pairs; ``fn()`` launches one call (asynchronously on CUDA).
@@ -113,24 +61,9 @@ def time_steps(
     Returns:
         ``{name: RankTiming}``, identical on every rank.
     """
-    with core_knobs.ep.scope():
-        core_knobs.ep.check_inputs = False
-        samples = _run(steps, iters=iters, warmup=warmup, device=device, group=group)
-    stats = [BenchStats(tuple(samples[name]), device.type) for name, _ in steps]
-    local = [v * 1e6 for s in stats for v in (s.median, s.p10, s.p90)]
-    per_rank = allgather_floats(local, device=device, group=group)
-    out: dict[str, RankTiming] = {}
-    for i, (name, _) in enumerate(steps):
-        rows = [r[3 * i : 3 * i + 3] for r in per_rank]
-        out[name] = RankTiming(
-            median_us=max(r[0] for r in rows),
-            p10_us=max(r[1] for r in rows),
-            p90_us=max(r[2] for r in rows),
-            per_rank_median_us=tuple(r[0] for r in rows),
-            samples=iters,
-        )
-    dist.barrier(group=group)
-    return out
+    return jit_testing.time_steps(
+        steps, iters=iters, warmup=warmup, device=device, group=group, context=input_checks_off
+    )
 
 
 def kernel_times(
@@ -141,122 +74,19 @@ def kernel_times(
     device: torch.device,
     group: dist.ProcessGroup,
 ) -> dict[str, float | None]:
-    """Device time per call of each step's own kernels, as DeepEP's tests time their kernels.
-
-    Runs the loop of :func:`time_steps` (flush, barrier, sleep kernel, start line before every
-    call) ``iters`` times under ``torch.profiler`` with CUDA activity only, then sums the
-    durations of the kernels whose names start with one of ``kernels[name]`` (every kernel a
-    backend launches for that step, e.g. a routing-layout kernel and the dispatch kernel), per
-    call. Host work and host synchronisation inside a call are not in this number; it shows
-    what the GPU spends, beside the whole-call time of :func:`time_steps`. Collective.
+    """:func:`ep_jit.testing.kernel_times` with ep-core's input checks off; collective on CUDA.
 
     Args:
         steps: As for :func:`time_steps`.
-        kernels: Kernel-name prefixes per step name; steps missing here are run but not
-            reported.
-        iters: Profiled iterations (>= 1), after one profiled warm-up iteration that is dropped.
+        kernels: Kernel-name prefixes per step name (every kernel a backend launches for it).
+        iters: Profiled iterations (>= 1).
         device: The rank's device.
         group: The process group.
 
     Returns:
-        ``{name: us or None}`` for every name of ``kernels``: the max over ranks of each rank's
-        :func:`per_call_kernel_us` (medians, so one delayed call does not move it); ``None``
-        (on every rank) when not on CUDA or when some rank saw none of the step's kernels (the
-        reference backend launches none of ours).
+        ``{name: us or None}`` for every name of ``kernels``; ``None`` off CUDA or when some rank
+        saw none of the step's kernels (the reference backend launches none of ours).
     """
-    if device.type != "cuda":
-        return dict.fromkeys(kernels)
-    from torch.profiler import ProfilerActivity, profile
-
-    with core_knobs.ep.scope():
-        core_knobs.ep.check_inputs = False
-        # The first profiling session of a process also starts CUPTI; its numbers are dropped.
-        with profile(activities=[ProfilerActivity.CUDA]):
-            _run(steps, iters=1, warmup=0, device=device, group=group)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            _run(steps, iters=iters, warmup=0, device=device, group=group)
-    durations: dict[str, list[float]] = {}
-    for event in prof.events():
-        t = float(getattr(event, "device_time_total", 0.0) or 0.0)
-        if t > 0:
-            durations.setdefault(event.name, []).append(t)
-    per_call = per_call_kernel_us(durations, kernels, iters)
-    names = list(kernels)
-    local = [per_call[n] for n in names]
-    per_rank = allgather_floats(local, device=device, group=group)
-    dist.barrier(group=group)
-    out: dict[str, float | None] = {}
-    for i, n in enumerate(names):
-        vals = [r[i] for r in per_rank]
-        out[n] = max(vals) if min(vals) > 0 else None
-    return out
-
-
-def per_call_kernel_us(
-    durations: Mapping[str, Sequence[float]],
-    kernels: Mapping[str, tuple[str, ...]],
-    iters: int,
-) -> dict[str, float]:
-    """Device time per call of each step from profiled kernel durations (us), robustly.
-
-    For every kernel name that starts with one of the step's prefixes: the median of its
-    durations times how often it ran per call (``len / iters``); the step's time is the sum over
-    those kernels (a dispatch = its routing-layout kernel + the dispatch kernel). A median
-    rather than a mean, so one delayed call among ``iters`` does not move the number. A step
-    whose kernels never ran gets 0.
-    """
-    out = dict.fromkeys(kernels, 0.0)
-    for kname, values in durations.items():
-        if not values:
-            continue
-        median = statistics.median(values)
-        for name, prefixes in kernels.items():
-            if kname.startswith(prefixes):
-                out[name] += median * len(values) / iters
-    return out
-
-
-def _run(
-    steps: Sequence[tuple[str, Callable[[], object]]],
-    *,
-    iters: int,
-    warmup: int,
-    device: torch.device,
-    group: dist.ProcessGroup,
-) -> dict[str, list[float]]:
-    """The timing loop of :func:`time_steps`; returns each step's samples in seconds."""
-    is_cuda = device.type == "cuda"
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if is_cuda else None
-    align = torch.zeros(1, dtype=torch.float32, device=device)
-    samples: dict[str, list[float]] = {name: [] for name, _ in steps}
-    events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-    for it in range(warmup + iters):
-        timed = it >= warmup
-        for name, fn in steps:
-            if flush is not None:
-                flush.zero_()
-            _sync(device)
-            dist.barrier(group=group)
-            if is_cuda:
-                # As DeepEP's tests: a sleep kernel lets the host enqueue the whole call behind
-                # it, then a one-element all-reduce gives every GPU the same start line, so a
-                # rank's time does not include a peer's host-side launch delay.
-                torch.cuda._sleep(_SLEEP_CYCLES)
-                dist.all_reduce(align, group=group)
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                if timed:
-                    events.append((name, start, end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                dt = time.perf_counter() - t0
-                if timed:
-                    samples[name].append(dt)
-    _sync(device)
-    for name, start, end in events:
-        samples[name].append(start.elapsed_time(end) * 1e-3)
-    return samples
+    return jit_testing.kernel_times(
+        steps, kernels, iters=iters, device=device, group=group, context=input_checks_off
+    )

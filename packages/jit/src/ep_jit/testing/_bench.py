@@ -1,4 +1,8 @@
-"""Timing helpers shared by every benchmark: CUDA events and an L2 flush, or perf_counter on CPU."""
+"""Timing helpers shared by every benchmark: CUDA events and an L2 flush, or perf_counter on CPU.
+
+:func:`capture_graph` captures the work to time in a CUDA graph, so its replays carry no host
+launch overhead.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["L2_FLUSH_BYTES", "BenchStats", "bench"]
+__all__ = ["L2_FLUSH_BYTES", "BenchStats", "bench", "capture_graph"]
 
 L2_FLUSH_BYTES = 256 << 20
 """Bytes written before each timed call to evict the L2 (H200's L2 is 50 MiB)."""
@@ -134,3 +138,32 @@ def bench(
         torch.cuda.synchronize(dev)
         samples = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)]
     return BenchStats(tuple(samples), "cuda")
+
+
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """Runs ``fn`` once on a side stream, then captures a second call of it in a CUDA graph.
+
+    The first call is the warm-up (kernel compilation, allocator, lazy state) and runs on a
+    fresh stream ordered after the current one, as graph capture requires; the device is
+    synchronised before and after the capture. The capture uses ``capture_error_mode=
+    "thread_local"`` so other threads (the NCCL watchdog polling its work) may keep calling
+    CUDA meanwhile. Replay the result with ``graph.replay()`` on the current stream.
+
+    Args:
+        fn: The work to capture, taking no arguments; it must launch on the current stream and
+            not synchronise the host (no ``.item()``, no ``torch.cuda.synchronize``).
+
+    Returns:
+        The captured graph; ``fn`` has run once (the warm-up), the captured call has not run.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    torch.cuda.synchronize()
+    return graph
