@@ -43,6 +43,19 @@ def test_auto(monkeypatch: pytest.MonkeyPatch, single_domain: bool) -> None:
             resolve_backend("nvlink", GROUP, True)
 
 
+def test_pre_hopper_gpus_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(ep_jit, "is_single_nvlink_domain", lambda group: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert resolve_backend("auto", GROUP, True) == "torch"
+    with pytest.raises(ValueError, match=r"compute capability 9.0 \(Hopper\) or newer.* 8.0"):
+        resolve_backend("nvlink", GROUP, True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert resolve_backend("auto", GROUP, True) == "nvlink"
+
+
 def test_errors() -> None:
     with pytest.raises(ValueError, match="backend='nvlink' cannot be used: not every rank"):
         resolve_backend("nvlink", GROUP, False)

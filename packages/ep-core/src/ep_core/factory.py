@@ -63,8 +63,26 @@ def nvlink_unavailable_reason(group: dist.ProcessGroup, all_cuda: bool) -> str |
         return "ep_jit provides no is_single_nvlink_domain()"
     if not is_single_domain(group):
         return "the ranks do not share one NVLink domain"
+    too_old = _compute_capability_reason()
+    if too_old is not None:
+        return too_old
     if nvlink_backend_class() is None:
         return "ep_core.nvlink.NvlinkBackend is not available"
+    return None
+
+
+def _compute_capability_reason() -> str | None:
+    """Why this rank's GPU cannot run the NVLink kernels (TMA bulk copies need sm_90), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return (
+            "the NVLink kernels need compute capability 9.0 (Hopper) or newer; "
+            f"this GPU has {major}.{minor}"
+        )
     return None
 
 
