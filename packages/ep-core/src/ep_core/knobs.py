@@ -12,7 +12,7 @@ read at access time, so a variable exported after import still takes effect::
 
 from __future__ import annotations
 
-from ep_jit.knobs import KnobGroup, knob_bool, knob_choice
+from ep_jit.knobs import KnobGroup, knob_bool, knob_choice, knob_int
 
 __all__ = ["BACKEND_CHOICES", "EpKnobs", "ep"]
 
@@ -32,6 +32,11 @@ class EpKnobs(KnobGroup):
         "EP_BUFFER_DEBUG",
         False,
         "Print each rank's backend choice and buffer sizes when a buffer is built.",
+    )
+    cpu_timeout_secs = knob_int(
+        "EP_CPU_TIMEOUT_SECS",
+        300,
+        "Default of ElasticBuffer(num_cpu_timeout_secs=...): limit of host waits on every backend.",
     )
     backend = knob_choice(
         "EP_BACKEND",

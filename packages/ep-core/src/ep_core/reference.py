@@ -8,12 +8,16 @@ them to a process group.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+
 import torch
 import torch.distributed as dist
 
 from ep_core import reference_ht, reference_ll
 from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
 from ep_core.handle import EPHandle, LowLatencyHandle
+from ep_jit.rows import collective_timeout
 
 __all__ = ["TorchBackend"]
 
@@ -35,7 +39,13 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, num_ranks: int) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        num_ranks: int,
+        timeout_s: float | None = None,
+    ) -> None:
         if group.size() != num_ranks or group.rank() != rank:
             raise ValueError(
                 f"rank {rank} / num_ranks {num_ranks} do not match the group "
@@ -44,16 +54,22 @@ class TorchBackend:
         self.group = group
         self.rank = rank
         self.num_ranks = num_ranks
+        # Host waits of the collectives that block the host (gloo): a peer that never arrives
+        # (it raised on its own input, or died) makes this rank raise instead of waiting.
+        self.timeout_s = timeout_s
         self._destroyed = False
 
     @classmethod
     def from_config(cls, group: dist.ProcessGroup, config: BackendConfig) -> TorchBackend:
         """Builds the backend from an ``ElasticBuffer``'s agreed configuration."""
-        return cls(group, config.rank, config.num_ranks)
+        return cls(group, config.rank, config.num_ranks, config.num_cpu_timeout_secs)
 
     def _check_alive(self) -> None:
         if self._destroyed:
             raise RuntimeError("TorchBackend was destroyed")
+
+    def _bounded(self) -> contextlib.AbstractContextManager[None]:
+        return collective_timeout(self.timeout_s)
 
     def dispatch(
         self,
@@ -72,22 +88,23 @@ class TorchBackend:
     ) -> DispatchResult:
         """See :meth:`ep_core.backend.EPBackend.dispatch` and :func:`reference_ht.dispatch`."""
         self._check_alive()
-        return reference_ht.dispatch(
-            self.group,
-            self.rank,
-            self.num_ranks,
-            x,
-            x_scales,
-            topk_idx,
-            topk_weights,
-            num_experts=num_experts,
-            num_max_tokens_per_rank=num_max_tokens_per_rank,
-            expert_alignment=expert_alignment,
-            do_expand=do_expand,
-            do_cpu_sync=do_cpu_sync,
-            handle=handle,
-            num_sms=num_sms,
-        )
+        with self._bounded():
+            return reference_ht.dispatch(
+                self.group,
+                self.rank,
+                self.num_ranks,
+                x,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                num_experts=num_experts,
+                num_max_tokens_per_rank=num_max_tokens_per_rank,
+                expert_alignment=expert_alignment,
+                do_expand=do_expand,
+                do_cpu_sync=do_cpu_sync,
+                handle=handle,
+                num_sms=num_sms,
+            )
 
     def combine(
         self,
@@ -99,9 +116,10 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """See :meth:`ep_core.backend.EPBackend.combine` and :func:`reference_ht.combine`."""
         self._check_alive()
-        return reference_ht.combine(
-            self.group, self.rank, self.num_ranks, x, handle, topk_weights, bias, num_sms
-        )
+        with self._bounded():
+            return reference_ht.combine(
+                self.group, self.rank, self.num_ranks, x, handle, topk_weights, bias, num_sms
+            )
 
     def low_latency_dispatch(
         self,
@@ -116,18 +134,19 @@ class TorchBackend:
     ) -> LowLatencyDispatchResult:
         """See :func:`ep_core.reference_ll.low_latency_dispatch`."""
         self._check_alive()
-        return reference_ll.low_latency_dispatch(
-            self.group,
-            self.rank,
-            self.num_ranks,
-            x,
-            topk_idx,
-            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
-            num_experts=num_experts,
-            use_fp8=use_fp8,
-            round_scale=round_scale,
-            use_ue8m0=use_ue8m0,
-        )
+        with self._bounded():
+            return reference_ll.low_latency_dispatch(
+                self.group,
+                self.rank,
+                self.num_ranks,
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+                num_experts=num_experts,
+                use_fp8=use_fp8,
+                round_scale=round_scale,
+                use_ue8m0=use_ue8m0,
+            )
 
     def low_latency_combine(
         self,
@@ -139,14 +158,20 @@ class TorchBackend:
     ) -> torch.Tensor:
         """See :func:`ep_core.reference_ll.low_latency_combine`."""
         self._check_alive()
-        return reference_ll.low_latency_combine(
-            self.group, self.rank, self.num_ranks, x, topk_idx, topk_weights, handle, out
-        )
+        with self._bounded():
+            return reference_ll.low_latency_combine(
+                self.group, self.rank, self.num_ranks, x, topk_idx, topk_weights, handle, out
+            )
 
     def barrier(self) -> None:
-        """Blocks until every rank of the group arrives (``torch.distributed.barrier``)."""
+        """Blocks until every rank of the group arrives (on gloo within ``timeout_s``)."""
         self._check_alive()
-        dist.barrier(group=self.group)
+        if self.timeout_s and self.timeout_s > 0 and str(dist.get_backend(self.group)) == "gloo":
+            dist.monitored_barrier(
+                group=self.group, timeout=datetime.timedelta(seconds=self.timeout_s)
+            )
+        else:
+            dist.barrier(group=self.group)
 
     def destroy(self) -> None:
         """Marks the backend destroyed (it owns no memory); idempotent."""

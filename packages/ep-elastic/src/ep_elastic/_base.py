@@ -97,7 +97,7 @@ class BufferBase:
         use_fp8_dispatch: bool = False,
         deterministic: bool = True,
         prefer_overlap_with_compute: bool = True,
-        num_cpu_timeout_secs: float = 300,
+        num_cpu_timeout_secs: float | None = None,
         num_gpu_timeout_secs: float = 100,
         explicitly_destroy: bool = False,
         backend: str = "auto",
@@ -105,6 +105,8 @@ class BufferBase:
     ) -> None:
         self._backend: EPBackend | None = None
         self._destroyed = False
+        if num_cpu_timeout_secs is None:
+            num_cpu_timeout_secs = float(core_knobs.ep.cpu_timeout_secs)
         self.group = group
         self.rank_idx = group.rank()
         self.num_ranks = group.size()

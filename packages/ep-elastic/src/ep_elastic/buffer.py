@@ -31,7 +31,9 @@ class ElasticBuffer(HighThroughputMixin, LowLatencyMixin):
         use_fp8_dispatch: Size dispatch for FP8 data plus scales.
         deterministic: Accepted for DeepEP compatibility; outputs are always deterministic.
         prefer_overlap_with_compute: When False the analytical SM count is at least 64.
-        num_cpu_timeout_secs: Limit of host waits (kernel backends).
+        num_cpu_timeout_secs: Limit in seconds of host waits on every backend (the reference
+            backend's gloo collectives, the kernel backends' stream syncs); past it the waiting
+            rank raises ``ep_jit.HostTimeoutError``. ``None``: ``EP_CPU_TIMEOUT_SECS`` (300).
         num_gpu_timeout_secs: Limit of device spin waits (kernel backends).
         explicitly_destroy: The owner calls :meth:`destroy`; a buffer dropped without it warns.
         backend: ``"auto"`` (NVLink kernels when every rank is on CUDA in one NVLink domain and

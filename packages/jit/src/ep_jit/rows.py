@@ -7,13 +7,68 @@ dtypes: gloo has no float8 or int16 collectives, and bytes work the same on NCCL
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import datetime
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["RowField", "all_to_all_fixed", "all_to_all_uneven", "pack_rows", "unpack_rows"]
+from ep_jit.errors import HostTimeoutError
+
+__all__ = [
+    "RowField",
+    "all_to_all_fixed",
+    "all_to_all_uneven",
+    "collective_timeout",
+    "pack_rows",
+    "unpack_rows",
+]
+
+_deadline = threading.local()
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float | None) -> Iterator[None]:
+    """Bounds the host wait of every all-to-all of this module inside the block (this thread).
+
+    Where the collective blocks the host (gloo; CPU tensors), it is issued asynchronously and
+    waited for at most ``seconds``; past that :class:`~ep_jit.errors.HostTimeoutError` names the
+    collective, instead of a peer that never arrives leaving this rank waiting for gloo's own
+    limit (30 minutes by default). The group is not usable after such a timeout. ``None`` or
+    ``<= 0``: no limit of ours. NCCL collectives on CUDA tensors stay stream-ordered (no wait).
+    """
+    previous = getattr(_deadline, "seconds", None)
+    _deadline.seconds = seconds
+    try:
+        yield
+    finally:
+        _deadline.seconds = previous
+
+
+def _all_to_all(
+    recv: torch.Tensor,
+    send: torch.Tensor,
+    group: dist.ProcessGroup,
+    recv_counts: list[int] | None,
+    send_counts: list[int] | None,
+    what: str,
+) -> None:
+    seconds = getattr(_deadline, "seconds", None)
+    host_blocking = send.device.type == "cpu" or str(dist.get_backend(group)) == "gloo"
+    if not seconds or seconds <= 0 or not host_blocking:
+        dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group)
+        return
+    work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group, async_op=True)
+    assert work is not None
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as exc:
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        raise HostTimeoutError(f"{what} (a peer did not join the collective)", seconds) from exc
 
 
 @dataclass(frozen=True)
@@ -70,7 +125,8 @@ def unpack_rows(rows: torch.Tensor, fields: Sequence[RowField]) -> dict[str, tor
 def all_to_all_fixed(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Equal-split all-to-all: block ``d`` of ``send`` goes to rank ``d``.
 
-    Needs no host-side counts, so it never syncs. Runs on the current stream.
+    Needs no host-side counts, so it never syncs. Runs on the current stream. Bounded by
+    :func:`collective_timeout` where it blocks the host.
 
     Args:
         send: ``[R * C, ...]`` contiguous.
@@ -80,7 +136,7 @@ def all_to_all_fixed(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
         ``[R * C, ...]``; block ``s`` came from rank ``s``.
     """
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    _all_to_all(recv, send.contiguous(), group, None, None, "an equal-split all-to-all")
     return recv
 
 
@@ -102,5 +158,5 @@ def all_to_all_uneven(
         ``[sum(recv_counts), ...]``, rows from rank 0 first.
     """
     recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
-    dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group)
+    _all_to_all(recv, send.contiguous(), group, recv_counts, send_counts, "an all-to-all of rows")
     return recv
