@@ -1,7 +1,8 @@
 """ep-elastic: expert-parallel MoE dispatch/combine for PyTorch, shaped after DeepEP V2.
 
 :class:`ElasticBuffer` is the user API; :mod:`ep_elastic.autograd` makes dispatch and combine
-differentiable. Importing never initialises CUDA or compiles anything.
+differentiable; :mod:`ep_elastic.compat` offers DeepEP V1's ``Buffer`` API on the same backends
+(``docs/migrating.md``). Importing never initialises CUDA or compiles anything.
 """
 
 from __future__ import annotations
