@@ -57,12 +57,15 @@ class BenchConfig:
         ll_tokens: Tokens per rank of the low-latency cases.
         routing: One of :data:`ROUTINGS`.
         backend: ``backend=`` of the :class:`~ep_elastic.ElasticBuffer` under test.
-        iters: Timed calls per measurement.
-        warmup: Untimed calls before them.
+        iters: Timed calls per measurement (per repeat).
+        warmup: Untimed calls before the first repeat.
+        repeats: Measurements of ``iters`` calls each per case; the speedup's spread is over them.
         seed: Base seed of every generator.
         world_size: Number of ranks.
         use_gpu: One rank per GPU (NCCL) rather than CPU ranks (gloo).
         result_path: File rank 0 writes its results to, read back by the CLI process.
+        defaults: Which defaults filled the options not given: ``"gpu"``, ``"cpu"`` (smaller
+            shapes, as a CPU run of the GPU shapes takes many minutes) or ``"quick"``.
     """
 
     modes: tuple[str, ...]
@@ -77,10 +80,12 @@ class BenchConfig:
     backend: str
     iters: int
     warmup: int
+    repeats: int
     seed: int
     world_size: int
     use_gpu: bool
     result_path: str
+    defaults: str = "gpu"
 
     @property
     def num_max_tokens_per_rank(self) -> int:

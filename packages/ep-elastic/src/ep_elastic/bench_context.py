@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ep_elastic.bench_cases import BenchConfig, make_routing
 from ep_elastic.bench_cases import seeded_generator as _gen
+from ep_elastic.bench_timing import RepeatedTiming
 from ep_jit.testing import RankInfo, RankTiming, allgather_floats
 
 __all__ = [
@@ -83,6 +84,11 @@ class RankContext:
         if self.rank == 0:
             print(message, file=sys.stderr, flush=True)
 
+    @property
+    def progress_log(self) -> Callable[[str], None] | None:
+        """Where progress lines go: :meth:`log` on rank 0, ``None`` elsewhere."""
+        return self.log if self.rank == 0 else None
+
 
 def split_fp8(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(data, scales)`` of a dispatch input or output: a tensor, or an FP8 ``(data, sf)``."""
@@ -118,7 +124,7 @@ def agree(ctx: RankContext, local: list[str]) -> list[str]:
 
 def measure(
     ctx: RankContext,
-    timing: RankTiming,
+    timing: RankTiming | RepeatedTiming,
     row_bytes: Mapping[str, float],
     rows: tuple[int, int],
     kernel_us: float | None = None,
@@ -127,7 +133,7 @@ def measure(
 
     Args:
         ctx: The rank context.
-        timing: Merged timing of the measurement.
+        timing: Merged timing of the measurement (of its repeats, when repeated).
         row_bytes: Bytes per row for each count, with at least ``"logical"``.
         rows: ``(rows, remote_rows)`` this rank moves; ``rows`` includes its local rows.
         kernel_us: Device time of the call's own kernels (``bench_timing.kernel_times``), or

@@ -9,8 +9,9 @@ count of a sweep moves the same data), then:
    ``combined_topk_weights`` must be equal. The ``all_to_all_single`` baseline is checked against
    the reference in the same way.
 2. timing: per iteration a dispatch then the combine of its handle, for the buffer and then for the
-   baseline, each after a barrier (:func:`~ep_elastic.bench_timing.time_steps`); then the
-   buffer's pair again under the profiler for the device time of its kernels
+   baseline, each after a barrier, in ``--repeats`` repeats of ``--iters`` iterations
+   (:func:`~ep_elastic.bench_timing.time_repeated`; the speedup's range is over the repeats);
+   then the buffer's pair again under the profiler for the device time of its kernels
    (:func:`~ep_elastic.bench_timing.kernel_times`, as DeepEP times its kernels).
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from ep_elastic.bench_baseline import baseline_combine, baseline_dispatch
 from ep_elastic.bench_cases import Case, make_tokens, tokens_in_rank
 from ep_elastic.bench_context import RankContext, agree, cast_fp8, check_equal, measure, split_fp8
-from ep_elastic.bench_timing import kernel_times, time_steps
+from ep_elastic.bench_timing import kernel_times, speedup, time_repeated
 
 __all__ = ["KERNELS", "run_ht_case"]
 
@@ -131,7 +132,15 @@ def run_ht_case(
         ("base_dispatch", base_dispatch),
         ("base_combine", base_combine),
     ]
-    t = time_steps(steps, iters=cfg.iters, warmup=cfg.warmup, device=ctx.device, group=ctx.group)
+    t = time_repeated(
+        steps,
+        iters=cfg.iters,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        device=ctx.device,
+        group=ctx.group,
+        log=ctx.progress_log,
+    )
     kern = kernel_times(
         steps[:2], KERNELS, iters=min(cfg.iters, 10), device=ctx.device, group=ctx.group
     )
@@ -169,6 +178,7 @@ def run_ht_case(
                     "mismatches": op_base_bad,
                     **measure(ctx, t[f"base_{op}"], row_bytes[op], (rows, remote)),
                 },
+                "speedup": speedup(t[op], t[f"base_{op}"]),
             }
         )
     return records

@@ -26,7 +26,7 @@ from ep_elastic.bench_baseline import baseline_combine, baseline_dispatch
 from ep_elastic.bench_cases import Case, make_tokens, tokens_in_rank
 from ep_elastic.bench_context import RankContext, agree, cast_fp8, check_equal, measure, split_fp8
 from ep_elastic.bench_report import IN_GRAPH_CALLS
-from ep_elastic.bench_timing import kernel_times, time_steps
+from ep_elastic.bench_timing import kernel_times, speedup, time_repeated, time_steps
 
 __all__ = ["CHECK_REPLAYS", "KERNELS", "run_ll_case"]
 
@@ -267,7 +267,15 @@ def run_ll_case(
         ("base_dispatch", base_dispatch),
         ("base_combine", base_combine),
     ]
-    t = time_steps(steps, iters=cfg.iters, warmup=cfg.warmup, device=dev, group=ctx.group)
+    t = time_repeated(
+        steps,
+        iters=cfg.iters,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        device=dev,
+        group=ctx.group,
+        log=ctx.progress_log,
+    )
     kern = kernel_times(steps[:2], KERNELS, iters=min(cfg.iters, 10), device=dev, group=ctx.group)
     in_graph = _time_in_graph(ctx, runner) if runner.graphs is not None else {}
 
@@ -309,6 +317,7 @@ def run_ll_case(
                     "mismatches": [],
                     **measure(ctx, t[f"base_{op}"], row_bytes[op], (base_rows, base_remote)),
                 },
+                "speedup": speedup(t[op], t[f"base_{op}"]),
             }
         )
     runner.graphs = None

@@ -1,7 +1,9 @@
-"""Output of ``ep-bench``: the text table, the JSON document and the optional PNG plot.
+"""Output of ``ep-bench``: the text table and the JSON document (the plot: ``bench_plot``).
 
-Runs in the CLI process on the records rank 0 wrote. matplotlib is optional: it is imported only
-by :func:`write_plot`, and :func:`require_matplotlib` lets the CLI fail before any rank starts.
+Runs in the CLI process on the records rank 0 wrote. The default table fits
+:data:`TABLE_WIDTH` characters and leaves out the columns that say nothing for the cases run (SM
+counts of the reference backend, kernel and in-graph times where none were measured); ``--wide``
+prints every column.
 """
 
 from __future__ import annotations
@@ -10,19 +12,20 @@ import datetime
 import json
 import platform
 import subprocess
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "BYTE_COUNTING",
     "IN_GRAPH_CALLS",
+    "TABLE_WIDTH",
     "build_document",
     "format_table",
     "git_commit",
-    "require_matplotlib",
+    "table_columns",
     "write_json",
-    "write_plot",
 ]
 
 IN_GRAPH_CALLS = 8
@@ -39,9 +42,10 @@ BYTE_COUNTING = {
     ),
     "remote": "logical bytes of the rows that cross to another rank only (NVLink traffic).",
     "time": (
-        "max over ranks of each rank's median (p10/p90 likewise) of whole calls (CUDA events; "
-        "before each: L2 flush, barrier and, on GPUs, a sleep kernel + one-element all-reduce "
-        "as a shared start line; EP_CHECK_INPUTS off); bytes are the mean per rank."
+        "median over the repeats of each repeat's max over ranks of each rank's median (p10/p90 "
+        "likewise) of whole calls (CUDA events, host clock on CPU; before each: L2 flush, "
+        "barrier and, on GPUs, a sleep kernel + one-element all-reduce as a shared start line; "
+        "EP_CHECK_INPUTS off); bytes are the mean per rank."
     ),
     "kernel": (
         "kern_us = device time of the call's own kernels (routing layout + dispatch, or combine; "
@@ -98,6 +102,10 @@ def build_document(
     }
 
 
+TABLE_WIDTH = 100
+"""Characters the default table (and its notes) fits in; ``--wide`` prints every column."""
+
+
 def _sms(case: dict[str, Any]) -> str:
     if case["mode"] != "ht":
         return "-"
@@ -106,199 +114,201 @@ def _sms(case: dict[str, Any]) -> str:
     return str(case["num_sms"])
 
 
-_COLUMNS = (
-    ("mode", 4, "<"),
-    ("op", 8, "<"),
-    ("dtype", 5, "<"),
-    ("sms", 7, ">"),
-    ("tokens", 6, ">"),
-    ("check", 5, "<"),
-    ("med_us", 9, ">"),
-    ("p10_us", 9, ">"),
-    ("p90_us", 9, ">"),
-    ("GB/s", 7, ">"),
-    ("dpep", 7, ">"),
-    ("kern_us", 8, ">"),
-    ("kGB/s", 7, ">"),
-    (f"g{IN_GRAPH_CALLS}_us", 7, ">"),
-    ("rem_MB", 8, ">"),
-    ("rem_GB/s", 8, ">"),
-    ("|", 1, "<"),
-    ("base_us", 9, ">"),
-    ("base_GB/s", 9, ">"),
-    ("base_rem", 8, ">"),
-    ("base", 5, "<"),
-    ("speedup", 7, ">"),
-)
+def _num(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else f"{value:{fmt}}"
 
 
-def _row(values: Sequence[str]) -> str:
-    return " ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(values, _COLUMNS, strict=True)).rstrip()
+def _speedup(case: dict[str, Any]) -> dict[str, Any]:
+    """The case's speedup record; documents written before repeats have only the two times."""
+    if "speedup" in case:
+        return dict(case["speedup"])
+    lat = case["latency_us"]["median"]
+    ratio = case["baseline"]["latency_us"]["median"] / lat if lat > 0 else 0.0
+    return {"value": ratio, "min": None, "max": None, "per_repeat": [ratio]}
 
 
-def format_table(doc: dict[str, Any]) -> str:
-    """The human-readable table of a JSON document, with its notes."""
-    meta = doc["meta"]
-    lines = [
+def _range(case: dict[str, Any]) -> str:
+    sp = _speedup(case)
+    if sp["min"] is None or len(sp["per_repeat"]) < 2:
+        return "-"
+    return f"{sp['min']:.2f}-{sp['max']:.2f}"
+
+
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]
+"""``(header, alignment, cell of a case)``."""
+
+_COLUMNS: dict[str, Column] = {
+    "mode": ("mode", "<", lambda c: c["mode"]),
+    "op": ("op", "<", lambda c: c["op"] + ("*" if c["graph"] else "")),
+    "dtype": ("dtype", "<", lambda c: c["dtype"]),
+    "sms": ("sms", ">", _sms),
+    "tokens": ("tokens", ">", lambda c: str(c["num_tokens"])),
+    "check": ("check", "<", lambda c: c["status"]),
+    "med_us": ("med_us", ">", lambda c: f"{c['latency_us']['median']:.1f}"),
+    "p10_us": ("p10_us", ">", lambda c: f"{c['latency_us']['p10']:.1f}"),
+    "p90_us": ("p90_us", ">", lambda c: f"{c['latency_us']['p90']:.1f}"),
+    "gbps": ("GB/s", ">", lambda c: f"{c['gbps']['logical']:.2f}"),
+    "dpep": ("dpep", ">", lambda c: f"{c['gbps']['deepep']:.2f}"),
+    "kern_us": ("kern_us", ">", lambda c: _num(c.get("kernel_us"))),
+    "kgbps": (
+        "kGB/s",
+        ">",
+        lambda c: _num((c.get("kernel_gbps") or {}).get("logical"), ".2f"),
+    ),
+    "g_us": (f"g{IN_GRAPH_CALLS}_us", ">", lambda c: _num(c.get("in_graph_us"))),
+    "rem_mb": ("rem_MB", ">", lambda c: f"{c['bytes']['remote'] / 1e6:.3f}"),
+    "rem_gbps": ("rem_GB/s", ">", lambda c: f"{c['gbps']['remote']:.2f}"),
+    "sep": ("|", "<", lambda c: "|"),
+    "base_us": ("base_us", ">", lambda c: f"{c['baseline']['latency_us']['median']:.1f}"),
+    "base_gbps": ("base_GB/s", ">", lambda c: f"{c['baseline']['gbps']['logical']:.2f}"),
+    "base_rem": ("base_rem", ">", lambda c: f"{c['baseline']['gbps']['remote']:.2f}"),
+    "base": (
+        "base",
+        "<",
+        lambda c: {"PASS": "PASS", "FAIL": "FAIL"}.get(c["baseline"]["status"], "-"),
+    ),
+    "speedup": ("speedup", ">", lambda c: f"{_speedup(c)['value']:.2f}x"),
+    "range": ("range", ">", _range),
+}
+
+_WIDE_ONLY = ("dpep", "rem_mb", "rem_gbps", "base_gbps", "base_rem")
+"""Left out of the default table (in ``--wide`` and the JSON)."""
+
+_DROP_ORDER = ("kgbps", "p10_us", "p90_us", "sep")
+"""Optional columns of the default table, the first left out first when it is too wide."""
+
+
+def _applies(key: str, cases: list[dict[str, Any]], backend: str) -> bool:
+    """Whether a column says anything for these cases (the default table shows only those)."""
+    ht = [c for c in cases if c["mode"] == "ht"]
+    if key == "sms":
+        # The reference backend runs no kernels; its SM count means something only when the
+        # user sweeps it (the rows then differ by it).
+        return bool(ht) and (backend != "torch" or any(c["num_sms"] != 0 for c in ht))
+    if key in ("kern_us", "kgbps"):
+        return any(c.get("kernel_us") is not None for c in cases)
+    if key == "g_us":
+        return any(c.get("in_graph_us") is not None for c in cases)
+    if key == "base":
+        return any(c["baseline"]["status"] == "FAIL" for c in cases)
+    if key == "range":
+        return any(_range(c) != "-" for c in cases)
+    return True
+
+
+def _layout(keys: list[str], cases: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Each column with the width of its widest cell or header."""
+    widths = []
+    for key in keys:
+        header, _, cell = _COLUMNS[key]
+        widths.append((key, max([len(header)] + [len(cell(c)) for c in cases])))
+    return widths
+
+
+def _width(layout: list[tuple[str, int]]) -> int:
+    return sum(w for _, w in layout) + len(layout) - 1
+
+
+def table_columns(doc: dict[str, Any], wide: bool = False) -> list[tuple[str, int]]:
+    """``(column key, width)`` of the table: every column, or those that apply and fit.
+
+    Args:
+        doc: The JSON document.
+        wide: Every column (as ``--wide``), else the default table: columns that say nothing for
+            these cases left out, then optional ones until it fits :data:`TABLE_WIDTH`.
+    """
+    cases = doc["cases"]
+    if wide:
+        return _layout(list(_COLUMNS), cases)
+    backend = doc["meta"].get("backend_name", "")
+    keys = [k for k in _COLUMNS if k not in _WIDE_ONLY and _applies(k, cases, backend)]
+    layout = _layout(keys, cases)
+    for key in _DROP_ORDER:
+        if _width(layout) <= TABLE_WIDTH:
+            break
+        layout = [(k, w) for k, w in layout if k != key]
+    return layout
+
+
+def _row(layout: list[tuple[str, int]], values: Sequence[str]) -> str:
+    return " ".join(
+        f"{v:{_COLUMNS[k][1]}{w}}" for v, (k, w) in zip(values, layout, strict=True)
+    ).rstrip()
+
+
+def _wrap(text: str, wide: bool) -> list[str]:
+    if wide:
+        return [text]
+    return textwrap.wrap(text, TABLE_WIDTH, subsequent_indent="    ", break_on_hyphens=False)
+
+
+def _shape_line(doc: dict[str, Any]) -> str | None:
+    cfg = doc.get("config") or {}
+    if "hidden" not in cfg:
+        return None
+    repeats = cfg.get("repeats", 1)
+    calls = f"{repeats} repeats x {cfg['iters']}" if repeats > 1 else f"{cfg['iters']}"
+    return (
+        f"H={cfg['hidden']}, top-{cfg['num_topk']} of {cfg['num_experts']} experts, "
+        f"{cfg['routing']} routing; {calls} timed calls after {cfg['warmup']} warm-up"
+    )
+
+
+def format_table(doc: dict[str, Any], wide: bool = False) -> str:
+    """The human-readable table of a JSON document, with its notes.
+
+    Args:
+        doc: The JSON document (:func:`build_document`).
+        wide: Every column and unwrapped notes, as ``ep-bench --wide``; else the columns that
+            apply to these cases, fitted to :data:`TABLE_WIDTH` characters.
+    """
+    meta, cases = doc["meta"], doc["cases"]
+    layout = table_columns(doc, wide)
+    shown = {k for k, _ in layout}
+    lines = _wrap(
         f"ep-bench: {meta['num_ranks']} ranks on {meta['device']}, backend "
         f"{meta['backend_name']!r} (reference 'torch'), torch {meta['torch']}",
-        _row([name for name, _, _ in _COLUMNS]),
-    ]
-    for c in doc["cases"]:
-        lat, base = c["latency_us"], c["baseline"]
-        base_status = {"PASS": "PASS", "FAIL": "FAIL"}.get(base["status"], "-")
-        speedup = base["latency_us"]["median"] / lat["median"] if lat["median"] > 0 else 0.0
-        op = c["op"] + ("*" if c["graph"] else "")
-        values = [
-            c["mode"],
-            op,
-            c["dtype"],
-            _sms(c),
-            str(c["num_tokens"]),
-            c["status"],
-            f"{lat['median']:.1f}",
-            f"{lat['p10']:.1f}",
-            f"{lat['p90']:.1f}",
-            f"{c['gbps']['logical']:.2f}",
-            f"{c['gbps']['deepep']:.2f}",
-            "-" if c.get("kernel_us") is None else f"{c['kernel_us']:.1f}",
-            "-" if c.get("kernel_gbps") is None else f"{c['kernel_gbps']['logical']:.2f}",
-            "-" if c.get("in_graph_us") is None else f"{c['in_graph_us']:.1f}",
-            f"{c['bytes']['remote'] / 1e6:.3f}",
-            f"{c['gbps']['remote']:.2f}",
-            "|",
-            f"{base['latency_us']['median']:.1f}",
-            f"{base['gbps']['logical']:.2f}",
-            f"{base['gbps']['remote']:.2f}",
-            base_status,
-            f"{speedup:.2f}x",
-        ]
-        lines.append(_row(values))
-    lines += [
-        "",
-        "GB/s = logical: " + BYTE_COUNTING["logical"],
-        "dpep = " + BYTE_COUNTING["deepep"],
-        "rem = " + BYTE_COUNTING["remote"],
-        "times: " + BYTE_COUNTING["time"],
-        BYTE_COUNTING["kernel"],
-        BYTE_COUNTING["in_graph"],
+        wide,
+    )
+    shape = _shape_line(doc)
+    if shape:
+        lines += _wrap(shape, wide)
+    lines.append(_row(layout, [_COLUMNS[k][0] for k, _ in layout]))
+    lines += [_row(layout, [_COLUMNS[k][2](c) for k, _ in layout]) for c in cases]
+    notes = ["GB/s = logical: " + BYTE_COUNTING["logical"]]
+    if "dpep" in shown:
+        notes.append("dpep = " + BYTE_COUNTING["deepep"])
+    if "rem_mb" in shown:
+        notes.append("rem = " + BYTE_COUNTING["remote"])
+    notes.append("times: " + BYTE_COUNTING["time"])
+    if "kern_us" in shown:
+        notes.append(BYTE_COUNTING["kernel"])
+    if "g_us" in shown:
+        notes.append(BYTE_COUNTING["in_graph"])
+    notes.append(
         "base = plain all_to_all_single pipeline in the same run (its own rows for ll); "
-        "speedup = base_us / med_us; * = timed as CUDA graph replays.",
+        "speedup = base_us / med_us; range = its lowest and highest value over the repeats "
+        "(both sides timed in the same iterations)"
+        + ("; * = timed as CUDA graph replays." if any(c["graph"] for c in cases) else ".")
+    )
+    lines.append("")
+    for note in notes:
+        lines += _wrap(note, wide)
+    hidden = [
+        _COLUMNS[k][0]
+        for k in _COLUMNS
+        if k not in shown and k != "sep" and k in _WIDE_ONLY + _DROP_ORDER
     ]
-    notes = sorted({c["graph_note"] for c in doc["cases"] if c.get("graph_note")})
-    lines += [f"ll: {n}" for n in notes]
-    for c in doc["cases"]:
+    if hidden:
+        lines += _wrap(f"more columns ({', '.join(hidden)}): --wide, or --json", wide)
+    graph_notes = sorted({c["graph_note"] for c in cases if c.get("graph_note")})
+    for n in graph_notes:
+        lines += _wrap(f"ll: {n}", wide)
+    for c in cases:
         for m in c["mismatches"] + c["baseline"]["mismatches"]:
-            lines.append(f"MISMATCH {c['case']}: {m}")
+            lines += _wrap(f"MISMATCH {c['case']}: {m}", wide)
     lines.append(f"overall: {doc['status']}")
     return "\n".join(lines)
-
-
-def require_matplotlib() -> None:
-    """Raises ``RuntimeError`` with an install hint when matplotlib cannot be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(
-            "--plot needs matplotlib, which is not installed (pip install matplotlib)"
-        ) from exc
-
-
-def _plot_kernel_curve(
-    ax: Any, xs: Sequence[float], ys: Sequence[float | None], style: str, **kwargs: Any
-) -> None:
-    """Plots the points of ``ys`` that were measured (kernel times are ``None`` off CUDA)."""
-    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
-    if points:
-        ax.plot([x for x, _ in points], [y for _, y in points], style, **kwargs)
-
-
-def write_plot(doc: dict[str, Any], path: str) -> None:
-    """Writes a PNG: GB/s vs SMs per high-throughput op, latency vs tokens for low latency.
-
-    Baselines are horizontal dashed lines (high throughput) or dashed curves (low latency).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = doc["cases"]
-    panels = [
-        ("ht", op)
-        for op in ("dispatch", "combine")
-        if any(c["mode"] == "ht" and c["op"] == op for c in cases)
-    ]
-    has_ll = any(c["mode"] == "ll" for c in cases)
-    n = len(panels) + int(has_ll)
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(5.5 * max(n, 1), 4.2), squeeze=False)
-    colors = {"fp8": "tab:blue", "bf16": "tab:orange"}
-    for ax, (_, op) in zip(axes[0], panels, strict=False):
-        for dtype in ("fp8", "bf16"):
-            rows = [c for c in cases if c["mode"] == "ht" and c["op"] == op and c["dtype"] == dtype]
-            if not rows:
-                continue
-            rows.sort(key=lambda c: c["num_sms_used"] or c["num_sms"])
-            xs = [c["num_sms_used"] or c["num_sms"] for c in rows]
-            color = colors[dtype]
-            ax.plot(xs, [c["gbps"]["logical"] for c in rows], "o-", color=color, label=dtype)
-            _plot_kernel_curve(
-                ax,
-                xs,
-                [(c.get("kernel_gbps") or {}).get("logical") for c in rows],
-                "^:",
-                color=color,
-                label=f"{dtype} kernels only",
-            )
-            base = max(c["baseline"]["gbps"]["logical"] for c in rows)
-            ax.axhline(base, color=color, linestyle="--", label=f"{dtype} all_to_all baseline")
-        ax.set_title(f"HT {op} ({doc['meta']['num_ranks']} ranks)")
-        ax.set_xlabel("SMs")
-        ax.set_ylabel("logical GB/s per rank")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if has_ll:
-        ax = axes[0][len(panels)]
-        for dtype in ("fp8", "bf16"):
-            for op, marker in (("dispatch", "o"), ("combine", "s")):
-                rows = [
-                    c for c in cases if c["mode"] == "ll" and c["op"] == op and c["dtype"] == dtype
-                ]
-                if not rows:
-                    continue
-                rows.sort(key=lambda c: c["num_tokens"])
-                xs = [c["num_tokens"] for c in rows]
-                color = colors[dtype]
-                label = f"{op} {dtype}"
-                ax.plot(
-                    xs,
-                    [c["latency_us"]["median"] for c in rows],
-                    f"{marker}-",
-                    color=color,
-                    label=label,
-                )
-                _plot_kernel_curve(
-                    ax,
-                    xs,
-                    [c.get("kernel_us") for c in rows],
-                    f"{marker}:",
-                    color=color,
-                    alpha=0.8,
-                    label=f"{label} kernel only",
-                )
-                base = [c["baseline"]["latency_us"]["median"] for c in rows]
-                ax.plot(xs, base, f"{marker}--", color=color, alpha=0.5, label=f"{label} baseline")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")  # the host-synchronising baseline is ~20-40x slower
-        ax.set_title("LL latency")
-        ax.set_xlabel("tokens per rank")
-        ax.set_ylabel("median us (max over ranks)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"ep-bench: {doc['meta']['device']}, backend {doc['meta']['backend_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_json(doc: dict[str, Any], path: str) -> None:
