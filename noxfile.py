@@ -1,10 +1,12 @@
 """Task entry point of the monorepo: `nox -l` lists the sessions, plain `nox` runs the CI set.
 
-    nox                      # what CI runs (.ci/run): lint, build, every test set, multinode
+    nox                      # what CI runs (.ci/run): lint, build, every test set, multinode,
+                             # examples
     nox -s build             # a wheel and an sdist of every package into dist/
     nox -s "tests(ep-core)"  # one package alone, installed from dist/ with only what it declares
     nox -s tests_all         # every package in one environment
     nox -s multinode         # EP checks on 2 simulated nodes x 2 ranks (two torchrun launchers)
+    nox -s examples          # ep-elastic's examples under torchrun on CPU ranks
     nox -s lint types        # ruff check + format; mypy over each src/
     nox -s env_docs          # docs/env-vars.md is up to date with the packages' knobs
     nox -s gpu               # GPU tests, serial; only on a machine with CUDA (not in the CI set)
@@ -32,7 +34,9 @@ nox.needs_version = ">=2026.4.10"
 # pip, not uv: the machines' pip configuration (a local CPU torch wheel, a version cap) applies.
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "types", "build", "env_docs", "tests", "tests_all", "multinode"]
+nox.options.sessions = [
+    "lint", "types", "build", "env_docs", "tests", "tests_all", "multinode", "examples",
+]  # fmt: skip
 
 ROOT = Path(__file__).parent
 DIST = ROOT / "dist"
@@ -244,6 +248,41 @@ def multinode(session: nox.Session) -> None:
         "python", "tools/run_multinode.py", "--nnodes", "2", "--nproc-per-node", "2",
         "--timeout", "600", "--", "tools/multinode_check.py", *session.posargs,
     )  # fmt: skip
+
+
+# (script, ranks): every example of ep-elastic, started as its docstring says
+# (`torchrun --nproc-per-node N script.py`); decode_cuda_graph.py only says that it needs CUDA.
+EXAMPLES = [
+    ("dispatch_combine.py", 2),
+    ("dispatch_combine.py", 4),
+    ("train_moe.py", 2),
+    ("decode_cuda_graph.py", 2),
+]
+EXAMPLE_TIMEOUT_S = 120  # per run; each takes seconds
+
+
+@nox.session(requires=["build"])
+def examples(session: nox.Session) -> None:
+    """ep-elastic's examples on CPU ranks (gloo), installed as `pip install ep-elastic`.
+
+    Each runs under torchrun through tools/run_multinode.py with one node (a free port, a
+    timeout, every rank stopped when one fails), from the repository root so that nothing
+    imports packages/*/src. An example checks its own result and exits non-zero on a mismatch.
+    """
+    _install(session, ["ep-elastic"], TORCH, with_extras=False)
+    folder = Path("packages", "ep-elastic", "examples")
+    missing = sorted({p.name for p in folder.glob("*.py")} - {name for name, _ in EXAMPLES})
+    if missing:
+        session.error(f"examples not run by this session: {', '.join(missing)}")
+    _run_all(session, *(_torchrun(folder / name, ranks) for name, ranks in EXAMPLES))
+
+
+def _torchrun(script: Path, ranks: int) -> list[str]:
+    """`torchrun --nproc-per-node <ranks> <script>` with a timeout, through run_multinode.py."""
+    return [
+        "python", "tools/run_multinode.py", "--nnodes", "1", "--nproc-per-node", str(ranks),
+        "--timeout", str(EXAMPLE_TIMEOUT_S), "--", str(script),
+    ]  # fmt: skip
 
 
 @nox.session(requires=["build"])

@@ -28,7 +28,7 @@ CASE = Case(
     masked_ratio=0.15,
     seed=50,
 )
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "moe_layer.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_moe.py"
 
 
 def _scales(num_experts: int) -> torch.Tensor:
@@ -157,7 +157,7 @@ def autograd_worker(info: Any, backend: str, run_example: bool) -> None:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        losses = module.train(info, steps=25, verbose=False)
+        losses = module.train(info.group, info.device, steps=25, verbose=False)
         assert losses[-1] < 0.2 * losses[0], losses
 
 
