@@ -98,9 +98,14 @@ def _construction(info: Any) -> None:
     assert isinstance(event, EventHandle)
     assert event.event is None or torch.cuda.is_initialized()
     buf.barrier(with_cpu_sync=True)
+    assert buf.group is group
     buf.destroy()
     buf.destroy()
     _raises(RuntimeError, "destroyed", buf.barrier)
+    # The destroyed buffer no longer holds the group (a group outliving
+    # destroy_process_group() can abort a gloo process at exit).
+    assert buf._group is None
+    _raises(RuntimeError, "destroyed", lambda: buf.group)
     leaky = ElasticBuffer(group, num_max_tokens_per_rank=8, hidden=HIDDEN, explicitly_destroy=True)
     with pytest.warns(ResourceWarning, match="without destroy"):
         leaky.__del__()

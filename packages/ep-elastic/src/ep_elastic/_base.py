@@ -107,7 +107,7 @@ class BufferBase:
         self._destroyed = False
         if num_cpu_timeout_secs is None:
             num_cpu_timeout_secs = float(core_knobs.ep.cpu_timeout_secs)
-        self.group = group
+        self._group: dist.ProcessGroup | None = group
         self.rank_idx = group.rank()
         self.num_ranks = group.size()
         config: dict[str, Any] = {
@@ -246,14 +246,31 @@ class BufferBase:
             raise RuntimeError("this ElasticBuffer was destroyed")
         return self._backend
 
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The process group of the buffer (released by :meth:`destroy`).
+
+        Raises:
+            RuntimeError: The buffer was destroyed.
+        """
+        if self._group is None:
+            raise RuntimeError("ElasticBuffer was destroyed")
+        return self._group
+
     def destroy(self) -> None:
-        """Releases the backend; idempotent. Later calls raise ``RuntimeError``."""
+        """Releases the backend and the buffer's reference to its group; idempotent.
+
+        Later calls raise ``RuntimeError``. Dropping the group reference matters at exit: a gloo
+        group that outlives ``torch.distributed.destroy_process_group()`` (held by a buffer kept
+        in a module-level variable) can abort the process while Python shuts down.
+        """
         if self._destroyed:
             return
         self._destroyed = True
         if self._backend is not None:
             self._backend.destroy()
             self._backend = None
+        self._group = None
 
     def __del__(self) -> None:
         if getattr(self, "_destroyed", True) or getattr(self, "_backend", None) is None:
