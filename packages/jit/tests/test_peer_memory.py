@@ -19,11 +19,10 @@ import torch
 import torch.distributed as dist
 
 import ep_jit
-from ep_jit import JitTimeoutError, KernelSpec, PeerMemory, knobs
+from ep_jit import JitTimeoutError, PeerMemory, knobs
 from ep_jit._dlpack import device_tensor
-from ep_jit.testing import RankInfo, gpu_placements, run_ranks
+from ep_jit.testing import RankInfo, gpu_placements, peer_pattern, peer_write_spec, run_ranks
 
-TEST_INCLUDE = Path(__file__).resolve().parent / "include"
 HOST_BYTES = 4 << 20
 # (ranks, ranks per GPU): shared-GPU cases need one GPU, the others one GPU per rank.
 PLACEMENTS = gpu_placements((1, 2, 4))
@@ -32,24 +31,6 @@ SHARED = gpu_placements((2, 4), dedicated=False)
 
 def _setup(cache: str) -> None:
     knobs.jit.cache_dir = cache
-    ep_jit.register_include_root("ep_jit_tests", TEST_INCLUDE)
-
-
-def _peer_write_spec(num_ranks: int) -> KernelSpec:
-    return KernelSpec(
-        name=f"ep_jit_tests_peer_write_r{num_ranks}",
-        includes=["ep_jit_tests/peer_write.cuh"],
-        template="ep_jit_tests::peer_write",
-        params=["const uint64_t* buffer_ptrs", "int64_t offset", "int rank", "int64_t n"],
-        constants={"kNumRanks": num_ranks},
-    )
-
-
-def _pattern(src: int, dst: int, n: int, device: torch.device) -> torch.Tensor:
-    """Mirror of ep_jit_tests::pattern as int32 ``[n]``."""
-    i = torch.arange(n, dtype=torch.int64, device=device)
-    u = (src << 28) ^ (dst << 24) ^ (((i * 2654435761) & 0xFFFFFFFF) >> 8)
-    return (u - ((u >> 31) & 1) * (1 << 32)).to(torch.int32)
 
 
 def _traffic_worker(info: RankInfo, cache: str, n: int) -> None:
@@ -67,9 +48,9 @@ def _traffic_worker(info: RankInfo, cache: str, n: int) -> None:
     mem.local.fill_(0xFF)  # poison before anyone writes
     mem.host_local.fill_(0xEE)
     mem.barrier()
-    ep_jit.build(_peer_write_spec(world)).launch(64, 256, mem.peer_ptrs_dev, 0, rank, n)
+    ep_jit.build(peer_write_spec(world)).launch(64, 256, mem.peer_ptrs_dev, 0, rank, n)
     for dst in range(world):
-        src = _pattern(rank, dst, n, dev)
+        src = peer_pattern(rank, dst, n, dev)
         mem.copy_to_peer(dst, region + rank * n * 4, src)
         mem.peer_tensor(dst, 2 * region + rank * n * 4, (n,), torch.int32).copy_(src)
         # Host segments: every rank writes its slice of every peer's host segment.
@@ -79,13 +60,13 @@ def _traffic_worker(info: RankInfo, cache: str, n: int) -> None:
     for k, how in enumerate(("kernel", "copy engine", "peer view copy")):
         got = mem.tensor(k * region, (world, n), torch.int32)
         for s in range(world):
-            assert torch.equal(got[s], _pattern(s, rank, n, dev)), f"{how}: {s} -> {rank}"
+            assert torch.equal(got[s], peer_pattern(s, rank, n, dev)), f"{how}: {s} -> {rank}"
     # The host segments, read through each rank's window and through the contiguous window.
     for owner in range(world):
         mine = mem.host_tensor(owner, 0, (world, n), torch.int32)
         flat = device_tensor(mem.host_window_ptr + owner * mem.host_bytes, region, dev, mem)
         for s in range(world):
-            want = _pattern(s, owner, n, dev)
+            want = peer_pattern(s, owner, n, dev)
             assert torch.equal(mine[s], want), f"host segment of {owner}, from {s}"
             assert torch.equal(flat.view(torch.int32).view(world, n)[s], want)
     # The memory-operation barrier orders copy-engine traffic without any kernel.

@@ -8,11 +8,10 @@ import torch
 import torch.distributed as dist
 
 import ep_jit
-from ep_jit import DeviceWatchdog, JitTimeoutError, KernelSpec, SymmetricBuffer, knobs
+from ep_jit import DeviceWatchdog, JitTimeoutError, SymmetricBuffer, knobs
 from ep_jit.kernels import barrier_spec, barrier_threads
-from ep_jit.testing import RankInfo, run_ranks
+from ep_jit.testing import RankInfo, peer_pattern, peer_write_spec, run_ranks
 
-TEST_INCLUDE = Path(__file__).resolve().parent / "include"
 MULTI = [
     pytest.param(2, marks=[pytest.mark.gpu, pytest.mark.multigpu(2)]),
     pytest.param(4, marks=[pytest.mark.gpu, pytest.mark.multigpu(4)]),
@@ -21,24 +20,6 @@ MULTI = [
 
 def _setup(cache: str) -> None:
     knobs.jit.cache_dir = cache
-    ep_jit.register_include_root("ep_jit_tests", TEST_INCLUDE)
-
-
-def _peer_write_spec(num_ranks: int) -> KernelSpec:
-    return KernelSpec(
-        name=f"ep_jit_tests_peer_write_r{num_ranks}",
-        includes=["ep_jit_tests/peer_write.cuh"],
-        template="ep_jit_tests::peer_write",
-        params=["const uint64_t* buffer_ptrs", "int64_t offset", "int rank", "int64_t n"],
-        constants={"kNumRanks": num_ranks},
-    )
-
-
-def _pattern(src: int, dst: int, n: int, device: torch.device) -> torch.Tensor:
-    """Mirror of ep_jit_tests::pattern as int32 ``[n]`` (two's complement of the uint32)."""
-    i = torch.arange(n, dtype=torch.int64, device=device)
-    u = (src << 28) ^ (dst << 24) ^ (((i * 2654435761) & 0xFFFFFFFF) >> 8)
-    return (u - ((u >> 31) & 1) * (1 << 32)).to(torch.int32)
 
 
 def _peer_write_worker(info: RankInfo, cache: str, n: int) -> None:
@@ -53,9 +34,9 @@ def _peer_write_worker(info: RankInfo, cache: str, n: int) -> None:
     buf.local.fill_(0xFF)  # poison before anyone writes
     buf.barrier()
     # 1) SM stores through the peer table, 2) copy engine, 3) torch copy into a peer view.
-    ep_jit.build(_peer_write_spec(world)).launch(64, 256, buf.peer_ptrs_dev, 0, rank, n)
+    ep_jit.build(peer_write_spec(world)).launch(64, 256, buf.peer_ptrs_dev, 0, rank, n)
     for dst in range(world):
-        src = _pattern(rank, dst, n, dev)
+        src = peer_pattern(rank, dst, n, dev)
         buf.copy_to_peer(dst, region + rank * n * 4, src)
         buf.peer_tensor(dst, 2 * region + rank * n * 4, (n,), torch.int32).copy_(src)
     buf.barrier()
@@ -65,7 +46,7 @@ def _peer_write_worker(info: RankInfo, cache: str, n: int) -> None:
         for src_rank in range(world):
             torch.testing.assert_close(
                 got[src_rank],
-                _pattern(src_rank, rank, n, dev),
+                peer_pattern(src_rank, rank, n, dev),
                 rtol=0,
                 atol=0,
                 msg=f"{how}: data from rank {src_rank} on rank {rank}",

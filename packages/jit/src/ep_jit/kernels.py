@@ -96,7 +96,9 @@ def barrier_spec(num_ranks: int, trap: bool = False) -> KernelSpec:
 
 def shipped_kernels() -> list[KernelSpec]:
     """ep-jit's own kernels with representative constants (its ``ep_jit.kernels`` provider)."""
-    return [toy_axpy_spec(2), barrier_spec(2), barrier_spec(8, trap=True)]
+    from ep_jit.testing._peer_pattern import peer_write_spec
+
+    return [toy_axpy_spec(2), barrier_spec(2), barrier_spec(8, trap=True), peer_write_spec(4)]
 
 
 def load_provider(target: str) -> Callable[[], Sequence[KernelSpec]]:

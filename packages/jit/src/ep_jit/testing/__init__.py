@@ -24,6 +24,8 @@ from ep_jit.testing._launcher import RankFailedError as RankFailedError
 from ep_jit.testing._launcher import RankInfo as RankInfo
 from ep_jit.testing._launcher import run_from_env as run_from_env
 from ep_jit.testing._launcher import run_ranks as run_ranks
+from ep_jit.testing._peer_pattern import peer_pattern as peer_pattern
+from ep_jit.testing._peer_pattern import peer_write_spec as peer_write_spec
 from ep_jit.testing._placements import gpu_placements as gpu_placements
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "capture_graph",
     "gpu_placements",
     "kernel_times",
+    "peer_pattern",
+    "peer_write_spec",
     "per_call_kernel_us",
     "run_from_env",
     "run_ranks",

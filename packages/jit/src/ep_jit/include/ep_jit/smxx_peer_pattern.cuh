@@ -1,9 +1,10 @@
-// Test kernel: every rank writes a recognisable pattern into its slice of every peer's buffer.
+// Test kernel for peer memory: every rank writes a recognisable pattern into its slice of every
+// peer's buffer (ep_jit.testing.peer_write_spec / peer_pattern check it from Python).
 #pragma once
 
 #include <cuda/std/cstdint>
 
-namespace ep_jit_tests {
+namespace ep_jit::testing {
 
 __device__ __forceinline__ uint32_t pattern(uint32_t src, uint32_t dst, uint32_t i) {
   return (src << 28) ^ (dst << 24) ^ (i * 2654435761u >> 8);
@@ -23,4 +24,4 @@ __device__ void peer_write(const uint64_t* __restrict__ buffer_ptrs, int64_t off
   }
 }
 
-}  // namespace ep_jit_tests
+}  // namespace ep_jit::testing
