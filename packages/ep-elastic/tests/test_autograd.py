@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ep_core.testing import Case, make_inputs, seeded
 from ep_elastic import ElasticBuffer, combine_fn, dispatch_fn
 from ep_elastic.autograd import valid_rows
-from ep_jit.testing import run_ranks
+from ep_jit.testing import gpu_placements, run_ranks
 
 CASE = Case(
     "autograd",
@@ -77,8 +77,10 @@ def _distributed(
     loss = (combined.float() * g_out).sum() + (combined_w * g_w).sum()
     loss.backward()
     assert x.grad is not None and w.grad is not None and scale.grad is not None
-    grads = [torch.zeros(per_rank, device=dev) for _ in range(info.world_size)]
-    dist.all_gather(grads, scale.grad, group=info.group)
+    # NCCL gathers on the GPU; a gloo group (CPU ranks, or ranks sharing a GPU) on the host.
+    gather_dev = dev if "nccl" in info.backend else torch.device("cpu")
+    grads = [torch.zeros(per_rank, device=gather_dev) for _ in range(info.world_size)]
+    dist.all_gather(grads, scale.grad.to(gather_dev), group=info.group)
     got = {"out": combined.float(), "cw": combined_w, "dx": x.grad.float(), "dw": w.grad}
     return {**{k: v.cpu() for k, v in got.items()}, "dscale": torch.cat(grads).cpu()}
 
@@ -142,6 +144,7 @@ def autograd_worker(info: Any, backend: str, run_example: bool) -> None:
         hidden=CASE.hidden,
         num_topk=CASE.num_topk,
         backend=backend,
+        device=info.device,
     )
     want = _single_process(info)
     for do_expand in (False, True):
@@ -166,8 +169,15 @@ def test_autograd_matches_single_process(world_size: int) -> None:
     run_ranks(world_size, autograd_worker, "auto", world_size == 2, timeout_s=600, use_gpu=False)
 
 
-@pytest.mark.gpu
-@pytest.mark.multigpu(2)
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_autograd_matches_single_process_gpu(backend: str) -> None:
-    run_ranks(2, autograd_worker, backend, False, timeout_s=600, use_gpu=True)
+def test_autograd_matches_single_process_gpu(world_size: int, per_gpu: int, backend: str) -> None:
+    run_ranks(
+        world_size,
+        autograd_worker,
+        backend,
+        False,
+        timeout_s=600,
+        use_gpu=True,
+        ranks_per_gpu=per_gpu,
+    )
