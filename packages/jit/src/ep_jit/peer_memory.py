@@ -77,6 +77,21 @@ class PeerViews:
     def _alive(self) -> Any:
         raise NotImplementedError
 
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def settle(self, timeout_s: float | None = None) -> None:
+        """Every rank's queued GPU work on the buffer is done (collective; bounded host waits).
+
+        Drains this device, passes a GPU barrier, drains again: afterwards no kernel of any rank
+        still reads or writes the buffer (e.g. before the host rewrites control words).
+        """
+        from ep_jit.hostwait import wait_device
+
+        wait_device(self.device, what="settling the peer buffer", timeout_s=timeout_s)
+        self.barrier()
+        wait_device(self.device, what="settling the peer buffer", timeout_s=timeout_s)
+
     def _check_range(self, offset: int, nbytes: int, itemsize: int) -> None:
         if offset < 0 or offset % itemsize:
             raise ValueError(f"offset {offset} must be >= 0 and a multiple of {itemsize}")

@@ -24,7 +24,7 @@ from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
 from ep_core.nvlink import ht
 from ep_core.nvlink.layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
-from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, settle, tag_word
+from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, tag_word
 
 __all__ = ["NvlinkBackend"]
 
@@ -441,7 +441,7 @@ class NvlinkBackend:
             raise ValueError(f"last_epoch must be >= 0, got {last_epoch}")
         lay = self.layout
         with torch.cuda.device(self.device):
-            settle(self.sym, self.device)
+            self.sym.settle()
             # Ctrl: u64 epoch, u32 finish counter, u32 abort; arrive: [R] u64.
             self.sym.tensor(lay.ctrl, (1,), torch.int64).fill_(last_epoch)
             self.sym.tensor(lay.ctrl + 8, (1,), torch.int32).zero_()
@@ -452,7 +452,7 @@ class NvlinkBackend:
                 last = last_op_of_parity(last_epoch, p)
                 for off, count in ((lay.info, 2 * r), (lay.dflag, r * cmax), (lay.cflag, r * cmax)):
                     self.sym.tensor(base + off, (count,), torch.int64).fill_(tag_word(last))
-            settle(self.sym, self.device)
+            self.sym.settle()
         if self._ll is not None:
             self._ll._jump_epoch_for_testing(last_epoch)
 

@@ -273,13 +273,6 @@ def compute_ll_layout(
     )
 
 
-def settle(sym: Any, device: torch.device | None = None) -> None:
-    """Every rank's queued GPU work on ``sym``'s buffer is done (collective; bounded waits)."""
-    ep_jit.wait_device(device, what="settling the peer buffer")
-    sym.barrier()
-    ep_jit.wait_device(device, what="settling the peer buffer")
-
-
 def last_op_of_parity(last_epoch: int, parity: int) -> int:
     """The epoch of the last op of ``parity`` once ops ``1..last_epoch`` have run (0: none)."""
     return last_epoch if last_epoch % 2 == parity else max(last_epoch - 1, 0)
@@ -515,7 +508,7 @@ class LowLatencyEngine:
         # Pinned host memory is device-accessible at the same address (UVA).
         with torch.cuda.device(device):
             self.sym.local.zero_()
-            settle(self.sym, device)
+            self.sym.settle()
         self._peer_bases = self.sym.peer_ptrs_dev
         self._seq = 0
         self._pending: set[int] = set()
@@ -875,7 +868,7 @@ class LowLatencyEngine:
             raise ValueError(f"last_epoch must be >= 0, got {last_epoch}")
         lay, nc, r = self.layout, self.num_ctas, self.num_ranks
         with torch.cuda.device(self.device):
-            settle(self.sym, self.device)
+            self.sym.settle()
             self.sym.tensor(lay.off_cta_epoch, (nc,), torch.int64).fill_(last_epoch)
             self.sym.tensor(lay.off_pend, (nc,), torch.int64).zero_()
             # rel[q][peer] counts the CTA releases of ops of parity q (see warp_gate).
@@ -891,7 +884,7 @@ class LowLatencyEngine:
                     self.sym.tensor(base + off, (count,), torch.int64).fill_(tag_word(last))
                 self.sym.tensor(base + lay.r_cw, (r * n * k,), torch.int64).fill_(tag_word(last))
                 self.sym.tensor(base + lay.r_done, (r * nc,), torch.int64).fill_(last)
-            settle(self.sym, self.device)
+            self.sym.settle()
         self._seq = last_epoch
 
     def destroy(self) -> None:

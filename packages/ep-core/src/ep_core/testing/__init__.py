@@ -24,7 +24,7 @@ from ep_core.testing._oracle import (
     expected_low_latency_dispatch,
 )
 from ep_core.testing._standard import HT_CASES, LL_CASES, run_standard_cases
-from ep_core.testing._tags import StaleTags, settle
+from ep_core.testing._tags import StaleTags
 
 __all__ = [
     "HT_CASES",
@@ -46,5 +46,4 @@ __all__ = [
     "run_low_latency_case",
     "run_standard_cases",
     "seeded",
-    "settle",
 ]

@@ -7,8 +7,6 @@ from typing import Any
 
 import torch
 
-from ep_core.nvlink.ll import settle
-
 
 class StaleTags:
     """Makes epoch-tagged 64-bit words look 2^32 ops old, then finds the ones still that old.
@@ -43,11 +41,11 @@ class StaleTags:
         for base in self.bases:
             for area in self.areas:
                 self._words(base, area).fill_(word)
-        settle(self.sym)
+        self.sym.settle()
 
     def remaining(self) -> dict[str, int]:
         """``"region i: area" -> words still carrying the stale tag``. Collective."""
-        settle(self.sym)
+        self.sym.settle()
         found = {}
         for i, base in enumerate(self.bases):
             for area in self.areas:
