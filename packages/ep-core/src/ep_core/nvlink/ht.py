@@ -46,7 +46,7 @@ DEFAULT_NUM_SMS = 24
 SPLIT_MIN_SMS = 20
 """From this many SMs on, the default launches give each CTA one role (senders or receivers,
 pushers or reducers); below it every CTA holds both. Measured on 4x H200 at 8-32 SMs
-(docs/kernels.md, third round): the split shapes were 4-25 % slower below 20 SMs, equal at 20
+(docs/dev/kernel-notes.md): the split shapes were 4-25 % slower below 20 SMs, equal at 20
 and faster from 24 on."""
 
 
@@ -57,9 +57,9 @@ def use_split(num_sms: int) -> bool:
 
 def use_split_combine(num_sms: int, num_ranks: int) -> bool:
     """``use_split`` for the combine: with two ranks mixed CTAs (4 push + 12 reducer warps) at
-    every SM count, 15-20 % faster than the split launch at 20-32 SMs on 2x H200 (sixth round of
-    docs/kernels.md); from three ranks on as ``use_split`` (on 4x H200 the split launch stays
-    2-4 % ahead of the mixed one at 20 and 24 SMs, seventh round)."""
+    every SM count, 15-20 % faster than the split launch at 20-32 SMs on 2x H200; from three
+    ranks on as ``use_split`` (on 4x H200 the split launch stays 2-4 % ahead of the mixed one at
+    20 and 24 SMs). Measurements: docs/dev/kernel-notes.md."""
     return num_ranks > 2 and use_split(num_sms)
 
 
@@ -181,9 +181,9 @@ def dispatch_config(
     7.5 KB; half of them with two ranks, whose receivers copy only half of the rows), 4 x 3 with
     half of the CTAs sending when 12 fit (bf16 rows of 14 KB). Without it every CTA holds both
     roles: 4 sender warps x 3 slots + 8 receiver warps x 2 slots when 28 rows fit, 3 x 2 + 3 x 3
-    when 15 fit. These were the fastest shapes measured on 4x H200 (docs/kernels.md, 2026-11-22;
-    the two-rank FP8 share on 2x H200, eighth round); the split ones from 20 SMs on, the mixed
-    ones below (``use_split``).
+    when 15 fit. These were the fastest shapes measured on 4x H200 (2026-11-22; the two-rank FP8
+    share on 2x H200; docs/dev/kernel-notes.md); the split ones from 20 SMs on, the mixed ones
+    below (``use_split``).
     """
     budget = SMEM_LIMIT - num_local_experts * 4 - 1024
     per_slot = payload + 8 + (1 + num_ranks) * 4
@@ -213,10 +213,10 @@ def combine_config(payload: int, split: bool = True) -> CombineConfig:
 
     With ``split`` half of the CTAs push (4 warps, up to 4 slots each) and the other half reduce
     (16 warps): on 4x H200 this took combine of 4096 x 7168 at 24 SMs from 705 to 616 us
-    (docs/kernels.md). Without it (``use_split_combine``: two ranks, or fewer than 20 SMs) each
-    CTA has 4 push warps with up to 3 slots (fewer warps when their slots do not fit) and 12
-    reducer warps: the fastest mixed shape measured on 2x H200 (sixth round) and on 4x H200
-    (seventh round: 8-16 SMs 4-10 % faster than 5 push warps, whose 17-warp CTA is capped at 96
+    (docs/dev/kernel-notes.md). Without it (``use_split_combine``: two ranks, or fewer than 20
+    SMs) each CTA has 4 push warps with up to 3 slots (fewer warps when their slots do not fit)
+    and 12 reducer warps: the fastest mixed shape measured on 2x H200 and on 4x H200
+    (8-16 SMs 4-10 % faster than 5 push warps, whose 17-warp CTA is capped at 96
     registers and spills).
     """
     budget = SMEM_LIMIT - 512

@@ -71,7 +71,7 @@ THREADS = NUM_WARPS * 32
 MAX_CTAS = 128
 """Default number of CTAs, ``min(MAX_CTAS, SMs)``; every kernel of an engine uses the same count.
 On 2x H200 128 CTAs replayed 128/256-token calls 1-9 us faster than 64 and equal at 1-32 tokens
-(docs/kernels.md, sixth round)."""
+(docs/dev/kernel-notes.md)."""
 
 MAX_RANKS = 32
 MAX_TOPK = 32
