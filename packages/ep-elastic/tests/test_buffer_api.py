@@ -360,3 +360,27 @@ def test_event_names_are_ep_jit_streams() -> None:
         assert getattr(event, name) is getattr(streams, name)
     assert ep_elastic.EventOverlap is streams.EventOverlap
     assert ep_elastic.EventHandle is streams.EventHandle
+
+
+def _buffer_debug_worker(info: Any) -> list[str]:
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logging.getLogger("ep_elastic").addHandler(Keep())
+    with core_knobs.ep.scope():
+        core_knobs.ep.buffer_debug = True
+        buf = ElasticBuffer(info.group, num_max_tokens_per_rank=8, hidden=HIDDEN)
+    buf.destroy()
+    return records
+
+
+def test_buffer_debug_goes_through_logging() -> None:
+    (records,) = run_ranks(1, _buffer_debug_worker, timeout_s=120, use_gpu=False)
+    assert len(records) == 1, records
+    assert "rank 0/1: backend=torch" in records[0]
+    assert "allocated by region: none (no buffer)" in records[0]

@@ -31,7 +31,7 @@ class EpKnobs(KnobGroup):
     buffer_debug = knob_bool(
         "EP_BUFFER_DEBUG",
         False,
-        "Print each rank's backend choice and buffer sizes when a buffer is built.",
+        "Log each rank's backend choice and buffer sizes by region when a buffer is built.",
     )
     cpu_timeout_secs = knob_int(
         "EP_CPU_TIMEOUT_SECS",

@@ -3,7 +3,6 @@ ranks, backend choice, sizing, lifetime, barrier, streams and events."""
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -19,6 +18,7 @@ from ep_core.sizing import get_buffer_size_hint as _size_hint
 from ep_core.sizing import get_theoretical_num_sms as _num_sms
 from ep_core.validation import MAX_TOPK, check_hidden, check_positive_int
 from ep_elastic.event import EventHandle, get_comm_stream
+from ep_jit._log import verbose
 from ep_jit.agreement import check_agreement, gather_checked
 
 __all__ = ["BufferBase", "group_device"]
@@ -183,11 +183,22 @@ class BufferBase:
             ),
         )
         if core_knobs.ep.buffer_debug:
-            print(
-                f"[ep_elastic rank {self.rank_idx}/{self.num_ranks}] backend={resolved} "
-                f"device={self.device} num_bytes={num_bytes} Nmax={num_max_tokens_per_rank} "
-                f"hidden={hidden} num_topk={num_topk} fp8={use_fp8_dispatch}",
-                file=sys.stderr,
+            regions = getattr(self._backend, "allocation", None)
+            by_region = regions() if callable(regions) else {}
+            verbose(
+                "rank %d/%d: backend=%s device=%s num_bytes=%s Nmax=%d hidden=%d num_topk=%d "
+                "fp8=%s; allocated by region: %s",
+                self.rank_idx,
+                self.num_ranks,
+                resolved,
+                self.device,
+                num_bytes,
+                num_max_tokens_per_rank,
+                hidden,
+                num_topk,
+                use_fp8_dispatch,
+                ", ".join(f"{k} {v} B" for k, v in by_region.items()) or "none (no buffer)",
+                name="ep_elastic",
             )
 
     # -- sizing -------------------------------------------------------------------------------

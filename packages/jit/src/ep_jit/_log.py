@@ -7,24 +7,25 @@ import logging
 from ep_jit import knobs
 
 logger = logging.getLogger("ep_jit")
-_handler: logging.Handler | None = None
+_handlers: dict[str, logging.Handler] = {}
 
 
-def verbose(msg: str, *args: object) -> None:
-    """Logs a diagnostic the user asked for with an ``EP_JIT_*`` knob.
+def verbose(msg: str, *args: object, name: str = "ep_jit") -> None:
+    """Logs, at INFO on logger ``name``, a diagnostic the user asked for with a knob.
 
     Such messages must be seen even when the application never configured logging, so the
-    ``ep_jit`` logger gets a stderr handler (once) when it has none and is not propagating to a
-    configured root logger.
+    logger gets a stderr handler (once) when it has none and is not propagating to a configured
+    root logger. Every package's debug knobs go through here (``EP_JIT_DEBUG``,
+    ``EP_BUFFER_DEBUG``, ...).
     """
-    global _handler
-    if _handler is None and not logger.handlers and not logging.getLogger().handlers:
-        _handler = logging.StreamHandler()
-        _handler.setFormatter(logging.Formatter("[ep_jit] %(message)s"))
-        logger.addHandler(_handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    logger.info(msg, *args)
+    log = logging.getLogger(name)
+    if name not in _handlers and not log.handlers and not logging.getLogger().handlers:
+        handler = _handlers[name] = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
+        log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.info(msg, *args)
 
 
 def debug_enabled() -> bool:

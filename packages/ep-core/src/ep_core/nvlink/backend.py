@@ -108,6 +108,18 @@ class NvlinkBackend:
             watchdog=self.watchdog,
         )
 
+    def allocation(self) -> dict[str, int]:
+        """Bytes of peer memory this rank holds, by region (for ``EP_BUFFER_DEBUG``)."""
+        lay = self.layout
+        regions = {
+            "high-throughput control": int(lay.region0),
+            "high-throughput region 0": int(lay.region1 - lay.region0),
+            "high-throughput region 1": int(self.sym.nbytes - lay.region1),
+        }
+        if self._ll is not None:
+            regions["low-latency buffer"] = int(self._ll.layout.total_bytes)
+        return regions
+
     @classmethod
     def from_config(cls, group: dist.ProcessGroup, config: BackendConfig) -> NvlinkBackend:
         """Builds the backend from an ``ElasticBuffer``'s agreed configuration."""
