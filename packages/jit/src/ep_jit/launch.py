@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ep_jit import knobs
-from ep_jit._cuda import check, current_stream_handle, driver, ensure_context
+from ep_jit._cuda import check, current_device, current_stream_handle, driver, ensure_context
 from ep_jit._log import verbose
 from ep_jit.cache import CacheEntry, compile_spec
 from ep_jit.spec import KernelSpec, param_names
@@ -29,24 +29,10 @@ Dim3 = int | tuple[int] | tuple[int, int] | tuple[int, int, int]
 
 _STATIC_SMEM_LIMIT = 48 * 1024
 _SUCCESS = driver.CUresult.CUDA_SUCCESS
-# torch's raw current-stream lookup costs a fraction of torch.cuda.current_stream() (which builds
-# a Stream object); both give the same cudaStream_t.
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-_get_device = getattr(torch._C, "_cuda_getDevice", None)
-
-
-def _current_raw_stream(device: int) -> int:
-    if _raw_stream is not None:
-        return int(_raw_stream(device))
-    return current_stream_handle()
 
 
 def _as_tuple(value: Any) -> Dim3:
     return value if isinstance(value, int) else tuple(value)
-
-
-def _current_device() -> int:
-    return int(_get_device()) if _get_device is not None else torch.cuda.current_device()
 
 
 _SCALARS: dict[str, type[Any]] = {
@@ -122,9 +108,10 @@ class _Slots(threading.local):
 class _Packer:
     """Checks a kernel's launch arguments and writes them into the thread's :class:`_Slots`."""
 
-    def __init__(self, spec: KernelSpec, kinds: list[tuple[str, type[Any] | None]]) -> None:
+    def __init__(self, spec: KernelSpec) -> None:
         self.spec = spec
         self.names = param_names(spec.params)
+        kinds = [_param_kind(d, n) for d, n in zip(spec.params, self.names, strict=True)]
         self.codes = [{"ptr": _PTR, "scalar": _SCALAR}.get(k, _STRUCT) for k, _ in kinds]
         self.ctypes = [c for _, c in kinds]
         self.bounds = [None if c is None else _int_range(c) for c in self.ctypes]
@@ -213,10 +200,6 @@ class Kernel:
         """Wraps a cache entry; loads nothing yet."""
         self.entry = entry
         self.spec = entry.spec
-        self._names = param_names(self.spec.params)
-        self._kinds = [
-            _param_kind(d, n) for d, n in zip(self.spec.params, self._names, strict=True)
-        ]
         self._library: Any = None
         self._kernel: Any = None
         self._functions: dict[int, Any] = {}
@@ -224,7 +207,7 @@ class Kernel:
         self._configs: dict[tuple[Any, ...], Any] = {}
         self._shapes: dict[tuple[Any, ...], Any] = {}
         self._streams: dict[int, Any] = {}
-        self._packer = _Packer(self.spec, self._kinds)
+        self._packer = _Packer(self.spec)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -346,13 +329,13 @@ class Kernel:
         params = self._packer.pack(args)
         if self._kernel is None:
             self.load()
-        device = _current_device()
+        device = current_device()
         ensure_context(device)
         func = self._functions.get(device)
         if func is None or smem > _STATIC_SMEM_LIMIT:
             func = self._function(device, smem)
         if stream is None:
-            handle = _current_raw_stream(device)
+            handle = current_stream_handle(device)
         else:
             handle = stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
         if knobs.jit.debug:

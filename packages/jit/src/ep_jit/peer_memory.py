@@ -92,13 +92,19 @@ class PeerViews:
         self.barrier()
         wait_device(self.device, what="settling the peer buffer", timeout_s=timeout_s)
 
-    def _check_range(self, offset: int, nbytes: int, itemsize: int) -> None:
+    def _check_range(
+        self,
+        offset: int,
+        nbytes: int,
+        itemsize: int,
+        limit: int | None = None,
+        what: str = "the buffer",
+    ) -> None:
+        limit = self.nbytes if limit is None else limit
         if offset < 0 or offset % itemsize:
             raise ValueError(f"offset {offset} must be >= 0 and a multiple of {itemsize}")
-        if offset + nbytes > self.nbytes:
-            raise ValueError(
-                f"bytes [{offset}, {offset + nbytes}) exceed the buffer ({self.nbytes})"
-            )
+        if offset + nbytes > limit:
+            raise ValueError(f"bytes [{offset}, {offset + nbytes}) exceed {what} ({limit})")
 
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.world_size:
@@ -253,6 +259,7 @@ class PeerMemory(PeerViews):
         self.host_bytes = _align(host_bytes, _SEGMENT_ALIGN) if host_bytes else 0
         self._map = _Mapping()
         self._barrier_epoch = 0
+        self._barrier_kernel: Any = None
         self._destroyed = False
         try:
             self._build(signal_bytes)
@@ -472,13 +479,9 @@ class PeerMemory(PeerViews):
         """
         self._alive()
         self._check_peer(peer)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = _numel(shape) * itemsize
-        self._check_range(offset, nbytes, itemsize)
-        if nbytes == 0:
-            return torch.empty(tuple(shape), dtype=dtype, device=self.device)
-        raw = device_tensor(self.peer_ptrs[peer] + offset, nbytes, self.device, self)
-        return raw.view(dtype).view(tuple(shape))
+        return self._mapped_view(
+            self.peer_ptrs[peer], offset, shape, dtype, self.nbytes, "the buffer"
+        )
 
     def host_tensor(
         self, peer: int, offset: int, shape: Sequence[int], dtype: torch.dtype
@@ -492,16 +495,26 @@ class PeerMemory(PeerViews):
         self._check_peer(peer)
         if not self.host_bytes:
             raise ValueError("this PeerMemory has no host segment (host_bytes=0)")
+        return self._mapped_view(
+            self.host_ptrs[peer], offset, shape, dtype, self.host_bytes, "the host segment"
+        )
+
+    def _mapped_view(
+        self,
+        base: int,
+        offset: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        limit: int,
+        what: str,
+    ) -> torch.Tensor:
+        """A ``shape``/``dtype`` tensor at ``base + offset`` of a mapped segment of ``limit``."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = _numel(shape) * itemsize
-        if offset < 0 or offset % itemsize or offset + nbytes > self.host_bytes:
-            raise ValueError(
-                f"bytes [{offset}, {offset + nbytes}) misaligned or past the host segment "
-                f"({self.host_bytes})"
-            )
+        self._check_range(offset, nbytes, itemsize, limit, what)
         if nbytes == 0:
             return torch.empty(tuple(shape), dtype=dtype, device=self.device)
-        raw = device_tensor(self.host_ptrs[peer] + offset, nbytes, self.device, self)
+        raw = device_tensor(base + offset, nbytes, self.device, self)
         return raw.view(dtype).view(tuple(shape))
 
     def barrier(self) -> None:
@@ -519,8 +532,11 @@ class PeerMemory(PeerViews):
 
         self._alive()
         self._watchdog.check()
-        kernel = build(barrier_spec(self.world_size))
-        kernel.launch(
+        if self._barrier_kernel is None:
+            # Built and loaded once, at construction (its first barrier): never a first load
+            # behind a pending stream wait (see docs/jit.md).
+            self._barrier_kernel = build(barrier_spec(self.world_size))
+        self._barrier_kernel.launch(
             1,
             barrier_threads(self.world_size),
             self.peer_ptrs_dev,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ep_jit import knobs
 from ep_jit.agreement import check_agreement, gather_checked
-from ep_jit.peer_memory import PeerMemory, PeerViews
+from ep_jit.peer_memory import PeerMemory, PeerViews, _numel
 from ep_jit.topology import topology
 
 __all__ = ["SymmetricBuffer", "is_single_nvlink_domain", "peer_memory"]
@@ -164,9 +164,7 @@ class SymmetricBuffer(PeerViews):
         handle = self._alive()
         self._check_peer(peer)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        numel = 1
-        for s in shape:
-            numel *= int(s)
+        numel = _numel(shape)
         self._check_range(offset, numel * itemsize, itemsize)
         view: torch.Tensor = handle.get_buffer(peer, [numel], dtype, offset // itemsize)
         return view.view(tuple(shape))

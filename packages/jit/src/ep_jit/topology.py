@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ep_jit import knobs
+from ep_jit.agreement import gather_checked
 
 __all__ = ["Topology", "topology"]
 
@@ -92,16 +92,6 @@ def _device_of(device: torch.device | None) -> torch.device | None:
     return None
 
 
-def _gather(group: dist.ProcessGroup, obj: Any, device: torch.device | None) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size(group)
-    if device is not None and "nccl" in str(dist.get_backend(group)).lower():
-        with torch.cuda.device(device):
-            dist.all_gather_object(out, obj, group=group)
-    else:
-        dist.all_gather_object(out, obj, group=group)
-    return out
-
-
 def topology(
     group: dist.ProcessGroup | None = None,
     device: torch.device | None = None,
@@ -129,7 +119,7 @@ def topology(
     dev = _device_of(device)
     uuid = None if dev is None else str(torch.cuda.get_device_properties(dev).uuid)
     host = socket.gethostname()
-    views = _gather(group, {"host": host, "uuid": uuid}, dev)
+    views = gather_checked(group, {"host": host, "uuid": uuid}, None, what="topology", device=dev)
     hosts: list[str] = []
     node_of = []
     for r, v in enumerate(views):
@@ -156,7 +146,10 @@ def topology(
             elif other in visible and dev is not None:
                 ok = bool(torch.cuda.can_device_access_peer(dev.index or 0, visible[other]))
         reach.append(ok)
-    rows = _gather(group, reach, dev)
+    rows = [
+        v["reach"]
+        for v in gather_checked(group, {"reach": reach}, None, what="topology", device=dev)
+    ]
     domains: list[list[int]] = []
     for r in range(world):
         if gpu_of[r] is None:
