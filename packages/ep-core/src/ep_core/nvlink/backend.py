@@ -91,10 +91,8 @@ class NvlinkBackend:
         # synchronisation of a dispatch with do_cpu_sync.
         self._host_counts: dict[int, torch.Tensor] = {}
         self._host_timeout_s = config.num_cpu_timeout_secs
-        what = "the NVLink buffer's first barrier"
-        ep_jit.wait_device(self.device, what=what, timeout_s=self._host_timeout_s)
-        self.sym.barrier()
-        ep_jit.wait_device(self.device, what=what, timeout_s=self._host_timeout_s)
+        # Every rank's zeroed buffer is in place before any peer writes into it.
+        self.sym.settle(self._host_timeout_s)
         self._ll: LowLatencyEngine | None = None
         self._destroyed = False
         # What the high-throughput launchers see of this buffer; its developer fields
