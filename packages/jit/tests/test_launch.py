@@ -61,6 +61,13 @@ def test_shape_checks(toy: ep_jit.Kernel) -> None:
         toy.launch(1, 32, *args, smem=-1)
 
 
+def test_bind_checks_arguments_once(toy: ep_jit.Kernel) -> None:
+    with pytest.raises(TypeError, match=r"takes 5 arguments"):
+        toy.bind(1, 32, 0, 0)
+    with pytest.raises(ValueError, match="allows 256"):
+        toy.bind(1, 512, 0, 0, 0, 1, AxpyArgs(1.0, 0, 4))
+
+
 # --- GPU ---------------------------------------------------------------------------------------
 
 
@@ -151,3 +158,62 @@ def test_importing_initialises_and_compiles_nothing() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.gpu
+def test_bound_launch_matches_launch(jit_cache: Path) -> None:
+    kernel = ep_jit.build(toy_axpy_spec(2))
+    n = 5000
+    x = torch.randn(n, device="cuda")
+    y = torch.randn(n, device="cuda")
+    out = torch.full_like(x, float("nan"))
+    bound = kernel.bind(20, 256, out, x, y, 3, AxpyArgs(0.25, 0, n))
+    bound()
+    torch.testing.assert_close(out, _reference(x, y, 2, 0.25, 3))
+    # Same pointers, new contents: the bound launch reads them again, on any stream.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.mul_(2)
+        out.fill_(float("nan"))
+        bound()
+    for stream in (side, side.cuda_stream):
+        bound(stream)
+    side.synchronize()
+    torch.testing.assert_close(out, _reference(x, y, 2, 0.25, 3))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        bound()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, _reference(x, y, 2, 0.25, 3))
+
+
+@pytest.mark.gpu
+def test_raw_and_binding_launch_paths_agree(
+    jit_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ep_jit.launch as launch_mod
+
+    kernel = ep_jit.build(toy_axpy_spec(2))
+    n = 3000
+    x = torch.randn(n, device="cuda")
+    y = torch.randn(n, device="cuda")
+    outs = []
+    for raw in (True, False):
+        if not raw:
+            monkeypatch.setattr(launch_mod, "raw_launch_kernel", lambda: None)
+        else:
+            assert launch_mod.raw_launch_kernel() is not None, "driver entry point not found"
+        out = torch.full_like(x, float("nan"))
+        kernel.launch(12, 256, out, x, y, 1, AxpyArgs(1.5, 0, n))
+        bound_out = torch.full_like(x, float("nan"))
+        kernel.bind(12, 256, bound_out, x, y, 1, AxpyArgs(1.5, 0, n))()
+        torch.cuda.synchronize()
+        outs += [out, bound_out]
+        # A launch the driver refuses (grid y over 65535) is named on both paths.
+        with pytest.raises(JitLaunchError, match="CUDA_ERROR_INVALID_VALUE"):
+            kernel.launch((1, 70000), 32, out, x, y, 0, AxpyArgs(1.0, 0, n))
+    for out in outs:
+        torch.testing.assert_close(out, _reference(x, y, 2, 1.5, 1))

@@ -28,6 +28,7 @@ from ep_jit.hostwait import wait_device as wait_device
 from ep_jit.hostwait import wait_event as wait_event
 from ep_jit.hostwait import wait_stream as wait_stream
 from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
+from ep_jit.launch import BoundLaunch as BoundLaunch
 from ep_jit.launch import Kernel as Kernel
 from ep_jit.launch import build as build
 from ep_jit.peer_memory import PeerMemory as PeerMemory
@@ -58,6 +59,7 @@ from ep_jit.watchdog import WaitContext as WaitContext
 
 __all__ = [
     "BackendSpec",
+    "BoundLaunch",
     "CacheEntry",
     "CacheStats",
     "DeviceWatchdog",

@@ -2,9 +2,11 @@
 
 ``build(spec)`` compiles (or finds in the cache) and returns a :class:`Kernel`; nothing touches the
 GPU until the first :meth:`Kernel.launch`, which loads the cubin with ``cuLibraryLoadData`` into
-torch's primary context. Launches go through ``cuLaunchKernelEx``: no synchronisation and no
-allocation, so they can be captured in CUDA graphs (launch once before capturing so the load
-happens outside the capture).
+torch's primary context. Launches go through the driver's ``cuLaunchKernel`` entry point (called
+through ctypes, which costs less host time than cuda-bindings' wrapper) or, for clusters and
+cooperative grids, ``cuLaunchKernelEx``: no synchronisation and no allocation, so they can be
+captured in CUDA graphs (the load happens at build time or before, outside any capture).
+:meth:`Kernel.bind` fixes a launch's arguments for repeated launches at the lowest host cost.
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ from typing import Any
 import torch
 
 from ep_jit import knobs
-from ep_jit._cuda import check, current_device, current_stream_handle, driver, ensure_context
+from ep_jit._cuda import (
+    check,
+    current_device,
+    current_stream_handle,
+    driver,
+    ensure_context,
+    raw_launch_kernel,
+)
 from ep_jit._log import verbose
 from ep_jit.cache import CacheEntry, compile_spec
 from ep_jit.spec import KernelSpec, param_names
 
-__all__ = ["Dim3", "Kernel", "build"]
+__all__ = ["BoundLaunch", "Dim3", "Kernel", "build"]
 
 Dim3 = int | tuple[int] | tuple[int, int] | tuple[int, int, int]
 """A grid or block shape: ``x`` or ``(x,)``, ``(x, y)``, ``(x, y, z)``."""
@@ -81,11 +90,12 @@ def _int_range(ctype: type[Any]) -> tuple[int, int] | None:
 _PTR, _SCALAR, _STRUCT = 0, 1, 2
 
 
-class _Slots(threading.local):
-    """One thread's argument storage for a kernel: a value per parameter and the pointer array.
+class _Storage:
+    """Argument storage of a kernel: a ctypes value per parameter and the ``void*[]`` array.
 
-    ``cuLaunchKernel`` copies the arguments before it returns, so the storage is reused by every
-    launch of the thread; building it once keeps ctypes allocation out of the launch path.
+    ``cuLaunchKernel`` copies the arguments before it returns, so one storage serves every launch
+    of a thread (or of one :class:`BoundLaunch`); building it once keeps ctypes allocation out of
+    the launch path.
     """
 
     def __init__(self, kinds: list[tuple[str, type[Any] | None]]) -> None:
@@ -105,6 +115,13 @@ class _Slots(threading.local):
         self.address = ctypes.addressof(self.array)
 
 
+class _Slots(threading.local):
+    """One :class:`_Storage` per thread."""
+
+    def __init__(self, kinds: list[tuple[str, type[Any] | None]]) -> None:
+        self.storage = _Storage(kinds)
+
+
 class _Packer:
     """Checks a kernel's launch arguments and writes them into the thread's :class:`_Slots`."""
 
@@ -115,16 +132,20 @@ class _Packer:
         self.codes = [{"ptr": _PTR, "scalar": _SCALAR}.get(k, _STRUCT) for k, _ in kinds]
         self.ctypes = [c for _, c in kinds]
         self.bounds = [None if c is None else _int_range(c) for c in self.ctypes]
+        self.kinds = kinds
         self.slots = _Slots(kinds)
 
-    def pack(self, args: Sequence[object]) -> int:
-        """The address of the ``void*[]`` kernel-parameter array holding ``args``."""
+    def pack(self, args: Sequence[object], storage: _Storage | None = None) -> int:
+        """The address of the ``void*[]`` kernel-parameter array holding ``args``.
+
+        Written into ``storage``, by default the calling thread's.
+        """
         if len(args) != len(self.codes):
             raise TypeError(
                 f"kernel {self.spec.name} takes {len(self.codes)} arguments "
                 f"({', '.join(self.names)}), got {len(args)}"
             )
-        slots = self.slots
+        slots = self.slots.storage if storage is None else storage
         values = slots.values
         for i, value in enumerate(args):
             code = self.codes[i]
@@ -350,6 +371,12 @@ class Kernel:
                 cooperative,
             )
         if clus is None and not cooperative:
+            raw = raw_launch_kernel()
+            if raw is not None:
+                err = raw(int(func), g[0], g[1], g[2], b[0], b[1], b[2], smem, handle, params, None)
+                if err:
+                    self._raise_launch(err, "cuLaunchKernel", g, b, smem)
+                return
             cu_stream = self._streams.get(handle)
             if cu_stream is None:
                 if len(self._streams) > 256:
@@ -368,6 +395,39 @@ class Kernel:
                 call, result, detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}"
             )
 
+    def _raise_launch(
+        self, err: int, call: str, g: tuple[int, ...], b: tuple[int, ...], smem: int
+    ) -> None:
+        check(
+            call,
+            driver.CUresult(err),
+            detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}",
+        )
+
+    def bind(self, grid: Dim3, block: Dim3, *args: object, smem: int = 0) -> BoundLaunch:
+        """Fixes a launch's shape and arguments; calling the result enqueues it again.
+
+        The arguments are checked and packed once, here; each call of the returned
+        :class:`BoundLaunch` only looks up the stream and calls the driver, for repeated launches
+        whose pointers and scalars do not change (polling, barriers, persistent buffers). Tensors
+        passed here are kept alive by the bound launch. The current device is the one it
+        launches on.
+
+        Raises:
+            TypeError, ValueError: As :meth:`launch`.
+        """
+        if isinstance(grid, list) or isinstance(block, list):
+            grid, block = _as_tuple(grid), _as_tuple(block)
+        g, b, _ = self._check_shape(grid, block, smem, None)
+        storage = _Storage(self._packer.kinds)
+        params = self._packer.pack(args, storage)
+        if self._kernel is None:
+            self.load()
+        device = current_device()
+        ensure_context(device)
+        func = self._function(device, smem)
+        return BoundLaunch(self, func, device, g, b, smem, params, (storage, args))
+
     def _check_shape(
         self, grid: Dim3, block: Dim3, smem: int, cluster: Dim3 | None
     ) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, int, int] | None]:
@@ -383,6 +443,67 @@ class Kernel:
         if len(self._shapes) > 256:
             self._shapes.clear()
         return g, b, clus
+
+
+class BoundLaunch:
+    """A kernel launch with fixed shape and arguments (see :meth:`Kernel.bind`)."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        func: Any,
+        device: int,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        smem: int,
+        params: int,
+        keepalive: object,
+    ) -> None:
+        self.kernel = kernel
+        self.device = device
+        self.grid = grid
+        self.block = block
+        self.smem = smem
+        self._func = func
+        self._func_handle = int(func)
+        self._params = params
+        self._keepalive = keepalive
+        self._raw = raw_launch_kernel()
+
+    def __call__(self, stream: torch.cuda.Stream | int | None = None) -> None:
+        """Enqueues the launch on ``stream`` (default: the current torch stream); asynchronous.
+
+        Raises:
+            JitLaunchError: The driver refused the launch.
+        """
+        device = self.device
+        ensure_context(device)
+        if stream is None:
+            handle = current_stream_handle(device)
+        else:
+            handle = stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
+        g, b = self.grid, self.block
+        if self._raw is not None:
+            err = self._raw(
+                self._func_handle, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, handle,
+                self._params, None,
+            )  # fmt: skip
+            if err:
+                self.kernel._raise_launch(err, "cuLaunchKernel", g, b, self.smem)
+            return
+        result = driver.cuLaunchKernel(
+            self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, driver.CUstream(handle),
+            self._params, 0,
+        )  # fmt: skip
+        if result[0] != _SUCCESS:
+            self.kernel._raise_launch(int(result[0]), "cuLaunchKernel", g, b, self.smem)
+
+    def __repr__(self) -> str:
+        """Kernel, shape and device."""
+        return (
+            f"BoundLaunch({self.kernel.spec.entry}, grid={self.grid}, block={self.block}, "
+            f"smem={self.smem}, device={self.device})"
+        )
 
 
 _kernels: dict[str, Kernel] = {}
