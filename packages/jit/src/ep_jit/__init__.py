@@ -27,6 +27,7 @@ from ep_jit.errors import JitTimeoutError as JitTimeoutError
 from ep_jit.hostwait import wait_device as wait_device
 from ep_jit.hostwait import wait_event as wait_event
 from ep_jit.hostwait import wait_stream as wait_stream
+from ep_jit.hostwait import wait_until as wait_until
 from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
 from ep_jit.launch import BoundLaunch as BoundLaunch
 from ep_jit.launch import Kernel as Kernel
@@ -104,6 +105,7 @@ __all__ = [
     "wait_device",
     "wait_event",
     "wait_stream",
+    "wait_until",
     "wait_value",
     "write_value",
 ]

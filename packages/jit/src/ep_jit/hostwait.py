@@ -10,13 +10,45 @@ naming what it waited for::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from ep_jit import knobs
 from ep_jit.errors import HostTimeoutError
 
-__all__ = ["wait_device", "wait_event", "wait_stream"]
+__all__ = ["wait_device", "wait_event", "wait_stream", "wait_until"]
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
+    """Polls ``predicate()`` until it returns true or ``timeout_s`` passes (host-driven progress).
+
+    The same pacing as :func:`wait_event`: no sleep for the first 2 ms, then sleeps doubling
+    from 20 µs to 1 ms. ``predicate`` may do work that makes progress (poll a transport, reap
+    completions); an exception it raises propagates at once.
+
+    Args:
+        predicate: Called repeatedly; true ends the wait.
+        what: Named in the error.
+        timeout_s: Limit in seconds; default ``EP_JIT_HOST_TIMEOUT_S``; ``<= 0`` waits forever.
+
+    Raises:
+        HostTimeoutError: ``predicate`` stayed false for ``timeout_s``.
+    """
+    limit = float(knobs.jit.host_timeout_s if timeout_s is None else timeout_s)
+    if predicate():
+        return
+    start = time.monotonic()
+    deadline = start + limit
+    spin_until = start + 2e-3
+    pause = 20e-6
+    while not predicate():
+        now = time.monotonic()
+        if limit > 0 and now > deadline:
+            raise HostTimeoutError(what, limit)
+        if now > spin_until:
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
 
 def wait_event(event: torch.cuda.Event, what: str, timeout_s: float | None = None) -> None:
