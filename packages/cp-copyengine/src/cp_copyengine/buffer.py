@@ -1,0 +1,572 @@
+"""``CopyEngineBuffer``: sessions of all-gathers and reduce-scatters into a preallocated area.
+
+A session hands out regions of the buffer's session area in call order. Every call
+(``all_gather`` or ``reduce_scatter``) takes one region per tensor and returns at once with a
+handle; calling the handle makes the current stream wait for the data. An all-gather's outputs
+are views of the session area, valid until the session ends; ending a session lets the next
+one reuse the whole area::
+
+    buf = CopyEngineBuffer(group, num_max_session_bytes=256 << 20)
+    with buf.new_session():
+        k_slot = buf.get_inplace_tensor(k.shape, k.dtype)  # produce K in place
+        k_slot.copy_(k)
+        (k_all, v_all), handle = buf.all_gather([k_slot, v])
+        ...  # overlap: compute that does not need k_all / v_all
+        handle()
+        use(k_all, v_all)  # [R, *shape] each
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cp_copyengine import knobs
+from cp_copyengine.factory import resolve_backend
+from cp_copyengine.plan import Item, Transfer, align_up, check_shape, nbytes_of
+from cp_copyengine.reduction import check_reduce, reduce_shards, warm_up
+from ep_jit import knobs as jit_knobs
+from ep_jit.agreement import check_agreement, gather_checked
+from ep_jit.hostwait import wait_stream
+from ep_jit.streams import get_comm_stream
+
+__all__ = ["MAX_OPS_PER_SESSION", "CopyEngineBuffer", "GatherHandle"]
+
+MAX_OPS_PER_SESSION = 1024
+"""Upper limit of ``num_max_ops_per_session``."""
+
+
+class GatherHandle:
+    """The completion of one ``all_gather`` or ``reduce_scatter`` call.
+
+    ``handle()`` makes the current CUDA stream wait until the call's data has arrived
+    (asynchronous, no host wait; a no-op on CPU, where calls complete before returning). It may
+    be called several times, but only while the call's session is open.
+    """
+
+    def __init__(self, buffer: CopyEngineBuffer, session: int, event: torch.cuda.Event | None):
+        self._buffer = buffer
+        self.session = session
+        self._event = event
+
+    def __call__(self) -> None:
+        """Makes the current stream wait for the call's data.
+
+        Raises:
+            RuntimeError: The call's session has ended (or the buffer was destroyed).
+        """
+        buf = self._buffer
+        if buf.destroyed or not buf.in_session or buf.session_index != self.session:
+            raise RuntimeError(
+                f"this handle belongs to session {self.session}, which has ended (the buffer is "
+                f"{'destroyed' if buf.destroyed else f'at session {buf.session_index}'}); call "
+                "a handle before destroy_session(), while its outputs are still valid"
+            )
+        if self._event is not None:
+            torch.cuda.current_stream(buf.device).wait_event(self._event)
+
+
+def _is_shape(obj: object) -> bool:
+    """Whether ``obj`` is one shape (ints) rather than a sequence of shapes."""
+    if isinstance(obj, torch.Size):
+        return True
+    if not isinstance(obj, Sequence) or isinstance(obj, str):
+        return False
+    return len(obj) == 0 or all(isinstance(d, int) and not isinstance(d, bool) for d in obj)
+
+
+class CopyEngineBuffer:
+    """All-gather and reduce-scatter in sessions, on the copy engines or the reference.
+
+    Collective to build: every rank of ``group`` constructs it with the same arguments.
+
+    Args:
+        group: The process group (default: the world). The copy-engine backend needs every
+            rank on one host, on GPUs of one NVLink domain or on one shared GPU.
+        num_max_session_bytes: Bytes of the session area: the sum, over a session's calls and
+            tensors, of ``align(R * nbytes, 32)`` (see :func:`cp_copyengine.session_bytes_hint`).
+        num_max_ops_per_session: Calls per session (``all_gather``/``reduce_scatter``, a batched
+            call counts once), 1..1024.
+        backend: ``"auto"`` (``EP_CP_BACKEND``, by default the copy engines where they can
+            serve, else the reference), ``"copyengine"`` or ``"torch"``.
+        device: The rank's device; default the current CUDA device, or CPU without CUDA.
+        timeout_s: Limit of host waits; default ``EP_JIT_HOST_TIMEOUT_S``.
+
+    Attributes:
+        backend: The backend's name (``"copyengine"`` or ``"torch"``), the same on every rank.
+        rank, world_size: This rank and ``R``.
+        device: Where inputs and outputs live.
+
+    Raises:
+        ValueError/TypeError: Bad arguments, or ranks that disagree (on every rank).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        num_max_session_bytes: int,
+        num_max_ops_per_session: int = 32,
+        backend: str = "auto",
+        *,
+        device: torch.device | str | int | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Checks the arguments on every rank, picks the backend and builds it (collective)."""
+        self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD  # type: ignore[assignment]
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.timeout_s = float(jit_knobs.jit.host_timeout_s if timeout_s is None else timeout_s)
+        self._destroyed = True
+        error: Exception | None = None
+        dev = torch.device("cpu")
+        try:
+            dev = _resolve_device(device)
+            _check_int("num_max_session_bytes", num_max_session_bytes, 1, None)
+            _check_int("num_max_ops_per_session", num_max_ops_per_session, 1, MAX_OPS_PER_SESSION)
+            if backend not in knobs.BACKEND_CHOICES:
+                raise ValueError(f"backend must be one of {knobs.BACKEND_CHOICES}, got {backend!r}")
+        except (ValueError, TypeError) as exc:
+            error = exc
+        requested = knobs.cp.backend if backend == "auto" else backend
+        config = {
+            "num_max_session_bytes": num_max_session_bytes,
+            "num_max_ops_per_session": num_max_ops_per_session,
+            "backend": requested,
+        }
+        gathered = gather_checked(
+            self.group,
+            {**config, "cuda": dev.type == "cuda"},
+            error,
+            what="CopyEngineBuffer",
+            device=dev,
+        )
+        check_agreement([{k: g[k] for k in config} for g in gathered], "CopyEngineBuffer")
+        all_cuda = all(g["cuda"] for g in gathered)
+        spec = resolve_backend(str(requested), self.group, all_cuda)
+        chosen = gather_checked(
+            self.group, {"backend": spec.name}, None, what="CopyEngineBuffer", device=dev
+        )
+        check_agreement(chosen, "CopyEngineBuffer backend choice")
+        self.device = dev
+        self.num_max_session_bytes = int(num_max_session_bytes)
+        self.num_max_ops_per_session = int(num_max_ops_per_session)
+        if dev.type == "cuda":
+            # Load every kernel this package launches before any stream waits on a flag (see
+            # docs: a first kernel load behind a pending stream wait blocks the process).
+            with torch.cuda.device(dev):
+                warm_up(dev)
+                with torch.cuda.stream(get_comm_stream(dev)):
+                    warm_up(dev)
+                torch.cuda.synchronize(dev)
+        self._backend: Any = spec.build(
+            self.group,
+            self.num_max_session_bytes,
+            self.num_max_ops_per_session,
+            dev,
+            self.timeout_s,
+        )
+        self.backend: str = spec.name
+        self._area: torch.Tensor = self._backend.area
+        self._area_ptr = self._area.data_ptr()
+        self._session = 0
+        self._in_session = False
+        self._offset = 0
+        self._slot = 0
+        self._destroyed = False
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def destroyed(self) -> bool:
+        """Whether :meth:`destroy` ran."""
+        return self._destroyed
+
+    @property
+    def in_session(self) -> bool:
+        """Whether a session is open."""
+        return self._in_session
+
+    @property
+    def session_index(self) -> int:
+        """Number of sessions created so far (the open or last session's number)."""
+        return self._session
+
+    @property
+    def session_bytes_used(self) -> int:
+        """Bytes of the session area taken by the open session's calls."""
+        return self._offset
+
+    @property
+    def session_calls(self) -> int:
+        """Calls (``all_gather``/``reduce_scatter``) made in the open session."""
+        return self._slot
+
+    def _alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this CopyEngineBuffer was destroyed")
+
+    def _require_session(self, what: str) -> None:
+        self._alive()
+        if not self._in_session:
+            raise RuntimeError(
+                f"{what} needs an open session: use 'with buffer.new_session():' or "
+                "create_session() first"
+            )
+
+    # ---- sessions ---------------------------------------------------------------------------
+    def create_session(self) -> None:
+        """Opens a session: its calls take regions of the session area from the start.
+
+        Local (no communication). Every rank opens and ends its sessions in the same order. On
+        CUDA the current stream waits for the communication stream, so in-place writes of the
+        new session come after the last session's data landed.
+
+        Raises:
+            RuntimeError: A session is already open, or the buffer was destroyed.
+        """
+        self._alive()
+        if self._in_session:
+            raise RuntimeError(
+                f"session {self._session} is still open: destroy_session() before creating one"
+            )
+        self._session += 1
+        self._in_session = True
+        self._offset = 0
+        self._slot = 0
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_stream(get_comm_stream(self.device))
+
+    def destroy_session(self) -> None:
+        """Ends the open session: its outputs and handles become invalid.
+
+        Work already enqueued on the current stream (reads of the outputs) is ordered before
+        peers may overwrite this rank's area in the next session; asynchronous on CUDA.
+
+        Raises:
+            RuntimeError: No session is open, or the buffer was destroyed.
+        """
+        self._require_session("destroy_session()")
+        self._in_session = False
+        if self.device.type == "cuda":
+            comm = get_comm_stream(self.device)
+            comm.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.device(self.device), torch.cuda.stream(comm):
+                self._backend.end_session(self._session)
+        else:
+            self._backend.end_session(self._session)
+
+    @contextlib.contextmanager
+    def new_session(self, enabled: bool = True) -> Iterator[CopyEngineBuffer]:
+        """``with buffer.new_session():`` creates a session and destroys it on exit.
+
+        Args:
+            enabled: ``False`` makes it a no-op (for code that sometimes runs outside one).
+        """
+        if not enabled:
+            yield self
+            return
+        self.create_session()
+        try:
+            yield self
+        finally:
+            if self._in_session and not self._destroyed:
+                self.destroy_session()
+
+    # ---- calls ------------------------------------------------------------------------------
+    def get_inplace_tensor(
+        self, shapes: Sequence[int] | Sequence[Sequence[int]], dtype: torch.dtype
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Views of this rank's pieces in the next all-gather's outputs, for producing in place.
+
+        Pass the returned tensors, in the same order, as the next :meth:`all_gather` call; their
+        self copy is then skipped. Does not take the regions (the all-gather does). Local.
+
+        Args:
+            shapes: One shape, or a sequence of shapes (one view each).
+            dtype: The dtype of every view.
+
+        Returns:
+            One ``shape``/``dtype`` tensor on :attr:`device`, or a tuple of them.
+
+        Raises:
+            RuntimeError: No open session.
+            TypeError/ValueError: Bad shapes or dtype; the views would exceed the session area.
+        """
+        self._require_session("get_inplace_tensor()")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        single = _is_shape(shapes)
+        if not single and (not isinstance(shapes, Sequence) or isinstance(shapes, str)):
+            raise TypeError(f"shapes must be a shape or a sequence of shapes, got {shapes!r}")
+        shape_list = [check_shape(shapes)] if single else [check_shape(s) for s in shapes]
+        views = []
+        offset = self._offset
+        for shape in shape_list:
+            nbytes = nbytes_of(shape, dtype)
+            need = align_up(self.world_size * nbytes)
+            self._check_budget(offset + need - self._offset, "get_inplace_tensor()")
+            start = offset + self.rank * nbytes
+            views.append(self._area[start : start + nbytes].view(dtype).view(shape))
+            offset += need
+        return views[0] if single else tuple(views)
+
+    def all_gather(
+        self, tensors: torch.Tensor | Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], GatherHandle]:
+        """Gathers every rank's tensor(s) into ``[R, *shape]`` views of the session area.
+
+        Asynchronous on CUDA: the copies run on the communication stream (copy engines on the
+        copy-engine backend) after the current stream's earlier work; call the handle before
+        reading the outputs. Several calls may be in flight in one session. Collective.
+
+        Args:
+            tensors: One contiguous tensor on :attr:`device`, or a sequence of them (one call:
+                one arrival flag for all). A tensor from :meth:`get_inplace_tensor` must sit at
+                its piece (same order as asked for); its self copy is skipped.
+
+        Returns:
+            ``(gathered, handle)``: ``gathered`` is ``[R, *shape]`` (rank ``p``'s tensor at
+            ``[p]``), or a tuple of them for a sequence; valid until the session ends.
+
+        Raises:
+            RuntimeError: No open session.
+            TypeError/ValueError: A non-tensor, a non-contiguous tensor, one on the wrong
+                device, an in-place tensor away from its piece, a session over its budget, or
+                ranks that disagree on shapes/dtypes (on every rank, with input checks on).
+        """
+        single = isinstance(tensors, torch.Tensor)
+        ts = [tensors] if single else tensors
+        error: Exception | None = None
+        items: list[Item] = []
+        try:
+            self._require_session("all_gather()")
+            items = self._plan("all_gather", ts)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error = exc
+        self._agree("all_gather", ts, error)
+        transfer = Transfer("all_gather", self._session, self._slot, tuple(items))
+        event = self._launch(transfer, [])
+        outs = tuple(
+            self._area[it.offset : it.offset + self.world_size * it.nbytes]
+            .view(it.src.dtype)
+            .view(self.world_size, *it.src.shape)
+            for it in items
+        )
+        return (outs[0] if single else outs), GatherHandle(self, self._session, event)
+
+    def reduce_scatter(
+        self, tensors: torch.Tensor | Sequence[torch.Tensor], op: str = "sum"
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], GatherHandle]:
+        """Sums (or averages) ``[R*n, ...]`` tensors over ranks; rank ``r`` gets shard ``r``.
+
+        Rank ``r`` copies its shard ``p`` into rank ``p``'s session area (copy engines on the
+        copy-engine backend); then each rank reduces the ``R`` shards it received, in rank
+        order, in float32 (float64 for float64, int64 for integers) and casts back: one
+        reduction per tensor, as torch operations on the communication stream (this part uses
+        SMs). Asynchronous on CUDA; call the handle before reading the result. Collective.
+
+        Args:
+            tensors: One contiguous tensor on :attr:`device` whose first dimension is a multiple
+                of ``R``, or a sequence of them.
+            op: ``"sum"`` or ``"avg"`` (multiplies the sum by ``1/R``).
+
+        Returns:
+            ``(out, handle)``: ``out`` is a new ``[n, ...]`` tensor of the input's dtype (or a
+            tuple of them), valid beyond the session.
+
+        Raises:
+            RuntimeError: No open session.
+            TypeError/ValueError: As :meth:`all_gather`, plus a first dimension that is not a
+                multiple of ``R``, an unsupported dtype (fp8, bool) or ``op``.
+        """
+        single = isinstance(tensors, torch.Tensor)
+        ts = [tensors] if single else tensors
+        error: Exception | None = None
+        items: list[Item] = []
+        try:
+            self._require_session("reduce_scatter()")
+            items = self._plan("reduce_scatter", ts, op)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error = exc
+        self._agree("reduce_scatter", ts, error, op)
+        transfer = Transfer("reduce_scatter", self._session, self._slot, tuple(items))
+        outs: list[torch.Tensor] = []
+        event = self._launch(transfer, outs, op)
+        return (outs[0] if single else tuple(outs)), GatherHandle(self, self._session, event)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _check_budget(self, need: int, what: str) -> None:
+        left = self.num_max_session_bytes - self._offset
+        if need > left:
+            raise ValueError(
+                f"{what} needs {need} bytes of the session area but only {left} of "
+                f"num_max_session_bytes={self.num_max_session_bytes} are left ({self._offset} "
+                f"taken by {self._slot} earlier calls of session {self._session}): destroy the "
+                "session first, or build the buffer with a larger num_max_session_bytes"
+            )
+
+    def _plan(self, kind: str, ts: object, op: str = "sum") -> list[Item]:
+        if not isinstance(ts, Sequence) or isinstance(ts, str) or len(ts) == 0:
+            raise TypeError(f"{kind}() takes a tensor or a non-empty sequence of tensors")
+        if self._slot >= self.num_max_ops_per_session:
+            raise ValueError(
+                f"{kind}() would be call {self._slot + 1} of session {self._session}, but "
+                f"num_max_ops_per_session={self.num_max_ops_per_session}: destroy the session "
+                "first, or build the buffer with a larger num_max_ops_per_session"
+            )
+        world = self.world_size
+        items = []
+        offset = self._offset
+        for i, t in enumerate(ts):
+            name = f"tensor {i}" if len(ts) > 1 else "the tensor"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{kind}(): {name} is a {type(t).__name__}, not a torch.Tensor")
+            if t.device != self.device:
+                raise ValueError(
+                    f"{kind}(): {name} is on {t.device}, but this buffer's device is {self.device}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"{kind}(): {name} (shape {tuple(t.shape)}, stride {t.stride()}) is not "
+                    "contiguous; pass t.contiguous()"
+                )
+            nbytes = t.numel() * t.element_size()
+            if kind == "reduce_scatter":
+                check_reduce(t.dtype, op)
+                if t.dim() == 0 or t.shape[0] % world:
+                    raise ValueError(
+                        f"reduce_scatter(): {name} has shape {tuple(t.shape)}; its first "
+                        f"dimension must be a multiple of the {world} ranks"
+                    )
+                nbytes //= world
+            inplace = False
+            ptr = t.data_ptr()
+            if (
+                kind == "all_gather"
+                and nbytes
+                and self._area_ptr <= ptr < self._area_ptr + len(self._area)
+            ):
+                want = offset + self.rank * nbytes
+                if ptr - self._area_ptr != want:
+                    raise ValueError(
+                        f"all_gather(): {name} lies in the session area at byte "
+                        f"{ptr - self._area_ptr}, but its piece of this call is at byte {want}: "
+                        "pass get_inplace_tensor()'s views in the order they were asked for, "
+                        "with no other call in between"
+                    )
+                inplace = True
+            region = align_up(world * nbytes)
+            self._check_budget(offset + region - self._offset, f"{kind}()")
+            items.append(Item(t, offset, nbytes, inplace))
+            offset += region
+        return items
+
+    def _agree(self, kind: str, ts: object, error: Exception | None, op: str = "") -> None:
+        """Raises on every rank when any rank failed or the ranks' calls differ (input checks
+        on); else raises only the local error."""
+        if not knobs.cp.check_inputs:
+            if error is not None:
+                raise error
+            return
+        seq = [ts] if isinstance(ts, torch.Tensor) else ts
+        sig: list[object] = []
+        if isinstance(seq, Sequence) and not isinstance(seq, str):
+            sig = [
+                (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else type(t).__name__
+                for t in seq
+            ]
+        payload = {"call": kind, "op": op, "tensors": sig, "session": self._session}
+        payload["call_in_session"] = self._slot
+        gathered = gather_checked(self.group, payload, error, what=f"{kind}()", device=self.device)
+        check_agreement(gathered, f"{kind}()")
+
+    def _launch(self, transfer: Transfer, outs: list[torch.Tensor], op: str = "sum") -> Any:
+        """Runs ``transfer`` (and the reduction) on the comm stream; returns its event."""
+        for it in transfer.items:
+            self._offset = max(self._offset, it.offset + align_up(self.world_size * it.nbytes))
+        self._slot += 1
+        if self.device.type != "cuda":
+            self._backend.transfer(transfer)
+            outs.extend(self._reduce(transfer, op))
+            return None
+        compute = torch.cuda.current_stream(self.device)
+        comm = get_comm_stream(self.device)
+        comm.wait_stream(compute)
+        with torch.cuda.device(self.device), torch.cuda.stream(comm):
+            self._backend.transfer(transfer)
+            outs.extend(self._reduce(transfer, op))
+            event = torch.cuda.Event()
+            event.record(comm)
+        for it in transfer.items:
+            it.src.record_stream(comm)
+        for o in outs:
+            o.record_stream(compute)
+        return event
+
+    def _reduce(self, transfer: Transfer, op: str) -> list[torch.Tensor]:
+        if transfer.kind != "reduce_scatter":
+            return []
+        outs = []
+        world = self.world_size
+        for it in transfer.items:
+            shard_shape = (it.src.shape[0] // world, *it.src.shape[1:])
+            region = self._area[it.offset : it.offset + world * it.nbytes].view(it.src.dtype)
+            shards = list(region.view(world, *shard_shape).unbind(0))
+            outs.append(reduce_shards(shards, op))
+        return outs
+
+    def destroy(self) -> None:
+        """Ends an open session, drains the communication stream (bounded), frees (collective).
+
+        Idempotent. Outputs of all-gathers must not be used afterwards.
+
+        Raises:
+            HostTimeoutError: The communication stream did not drain within ``timeout_s``
+                (a peer never sent its data).
+        """
+        if self._destroyed:
+            return
+        if self._in_session:
+            self.destroy_session()
+        self._destroyed = True
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                wait_stream(
+                    get_comm_stream(self.device),
+                    what="CopyEngineBuffer.destroy draining the communication stream",
+                    timeout_s=self.timeout_s,
+                )
+        self._backend.destroy()
+        self._area = torch.empty(0, dtype=torch.uint8)
+
+    def __repr__(self) -> str:
+        """Backend, rank, sizes, or that it was destroyed."""
+        state = "destroyed" if self._destroyed else f"{self.num_max_session_bytes} B session area"
+        return (
+            f"CopyEngineBuffer({self.backend}, rank {self.rank}/{self.world_size}, {state}, "
+            f"device {self.device})"
+        )
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _resolve_device(device: torch.device | str | int | None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be a CUDA device or the CPU, got {dev}")
+    return dev
