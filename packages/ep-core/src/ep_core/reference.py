@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ep_core import reference_ht, reference_ll
 from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
 from ep_core.handle import EPHandle, LowLatencyHandle
+from ep_core.signature import CallSignature, exchange_header
 from ep_jit.rows import collective_timeout
 
 __all__ = ["TorchBackend"]
@@ -57,6 +58,8 @@ class TorchBackend:
         # Host waits of the collectives that block the host (gloo): a peer that never arrives
         # (it raised on its own input, or died) makes this rank raise instead of waiting.
         self.timeout_s = timeout_s
+        # Numbers every collective call (aborted ones too); part of each call's signature.
+        self._sequence = 0
         self._destroyed = False
 
     @classmethod
@@ -70,6 +73,22 @@ class TorchBackend:
 
     def _bounded(self) -> contextlib.AbstractContextManager[None]:
         return collective_timeout(self.timeout_s)
+
+    def _next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
+
+    def abort_call(self, device: torch.device) -> None:
+        """Takes part in the current call's header exchange as a rank that rejected its input.
+
+        The peers receive an ``"abort"`` signature and raise ``ValueError`` naming this rank,
+        instead of waiting for it; the caller then raises its own error.
+        """
+        self._check_alive()
+        with self._bounded():
+            exchange_header(
+                self.group, self.rank, CallSignature.abort(self._next_sequence()), None, device
+            )
 
     def dispatch(
         self,
@@ -88,6 +107,26 @@ class TorchBackend:
     ) -> DispatchResult:
         """See :meth:`ep_core.backend.EPBackend.dispatch` and :func:`reference_ht.dispatch`."""
         self._check_alive()
+        cached = handle is not None
+        signature = CallSignature(
+            "cached dispatch" if cached else "dispatch",
+            self._next_sequence(),
+            num_experts=num_experts,
+            hidden=x.shape[1],
+            num_topk=topk_idx.shape[1],
+            x_dtype=x.dtype,
+            scales_dtype=None if x_scales is None else x_scales.dtype,
+            scales_cols=0 if x_scales is None else x_scales.shape[1],
+            topk_weights=topk_weights is not None,
+            do_cpu_sync=(
+                isinstance(handle.backend_state, reference_ht.ExactCounts)
+                if handle is not None
+                else do_cpu_sync
+            ),
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=expert_alignment,
+            do_expand=do_expand,
+        )
         with self._bounded():
             return reference_ht.dispatch(
                 self.group,
@@ -104,6 +143,7 @@ class TorchBackend:
                 do_cpu_sync=do_cpu_sync,
                 handle=handle,
                 num_sms=num_sms,
+                signature=signature,
             )
 
     def combine(
@@ -116,9 +156,31 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """See :meth:`ep_core.backend.EPBackend.combine` and :func:`reference_ht.combine`."""
         self._check_alive()
+        signature = CallSignature(
+            "combine",
+            self._next_sequence(),
+            num_experts=handle.num_experts,
+            hidden=x.shape[1],
+            num_topk=handle.num_topk,
+            x_dtype=x.dtype,
+            topk_weights=topk_weights is not None,
+            do_cpu_sync=isinstance(handle.backend_state, reference_ht.ExactCounts),
+            num_max_tokens_per_rank=handle.num_max_tokens_per_rank,
+            expert_alignment=handle.expert_alignment,
+            do_expand=handle.do_expand,
+            num_bias=len(bias),
+        )
         with self._bounded():
             return reference_ht.combine(
-                self.group, self.rank, self.num_ranks, x, handle, topk_weights, bias, num_sms
+                self.group,
+                self.rank,
+                self.num_ranks,
+                x,
+                handle,
+                topk_weights,
+                bias,
+                num_sms,
+                signature=signature,
             )
 
     def low_latency_dispatch(
@@ -134,6 +196,20 @@ class TorchBackend:
     ) -> LowLatencyDispatchResult:
         """See :func:`ep_core.reference_ll.low_latency_dispatch`."""
         self._check_alive()
+        signature = CallSignature(
+            "low_latency_dispatch",
+            self._next_sequence(),
+            num_experts=num_experts,
+            hidden=x.shape[1],
+            num_topk=topk_idx.shape[1],
+            x_dtype=torch.float8_e4m3fn if use_fp8 else x.dtype,
+            # The FP8 cast is local but sets the rows' layout: agreed like the dtypes.
+            scales_dtype=(torch.int32 if use_ue8m0 else torch.float32) if use_fp8 else None,
+            scales_cols=(-(-x.shape[1] // 512) if use_ue8m0 else x.shape[1] // 128)
+            if use_fp8
+            else 0,
+            num_max_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+        )
         with self._bounded():
             return reference_ll.low_latency_dispatch(
                 self.group,
@@ -146,6 +222,7 @@ class TorchBackend:
                 use_fp8=use_fp8,
                 round_scale=round_scale,
                 use_ue8m0=use_ue8m0,
+                signature=signature,
             )
 
     def low_latency_combine(
@@ -158,9 +235,27 @@ class TorchBackend:
     ) -> torch.Tensor:
         """See :func:`ep_core.reference_ll.low_latency_combine`."""
         self._check_alive()
+        signature = CallSignature(
+            "low_latency_combine",
+            self._next_sequence(),
+            num_experts=handle.num_experts,
+            hidden=x.shape[2],
+            num_topk=handle.num_topk,
+            x_dtype=x.dtype,
+            topk_weights=True,
+            num_max_tokens_per_rank=handle.num_max_dispatch_tokens_per_rank,
+        )
         with self._bounded():
             return reference_ll.low_latency_combine(
-                self.group, self.rank, self.num_ranks, x, topk_idx, topk_weights, handle, out
+                self.group,
+                self.rank,
+                self.num_ranks,
+                x,
+                topk_idx,
+                topk_weights,
+                handle,
+                out,
+                signature=signature,
             )
 
     def barrier(self) -> None:

@@ -30,6 +30,7 @@ from ep_core.layout import (
     invert_positions,
     worst_case_num_expanded_tokens,
 )
+from ep_core.signature import CallSignature, exchange_header
 from ep_jit.rows import RowField, all_to_all_fixed, all_to_all_uneven, pack_rows, unpack_rows
 
 __all__ = ["ExactCounts", "combine", "dispatch"]
@@ -92,18 +93,6 @@ def _send_dispatch_rows(
     return gather_rows(recv_padded, src_row), src
 
 
-def _exchange_counts(
-    num_tokens_per_rank: torch.Tensor, num_tokens_per_expert: torch.Tensor, group: dist.ProcessGroup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rows received from each rank ``[R]``, tokens per local expert ``[El]``)."""
-    num_ranks = num_tokens_per_rank.shape[0]
-    send = torch.cat(
-        [num_tokens_per_rank.view(num_ranks, 1), num_tokens_per_expert.view(num_ranks, -1)], dim=1
-    ).to(torch.int64)
-    recv = all_to_all_fixed(send, group)
-    return recv[:, 0], recv[:, 1:].sum(0)
-
-
 def dispatch(
     group: dist.ProcessGroup,
     rank: int,
@@ -120,11 +109,14 @@ def dispatch(
     do_cpu_sync: bool,
     handle: EPHandle | None,
     num_sms: int,
+    signature: CallSignature,
 ) -> DispatchResult:
     """Reference dispatch (fresh or cached); arguments of :meth:`EPBackend.dispatch`.
 
-    Runs on the current stream. With ``do_cpu_sync`` (or a handle made with it) row counts are
-    read on the host; otherwise nothing is.
+    Runs on the current stream. The first exchange is the call's header (``signature``, checked
+    on every rank, plus the token count sent to each rank); the received tokens per local expert
+    are counted from the received rows. With ``do_cpu_sync`` (or a handle made with it) row
+    counts are read on the host.
     """
     nmax, k = num_max_tokens_per_rank, topk_idx.shape[1]
     num_local = num_experts // num_ranks
@@ -133,15 +125,13 @@ def dispatch(
     if handle is None:
         layout = get_dispatch_layout(topk_idx, num_experts, num_ranks)
         is_in, send_row = layout.is_token_in_rank, layout.send_row
-        recv_per_rank, unaligned = _exchange_counts(
-            layout.num_tokens_per_rank, layout.num_tokens_per_expert, group
-        )
+        recv_per_rank = exchange_header(group, rank, signature, layout.num_tokens_per_rank, device)
         psum_recv = recv_per_rank.cumsum(0).to(torch.int32)
-        unaligned = unaligned.to(torch.int32)
         exact = None
         if do_cpu_sync:
             exact = ExactCounts(layout.num_tokens_per_rank.tolist(), recv_per_rank.tolist())
     else:
+        exchange_header(group, rank, signature, None, device)
         is_in, send_row = handle.is_token_in_rank, handle.send_row
         psum_recv, unaligned = (
             handle.psum_num_recv_tokens_per_rank,
@@ -168,6 +158,14 @@ def dispatch(
     first = rank * num_local
     is_local = (recv["topk"] >= first) & (recv["topk"] < first + num_local) & valid[:, None]
     local_idx = torch.where(is_local, recv["topk"] - first, -1)
+    if handle is None:
+        # Ids of one token are distinct (validated), so lanes count tokens per expert.
+        lanes = torch.where(is_local, local_idx, num_local).reshape(-1)
+        unaligned = (
+            torch.zeros(num_local + 1, dtype=torch.int64, device=device)
+            .scatter_add_(0, lanes, torch.ones_like(lanes))[:num_local]
+            .to(torch.int32)
+        )
     recv_weights = None
     if topk_weights is not None:
         recv_weights = torch.where(is_local, recv["weights"], 0.0)
@@ -229,13 +227,16 @@ def combine(
     topk_weights: torch.Tensor | None,
     bias: tuple[torch.Tensor, ...],
     num_sms: int,
+    signature: CallSignature,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference combine; arguments as :meth:`ep_core.backend.EPBackend.combine`.
 
-    Runs on the current stream; reads counts on the host only when the handle holds them.
+    Runs on the current stream; the first exchange is the call's header (``signature``, checked
+    on every rank); reads counts on the host only when the handle holds them.
     """
-    del rank, num_sms
+    del num_sms
     device = x.device
+    exchange_header(group, rank, signature, None, device)
     num_tokens, k, hidden = handle.num_tokens, handle.num_topk, x.shape[1]
     metadata = handle.recv_src_metadata
     weights = topk_weights

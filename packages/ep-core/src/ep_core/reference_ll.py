@@ -27,6 +27,7 @@ from ep_core.backend import LowLatencyDispatchResult
 from ep_core.fp8 import per_token_cast_to_fp8
 from ep_core.handle import LowLatencyHandle
 from ep_core.layout import gather_rows, get_dispatch_layout, invert_positions
+from ep_core.signature import CallSignature, exchange_header
 from ep_jit.rows import RowField, all_to_all_fixed, pack_rows, unpack_rows
 
 __all__ = ["LowLatencyState", "low_latency_combine", "low_latency_dispatch"]
@@ -61,6 +62,7 @@ def low_latency_dispatch(
     use_fp8: bool,
     round_scale: bool,
     use_ue8m0: bool,
+    signature: CallSignature,
 ) -> LowLatencyDispatchResult:
     """Reference legacy dispatch; see :meth:`ep_core.backend.EPBackend.low_latency_dispatch`.
 
@@ -75,7 +77,9 @@ def low_latency_dispatch(
         use_fp8: Cast to e4m3 on the source.
         round_scale: Power-of-two scales.
         use_ue8m0: int32 UE8M0 packs (implies ``round_scale``).
+        signature: This rank's call signature (the first exchange, checked on every rank).
     """
+    exchange_header(group, rank, signature, None, x.device)
     nmax, k = num_max_dispatch_tokens_per_rank, topk_idx.shape[1]
     num_local = num_experts // num_ranks
     slots = num_ranks * nmax
@@ -154,6 +158,7 @@ def low_latency_combine(
     topk_weights: torch.Tensor,
     handle: LowLatencyHandle,
     out: torch.Tensor | None,
+    signature: CallSignature,
 ) -> torch.Tensor:
     """Reference weighted legacy combine; see :meth:`ep_core.backend.EPBackend.low_latency_combine`.
 
@@ -166,11 +171,12 @@ def low_latency_combine(
         topk_weights: ``[T, k]`` float32.
         handle: The low-latency dispatch's handle.
         out: Optional ``[T, H]`` bf16 destination.
+        signature: This rank's call signature (the first exchange, checked on every rank).
 
     Returns:
         ``[T, H]`` bf16 (``out`` when given).
     """
-    del rank
+    exchange_header(group, rank, signature, None, x.device)
     state = handle.backend_state
     if not isinstance(state, LowLatencyState):
         raise TypeError("the handle was not made by the reference backend's low_latency_dispatch")

@@ -4,7 +4,7 @@ ranks, backend choice, sizing, lifetime, barrier, streams and events."""
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -247,6 +247,21 @@ class BufferBase:
                 f"the buffer has {self.num_bytes} bytes but Nmax={num_max_tokens}, H={hidden}, "
                 f"k={num_topk}, fp8={fp8} need {need}"
             )
+
+    def _reject(self, error: Exception) -> NoReturn:
+        """Raises this rank's own input ``error`` after telling the peers, so they raise too.
+
+        The backend takes part in the call's first exchange with an ``"abort"`` signature
+        (reference backend), so the peers raise ``ValueError`` naming this rank instead of waiting
+        for it or pairing its next call with their current one.
+        """
+        abort = getattr(self._backend, "abort_call", None)
+        if abort is None or self._destroyed:
+            raise error
+        try:
+            abort(self.device)
+        finally:
+            raise error  # this rank's own error wins over a failed abort
 
     # -- lifetime, streams, events ------------------------------------------------------------
 

@@ -120,65 +120,74 @@ class HighThroughputMixin(BufferBase):
             ValueError, TypeError: Invalid input (named in the message).
         """
         backend = self.backend
-        data, scales = _split_x(x)
-        if handle is not None:
-            handle = self._check_handle(handle)
-            if topk_idx is not None:
-                raise ValueError("topk_idx must be None for a cached dispatch (handle= is given)")
-            if do_cpu_sync:
-                raise ValueError("do_cpu_sync=True is not allowed for a cached dispatch")
-            if cumulative_local_expert_recv_stats is not None:
-                raise ValueError(
-                    "cached dispatches do not update cumulative_local_expert_recv_stats"
+        try:
+            data, scales = _split_x(x)
+            if handle is not None:
+                handle = self._check_handle(handle)
+                if topk_idx is not None:
+                    raise ValueError(
+                        "topk_idx must be None for a cached dispatch (handle= is given)"
+                    )
+                if do_cpu_sync:
+                    raise ValueError("do_cpu_sync=True is not allowed for a cached dispatch")
+                if cumulative_local_expert_recv_stats is not None:
+                    raise ValueError(
+                        "cached dispatches do not update cumulative_local_expert_recv_stats"
+                    )
+                _check_matches_handle(
+                    handle,
+                    num_experts=num_experts,
+                    num_max_tokens_per_rank=num_max_tokens_per_rank,
+                    expert_alignment=expert_alignment,
+                    do_expand=do_expand,
                 )
-            _check_matches_handle(
-                handle,
-                num_experts=num_experts,
-                num_max_tokens_per_rank=num_max_tokens_per_rank,
-                expert_alignment=expert_alignment,
-                do_expand=do_expand,
+                num_experts, nmax = handle.num_experts, handle.num_max_tokens_per_rank
+                alignment, sync, idx = handle.expert_alignment, False, handle.topk_idx
+            else:
+                if topk_idx is None:
+                    raise ValueError("topk_idx is required for a fresh dispatch (no handle given)")
+                if num_experts is None:
+                    raise ValueError("num_experts is required for a fresh dispatch")
+                check_num_experts(num_experts, self.num_ranks)
+                nmax = self._call_nmax(num_max_tokens_per_rank)
+                alignment = check_expert_alignment(
+                    1 if expert_alignment is None else expert_alignment
+                )
+                sync, idx = do_cpu_sync is not False, topk_idx
+            checked_x, checked_scales = check_dispatch_x(
+                data, scales, num_max_tokens_per_rank=nmax, device=self.device
             )
-            num_experts, nmax = handle.num_experts, handle.num_max_tokens_per_rank
-            alignment, sync, idx = handle.expert_alignment, False, handle.topk_idx
-        else:
-            if topk_idx is None:
-                raise ValueError("topk_idx is required for a fresh dispatch (no handle given)")
-            if num_experts is None:
-                raise ValueError("num_experts is required for a fresh dispatch")
-            check_num_experts(num_experts, self.num_ranks)
-            nmax = self._call_nmax(num_max_tokens_per_rank)
-            alignment = check_expert_alignment(1 if expert_alignment is None else expert_alignment)
-            sync, idx = do_cpu_sync is not False, topk_idx
-        checked_x, checked_scales = check_dispatch_x(
-            data, scales, num_max_tokens_per_rank=nmax, device=self.device
-        )
-        num_tokens, hidden = checked_x.shape
-        if handle is None:
-            check_topk_idx(idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device)
-        elif num_tokens != handle.num_tokens:
-            raise ValueError(
-                f"x has {num_tokens} tokens but the handle's dispatch had {handle.num_tokens}"
-            )
-        if topk_weights is not None:
-            check_topk_weights(topk_weights, idx)
-        stats = cumulative_local_expert_recv_stats
-        if stats is not None:
-            check_tensor(
-                "cumulative_local_expert_recv_stats",
-                stats,
-                dtypes=(torch.int32,),
-                shape=(num_experts // self.num_ranks,),
-                device=self.device,
-            )
-        k = idx.shape[1]
-        self._check_capacity(nmax, hidden, k, checked_scales is not None)
-        if num_sms == 0:
-            num_sms = (
-                handle.num_sms
-                if handle is not None
-                else self.get_theoretical_num_sms(num_experts, k)
-            )
-        check_positive_int("num_sms", num_sms)
+            num_tokens, hidden = checked_x.shape
+            if handle is None:
+                check_topk_idx(
+                    idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device
+                )
+            elif num_tokens != handle.num_tokens:
+                raise ValueError(
+                    f"x has {num_tokens} tokens but the handle's dispatch had {handle.num_tokens}"
+                )
+            if topk_weights is not None:
+                check_topk_weights(topk_weights, idx)
+            stats = cumulative_local_expert_recv_stats
+            if stats is not None:
+                check_tensor(
+                    "cumulative_local_expert_recv_stats",
+                    stats,
+                    dtypes=(torch.int32,),
+                    shape=(num_experts // self.num_ranks,),
+                    device=self.device,
+                )
+            k = idx.shape[1]
+            self._check_capacity(nmax, hidden, k, checked_scales is not None)
+            if num_sms == 0:
+                num_sms = (
+                    handle.num_sms
+                    if handle is not None
+                    else self.get_theoretical_num_sms(num_experts, k)
+                )
+            check_positive_int("num_sms", num_sms)
+        except (ValueError, TypeError) as exc:
+            self._reject(exc)
 
         def call() -> tuple:
             res = backend.dispatch(
@@ -249,24 +258,27 @@ class HighThroughputMixin(BufferBase):
             ValueError, TypeError: Invalid input (named in the message).
         """
         backend = self.backend
-        handle = self._check_handle(handle)
-        rows = handle.num_expanded_tokens if handle.do_expand else handle.num_recv_tokens
-        x = check_combine_x(x, num_rows=rows, device=self.device)
-        if topk_weights is not None:
-            shape = (rows,) if handle.do_expand else (rows, handle.num_topk)
-            check_tensor(
-                "topk_weights",
-                topk_weights,
-                dtypes=(torch.float32,),
-                shape=shape,
-                device=self.device,
+        try:
+            handle = self._check_handle(handle)
+            rows = handle.num_expanded_tokens if handle.do_expand else handle.num_recv_tokens
+            x = check_combine_x(x, num_rows=rows, device=self.device)
+            if topk_weights is not None:
+                shape = (rows,) if handle.do_expand else (rows, handle.num_topk)
+                check_tensor(
+                    "topk_weights",
+                    topk_weights,
+                    dtypes=(torch.float32,),
+                    shape=shape,
+                    device=self.device,
+                )
+            biases = check_bias(
+                bias, num_tokens=handle.num_tokens, hidden=x.shape[1], device=self.device
             )
-        biases = check_bias(
-            bias, num_tokens=handle.num_tokens, hidden=x.shape[1], device=self.device
-        )
-        self._check_capacity(handle.num_max_tokens_per_rank, x.shape[1], handle.num_topk, False)
-        num_sms = num_sms or handle.num_sms
-        check_positive_int("num_sms", num_sms)
+            self._check_capacity(handle.num_max_tokens_per_rank, x.shape[1], handle.num_topk, False)
+            num_sms = num_sms or handle.num_sms
+            check_positive_int("num_sms", num_sms)
+        except (ValueError, TypeError) as exc:
+            self._reject(exc)
         (combined, combined_w), event = run_on_comm_stream(
             self.device,
             lambda: backend.combine(x, handle, topk_weights, biases, num_sms),

@@ -77,37 +77,45 @@ class LowLatencyMixin(BufferBase):
             ``[El]`` int32 on the device.
         """
         backend = self.backend
-        nmax = check_positive_int(
-            "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank
-        )
-        check_num_experts(num_experts, self.num_ranks)
-        if use_ue8m0 and not round_scale:
-            raise ValueError("use_ue8m0=True requires round_scale=True (UE8M0 holds powers of two)")
-        if (round_scale or use_ue8m0) and not use_fp8:
-            raise ValueError("round_scale/use_ue8m0 apply to FP8 only (use_fp8=False given)")
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(
-                f"x must be a [T, H] tensor, got {getattr(x, 'shape', type(x).__name__)}"
+        try:
+            nmax = check_positive_int(
+                "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank
             )
-        num_tokens, hidden = x.shape
-        x = check_tensor(
-            "x", x, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=self.device
-        )
-        check_hidden(hidden, fp8=use_fp8, name="hidden size of x")
-        if num_tokens > nmax:
-            raise ValueError(
-                f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank = {nmax}"
+            check_num_experts(num_experts, self.num_ranks)
+            if use_ue8m0 and not round_scale:
+                raise ValueError(
+                    "use_ue8m0=True requires round_scale=True (UE8M0 holds powers of two)"
+                )
+            if (round_scale or use_ue8m0) and not use_fp8:
+                raise ValueError("round_scale/use_ue8m0 apply to FP8 only (use_fp8=False given)")
+            if not isinstance(x, torch.Tensor) or x.dim() != 2:
+                raise ValueError(
+                    f"x must be a [T, H] tensor, got {getattr(x, 'shape', type(x).__name__)}"
+                )
+            num_tokens, hidden = x.shape
+            x = check_tensor(
+                "x", x, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=self.device
             )
-        check_topk_idx(topk_idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device)
-        stats = cumulative_local_expert_recv_stats
-        if stats is not None:
-            check_tensor(
-                "cumulative_local_expert_recv_stats",
-                stats,
-                dtypes=(torch.int32,),
-                shape=(num_experts // self.num_ranks,),
-                device=self.device,
+            check_hidden(hidden, fp8=use_fp8, name="hidden size of x")
+            if num_tokens > nmax:
+                raise ValueError(
+                    f"x has {num_tokens} tokens, more than "
+                    f"num_max_dispatch_tokens_per_rank = {nmax}"
+                )
+            check_topk_idx(
+                topk_idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device
             )
+            stats = cumulative_local_expert_recv_stats
+            if stats is not None:
+                check_tensor(
+                    "cumulative_local_expert_recv_stats",
+                    stats,
+                    dtypes=(torch.int32,),
+                    shape=(num_experts // self.num_ranks,),
+                    device=self.device,
+                )
+        except (ValueError, TypeError) as exc:
+            self._reject(exc)
 
         def call() -> tuple:
             res = backend.low_latency_dispatch(
@@ -163,36 +171,39 @@ class LowLatencyMixin(BufferBase):
             ``(combined_x [T, H] bf16, event, hook)``.
         """
         backend = self.backend
-        if not isinstance(handle, LowLatencyHandle):
-            raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
-        if handle.rank != self.rank_idx or handle.num_ranks != self.num_ranks:
-            raise ValueError(f"handle was made by rank {handle.rank} of {handle.num_ranks}")
-        slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
-        shape = (handle.num_local_experts, slots, handle.hidden)
-        x = check_tensor("x", x, dtypes=(torch.bfloat16,), shape=shape, device=self.device)
-        num_tokens = topk_idx.shape[0] if isinstance(topk_idx, torch.Tensor) else -1
-        idx_shape = (num_tokens, handle.num_topk)
-        check_tensor(
-            "topk_idx", topk_idx, dtypes=(torch.int64,), shape=idx_shape, device=self.device
-        )
-        check_topk_idx(
-            topk_idx, num_tokens=num_tokens, num_experts=handle.num_experts, device=self.device
-        )
-        check_tensor(
-            "topk_weights",
-            topk_weights,
-            dtypes=(torch.float32,),
-            shape=idx_shape,
-            device=self.device,
-        )
-        if out is not None:
+        try:
+            if not isinstance(handle, LowLatencyHandle):
+                raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+            if handle.rank != self.rank_idx or handle.num_ranks != self.num_ranks:
+                raise ValueError(f"handle was made by rank {handle.rank} of {handle.num_ranks}")
+            slots = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
+            shape = (handle.num_local_experts, slots, handle.hidden)
+            x = check_tensor("x", x, dtypes=(torch.bfloat16,), shape=shape, device=self.device)
+            num_tokens = topk_idx.shape[0] if isinstance(topk_idx, torch.Tensor) else -1
+            idx_shape = (num_tokens, handle.num_topk)
             check_tensor(
-                "out",
-                out,
-                dtypes=(torch.bfloat16,),
-                shape=(num_tokens, handle.hidden),
+                "topk_idx", topk_idx, dtypes=(torch.int64,), shape=idx_shape, device=self.device
+            )
+            check_topk_idx(
+                topk_idx, num_tokens=num_tokens, num_experts=handle.num_experts, device=self.device
+            )
+            check_tensor(
+                "topk_weights",
+                topk_weights,
+                dtypes=(torch.float32,),
+                shape=idx_shape,
                 device=self.device,
             )
+            if out is not None:
+                check_tensor(
+                    "out",
+                    out,
+                    dtypes=(torch.bfloat16,),
+                    shape=(num_tokens, handle.hidden),
+                    device=self.device,
+                )
+        except (ValueError, TypeError) as exc:
+            self._reject(exc)
         combined, event = run_on_comm_stream(
             self.device,
             lambda: backend.low_latency_combine(x, topk_idx, topk_weights, handle, out),
