@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cp_copyengine import CopyEngineBuffer, session_bytes_hint
+from cp_copyengine import CopyEngineBuffer, knobs, session_bytes_hint
 from cp_copyengine.testing import Op, expected, make_ops, op_input, random_program, same_bits
 
 from ep_jit.testing import RankInfo, run_ranks
@@ -62,11 +62,15 @@ def _api_worker(info: RankInfo) -> dict[str, object]:
 
 def _worker(info: RankInfo, seed: int, num_ops: int) -> dict[str, object]:
     out = _api_worker(info)
-    out["ops"] = _stress_worker(info, seed, num_ops)
+    with knobs.cp.scope():
+        # The cross-rank checks have their own test (test_errors.py); fewer collectives here.
+        knobs.cp.check_inputs = False
+        out["ops"] = _stress_worker(info, seed, num_ops)
     return out
 
 
-@pytest.mark.parametrize(("world", "seed", "num_ops"), [(2, 1, 48), (4, 2, 32)])
+# 2 ranks: test_errors.py runs the same worker in its launch (spawning dominates CPU tests).
+@pytest.mark.parametrize(("world", "seed", "num_ops"), [(4, 2, 20)])
 def test_api_and_random_programs_on_reference_backend(world: int, seed: int, num_ops: int) -> None:
     results = run_ranks(world, _worker, seed, num_ops, timeout_s=120)
     assert [r["ops"] for r in results] == [num_ops] * world

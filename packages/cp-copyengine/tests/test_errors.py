@@ -11,6 +11,8 @@ from cp_copyengine import CopyEngineBuffer, knobs
 
 from ep_jit.testing import RankInfo, run_ranks
 
+from .test_buffer import _worker
+
 
 def _raises(exc: type[Exception], pattern: str, fn: Callable[[], object]) -> str:
     with pytest.raises(exc) as info:
@@ -122,5 +124,11 @@ def _errors_worker(info: RankInfo) -> None:
     _raises(RuntimeError, "destroyed", buf.create_session)
 
 
-def test_every_bad_input_raises_on_every_rank() -> None:
-    run_ranks(2, _errors_worker, timeout_s=120)
+def _two_rank_worker(info: RankInfo) -> int:
+    _errors_worker(info)
+    # The API and random programs on 2 ranks, in the same launch (spawning dominates the time).
+    return int(_worker(info, 1, 48)["ops"])  # type: ignore[call-overload]
+
+
+def test_every_bad_input_raises_on_every_rank_then_api_and_programs_on_two_ranks() -> None:
+    assert run_ranks(2, _two_rank_worker, timeout_s=120) == [48, 48]

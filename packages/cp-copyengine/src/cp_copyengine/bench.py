@@ -289,7 +289,7 @@ def _host_cost(
     for checks in (False, True):
         knobs.cp.check_inputs = checks
         per_call, per_session = [], []
-        for _ in range(max(args.iters, 5)):
+        for _ in range(max(args.iters, 3)):
             t0 = time.perf_counter()
             buf.create_session()
             buf.destroy_session()
