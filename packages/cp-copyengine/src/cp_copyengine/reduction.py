@@ -1,7 +1,7 @@
 """The receiver-side reduction of reduce-scatter, shared by every backend (one definition).
 
 The ``R`` shards a rank receives (one per source rank, in rank order) are summed in a wider
-type, in rank order, then divided by ``R`` for ``"avg"`` and cast back: float16, bfloat16 and
+type, in rank order, then multiplied by ``1/R`` for ``"avg"`` and cast back: float16, bfloat16 and
 float32 accumulate in float32, float64 in float64, integers in int64 (``"sum"`` only). The same
 torch operations run on every backend, so results are identical bit for bit. It runs as torch
 operations (on SMs), after the copy engines moved the shards.
@@ -56,7 +56,9 @@ def reduce_shards(shards: Sequence[torch.Tensor], op: str) -> torch.Tensor:
     for s in shards[1:]:
         acc.add_(s)
     if op == "avg":
-        acc.div_(len(shards))
+        # A multiplication, not a division: CUDA divides by a scalar through its reciprocal, the
+        # CPU does not; multiplying by 1/R rounds the same way on both.
+        acc.mul_(1.0 / len(shards))
     return acc.to(dtype)
 
 
