@@ -1,0 +1,3 @@
+"""Version of ep-engram; the only place it is written."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""Kernel specs of the intranode gather (``<ep_engram/smxx_gather.cuh>``) and their builds."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ILP_THREADS",
+    "WARP_THREADS",
+    "build_gather",
+    "gather_spec",
+    "register_include_root",
+    "shipped_kernels",
+]
+
+ILP_THREADS = 512
+"""Threads per CTA of the ``ilp`` variant (registers hold ``unroll`` 16-byte chunks each)."""
+WARP_THREADS = 1024
+"""Threads per CTA of the ``warp`` variant (32 warps, one row each at a time)."""
+
+_PARAMS = (
+    "const void* indices",
+    "void* out",
+    "void* out_sf",
+    "long long* error_pos",
+    "const unsigned long long* rows_base",
+    "const unsigned long long* sf_base",
+    "long long num_items",
+    "long long entries",
+    "long long per_token",
+    "long long sf_ld",
+)
+
+
+def register_include_root() -> None:
+    """Makes ``#include <ep_engram/...>`` resolvable for ep-jit (idempotent)."""
+    from ep_jit import include_roots
+    from ep_jit import register_include_root as register
+
+    if "ep_engram" not in include_roots():
+        register("ep_engram", Path(__file__).resolve().parent / "include")
+
+
+def gather_spec(
+    *,
+    index64: bool,
+    row_bytes: int,
+    num_sf_packs: int,
+    sf_col_major: bool,
+    num_ranks: int,
+    variant: str = "ilp",
+    unroll: int = 8,
+) -> Any:
+    """The ``KernelSpec`` of one gather instantiation.
+
+    Launch with ``grid = num_ctas`` and ``block = threads_of(variant)``; arguments: indices
+    (``[T*K]`` int32/int64), out (``[T*K, row_bytes]``), out_sf (scale output base or
+    ``None``), error_pos (int64 ``[1]``, INT64_MAX before the launch), rows_base and sf_base
+    (int64 ``[R]`` device addresses of every owner's rows and scales), ``T*K``, ``E``, ``K`` and
+    the scale column stride.
+
+    Raises:
+        ValueError: A row that is not a multiple of 16 bytes, a bad variant or unroll.
+    """
+    from ep_jit import KernelSpec
+
+    if row_bytes <= 0 or row_bytes % 16:
+        raise ValueError(f"row_bytes must be a positive multiple of 16, got {row_bytes}")
+    if variant not in ("ilp", "warp"):
+        raise ValueError(f"variant must be 'ilp' or 'warp', got {variant!r}")
+    if not 1 <= unroll <= 16:
+        raise ValueError(f"unroll must be in [1, 16], got {unroll}")
+    warp = variant == "warp"
+    u = 1 if warp else unroll
+    tag = f"{'i64' if index64 else 'i32'}_r{row_bytes}_p{num_sf_packs}{'c' if sf_col_major else ''}"
+    return KernelSpec(
+        name=f"ep_engram_gather_{variant}{u}_{tag}_n{num_ranks}",
+        includes=["ep_engram/smxx_gather.cuh"],
+        template="ep_engram::gather",
+        params=_PARAMS,
+        constants={
+            "IndexT": "long long" if index64 else "int",
+            "kRowBytes": row_bytes,
+            "kNumSfPacks": num_sf_packs,
+            "kSfColMajor": sf_col_major,
+            "kNumRanks": num_ranks,
+            "kUnroll": u,
+            "kWarpPerRow": warp,
+        },
+        launch_bounds=(threads_of(variant), 1),
+    )
+
+
+def threads_of(variant: str) -> int:
+    """Threads per CTA of a variant."""
+    return WARP_THREADS if variant == "warp" else ILP_THREADS
+
+
+@functools.cache
+def build_gather(**kwargs: Any) -> Any:
+    """The compiled kernel of :func:`gather_spec` (built on first use, cached on disk)."""
+    from ep_jit import build
+
+    register_include_root()
+    return build(gather_spec(**kwargs))
+
+
+def shipped_kernels() -> list[Any]:
+    """Representative instantiations for compile-only checks (``ep_jit.kernels`` entry point)."""
+    register_include_root()
+    specs = []
+    for variant in ("ilp", "warp"):
+        specs.append(
+            gather_spec(
+                index64=False,
+                row_bytes=256,
+                num_sf_packs=0,
+                sf_col_major=False,
+                num_ranks=1,
+                variant=variant,
+            )
+        )
+        specs.append(
+            gather_spec(
+                index64=True,
+                row_bytes=7168,
+                num_sf_packs=56,
+                sf_col_major=True,
+                num_ranks=8,
+                variant=variant,
+            )
+        )
+    specs.append(
+        gather_spec(
+            index64=False,
+            row_bytes=2048,
+            num_sf_packs=4,
+            sf_col_major=False,
+            num_ranks=4,
+            unroll=16,
+        )
+    )
+    return specs

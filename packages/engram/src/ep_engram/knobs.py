@@ -1,0 +1,64 @@
+"""Environment knobs of ep-engram (``EP_ENGRAM_*``).
+
+Every variable is declared once here with its type, default and one line of doc; the values are
+read at access time, so a variable exported after import still takes effect::
+
+    from ep_engram import knobs
+
+    knobs.engram.num_ctas  # int, from EP_ENGRAM_NUM_CTAS
+    with knobs.engram.scope():  # restores every EP_ENGRAM_* variable on exit
+        knobs.engram.kernel = "warp"
+"""
+
+from __future__ import annotations
+
+from ep_jit.knobs import KnobGroup, knob_bool, knob_choice, knob_int
+
+__all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
+
+BACKEND_CHOICES = ("auto", "intranode", "reference")
+"""Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
+
+KERNEL_CHOICES = ("ilp", "warp")
+"""Gather kernel variants of the intranode backend."""
+
+
+class EngramKnobs(KnobGroup):
+    """The knobs of ep-engram (``EP_ENGRAM_*``)."""
+
+    backend = knob_choice(
+        "EP_ENGRAM_BACKEND",
+        "auto",
+        BACKEND_CHOICES,
+        "Backend of EngramTable(backend='auto'): auto, intranode (JIT gather kernel) or reference.",
+    )
+    num_ctas = knob_int(
+        "EP_ENGRAM_NUM_CTAS",
+        8,
+        "CTAs (one per SM) of the intranode gather kernel when fetch() is given no num_ctas.",
+    )
+    kernel = knob_choice(
+        "EP_ENGRAM_KERNEL",
+        "ilp",
+        KERNEL_CHOICES,
+        "Intranode gather kernel: ilp (many 16-byte loads in flight per thread) or warp "
+        "(one row per warp at a time).",
+    )
+    unroll = knob_int(
+        "EP_ENGRAM_UNROLL",
+        8,
+        "16-byte loads each thread keeps in flight in the ilp gather kernel (1..16).",
+    )
+    check_errors = knob_bool(
+        "EP_ENGRAM_CHECK_ERRORS",
+        True,
+        "hook() waits for the fetch on the host and raises for out-of-range row ids.",
+    )
+    timeout_s = knob_int(
+        "EP_ENGRAM_TIMEOUT_S",
+        300,
+        "Limit in seconds of the host waits of EngramTable (hook, write, destroy; 0: none).",
+    )
+
+
+engram = EngramKnobs()
