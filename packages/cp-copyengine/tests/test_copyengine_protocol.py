@@ -1,0 +1,90 @@
+"""The copy-engine backend's protocol, on CPU: which copies and which flag writes and waits one
+call enqueues (the driver calls are recorded instead of issued)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from cp_copyengine import copyengine
+from cp_copyengine.copyengine import CopyEngineBackend
+from cp_copyengine.plan import Item, Transfer
+
+BASE = 1 << 40  # rank p's data region at BASE * (p + 1); its signal region 1 MiB further
+SIG = 1 << 20
+
+
+def _backend(rank: int, world: int, max_ops: int, log: list[Any]) -> CopyEngineBackend:
+    be = object.__new__(CopyEngineBackend)
+    be.world_size, be.rank, be.max_ops = world, rank, max_ops
+    be.memory = SimpleNamespace(  # type: ignore[assignment]
+        peer_ptrs=[BASE * (p + 1) for p in range(world)],
+        signal_ptrs=[BASE * (p + 1) + SIG for p in range(world)],
+    )
+    be._end_words = 4 * max_ops * world
+    be.batched = None
+    return be
+
+
+@pytest.fixture
+def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    calls: list[Any] = []
+    monkeypatch.setattr(
+        copyengine, "memcpy_batch", lambda copies, batched: calls.append(("copy", copies)) or "x"
+    )
+    monkeypatch.setattr(copyengine, "batch_mem_ops", lambda ops: calls.append(("ops", list(ops))))
+    return calls
+
+
+def test_all_gather_copies_to_every_rank_then_flags(log: list[Any]) -> None:
+    world, rank = 3, 1
+    be = _backend(rank, world, 4, log)
+    a, b = torch.zeros(10, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
+    items = (Item(a, 0, 10, inplace=True), Item(b, 32, 4))
+    be.transfer(Transfer("all_gather", session=1, slot=2, items=items))
+    (kind, copies), (kind2, ops) = log
+    assert kind == "copy" and kind2 == "ops"
+    want = []
+    for p in (1, 2, 0):  # starting at this rank
+        if p != rank:  # the in-place tensor's self copy is skipped
+            want.append((BASE * (p + 1) + 0 + rank * 10, a.data_ptr(), 10))
+        want.append((BASE * (p + 1) + 32 + rank * 4, b.data_ptr(), 4))
+    assert copies == want
+    writes = [(o.kind, o.address, o.value) for o in ops[:world]]
+    assert writes == [("write", BASE * (p + 1) + SIG + 4 * (2 * world + rank), 1) for p in range(3)]
+    waits = [(o.kind, o.address, o.value, o.cond) for o in ops[world:]]
+    mine = BASE * (rank + 1) + SIG
+    assert waits == [("wait", mine + 4 * (2 * world + p), 1, "geq") for p in range(3)]
+
+
+def test_reduce_scatter_sends_shard_p_to_rank_p(log: list[Any]) -> None:
+    world, rank = 2, 0
+    be = _backend(rank, world, 2, log)
+    t = torch.zeros(8, dtype=torch.float32)  # [R*n] with n = 4 floats = 16 bytes a shard
+    be.transfer(Transfer("reduce_scatter", session=5, slot=0, items=(Item(t, 64, 16),)))
+    # Session 5, first call: wait for every peer's end of session 4 before any copy.
+    (k0, fence), (k1, copies), (k2, _) = log
+    assert k0 == "ops" and [(o.address, o.value) for o in fence] == [
+        (BASE + SIG + 4 * 2 * world + 4 * 1, 4)
+    ]
+    assert k2 == "ops"
+    assert k1 == "copy" and copies == [
+        (BASE + 64, t.data_ptr(), 16),
+        (2 * BASE + 64, t.data_ptr() + 16, 16),
+    ]
+
+
+def test_end_session_writes_every_peer_word_and_zero_bytes_send_nothing(log: list[Any]) -> None:
+    be = _backend(2, 4, 3, log)
+    be.end_session(7)
+    ((kind, ops),) = log
+    assert kind == "ops"
+    assert [(o.address, o.value) for o in ops] == [
+        (BASE * (p + 1) + SIG + 4 * 3 * 4 + 4 * 2, 7) for p in range(4)
+    ]
+    log.clear()
+    be.transfer(Transfer("all_gather", 1, 0, (Item(torch.zeros(0), 0, 0),)))
+    assert log[0] == ("copy", [])  # no copy, but the flags still go out
+    assert len(log[1][1]) == 8
