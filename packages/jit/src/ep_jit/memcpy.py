@@ -56,16 +56,21 @@ def _batched(copies: list[tuple[int, int, int]], stream: object) -> bool:
     attrs = driver.CUmemcpyAttributes()
     attrs.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
     attrs.flags = int(driver.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
-    result = driver.cuMemcpyBatchAsync(
-        [driver.CUdeviceptr(d) for d, _, _ in copies],
-        [driver.CUdeviceptr(s) for _, s, _ in copies],
-        [n for _, _, n in copies],
-        len(copies),
-        [attrs],
-        [0],
-        1,
-        stream,
-    )
+    try:
+        result = driver.cuMemcpyBatchAsync(
+            [driver.CUdeviceptr(d) for d, _, _ in copies],
+            [driver.CUdeviceptr(s) for _, s, _ in copies],
+            [n for _, _, n in copies],
+            len(copies),
+            [attrs],
+            [0],
+            1,
+            stream,
+        )
+    except TypeError:
+        # cuda-bindings 12.x takes an extra failIdx argument: use the per-copy path there.
+        _batch_state["ok"] = False
+        return False
     err = result[0] if isinstance(result, tuple) else result
     if err in _NOT_SUPPORTED and "ok" not in _batch_state:
         # The first refusal of this process: an old driver. Fall back for good.
