@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from cp_copyengine import CopyEngineBuffer, session_bytes_hint
 
+from cp_copyengine import CopyEngineBuffer, session_bytes_hint
 from ep_jit.testing import RankInfo, run_from_env, run_ranks
 
 TOLERANCE = 3e-2  # K/V and the layer outputs are carried in bf16

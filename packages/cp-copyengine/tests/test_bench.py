@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from cp_copyengine.bench import main, parse_args
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cp_copyengine import CopyEngineBuffer, knobs, session_bytes_hint
 from cp_copyengine.testing import Op, expected, make_ops, op_input, random_program, same_bits
-
 from ep_jit.testing import RankInfo, run_ranks
 
 

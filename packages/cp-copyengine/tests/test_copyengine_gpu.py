@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cp_copyengine import CopyEngineBuffer, session_bytes_hint
 from cp_copyengine.testing import expected, make_ops, random_program, same_bits
-
 from ep_jit.testing import RankInfo, run_ranks
 
 pytestmark = pytest.mark.gpu

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from cp_copyengine import copyengine
 from cp_copyengine.copyengine import CopyEngineBackend
 from cp_copyengine.plan import Item, Transfer

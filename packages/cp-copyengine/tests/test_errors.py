@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from cp_copyengine import CopyEngineBuffer, knobs
 
+from cp_copyengine import CopyEngineBuffer, knobs
 from ep_jit.testing import RankInfo, run_ranks
 
 from .test_buffer import _worker

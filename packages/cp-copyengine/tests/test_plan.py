@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import cp_copyengine
 import pytest
 import torch
+
+import cp_copyengine
 from cp_copyengine import knobs, session_bytes_hint
 from cp_copyengine.factory import cp_backends
 from cp_copyengine.plan import align_up, check_shape, nbytes_of
 from cp_copyengine.reduction import accumulate_dtype, check_reduce, reduce_shards
-
 from ep_jit.registry import registered_backends
 
 

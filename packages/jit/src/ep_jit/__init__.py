@@ -32,6 +32,7 @@ from ep_jit.kernels import iter_shipped_kernels as iter_shipped_kernels
 from ep_jit.launch import BoundLaunch as BoundLaunch
 from ep_jit.launch import Kernel as Kernel
 from ep_jit.launch import build as build
+from ep_jit.memcpy import memcpy_batch as memcpy_batch
 from ep_jit.peer_memory import PeerMemory as PeerMemory
 from ep_jit.registry import BackendSpec as BackendSpec
 from ep_jit.registry import get_backend as get_backend
@@ -92,6 +93,7 @@ __all__ = [
     "is_single_nvlink_domain",
     "iter_shipped_kernels",
     "knobs",
+    "memcpy_batch",
     "parse_ptxas",
     "peer_memory",
     "register_include_root",
