@@ -1,5 +1,13 @@
 """Buffer sizing and the analytical SM count of the NVLink backend.
 
+The size hint is what the NVLink backend allocates for its high-throughput buffer: the larger of
+its actual layout (:func:`ep_core.nvlink.layout.compute_layout`: a control header and two
+double-buffered regions of flags and ``R * Nmax`` row slots, each padded to 2 MiB) and the slot
+formula below, rounded up to 2 MiB. A buffer given ``num_bytes`` allocates exactly that many
+bytes, which must be at least the hint of its settings. The reference backend allocates nothing
+but applies the same checks, so code that fits on one backend fits on the other. The
+low-latency buffer of the NVLink backend is separate (sized by the low-latency calls).
+
 Buffer size (direct NVLink layout: every source owns ``Nmax`` slots at every receiver, both for
 dispatch and for combine, so data can be written before counts are known)::
 
@@ -48,6 +56,12 @@ SLOT_ALIGNMENT = 32
 SIZING_TOPK = 32
 """``k`` assumed when the buffer is sized with ``num_topk == 0``."""
 
+SIZING_HIDDEN = 8192
+"""``H`` the NVLink backend's layout assumes when the buffer is built with ``hidden == 0``."""
+
+MAX_NVLINK_RANKS = 32
+"""Largest group the NVLink backend runs on (larger groups get the slot formula only)."""
+
 DEFAULT_NVLINK_GBS = 405.0
 """Usable one-way NVLink bandwidth per GPU in GB/s (0.9 x 450 GB/s, Hopper NV18)."""
 
@@ -69,6 +83,7 @@ def combine_slot_bytes(hidden: int, num_topk: int) -> int:
     return dispatch_slot_bytes(hidden, num_topk, use_fp8=False)
 
 
+@functools.lru_cache(maxsize=256)
 def get_buffer_size_hint(
     num_ranks: int,
     num_max_tokens_per_rank: int,
@@ -76,7 +91,7 @@ def get_buffer_size_hint(
     num_topk: int = 0,
     use_fp8_dispatch: bool = False,
 ) -> int:
-    """Bytes of communication buffer the NVLink backend needs (2 MiB aligned, monotone).
+    """Bytes the NVLink backend allocates for these settings (2 MiB aligned, monotone).
 
     Args:
         num_ranks: ``R``.
@@ -91,7 +106,18 @@ def get_buffer_size_hint(
     # BF16 combine (and BF16 cached dispatch in backward) always runs: never below a BF16 slot.
     dispatch = slots * dispatch_slot_bytes(hidden, num_topk, use_fp8_dispatch)
     combine = slots * combine_slot_bytes(hidden, num_topk)
-    return align_up(max(dispatch, combine, 1), BUFFER_ALIGNMENT)
+    layout = 0
+    if 1 <= num_ranks <= MAX_NVLINK_RANKS:
+        from ep_core.nvlink.layout import NvlinkSizing, compute_layout
+
+        sizing = NvlinkSizing(
+            num_ranks=num_ranks,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            hidden=hidden or SIZING_HIDDEN,
+            num_topk=num_topk or SIZING_TOPK,
+        )
+        layout = compute_layout(sizing)[1]
+    return align_up(max(dispatch, combine, layout, 1), BUFFER_ALIGNMENT)
 
 
 def expected_topk(num_groups: int, num_experts: int, num_topk: int) -> float:

@@ -267,3 +267,43 @@ def check_tensor(
     if _shape(checked) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {_shape(checked)}")
     return checked
+
+
+def check_low_latency_shape(
+    num_ranks: int,
+    num_max_dispatch_tokens_per_rank: int,
+    hidden: int,
+    num_experts: int,
+    num_topk: int,
+) -> None:
+    """The low-latency limits of every backend: those of the NVLink backend's kernels.
+
+    ``1 <= Nmax <= 65535``, ``H`` a positive multiple of 64 up to 8192, ``1 <= k <= 32``, at most
+    32 ranks, and the dispatch kernel's shared memory for ``E`` experts and ``Nmax`` tokens within
+    the limit. The reference backend applies them too, so a shape accepted on CPU runs on GPUs.
+
+    Raises:
+        ValueError: Naming the limit and the value.
+    """
+    from ep_core.nvlink import ll
+
+    nmax = num_max_dispatch_tokens_per_rank
+    if not 1 <= nmax <= ll.MAX_LL_TOKENS:
+        raise ValueError(
+            f"num_max_dispatch_tokens_per_rank must be in [1, {ll.MAX_LL_TOKENS}], got {nmax}"
+        )
+    if hidden <= 0 or hidden % 64 or hidden > ll.MAX_HIDDEN:
+        raise ValueError(
+            f"low-latency hidden size must be a positive multiple of 64 up to {ll.MAX_HIDDEN}, "
+            f"got {hidden}"
+        )
+    if not 1 <= num_topk <= ll.MAX_TOPK:
+        raise ValueError(f"low-latency k must be in [1, {ll.MAX_TOPK}], got {num_topk}")
+    if num_ranks > ll.MAX_RANKS:
+        raise ValueError(f"the low-latency pair runs on at most {ll.MAX_RANKS} ranks")
+    smem = ll.dispatch_smem_bytes(num_ranks, nmax, num_experts)
+    if smem > ll.SMEM_LIMIT:
+        raise ValueError(
+            f"{num_experts} experts x {nmax} tokens need {smem} B of shared memory per CTA "
+            f"(limit {ll.SMEM_LIMIT}); use fewer tokens or experts"
+        )

@@ -13,7 +13,7 @@ import ep_jit
 from ep_core import knobs as core_knobs
 from ep_core.backend import BackendConfig, EPBackend
 from ep_core.factory import create_backend, resolve_backend
-from ep_core.sizing import BUFFER_ALIGNMENT, CPU_NOMINAL_NUM_SMS
+from ep_core.sizing import BUFFER_ALIGNMENT, CPU_NOMINAL_NUM_SMS, SIZING_HIDDEN, SIZING_TOPK
 from ep_core.sizing import get_buffer_size_hint as _size_hint
 from ep_core.sizing import get_theoretical_num_sms as _num_sms
 from ep_core.validation import MAX_TOPK, check_hidden, check_positive_int
@@ -80,6 +80,16 @@ def _resolve_num_bytes(
     check_positive_int("num_bytes", num_bytes)
     if num_bytes % BUFFER_ALIGNMENT != 0:
         raise ValueError(f"num_bytes {num_bytes} is not a multiple of 2 MiB ({BUFFER_ALIGNMENT})")
+    if num_max_tokens_per_rank > 0:
+        # hidden == 0: sized as the NVLink backend lays it out (SIZING_HIDDEN). Checked on every
+        # backend, so a size that works on CPU works on GPUs.
+        need = _size_hint(num_ranks, num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch)
+        if num_bytes < need:
+            raise ValueError(
+                f"num_bytes {num_bytes} is too small: Nmax={num_max_tokens_per_rank}, "
+                f"hidden={hidden or SIZING_HIDDEN}, num_topk={num_topk or SIZING_TOPK}, "
+                f"fp8={use_fp8_dispatch} need {need} bytes (get_buffer_size_hint)"
+            )
     return num_bytes
 
 

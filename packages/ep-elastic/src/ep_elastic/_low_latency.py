@@ -10,6 +10,7 @@ import torch
 from ep_core.handle import LowLatencyHandle
 from ep_core.validation import (
     check_hidden,
+    check_low_latency_shape,
     check_num_experts,
     check_positive_int,
     check_tensor,
@@ -104,6 +105,9 @@ class LowLatencyMixin(BufferBase):
                 )
             check_topk_idx(
                 topk_idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device
+            )
+            check_low_latency_shape(
+                self.num_ranks, nmax, hidden, num_experts, int(topk_idx.shape[1])
             )
             stats = cumulative_local_expert_recv_stats
             if stats is not None:

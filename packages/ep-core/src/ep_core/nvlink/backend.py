@@ -76,6 +76,15 @@ class NvlinkBackend:
             num_topk=topk,
         )
         self.layout, nbytes = compute_layout(self.sizing)
+        # The buffer's num_bytes is honoured: exactly that many bytes (0: what the layout needs).
+        if config.num_bytes:
+            if config.num_bytes < nbytes:
+                raise ValueError(
+                    f"num_bytes {config.num_bytes} is too small: the NVLink backend's layout for "
+                    f"R={self.num_ranks}, Nmax={config.num_max_tokens_per_rank}, H={hidden}, "
+                    f"k={topk} needs {nbytes} bytes"
+                )
+            nbytes = config.num_bytes
         self.sym = ep_jit.peer_memory(group, nbytes, device=self.device)
         self.sym.local.zero_()
         self.peer_bases = self.sym.peer_ptrs_dev
@@ -112,7 +121,9 @@ class NvlinkBackend:
         regions = {
             "high-throughput control": int(lay.region0),
             "high-throughput region 0": int(lay.region1 - lay.region0),
-            "high-throughput region 1": int(self.sym.nbytes - lay.region1),
+            "high-throughput region 1": int(lay.region1 - lay.region0),
+            # 2 MiB padding of the whole, and what an explicit num_bytes gives beyond the layout.
+            "beyond the two regions": int(self.sym.nbytes - 2 * lay.region1 + lay.region0),
         }
         if self._ll is not None:
             regions["low-latency buffer"] = int(self._ll.layout.total_bytes)

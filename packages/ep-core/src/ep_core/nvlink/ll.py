@@ -76,6 +76,7 @@ On 2x H200 128 CTAs replayed 128/256-token calls 1-9 us faster than 64 and equal
 MAX_RANKS = 32
 MAX_TOPK = 32
 MAX_HIDDEN = 8192
+MAX_LL_TOKENS = 65535
 SMEM_LIMIT = 232448
 """Dynamic shared memory one CTA may use on sm_90 (227 KiB)."""
 
@@ -446,9 +447,9 @@ class LowLatencyEngine:
         # Size errors are gathered with the configuration, so every rank fails together.
         problem = None
         smem = dispatch_smem_bytes(num_ranks, num_max_dispatch_tokens_per_rank, num_experts)
-        if not 1 <= num_max_dispatch_tokens_per_rank <= 65535:
+        if not 1 <= num_max_dispatch_tokens_per_rank <= MAX_LL_TOKENS:
             problem = (
-                "num_max_dispatch_tokens_per_rank must be in [1, 65535], got "
+                f"num_max_dispatch_tokens_per_rank must be in [1, {MAX_LL_TOKENS}], got "
                 f"{num_max_dispatch_tokens_per_rank}"
             )
         elif hidden <= 0 or hidden % 64 or hidden > MAX_HIDDEN:
