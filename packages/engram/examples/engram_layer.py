@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from ep_engram import EngramTable
 
+from ep_engram import EngramTable
 from ep_jit import knobs
 
 SEED = 1234

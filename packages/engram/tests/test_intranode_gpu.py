@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+
 from ep_engram import EngramTable, knobs
 from ep_engram.testing import run_error_cases, run_standard_cases
-
 from ep_jit.testing import run_ranks
 
 pytestmark = pytest.mark.gpu
@@ -36,9 +36,9 @@ def test_intranode_matches_all_gather(world_size: int, placement: str) -> None:
         assert done == {"torch.bfloat16": 11, "torch.float8_e4m3fn": 44}
 
 
-@pytest.mark.parametrize("variant", ["warp", "ilp"])
+@pytest.mark.parametrize("variant", ["warp", "ilp", "bulk"])
 def test_kernel_variants(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
-    # The other variant than the default, and an unusual unroll, on 2 ranks.
+    # Every variant with an unusual unroll and CTA count, on 2 ranks.
     monkeypatch.setenv(knobs.EngramKnobs.kernel.name, variant)
     monkeypatch.setenv(knobs.EngramKnobs.unroll.name, "3")
     monkeypatch.setenv(knobs.EngramKnobs.num_ctas.name, "3")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from ep_engram.testing import run_error_cases, run_standard_cases
 
+from ep_engram.testing import run_error_cases, run_standard_cases
 from ep_jit.testing import run_ranks
 
 

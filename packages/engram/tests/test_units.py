@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ep_engram
 import pytest
 import torch
+
+import ep_engram
 from ep_engram import knobs
 from ep_engram.factory import PRIMITIVE, PROVIDERS
 from ep_engram.kernels import gather_spec, shipped_kernels
 from ep_engram.layout import empty_sf, num_sf_packs, sf_col_stride
-
 from ep_jit.registry import registered_backends
 
 

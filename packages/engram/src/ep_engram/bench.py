@@ -37,8 +37,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--placements", nargs="+", default=["host", "gpu"], choices=["host", "gpu"])
     p.add_argument("--row-bytes", nargs="+", type=int, default=[256, 2048, 7168])
     p.add_argument("--ctas", nargs="+", type=int, default=[4, 8, 16, 32])
-    p.add_argument("--variants", nargs="+", default=["ilp", "warp"], choices=["ilp", "warp"])
-    p.add_argument("--unroll", type=int, default=None, help="EP_ENGRAM_UNROLL for the ilp kernel")
+    p.add_argument(
+        "--variants", nargs="+", default=["ilp", "warp", "bulk"], choices=["ilp", "warp", "bulk"]
+    )
+    p.add_argument(
+        "--unrolls", nargs="+", type=int, default=[8], help="EP_ENGRAM_UNROLL values (ilp kernel)"
+    )
     p.add_argument("--tokens", type=int, default=4096, help="T (DeepEP's test: 512)")
     p.add_argument("--k", type=int, default=24, help="rows per token (DeepEP's test: 24)")
     p.add_argument("--table-mib", type=int, default=2048, help="table size per rank, MiB")
@@ -141,15 +145,18 @@ def _bench_table(
             raise AssertionError(f"{head}: index_select on the mapped rows differs")
         stats = bench(lambda: torch.index_select(mapped, 0, flat, out=got), **timing)
         record(head, base, "index_select", None, stats.median)
-        for variant in args.variants:
+        runs = [(v, u) for v in args.variants for u in (args.unrolls if v == "ilp" else [1])]
+        for variant, unroll in runs:
             knobs.engram.kernel = variant
+            knobs.engram.unroll = unroll
+            name = f"kernel-{variant}" + (f"{unroll}" if variant == "ilp" else "")
             for ctas in args.ctas:
                 out.view(torch.uint8).fill_(0xA5)
                 data, _ = table.fetch(idx, out=out, num_ctas=ctas)()
                 if not torch.equal(data.view(torch.uint8).view(rows_n, -1), want):
                     raise AssertionError(f"{head} {variant} ctas={ctas}: wrong rows")
                 stats = bench(functools.partial(table.fetch, idx, out=out, num_ctas=ctas), **timing)
-                record(head, base, f"kernel-{variant}", ctas, stats.median)
+                record(head, base, name, ctas, stats.median)
     table.destroy()
     del stored
     if info.device.type == "cuda":
@@ -161,8 +168,6 @@ def _worker(info: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     cuda = info.device.type == "cuda"
     knobs.engram.check_errors = False
-    if args.unroll is not None:
-        knobs.engram.unroll = args.unroll
     record = _Recorder()
     steps = len(args.placements) * len(args.row_bytes)
     step = 0

@@ -18,7 +18,7 @@ import torch
 from ep_engram import knobs
 from ep_engram._collective import Meeting
 from ep_engram.backend import EngramBackend, TableConfig
-from ep_engram.kernels import build_gather, threads_of
+from ep_engram.kernels import build_gather, smem_of, threads_of
 from ep_engram.layout import align, sf_col_stride
 from ep_engram.reference import out_of_range_error
 from ep_jit.hostwait import wait_event
@@ -140,6 +140,7 @@ class IntranodeBackend(EngramBackend):
                 cfg.num_entries_per_rank,
                 indices.shape[1],
                 sf_col_stride(indices.shape[0]),
+                smem=smem_of(variant, cfg.row_bytes),
             )
             if not check:
                 return None

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BULK_THREADS",
     "ILP_THREADS",
+    "VARIANTS",
     "WARP_THREADS",
     "build_gather",
     "gather_spec",
@@ -15,10 +17,34 @@ __all__ = [
     "shipped_kernels",
 ]
 
+VARIANTS = ("ilp", "warp", "bulk")
+"""Gather kernel variants (see ``<ep_engram/smxx_gather.cuh>``)."""
 ILP_THREADS = 512
 """Threads per CTA of the ``ilp`` variant (registers hold ``unroll`` 16-byte chunks each)."""
 WARP_THREADS = 1024
 """Threads per CTA of the ``warp`` variant (32 warps, one row each at a time)."""
+BULK_THREADS = 128
+"""Threads per CTA of the ``bulk`` variant (4 warps, each with its own stages of rows)."""
+_BULK_STAGE_BYTES = 16 << 10  # rows per stage: as many as fit (at most 32, at least 1)
+_BULK_SMEM_BYTES = 192 << 10  # shared memory of the stages of one CTA (H100: 227 KiB usable)
+
+
+def bulk_shape(row_bytes: int) -> tuple[int, int, int]:
+    """``(rows_per_stage, stages, dynamic shared memory bytes)`` of the bulk variant.
+
+    Raises:
+        ValueError: A row too large for one stage of every warp in shared memory.
+    """
+    rows = max(1, min(32, _BULK_STAGE_BYTES // row_bytes))
+    warps = BULK_THREADS // 32
+    stages = min(8, _BULK_SMEM_BYTES // (warps * rows * row_bytes))
+    if stages < 1:
+        raise ValueError(
+            f"rows of {row_bytes} bytes are too large for the bulk gather kernel "
+            f"(at most {_BULK_SMEM_BYTES // warps} bytes); use EP_ENGRAM_KERNEL=ilp"
+        )
+    return rows, stages, warps * stages * rows * row_bytes
+
 
 _PARAMS = (
     "const void* indices",
@@ -55,7 +81,8 @@ def gather_spec(
 ) -> Any:
     """The ``KernelSpec`` of one gather instantiation.
 
-    Launch with ``grid = num_ctas`` and ``block = threads_of(variant)``; arguments: indices
+    Launch with ``grid = num_ctas``, ``block = threads_of(variant)`` and ``smem =
+    smem_of(variant, row_bytes)``; arguments: indices
     (``[T*K]`` int32/int64), out (``[T*K, row_bytes]``), out_sf (scale output base or
     ``None``), error_pos (int64 ``[1]``, INT64_MAX before the launch), rows_base and sf_base
     (int64 ``[R]`` device addresses of every owner's rows and scales), ``T*K``, ``E``, ``K`` and
@@ -68,12 +95,12 @@ def gather_spec(
 
     if row_bytes <= 0 or row_bytes % 16:
         raise ValueError(f"row_bytes must be a positive multiple of 16, got {row_bytes}")
-    if variant not in ("ilp", "warp"):
-        raise ValueError(f"variant must be 'ilp' or 'warp', got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not 1 <= unroll <= 16:
         raise ValueError(f"unroll must be in [1, 16], got {unroll}")
-    warp = variant == "warp"
-    u = 1 if warp else unroll
+    u = unroll if variant == "ilp" else 1
+    rows, stages = bulk_shape(row_bytes)[:2] if variant == "bulk" else (1, 1)
     tag = f"{'i64' if index64 else 'i32'}_r{row_bytes}_p{num_sf_packs}{'c' if sf_col_major else ''}"
     return KernelSpec(
         name=f"ep_engram_gather_{variant}{u}_{tag}_n{num_ranks}",
@@ -87,7 +114,9 @@ def gather_spec(
             "kSfColMajor": sf_col_major,
             "kNumRanks": num_ranks,
             "kUnroll": u,
-            "kWarpPerRow": warp,
+            "kVariant": VARIANTS.index(variant),
+            "kStages": stages,
+            "kRowsPerStage": rows,
         },
         launch_bounds=(threads_of(variant), 1),
     )
@@ -95,7 +124,12 @@ def gather_spec(
 
 def threads_of(variant: str) -> int:
     """Threads per CTA of a variant."""
-    return WARP_THREADS if variant == "warp" else ILP_THREADS
+    return {"ilp": ILP_THREADS, "warp": WARP_THREADS, "bulk": BULK_THREADS}[variant]
+
+
+def smem_of(variant: str, row_bytes: int) -> int:
+    """Dynamic shared memory bytes of a launch of a variant."""
+    return bulk_shape(row_bytes)[2] if variant == "bulk" else 0
 
 
 @functools.cache
@@ -111,7 +145,7 @@ def shipped_kernels() -> list[Any]:
     """Representative instantiations for compile-only checks (``ep_jit.kernels`` entry point)."""
     register_include_root()
     specs = []
-    for variant in ("ilp", "warp"):
+    for variant in VARIANTS:
         specs.append(
             gather_spec(
                 index64=False,

@@ -19,7 +19,7 @@ __all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
 BACKEND_CHOICES = ("auto", "intranode", "reference")
 """Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
 
-KERNEL_CHOICES = ("ilp", "warp")
+KERNEL_CHOICES = ("ilp", "warp", "bulk")
 """Gather kernel variants of the intranode backend."""
 
 
@@ -41,8 +41,8 @@ class EngramKnobs(KnobGroup):
         "EP_ENGRAM_KERNEL",
         "ilp",
         KERNEL_CHOICES,
-        "Intranode gather kernel: ilp (many 16-byte loads in flight per thread) or warp "
-        "(one row per warp at a time).",
+        "Intranode gather kernel: ilp (many 16-byte loads in flight per thread), warp (one row "
+        "per warp at a time) or bulk (bulk asynchronous copies through shared memory).",
     )
     unroll = knob_int(
         "EP_ENGRAM_UNROLL",

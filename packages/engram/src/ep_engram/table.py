@@ -154,15 +154,15 @@ class EngramTable:
             g["host"] == where["host"] and g["device"] == where["device"] for g in gathered
         )
         all_cuda = all(g["device_type"] == "cuda" for g in gathered)
-        error = self._capacity_error(on_host, on_device)
+        # Availability checks may be collective: every rank runs them, whatever else failed.
         spec_name = ""
-        if error is None:
-            try:
-                spec_name = select_backend(
-                    PRIMITIVE, requested, self.group, all_cuda, PROVIDERS
-                ).name
-            except ValueError as exc:
-                error = exc
+        try:
+            spec = select_backend(PRIMITIVE, requested, self.group, all_cuda, PROVIDERS)
+            spec_name = spec.name
+        except ValueError as exc:
+            error = exc
+        else:
+            error = self._capacity_error(on_host, on_device)
         names = gather_checked(
             self.group, {"backend": spec_name}, error, what="EngramTable", device=dev
         )
@@ -354,8 +354,8 @@ class EngramTable:
                 f"out must be {shape} {cfg.dtype} on {cfg.device}, got {list(out.shape)} "
                 f"{out.dtype} on {out.device}"
             )
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous")
+        if not out.is_contiguous() or out.data_ptr() % 16:
+            raise ValueError("out must be contiguous and 16-byte aligned")
 
     def _landing_bytes(self, nbytes: int) -> torch.Tensor:
         if self._landing is None or self._landing.numel() < nbytes:

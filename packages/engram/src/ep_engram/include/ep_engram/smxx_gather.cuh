@@ -5,15 +5,21 @@
 // bytes. Any other id outside [0, R*E) also gives zeros and lowers *error_pos (initialised to
 // INT64_MAX by the host) to the smallest flat position of such an id, for the host to report.
 //
-// Two variants of the row copy:
-//   kWarpPerRow: each warp copies one row at a time, a lane per 16-byte chunk (few bytes in
-//     flight per SM: latency-bound on host memory);
-//   otherwise: the rows are one flat list of 16-byte chunks and each thread first resolves, then
+// Three variants of the row copy (kVariant):
+//   kIlp (0): the rows are one flat list of 16-byte chunks and each thread first resolves, then
 //     loads kUnroll chunks before storing any, so kUnroll * blockDim.x * 16 bytes are in flight
-//     per CTA (what hides the ~1-2 us latency of host reads with few SMs).
+//     per CTA (what hides the ~1-2 us latency of host reads with few SMs);
+//   kWarp (1): each warp copies one row at a time, a lane per 16-byte chunk (few bytes in
+//     flight per SM: latency-bound on host memory);
+//   kBulk (2): each warp moves batches of kRowsPerStage rows with bulk asynchronous copies
+//     (cp.async.bulk global -> shared, completing on an mbarrier, then shared -> global),
+//     kStages batches in flight per warp: up to the whole shared memory of the SM in flight
+//     with 4 warps.
 #pragma once
 
 #include <cuda/std/cstdint>
+
+#include <ep_jit/smxx_ptx.cuh>
 
 namespace ep_engram {
 
@@ -47,8 +53,82 @@ __device__ __forceinline__ const char* row_address(long long g, long long item, 
     return nullptr;
 }
 
+enum : int { kIlp = 0, kWarp = 1, kBulk = 2 };
+
+// Writes one zero row with 16-byte stores (ids -1 and bad ids in the bulk variant).
+template <int kRowBytes>
+__device__ __forceinline__ void zero_row(char* row) {
+    const int4 zero = make_int4(0, 0, 0, 0);
+#pragma unroll 4
+    for (int c = 0; c < kRowBytes / 16; ++c) st_na_v4(row + c * 16, zero);
+}
+
+// The bulk variant's copy loop for one warp (see the file comment). Shared memory: per warp,
+// kStages stages of kRowsPerStage rows; static: one mbarrier per stage.
+template <typename IndexT, int kRowBytes, int kNumRanks, int kStages, int kRowsPerStage>
+__device__ __forceinline__ void bulk_copy(const IndexT* indices, char* dst, long long* error_pos,
+                                          const unsigned long long* bases, long long num_items,
+                                          long long entries) {
+    static_assert(kRowsPerStage >= 1 && kRowsPerStage <= 32, "one row per lane at most");
+    constexpr int kMaxWarps = 32;
+    extern __shared__ __align__(128) unsigned char smem_rows[];
+    __shared__ __align__(8) uint64_t bars[kMaxWarps * kStages];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    uint64_t* my_bars = bars + warp * kStages;
+    unsigned char* my_rows =
+        smem_rows + static_cast<size_t>(warp) * kStages * kRowsPerStage * kRowBytes;
+    if (lane == 0) {
+        for (int s = 0; s < kStages; ++s) ep_jit::mbar_init(&my_bars[s], 1);
+        ep_jit::fence_mbar_init();
+    }
+    __syncwarp();
+    const long long num_rows = entries * kNumRanks;
+    const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
+    const long long first = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + warp;
+    auto batch_item = [&](long long k) { return (first + k * warps) * kRowsPerStage + lane; };
+    auto slot = [&](long long k) {
+        return my_rows + (static_cast<size_t>(k % kStages) * kRowsPerStage + lane) * kRowBytes;
+    };
+    // Waits for batch k's loads and stores its rows (each lane its own row).
+    auto drain = [&](long long k) {
+        const int s = static_cast<int>(k % kStages);
+        const uint32_t parity = static_cast<uint32_t>((k / kStages) & 1);
+        while (!ep_jit::mbar_try_wait(&my_bars[s], parity)) {
+        }
+        const long long item = batch_item(k);
+        if (lane < kRowsPerStage && item < num_items) {
+            const long long g = static_cast<long long>(indices[item]);
+            if (g >= 0 && g < num_rows) ep_jit::tma_store(dst + item * kRowBytes, slot(k), kRowBytes);
+        }
+        ep_jit::tma_commit();
+    };
+    long long k = 0;
+    for (;; ++k) {
+        if ((first + k * warps) * kRowsPerStage >= num_items) break;
+        // This lane's stores of the batch that used the stage before have read their rows.
+        ep_jit::tma_wait_read<0>();
+        __syncwarp();
+        const long long item = batch_item(k);
+        const char* src = nullptr;
+        if (lane < kRowsPerStage && item < num_items) {
+            const long long g = static_cast<long long>(indices[item]);
+            src = row_address<kRowBytes>(g, item, true, bases, entries, num_rows, error_pos);
+            if (src == nullptr) zero_row<kRowBytes>(dst + item * kRowBytes);
+        }
+        const unsigned loading = __ballot_sync(0xffffffffu, src != nullptr);
+        const int s = static_cast<int>(k % kStages);
+        if (lane == 0) ep_jit::mbar_expect_tx(&my_bars[s], __popc(loading) * kRowBytes);
+        __syncwarp();
+        if (src != nullptr) ep_jit::tma_load(slot(k), src, kRowBytes, &my_bars[s]);
+        if (k >= kStages - 1) drain(k - (kStages - 1));
+    }
+    for (long long d = k > kStages - 1 ? k - (kStages - 1) : 0; d < k; ++d) drain(d);
+    ep_jit::tma_wait_all();
+}
+
 template <typename IndexT, int kRowBytes, int kNumSfPacks, bool kSfColMajor, int kNumRanks,
-          int kUnroll, bool kWarpPerRow>
+          int kUnroll, int kVariant, int kStages, int kRowsPerStage>
 __device__ __forceinline__ void gather(const void* indices_raw, void* out, void* out_sf,
                                        long long* error_pos,
                                        const unsigned long long* rows_base,
@@ -69,7 +149,10 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
     char* dst = reinterpret_cast<char*>(out);
     const int4 zero = make_int4(0, 0, 0, 0);
 
-    if constexpr (kWarpPerRow) {
+    if constexpr (kVariant == kBulk) {
+        bulk_copy<IndexT, kRowBytes, kNumRanks, kStages, kRowsPerStage>(
+            indices, dst, error_pos, s_rows, num_items, entries);
+    } else if constexpr (kVariant == kWarp) {
         const int lane = threadIdx.x % 32;
         const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
         for (long long item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; item < num_items;
