@@ -77,14 +77,16 @@ class NvlinkBackend:
         )
         self.layout, nbytes = compute_layout(self.sizing)
         # The buffer's num_bytes is honoured: exactly that many bytes (0: what the layout needs).
+        # A buffer not sized for high-throughput calls (Nmax 0, e.g. low-latency only) gets at
+        # least its small control layout.
         if config.num_bytes:
-            if config.num_bytes < nbytes:
+            if config.num_bytes < nbytes and config.num_max_tokens_per_rank > 0:
                 raise ValueError(
                     f"num_bytes {config.num_bytes} is too small: the NVLink backend's layout for "
                     f"R={self.num_ranks}, Nmax={config.num_max_tokens_per_rank}, H={hidden}, "
                     f"k={topk} needs {nbytes} bytes"
                 )
-            nbytes = config.num_bytes
+            nbytes = max(nbytes, config.num_bytes)
         self.sym = ep_jit.peer_memory(group, nbytes, device=self.device)
         self.sym.local.zero_()
         self.peer_bases = self.sym.peer_ptrs_dev
