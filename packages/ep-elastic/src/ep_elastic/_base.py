@@ -221,8 +221,8 @@ class BufferBase:
         num_topk: int = 0,
         use_fp8_dispatch: bool = False,
     ) -> int:
-        """Bytes a buffer needs for these MoE settings (2 MiB aligned, monotone; see
-        :func:`ep_core.sizing.get_buffer_size_hint` for the formula)."""
+        """Bytes the NVLink backend allocates for these MoE settings (2 MiB aligned, monotone;
+        see :func:`ep_core.sizing.get_buffer_size_hint`); the least ``num_bytes`` accepted."""
         return _size_hint(group.size(), num_max_tokens_per_rank, hidden, num_topk, use_fp8_dispatch)
 
     def get_theoretical_num_sms(

@@ -34,9 +34,9 @@ def _completed_hook() -> None:
 class LowLatencyMixin(BufferBase):
     """The legacy low-latency pair on top of :class:`~ep_elastic._base.BufferBase`.
 
-    ``return_recv_hook=True`` returns a hook that completes the receive. Kernel backends may
-    defer the wait for the data to it; the reference backend completes the transfer inside the
-    call, so its hook does nothing. Either way: call ``hook()`` before reading the outputs.
+    ``return_recv_hook=True`` returns a hook that completes the receive. Today every backend
+    completes the transfer inside the call (the NVLink backend does not defer the receive yet),
+    so the hook does nothing; call ``hook()`` before reading the outputs all the same.
     """
 
     def low_latency_dispatch(

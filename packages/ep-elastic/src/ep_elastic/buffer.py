@@ -19,12 +19,16 @@ class ElasticBuffer(HighThroughputMixin, LowLatencyMixin):
     complete before returning.
 
     Collective: every rank of ``group`` must construct it with the same configuration (checked:
-    a mismatch raises ``ValueError`` on every rank naming the field and the ranks' values).
+    a mismatch raises ``ValueError`` on every rank naming the field and the ranks' values). Every
+    call is collective too: on the reference backend the ranks check that they are in the same
+    call with the same arguments, and a rank that rejects its input makes the others raise (see
+    "Errors" in ``docs/ep-elastic.md``).
 
     Args:
         group: The expert-parallel process group (gloo on CPU, NCCL on GPUs).
-        num_bytes: Communication buffer bytes for kernel backends (a multiple of 2 MiB);
-            ``None`` sizes it with :meth:`get_buffer_size_hint` from the MoE settings.
+        num_bytes: Communication buffer bytes the NVLink backend allocates (a multiple of 2 MiB,
+            at least :meth:`get_buffer_size_hint` of the MoE settings: ``ValueError`` naming both
+            numbers otherwise, on every backend); ``None`` allocates the hint.
         num_max_tokens_per_rank: ``Nmax``: most tokens one rank dispatches (default of dispatch).
         hidden: Largest hidden size ``H`` used (bytes are sized for it).
         num_topk: Largest ``k`` used; 0 sizes for 32.
