@@ -21,10 +21,13 @@ from ep_engram.layout import DTYPES, SF_DTYPES, empty_sf, num_sf_packs
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.registry import get_backend, select_backend
 
-__all__ = ["PLACEMENTS", "EngramTable"]
+__all__ = ["PLACEMENTS", "SF_LAYOUTS", "EngramTable"]
 
 PLACEMENTS = ("host", "gpu")
 """Where a table's rows live: pinned host memory of each owner, or its GPU memory."""
+
+SF_LAYOUTS = ("row_major", "col_major_tma")
+"""Names of the fetched scales' layouts (``fetch(sf_layout=...)``)."""
 
 
 def _available_host_bytes() -> int:
@@ -369,6 +372,7 @@ class EngramTable:
         *,
         use_tma_aligned_col_major_sf: bool = False,
         num_ctas: int | None = None,
+        sf_layout: str | None = None,
     ) -> FetchHook:
         """Gathers the rows ``indices`` names; returns a hook that gives ``(data, sf)``.
 
@@ -385,6 +389,8 @@ class EngramTable:
             use_tma_aligned_col_major_sf: Return the scales with strides ``(1, align(T, 4))``
                 instead of row-major (FP8 tables).
             num_ctas: CTAs (SMs) of the intranode gather kernel; default ``EP_ENGRAM_NUM_CTAS``.
+            sf_layout: The scale layout by name, ``"row_major"`` or ``"col_major_tma"`` (the
+                same as ``use_tma_aligned_col_major_sf=True``); ``None``: by the flag.
 
         Returns:
             A :class:`FetchHook`; ``hook()`` returns ``data`` ``[T, K*hidden]`` and, for FP8,
@@ -403,6 +409,14 @@ class EngramTable:
             self._check_fetch(indices, out)
             if num_ctas is not None:
                 _check_positive("num_ctas", num_ctas)
+            if sf_layout is not None:
+                if sf_layout not in SF_LAYOUTS:
+                    raise ValueError(f"sf_layout must be one of {SF_LAYOUTS}, got {sf_layout!r}")
+                if use_tma_aligned_col_major_sf and sf_layout != "col_major_tma":
+                    raise ValueError(
+                        f"use_tma_aligned_col_major_sf=True contradicts sf_layout={sf_layout!r}"
+                    )
+                use_tma_aligned_col_major_sf = sf_layout == "col_major_tma"
         except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
         if error is not None and not self._backend.collective_fetch:

@@ -130,7 +130,11 @@ def check_fetch(
     if case.use_out:
         out = torch.full((t, k * table.hidden * table.dtype.itemsize), 0xA5, dtype=torch.uint8)
         out = out.to(table.device).view(table.dtype)
-    data, sf = table.fetch(idx, out=out, use_tma_aligned_col_major_sf=col_major)()
+    if case.use_out:  # the layout by name, as ep-elastic's ElasticBuffer passes it
+        layout = "col_major_tma" if col_major else "row_major"
+        data, sf = table.fetch(idx, out=out, sf_layout=layout)()
+    else:
+        data, sf = table.fetch(idx, out=out, use_tma_aligned_col_major_sf=col_major)()
     where = f"{case.name} (rank {table.config.rank}, {table.dtype}, col_major={col_major})"
     assert data.dtype == table.dtype and tuple(data.shape) == (t, k * table.hidden), where
     if out is not None:
