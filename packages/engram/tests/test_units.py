@@ -50,20 +50,21 @@ def test_backends_are_registered() -> None:
 
 def test_gather_spec_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
-        gather_spec(index64=True, row_bytes=24, num_sf_packs=0, sf_col_major=False, num_ranks=2)
+        gather_spec(index64=True, row_bytes=24, num_sf_packs=0, sf_col_major=False)
     with pytest.raises(ValueError, match="variant"):
         gather_spec(
             index64=True,
             row_bytes=32,
             num_sf_packs=0,
             sf_col_major=False,
-            num_ranks=2,
             variant="tma",
         )
-    with pytest.raises(ValueError, match="unroll"):
+    with pytest.raises(ValueError, match="too large"):
         gather_spec(
-            index64=True, row_bytes=32, num_sf_packs=0, sf_col_major=False, num_ranks=2, unroll=0
+            index64=True, row_bytes=64 << 10, num_sf_packs=0, sf_col_major=False, variant="bulk"
         )
+    with pytest.raises(ValueError, match="unroll"):
+        gather_spec(index64=True, row_bytes=32, num_sf_packs=0, sf_col_major=False, unroll=0)
 
 
 def test_gather_kernels_compile_for_sm90a(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,8 +30,13 @@ def intranode_unavailable_reason(group: dist.ProcessGroup, all_cuda: bool) -> st
     """
     if not all_cuda:
         return "not every rank is on a CUDA device"
+    from ep_engram.kernels import MAX_RANKS
     from ep_jit import is_single_nvlink_domain
 
+    if group.size() > MAX_RANKS:
+        return (
+            f"the gather kernel addresses at most {MAX_RANKS} ranks, the group has {group.size()}"
+        )
     if not is_single_nvlink_domain(group):
         return "the ranks are not on one host with peer access between their GPUs"
     return None

@@ -117,7 +117,6 @@ class IntranodeBackend(EngramBackend):
             row_bytes=cfg.row_bytes,
             num_sf_packs=self.sf_packs if sf_out is not None else 0,
             sf_col_major=col_major,
-            num_ranks=cfg.world_size,
             variant=variant,
             unroll=knobs.engram.unroll,
         )
@@ -140,6 +139,7 @@ class IntranodeBackend(EngramBackend):
                 cfg.num_entries_per_rank,
                 indices.shape[1],
                 sf_col_stride(indices.shape[0]),
+                cfg.world_size,
                 smem=smem_of(variant, cfg.row_bytes),
             )
             if not check:

@@ -9,6 +9,7 @@ from typing import Any
 __all__ = [
     "BULK_THREADS",
     "ILP_THREADS",
+    "MAX_RANKS",
     "VARIANTS",
     "WARP_THREADS",
     "build_gather",
@@ -57,7 +58,11 @@ _PARAMS = (
     "long long entries",
     "long long per_token",
     "long long sf_ld",
+    "int num_ranks",
 )
+
+MAX_RANKS = 64
+"""Ranks (owners) the gather kernel addresses: ``kMaxRanks`` of the header."""
 
 
 def register_include_root() -> None:
@@ -75,7 +80,6 @@ def gather_spec(
     row_bytes: int,
     num_sf_packs: int,
     sf_col_major: bool,
-    num_ranks: int,
     variant: str = "ilp",
     unroll: int = 8,
 ) -> Any:
@@ -103,7 +107,7 @@ def gather_spec(
     rows, stages = bulk_shape(row_bytes)[:2] if variant == "bulk" else (1, 1)
     tag = f"{'i64' if index64 else 'i32'}_r{row_bytes}_p{num_sf_packs}{'c' if sf_col_major else ''}"
     return KernelSpec(
-        name=f"ep_engram_gather_{variant}{u}_{tag}_n{num_ranks}",
+        name=f"ep_engram_gather_{variant}{u}_{tag}",
         includes=["ep_engram/smxx_gather.cuh"],
         template="ep_engram::gather",
         params=_PARAMS,
@@ -112,7 +116,6 @@ def gather_spec(
             "kRowBytes": row_bytes,
             "kNumSfPacks": num_sf_packs,
             "kSfColMajor": sf_col_major,
-            "kNumRanks": num_ranks,
             "kUnroll": u,
             "kVariant": VARIANTS.index(variant),
             "kStages": stages,
@@ -152,7 +155,6 @@ def shipped_kernels() -> list[Any]:
                 row_bytes=256,
                 num_sf_packs=0,
                 sf_col_major=False,
-                num_ranks=1,
                 variant=variant,
             )
         )
@@ -162,7 +164,6 @@ def shipped_kernels() -> list[Any]:
                 row_bytes=7168,
                 num_sf_packs=56,
                 sf_col_major=True,
-                num_ranks=8,
                 variant=variant,
             )
         )
@@ -172,7 +173,6 @@ def shipped_kernels() -> list[Any]:
             row_bytes=2048,
             num_sf_packs=4,
             sf_col_major=False,
-            num_ranks=4,
             unroll=16,
         )
     )

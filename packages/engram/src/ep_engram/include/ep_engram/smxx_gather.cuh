@@ -65,10 +65,10 @@ __device__ __forceinline__ void zero_row(char* row) {
 
 // The bulk variant's copy loop for one warp (see the file comment). Shared memory: per warp,
 // kStages stages of kRowsPerStage rows; static: one mbarrier per stage.
-template <typename IndexT, int kRowBytes, int kNumRanks, int kStages, int kRowsPerStage>
+template <typename IndexT, int kRowBytes, int kStages, int kRowsPerStage>
 __device__ __forceinline__ void bulk_copy(const IndexT* indices, char* dst, long long* error_pos,
                                           const unsigned long long* bases, long long num_items,
-                                          long long entries) {
+                                          long long entries, long long num_rows) {
     static_assert(kRowsPerStage >= 1 && kRowsPerStage <= 32, "one row per lane at most");
     constexpr int kMaxWarps = 32;
     extern __shared__ __align__(128) unsigned char smem_rows[];
@@ -83,7 +83,6 @@ __device__ __forceinline__ void bulk_copy(const IndexT* indices, char* dst, long
         ep_jit::fence_mbar_init();
     }
     __syncwarp();
-    const long long num_rows = entries * kNumRanks;
     const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
     const long long first = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + warp;
     auto batch_item = [&](long long k) { return (first + k * warps) * kRowsPerStage + lane; };
@@ -127,31 +126,33 @@ __device__ __forceinline__ void bulk_copy(const IndexT* indices, char* dst, long
     ep_jit::tma_wait_all();
 }
 
-template <typename IndexT, int kRowBytes, int kNumSfPacks, bool kSfColMajor, int kNumRanks,
-          int kUnroll, int kVariant, int kStages, int kRowsPerStage>
+// Ranks a node can hold (the owners' base addresses are staged in shared memory).
+constexpr int kMaxRanks = 64;
+
+template <typename IndexT, int kRowBytes, int kNumSfPacks, bool kSfColMajor, int kUnroll, int kVariant, int kStages, int kRowsPerStage>
 __device__ __forceinline__ void gather(const void* indices_raw, void* out, void* out_sf,
                                        long long* error_pos,
                                        const unsigned long long* rows_base,
                                        const unsigned long long* sf_base, long long num_items,
-                                       long long entries, long long per_token,
-                                       long long sf_ld) {
+                                       long long entries, long long per_token, long long sf_ld,
+                                       int num_ranks) {
     static_assert(kRowBytes % 16 == 0, "rows are copied in 16-byte chunks");
     const IndexT* indices = static_cast<const IndexT*>(indices_raw);
     constexpr int kChunks = kRowBytes / 16;
-    __shared__ unsigned long long s_rows[kNumRanks];
-    __shared__ unsigned long long s_sf[kNumRanks];
-    for (int r = threadIdx.x; r < kNumRanks; r += blockDim.x) {
+    __shared__ unsigned long long s_rows[kMaxRanks];
+    __shared__ unsigned long long s_sf[kMaxRanks];
+    for (int r = threadIdx.x; r < num_ranks; r += blockDim.x) {
         s_rows[r] = rows_base[r];
         s_sf[r] = kNumSfPacks > 0 ? sf_base[r] : 0ull;
     }
     __syncthreads();
-    const long long num_rows = entries * kNumRanks;
+    const long long num_rows = entries * num_ranks;
     char* dst = reinterpret_cast<char*>(out);
     const int4 zero = make_int4(0, 0, 0, 0);
 
     if constexpr (kVariant == kBulk) {
-        bulk_copy<IndexT, kRowBytes, kNumRanks, kStages, kRowsPerStage>(
-            indices, dst, error_pos, s_rows, num_items, entries);
+        bulk_copy<IndexT, kRowBytes, kStages, kRowsPerStage>(indices, dst, error_pos, s_rows,
+                                                             num_items, entries, num_rows);
     } else if constexpr (kVariant == kWarp) {
         const int lane = threadIdx.x % 32;
         const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
