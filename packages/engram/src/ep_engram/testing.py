@@ -256,6 +256,12 @@ def run_error_cases(group: dist.ProcessGroup, placement: str, backend: str) -> l
             backend,
         )
     )
+    if not torch.cuda.is_available():
+        seen.append(
+            _raises(
+                ValueError, "needs a CUDA device", EngramTable, group, e, h, torch.bfloat16, "gpu"
+            )
+        )
     huge = 1 << 40
     seen.append(
         _raises(
