@@ -319,3 +319,98 @@ def lonely_recv_worker(info: RankInfo) -> None:
     else:
         time.sleep(3.0)
     buf.destroy()
+
+
+def graph_replay_worker(info: RankInfo, replays: int, nbytes: int) -> int:
+    """Rank 0 captures send + recv, rank 1 captures recv + echo; both replay ``replays`` times."""
+    device = info.device
+    buf = PipeBuffer(info.group, nbytes, 2, backend="copy_engine", timeout_s=30, device=device)
+    x = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
+    y = torch.full_like(x, -1)
+    # Every kernel this rank will run comes before the first pending wait (lazy module loading).
+    assert torch.equal(x, x)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        if info.rank == 0:
+            buf.send(x, 1)
+            buf.recv(y, 1)
+        else:
+            buf.recv(x, 0)
+            buf.send(x, 0)
+    checked = 0
+    for i in range(replays):
+        if info.rank == 0:
+            x.copy_(torch.arange(i, i + x.numel(), dtype=torch.int32).to(device))
+        graph.replay()
+        buf.synchronize()
+        if info.rank == 0:
+            expect = torch.arange(i, i + x.numel(), dtype=torch.int32, device=device)
+            assert torch.equal(y, expect), f"replay {i}: {y[:4].tolist()}"
+            y.fill_(-1)
+            checked += 1
+    # Eager calls after the replays still pair up.
+    if info.rank == 0:
+        buf.send(x, 1)
+    else:
+        buf.recv(y, 0)
+    buf.synchronize()
+    buf.destroy()
+    return checked
+
+
+def no_kernel_worker(info: RankInfo, nbytes: int, count: int) -> list[str]:
+    """Profiles ``count`` transfers each way; returns the names of CUDA kernels that ran."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = info.device
+    buf = PipeBuffer(info.group, nbytes, 2, backend="copy_engine", timeout_s=30, device=device)
+    ins = [torch.full((nbytes,), i, dtype=torch.uint8, device=device) for i in range(count)]
+    outs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+    peer = 1 - info.rank
+    buf.send(ins[0], peer)  # one round before profiling (first-use costs)
+    buf.recv(outs[0], peer)
+    buf.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for t, o in zip(ins, outs, strict=True):
+            buf.send(t, peer)
+            buf.recv(o, peer)
+        buf.synchronize()
+    for i, o in enumerate(outs):
+        assert torch.all(o == i), i
+    buf.destroy()
+    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    copies = [n for n in names if n.startswith("Memcpy")]
+    assert copies, f"the profiler saw no copy at all: {names[:20]}"
+    return [n for n in names if not n.startswith(("Memcpy", "Memset"))]
+
+
+def copy_engine_timeout_worker(info: RankInfo, inflight: int, timeout_s: float) -> Any:
+    """Rank 1 stops receiving; rank 0's synchronize names it; then rank 1 drains everything."""
+    import torch.distributed as dist
+
+    device = info.device
+    buf = PipeBuffer(
+        info.group, 256, inflight, backend="copy_engine", timeout_s=timeout_s, device=device
+    )
+    msgs = [torch.full((64,), i + 1, dtype=torch.int32, device=device) for i in range(inflight + 1)]
+    outs = [torch.empty(64, dtype=torch.int32, device=device) for _ in msgs]
+    assert torch.equal(msgs[0], msgs[0])
+    result: Any = None
+    if info.rank == 0:
+        for t in msgs:
+            buf.send(t, 1)  # the last one waits on the stream for a credit
+        start = time.monotonic()
+        try:
+            buf.synchronize()
+        except PipeTimeoutError as exc:
+            result = (exc.op, exc.peer, exc.seq, time.monotonic() - start, str(exc))
+    dist.barrier(info.group)
+    if info.rank == 1:
+        for o in outs:
+            buf.recv(o, 0)
+        buf.synchronize()
+        result = [int(o[0]) for o in outs]
+    buf.destroy()  # rank 0's stream drains once rank 1 received
+    return result
