@@ -17,6 +17,7 @@ from ep_core.sizing import BUFFER_ALIGNMENT, CPU_NOMINAL_NUM_SMS, SIZING_HIDDEN,
 from ep_core.sizing import get_buffer_size_hint as _size_hint
 from ep_core.sizing import get_theoretical_num_sms as _num_sms
 from ep_core.validation import MAX_TOPK, check_hidden, check_positive_int
+from ep_elastic._compiled import register_buffer
 from ep_elastic.event import EventHandle, get_comm_stream
 from ep_jit._log import verbose
 from ep_jit.agreement import check_agreement, gather_checked
@@ -115,6 +116,8 @@ class BufferBase:
     ) -> None:
         self._backend: EPBackend | None = None
         self._destroyed = False
+        # Names this buffer in the torch.compile custom ops (ep_elastic._compiled).
+        self._op_key = register_buffer(self)
         if num_cpu_timeout_secs is None:
             num_cpu_timeout_secs = float(core_knobs.ep.cpu_timeout_secs)
         self._group: dist.ProcessGroup | None = group

@@ -17,6 +17,11 @@ from ep_core.validation import (
     check_topk_idx,
 )
 from ep_elastic._base import BufferBase
+from ep_elastic._compiled import (
+    CompiledLowLatencyHandle,
+    low_latency_combine_op,
+    low_latency_dispatch_op,
+)
 from ep_elastic.event import EventOverlap, run_on_comm_stream
 
 __all__ = ["LowLatencyMixin", "RecvHook"]
@@ -77,6 +82,18 @@ class LowLatencyMixin(BufferBase):
             ``[El, L, ceil(H/512)]`` int32, column-major in the last two dims; ``recv_count``
             ``[El]`` int32 on the device.
         """
+        if torch.compiler.is_compiling():
+            if use_fp8 or cumulative_local_expert_recv_stats is not None:
+                raise ValueError(
+                    "under torch.compile low_latency_dispatch takes use_fp8=False and no "
+                    "cumulative_local_expert_recv_stats"
+                )
+            recv_x, count = low_latency_dispatch_op(
+                x, topk_idx, self._op_key, num_max_dispatch_tokens_per_rank, num_experts
+            )
+            compiled = CompiledLowLatencyHandle(recv_x, x.shape[0])
+            hook = _completed_hook if return_recv_hook else None
+            return recv_x, count, compiled, EventOverlap(), hook  # type: ignore[return-value]
         backend = self.backend
         try:
             nmax = check_positive_int(
@@ -174,6 +191,16 @@ class LowLatencyMixin(BufferBase):
         Returns:
             ``(combined_x [T, H] bf16, event, hook)``.
         """
+        if torch.compiler.is_compiling():
+            if not isinstance(handle, CompiledLowLatencyHandle) or out is not None:
+                raise ValueError(
+                    "under torch.compile low_latency_combine takes the handle of a compiled "
+                    "low_latency_dispatch and no out="
+                )
+            combined = low_latency_combine_op(
+                x, topk_idx, topk_weights, handle.recv_x, self._op_key
+            )
+            return combined, EventOverlap(), _completed_hook if return_recv_hook else None
         backend = self.backend
         try:
             if not isinstance(handle, LowLatencyHandle):

@@ -5,7 +5,8 @@ Dispatch copies each token to ranks, so its backward is a combine with the same 
 as ``combined_topk_weights``). Combine sums rows, so its backward is a cached dispatch of the
 output gradient with the same handle (the ``combined_topk_weights`` gradient travels as the
 dispatched weights). Only BF16 dispatch is differentiable. Rows a dispatch without CPU sync
-leaves unspecified get zero gradients.
+leaves unspecified get zero gradients. Under ``torch.compile`` both functions are the compiled
+calls of :class:`ElasticBuffer` (custom ops registered with the same backward rules).
 """
 
 from __future__ import annotations
@@ -163,6 +164,19 @@ def dispatch_fn(
             f"dispatch_fn differentiates BF16 dispatch only; got {type(x).__name__} "
             "(FP8 (data, scales) tuples have no gradient)"
         )
+    if torch.compiler.is_compiling():
+        # The compiled call is a custom op with its own autograd (ep_elastic._compiled).
+        recv_x, recv_idx, recv_w, handle, _ = buffer.dispatch(
+            x,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_experts=num_experts,
+            num_max_tokens_per_rank=num_max_tokens_per_rank,
+            expert_alignment=expert_alignment,
+            do_cpu_sync=do_cpu_sync,
+            do_expand=do_expand,
+        )
+        return recv_x, recv_idx, recv_w, handle  # type: ignore[return-value]
     options = {
         "num_experts": num_experts,
         "num_max_tokens_per_rank": num_max_tokens_per_rank,
@@ -197,6 +211,10 @@ def combine_fn(
     Returns:
         ``(combined_x [T, H] bf16, combined_topk_weights [T, k] float32 or None)``.
     """
+    if torch.compiler.is_compiling():
+        # The compiled call is a custom op with its own autograd (ep_elastic._compiled).
+        combined, combined_w, _ = buffer.combine(x, handle, topk_weights, bias, num_sms)
+        return combined, combined_w
     biases = () if bias is None else ((bias,) if isinstance(bias, torch.Tensor) else tuple(bias))
     out: tuple[torch.Tensor, torch.Tensor | None]
     out = _Combine.apply(buffer, x, topk_weights, handle, num_sms, *biases)
