@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ep_elastic._high_throughput import HighThroughputMixin
 from ep_elastic._low_latency import LowLatencyMixin
+from ep_elastic._primitives import PrimitivesMixin
 
 __all__ = ["ElasticBuffer"]
 
 
-class ElasticBuffer(HighThroughputMixin, LowLatencyMixin):
+class ElasticBuffer(HighThroughputMixin, LowLatencyMixin, PrimitivesMixin):
     """Expert-parallel dispatch and combine for MoE layers (DeepEP V2 ``ElasticBuffer``-like).
 
     ``dispatch`` sends each token once to every rank owning one of its top-k experts;
@@ -23,6 +24,13 @@ class ElasticBuffer(HighThroughputMixin, LowLatencyMixin):
     call is collective too: on the reference backend the ranks check that they are in the same
     call with the same arguments, and a rank that rejects its input makes the others raise (see
     "Errors" in ``docs/ep-elastic.md``).
+
+    DeepEP V2's other primitives keep their names here and delegate to our packages when they
+    are installed (extras of ep-elastic): ``agrs_set_config``, ``create_agrs_session``,
+    ``destroy_agrs_session``, ``agrs_new_session``, ``agrs_get_inplace_tensor``, ``all_gather``
+    and ``reduce_scatter`` (``cp-copyengine``, extra ``cp``); ``pp_set_config``, ``pp_send``,
+    ``pp_recv`` (``pp-rdma``, extra ``pp``); ``engram_write``, ``engram_fetch`` (``ep-engram``,
+    extra ``engram``). Without the package these raise ``ImportError`` naming it.
 
     Args:
         group: The expert-parallel process group (gloo on CPU, NCCL on GPUs).
