@@ -336,7 +336,7 @@ def _run_case(
     x = (torch.randn(num_tokens, hidden, generator=gen) * 3).to(torch.bfloat16).to(dev)
     idx = _routing(gen, num_tokens, num_experts, topk, kind, info.world_size).to(dev)
     opts = dict(num_max_dispatch_tokens_per_rank=nmax, num_experts=num_experts, **FMT[fmt])
-    r = ref.low_latency_dispatch(x, idx, **opts)
+    r = ref.low_latency_dispatch(x, idx, **opts)[0]
     f, hook = eng.dispatch(x, idx, **opts)
     assert hook is None
     torch.cuda.synchronize()
@@ -345,7 +345,7 @@ def _run_case(
     el = num_experts // info.world_size
     y = _combine_input(cgen, r.recv_count, (el, info.world_size * nmax, hidden), dev)
     w = _weights(gen, num_tokens, topk).to(dev)
-    want = ref.low_latency_combine(y, idx, w, r.handle, None)
+    want = ref.low_latency_combine(y, idx, w, r.handle, None)[0]
     out = (
         torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device=dev)
         if use_out
@@ -505,10 +505,10 @@ def _graph_worker(info: RankInfo, fmt: str, replays: int) -> None:
         kind = ("uniform", "masked", "skewed", "all_to_rank0", "nothing_to_last")[i % 5]
         x = (torch.randn(num_tokens, hidden, generator=gen) * (1 + i)).to(torch.bfloat16).to(dev)
         idx = _routing(gen, num_tokens, num_experts, topk, kind, r).to(dev)
-        rd = ref.low_latency_dispatch(x, idx, **opts)
+        rd = ref.low_latency_dispatch(x, idx, **opts)[0]
         y = _combine_input(cgen, rd.recv_count, (el, slots, hidden), dev)
         w = _weights(gen, num_tokens, topk).to(dev)
-        want = ref.low_latency_combine(y, idx, w, rd.handle, None)
+        want = ref.low_latency_combine(y, idx, w, rd.handle, None)[0]
         sx.copy_(x)
         sidx.copy_(idx)
         sy.copy_(y)
@@ -544,8 +544,8 @@ def _hook_worker(info: RankInfo) -> None:
     for rnd in range(3):
         xa, ia = batch(nmax - rnd)
         xb, ib = batch(17 + info.rank)
-        ra_ref = ref.low_latency_dispatch(xa, ia, **opts)
-        rb_ref = ref.low_latency_dispatch(xb, ib, **opts)
+        ra_ref = ref.low_latency_dispatch(xa, ia, **opts)[0]
+        rb_ref = ref.low_latency_dispatch(xb, ib, **opts)[0]
         ra, ha = eng.dispatch(xa, ia, **opts, return_recv_hook=True)
         rb, hb = eng.dispatch(xb, ib, **opts, return_recv_hook=True)
         assert ha is not None and hb is not None
@@ -562,8 +562,8 @@ def _hook_worker(info: RankInfo) -> None:
         ya = _combine_input(cgen, ra_ref.recv_count, (el, slots, hidden), dev)
         yb = _combine_input(cgen, rb_ref.recv_count, (el, slots, hidden), dev)
         wa, wb = _weights(gen, xa.shape[0], topk).to(dev), _weights(gen, xb.shape[0], topk).to(dev)
-        want_a = ref.low_latency_combine(ya, ia, wa, ra_ref.handle, None)
-        want_b = ref.low_latency_combine(yb, ib, wb, rb_ref.handle, None)
+        want_a = ref.low_latency_combine(ya, ia, wa, ra_ref.handle, None)[0]
+        want_b = ref.low_latency_combine(yb, ib, wb, rb_ref.handle, None)[0]
         out_a = torch.full((xa.shape[0], hidden), float("nan"), dtype=torch.bfloat16, device=dev)
         ca, hca = eng.combine(ya, ia, wa, ra.handle, out=out_a, return_recv_hook=True)
         # A fused op may run between a split op's send and its hook.
@@ -597,10 +597,10 @@ def _hook_worker(info: RankInfo) -> None:
     torch.cuda.synchronize()
     for i in range(4):
         nx, nidx = batch(nmax)
-        rd = ref.low_latency_dispatch(nx, nidx, **opts)
+        rd = ref.low_latency_dispatch(nx, nidx, **opts)[0]
         ny = _combine_input(cgen, rd.recv_count, (el, slots, hidden), dev)
         nw = _weights(gen, nmax, topk).to(dev)
-        want = ref.low_latency_combine(ny, nidx, nw, rd.handle, None)
+        want = ref.low_latency_combine(ny, nidx, nw, rd.handle, None)[0]
         x.copy_(nx)
         idx.copy_(nidx)
         y.copy_(ny)
@@ -774,3 +774,37 @@ def test_low_latency_tag_wrap_and_refresh(world_size: int, per_gpu: int) -> None
 @pytest.mark.parametrize(PLACES, WORLDS)
 def test_low_latency_engines_must_agree(world_size: int, per_gpu: int) -> None:
     run_ranks(world_size, _agreement_worker, timeout_s=300, ranks_per_gpu=per_gpu)
+
+
+def test_prepare_builds_and_binds_every_kernel_of_a_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    import ep_core.nvlink.ll as ll
+
+    bound: list[tuple[str, int]] = []
+
+    class FakeKernel:
+        def __init__(self, spec) -> None:
+            self.spec = spec
+
+        def bind(self, grid, block, args, smem: int = 0) -> None:
+            assert grid == (eng.num_ctas, 1, 1) and block == (ll.THREADS, 1, 1)
+            assert isinstance(args, ll.LlArgs)
+            bound.append((self.spec.name, smem))
+
+    monkeypatch.setattr(ll, "build_kernel", FakeKernel)
+    monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
+    eng = ll.LowLatencyEngine.__new__(ll.LowLatencyEngine)
+    eng._destroyed = False
+    eng._watchdog = type("W", (), {"check": lambda self: None})()
+    eng.num_ranks, eng.num_topk, eng.hidden = 4, 8, 2048
+    eng.num_max_tokens, eng.num_experts, eng.num_ctas = 64, 32, 16
+    eng.device = torch.device("cuda", 0)
+    eng.prepare()
+    names = [n for n, _ in bound]
+    assert len(names) == len(set(names)) == 15
+    for fmt in ("bf16", "fp8", "fp8_pow2", "ue8m0"):
+        for p in (1, 2, 3):
+            assert (f"ep_ll_dispatch_{fmt}_p{p}", ll.dispatch_smem_bytes(4, 64, 32)) in bound
+    for p in (1, 2, 3):
+        assert (f"ep_ll_combine_p{p}", ll.combine_smem_bytes(4)) in bound

@@ -120,7 +120,7 @@ class BufferAsBackend:
         use_fp8: bool,
         round_scale: bool,
         use_ue8m0: bool,
-    ) -> LowLatencyDispatchResult:
+    ) -> tuple[LowLatencyDispatchResult, None]:
         recv, count, handle, event, hook = self.buffer.low_latency_dispatch(
             x,
             topk_idx,
@@ -130,13 +130,16 @@ class BufferAsBackend:
             round_scale=round_scale,
             use_ue8m0=use_ue8m0,
             async_finish=self.async_ops,
-            return_recv_hook=True,
+            # A hook cannot be combined with async_finish; on the NVLink backend it launches
+            # the receive here, on the current stream.
+            return_recv_hook=not self.async_ops,
         )
         event.current_stream_wait()
-        hook()
+        if hook is not None:
+            hook()
         if isinstance(recv, tuple):
-            return LowLatencyDispatchResult(recv[0], recv[1], count, handle)
-        return LowLatencyDispatchResult(recv, None, count, handle)
+            return LowLatencyDispatchResult(recv[0], recv[1], count, handle), None
+        return LowLatencyDispatchResult(recv, None, count, handle), None
 
     def low_latency_combine(
         self,
@@ -145,14 +148,14 @@ class BufferAsBackend:
         topk_weights: torch.Tensor,
         handle: LowLatencyHandle,
         out: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, None]:
         combined, event, hook = self.buffer.low_latency_combine(
             x, topk_idx, topk_weights, handle, out=out, async_finish=self.async_ops
         )
         if hook is not None:
             raise AssertionError("return_recv_hook=False must return hook None")
         event.current_stream_wait()
-        return combined
+        return combined, None
 
     def destroy(self) -> None:
         self.buffer.destroy()

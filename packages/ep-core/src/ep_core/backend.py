@@ -9,6 +9,7 @@ columns; ``M``/``M_exp`` are the non-expanded/expanded received rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -16,7 +17,21 @@ import torch
 
 from ep_core.handle import EPHandle, LowLatencyHandle
 
-__all__ = ["BackendConfig", "DispatchResult", "EPBackend", "LowLatencyDispatchResult"]
+__all__ = [
+    "BackendConfig",
+    "DispatchResult",
+    "EPBackend",
+    "LowLatencyDispatchResult",
+    "RecvHook",
+    "completed_recv_hook",
+]
+
+RecvHook = Callable[[], None]
+"""Launches the receive half of a low-latency op on the current stream (call it exactly once)."""
+
+
+def completed_recv_hook() -> None:
+    """The hook of a backend that completed the receive inside the call: nothing is left to do."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,11 @@ class BackendConfig:
         use_fp8_dispatch: The buffer is sized for FP8 dispatch.
         num_cpu_timeout_secs: Limit of host waits before an exception.
         num_gpu_timeout_secs: Limit of device spin waits before a diagnostic trap.
+        low_latency_mode: The low-latency pair is wanted: a kernel backend builds everything it
+            needs (buffer, kernels for ``hidden``/``num_topk``) at construction, and a later
+            low-latency call beyond the limits below is a ``ValueError``.
+        num_max_dispatch_tokens_per_rank: Largest low-latency ``Nmax`` (with ``low_latency_mode``).
+        num_experts: Largest ``E`` of the low-latency pair (with ``low_latency_mode``).
     """
 
     rank: int
@@ -46,6 +66,9 @@ class BackendConfig:
     use_fp8_dispatch: bool
     num_cpu_timeout_secs: float
     num_gpu_timeout_secs: float
+    low_latency_mode: bool = False
+    num_max_dispatch_tokens_per_rank: int = 0
+    num_experts: int = 0
 
 
 @dataclass
@@ -156,8 +179,16 @@ class EPBackend(Protocol):
         use_fp8: bool,
         round_scale: bool,
         use_ue8m0: bool,
-    ) -> LowLatencyDispatchResult:
-        """Legacy low-latency dispatch of ``x [T, H]`` bf16 by ``topk_idx [T, k]`` int64."""
+        return_recv_hook: bool = False,
+    ) -> tuple[LowLatencyDispatchResult, RecvHook | None]:
+        """Legacy low-latency dispatch of ``x [T, H]`` bf16 by ``topk_idx [T, k]`` int64.
+
+        Runs on the current stream. With ``return_recv_hook=False`` it returns ``(result, None)``
+        and the outputs are complete in stream order. With ``True`` a backend may launch only the
+        send half and return a hook that launches the receive on the stream current when it is
+        called: the outputs are valid only after the hook, in that stream's order. A backend that
+        completes the receive inside the call returns :func:`completed_recv_hook`.
+        """
         ...
 
     def low_latency_combine(
@@ -167,8 +198,13 @@ class EPBackend(Protocol):
         topk_weights: torch.Tensor,
         handle: LowLatencyHandle,
         out: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Weighted legacy combine of ``x [El, R*Nmax, H]`` bf16; returns ``[T, H]`` bf16."""
+        return_recv_hook: bool = False,
+    ) -> tuple[torch.Tensor, RecvHook | None]:
+        """Weighted legacy combine of ``x [El, R*Nmax, H]`` bf16 into ``[T, H]`` bf16.
+
+        Returns ``(combined, hook or None)``; ``return_recv_hook`` as in
+        :meth:`low_latency_dispatch`.
+        """
         ...
 
     def destroy(self) -> None:

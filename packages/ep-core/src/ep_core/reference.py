@@ -15,7 +15,13 @@ import torch
 import torch.distributed as dist
 
 from ep_core import reference_ht, reference_ll
-from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
+from ep_core.backend import (
+    BackendConfig,
+    DispatchResult,
+    LowLatencyDispatchResult,
+    RecvHook,
+    completed_recv_hook,
+)
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.signature import CallSignature, exchange_header
 from ep_jit.rows import collective_timeout
@@ -193,8 +199,13 @@ class TorchBackend:
         use_fp8: bool,
         round_scale: bool,
         use_ue8m0: bool,
-    ) -> LowLatencyDispatchResult:
-        """See :func:`ep_core.reference_ll.low_latency_dispatch`."""
+        return_recv_hook: bool = False,
+    ) -> tuple[LowLatencyDispatchResult, RecvHook | None]:
+        """See :func:`ep_core.reference_ll.low_latency_dispatch`.
+
+        The receive completes inside the call; with ``return_recv_hook`` the returned hook has
+        nothing left to do.
+        """
         self._check_alive()
         signature = CallSignature(
             "low_latency_dispatch",
@@ -211,7 +222,7 @@ class TorchBackend:
             num_max_tokens_per_rank=num_max_dispatch_tokens_per_rank,
         )
         with self._bounded():
-            return reference_ll.low_latency_dispatch(
+            result = reference_ll.low_latency_dispatch(
                 self.group,
                 self.rank,
                 self.num_ranks,
@@ -224,6 +235,7 @@ class TorchBackend:
                 use_ue8m0=use_ue8m0,
                 signature=signature,
             )
+        return result, completed_recv_hook if return_recv_hook else None
 
     def low_latency_combine(
         self,
@@ -232,8 +244,9 @@ class TorchBackend:
         topk_weights: torch.Tensor,
         handle: LowLatencyHandle,
         out: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """See :func:`ep_core.reference_ll.low_latency_combine`."""
+        return_recv_hook: bool = False,
+    ) -> tuple[torch.Tensor, RecvHook | None]:
+        """See :func:`ep_core.reference_ll.low_latency_combine`; hooks as in the dispatch."""
         self._check_alive()
         signature = CallSignature(
             "low_latency_combine",
@@ -246,7 +259,7 @@ class TorchBackend:
             num_max_tokens_per_rank=handle.num_max_dispatch_tokens_per_rank,
         )
         with self._bounded():
-            return reference_ll.low_latency_combine(
+            combined = reference_ll.low_latency_combine(
                 self.group,
                 self.rank,
                 self.num_ranks,
@@ -257,6 +270,7 @@ class TorchBackend:
                 out,
                 signature=signature,
             )
+        return combined, completed_recv_hook if return_recv_hook else None
 
     def barrier(self) -> None:
         """Blocks until every rank of the group arrives (on gloo within ``timeout_s``)."""

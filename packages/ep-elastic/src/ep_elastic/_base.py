@@ -16,7 +16,13 @@ from ep_core.factory import create_backend, resolve_backend
 from ep_core.sizing import BUFFER_ALIGNMENT, CPU_NOMINAL_NUM_SMS, SIZING_HIDDEN, SIZING_TOPK
 from ep_core.sizing import get_buffer_size_hint as _size_hint
 from ep_core.sizing import get_theoretical_num_sms as _num_sms
-from ep_core.validation import MAX_TOPK, check_hidden, check_positive_int
+from ep_core.validation import (
+    MAX_TOPK,
+    check_hidden,
+    check_low_latency_shape,
+    check_num_experts,
+    check_positive_int,
+)
 from ep_elastic._compiled import register_buffer
 from ep_elastic.event import EventHandle, get_comm_stream
 from ep_jit._log import verbose
@@ -94,6 +100,48 @@ def _resolve_num_bytes(
     return num_bytes
 
 
+def _check_low_latency_config(
+    num_ranks: int,
+    low_latency_mode: bool,
+    num_max_dispatch_tokens_per_rank: int,
+    hidden: int,
+    num_experts: int,
+    num_topk: int,
+) -> None:
+    """Checks the low-latency arguments of the constructor (the kernels' limits, every backend)."""
+    if not isinstance(low_latency_mode, bool):
+        raise TypeError(f"low_latency_mode must be a bool, got {type(low_latency_mode).__name__}")
+    check_positive_int(
+        "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=0
+    )
+    check_positive_int("num_experts", num_experts, minimum=0)
+    if not low_latency_mode:
+        if num_max_dispatch_tokens_per_rank or num_experts:
+            raise ValueError(
+                "num_max_dispatch_tokens_per_rank and num_experts size the low-latency pair: "
+                "pass them with low_latency_mode=True"
+            )
+        return
+    missing = [
+        name
+        for name, value in (
+            ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+            ("hidden", hidden),
+            ("num_experts", num_experts),
+        )
+        if value <= 0
+    ]
+    if missing:
+        raise ValueError(
+            f"low_latency_mode=True needs {', '.join(missing)} > 0 (the low-latency buffer is "
+            "sized and built at construction)"
+        )
+    check_num_experts(num_experts, num_ranks)
+    check_low_latency_shape(
+        num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_experts, num_topk or MAX_TOPK
+    )
+
+
 class BufferBase:
     """Configuration and lifetime of an ``ElasticBuffer``; see :class:`ep_elastic.ElasticBuffer`."""
 
@@ -113,6 +161,9 @@ class BufferBase:
         explicitly_destroy: bool = False,
         backend: str = "auto",
         device: torch.device | str | None = None,
+        low_latency_mode: bool = False,
+        num_max_dispatch_tokens_per_rank: int = 0,
+        num_experts: int = 0,
     ) -> None:
         self._backend: EPBackend | None = None
         self._destroyed = False
@@ -136,6 +187,9 @@ class BufferBase:
             "explicitly_destroy": explicitly_destroy,
             "backend": backend,
             "device_type": None,
+            "low_latency_mode": low_latency_mode,
+            "num_max_dispatch_tokens_per_rank": num_max_dispatch_tokens_per_rank,
+            "num_experts": num_experts,
         }
         # Local mistakes are gathered with the configuration, so every rank raises together
         # instead of one rank raising while the others wait in a collective.
@@ -145,9 +199,19 @@ class BufferBase:
             self.device = group_device(group, device)
             config["device_type"] = self.device.type
             config["backend"] = core_knobs.ep.backend if backend == "auto" else backend
+            _check_low_latency_config(
+                self.num_ranks,
+                low_latency_mode,
+                num_max_dispatch_tokens_per_rank,
+                hidden,
+                num_experts,
+                num_topk,
+            )
+            # A buffer for the low-latency pair only needs no high-throughput sizing.
+            ll_only = low_latency_mode is True and num_max_tokens_per_rank == 0
             resolved_bytes = _resolve_num_bytes(
                 self.num_ranks,
-                num_bytes,
+                BUFFER_ALIGNMENT if num_bytes is None and ll_only else num_bytes,
                 num_max_tokens_per_rank,
                 hidden,
                 num_topk,
@@ -167,6 +231,9 @@ class BufferBase:
         self.num_cpu_timeout_secs = num_cpu_timeout_secs
         self.num_gpu_timeout_secs = num_gpu_timeout_secs
         self.explicitly_destroy = explicitly_destroy
+        self.low_latency_mode = low_latency_mode
+        self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
+        self.num_experts = num_experts
 
         all_cuda = all(c["device_type"] == "cuda" for c in configs)
         resolved, error = "", None
@@ -193,8 +260,13 @@ class BufferBase:
                 use_fp8_dispatch=use_fp8_dispatch,
                 num_cpu_timeout_secs=num_cpu_timeout_secs,
                 num_gpu_timeout_secs=num_gpu_timeout_secs,
+                low_latency_mode=low_latency_mode,
+                num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+                num_experts=num_experts,
             ),
         )
+        if low_latency_mode and self.device.type == "cuda":
+            get_comm_stream(self.device)  # created here, never first inside a captured call
         if core_knobs.ep.buffer_debug:
             regions = getattr(self._backend, "allocation", None)
             by_region = regions() if callable(regions) else {}
@@ -260,6 +332,26 @@ class BufferBase:
                 f"the buffer has {self.num_bytes} bytes but Nmax={num_max_tokens}, H={hidden}, "
                 f"k={num_topk}, fp8={fp8} need {need}"
             )
+
+    def _check_low_latency_capacity(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int
+    ) -> None:
+        """A low-latency call within the limits given at construction (``low_latency_mode``)."""
+        if not self.low_latency_mode:
+            return
+        limits = (
+            ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+            ("hidden", hidden),
+            ("num_experts", num_experts),
+            ("num_topk", num_topk),
+        )
+        for name, value in limits:
+            limit = getattr(self, name) or (MAX_TOPK if name == "num_topk" else 0)
+            if value > limit:
+                raise ValueError(
+                    f"low-latency {name} {value} exceeds the buffer's {limit} (given at "
+                    "construction with low_latency_mode=True)"
+                )
 
     def _reject(self, error: Exception) -> NoReturn:
         """Raises this rank's own input ``error`` after telling the peers, so they raise too.

@@ -7,6 +7,7 @@ from typing import TypeAlias
 
 import torch
 
+from ep_core.backend import RecvHook, completed_recv_hook
 from ep_core.handle import LowLatencyHandle
 from ep_core.validation import (
     check_hidden,
@@ -26,22 +27,46 @@ from ep_elastic.event import EventOverlap, run_on_comm_stream
 
 __all__ = ["LowLatencyMixin", "RecvHook"]
 
-RecvHook = Callable[[], None]
-"""Completes a low-latency receive; call it before reading the outputs."""
-
 LowLatencyRecv: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 
+_completed_hook = completed_recv_hook
 
-def _completed_hook() -> None:
-    """The receive already completed (the backend finished the transfer before returning)."""
+
+def _once(what: str, hook: RecvHook, then: Callable[[], None] | None = None) -> RecvHook:
+    """``hook`` (then ``then``) callable exactly once; a second call raises ``RuntimeError``."""
+    called = False
+
+    def recv_hook() -> None:
+        nonlocal called
+        if called:
+            raise RuntimeError(f"the receive hook of this {what} was already called")
+        called = True
+        hook()
+        if then is not None:
+            then()
+
+    return recv_hook
+
+
+def _check_hook_args(async_finish: bool, return_recv_hook: bool) -> None:
+    if async_finish and return_recv_hook:
+        raise ValueError(
+            "async_finish=True and return_recv_hook=True cannot be combined (as in DeepEP): with "
+            "a hook the send and the hook's receive run on the current stream"
+        )
 
 
 class LowLatencyMixin(BufferBase):
     """The legacy low-latency pair on top of :class:`~ep_elastic._base.BufferBase`.
 
-    ``return_recv_hook=True`` returns a hook that completes the receive. Today every backend
-    completes the transfer inside the call (the NVLink backend does not defer the receive yet),
-    so the hook does nothing; call ``hook()`` before reading the outputs all the same.
+    Receive hooks (DeepEP's semantics): with ``return_recv_hook=True`` the call launches only
+    the send on the *current* stream (not the comm stream) and returns; the outputs are valid
+    only after ``hook()``, which launches the receive on the stream current when it is called
+    (call it on the same stream, or one ordered after it). The NVLink backend really defers the
+    receive (compute can run between the call and the hook); the reference backend completes
+    the transfer inside the call and its hook only finishes the bookkeeping. At most two ops
+    (dispatches and combines together) may wait for their hook. ``async_finish`` cannot be
+    combined with a hook.
     """
 
     def low_latency_dispatch(
@@ -73,8 +98,12 @@ class LowLatencyMixin(BufferBase):
             use_fp8: Send e4m3 data with per-128-channel scales.
             round_scale: Power-of-two scales.
             use_ue8m0: int32 UE8M0 scale packs (requires ``round_scale``).
-            async_finish: Return an event recorded on the comm stream instead of waiting.
-            return_recv_hook: Also return a hook completing the receive (else ``None``).
+            async_finish: Return an event recorded on the comm stream instead of waiting (not
+                with ``return_recv_hook``).
+            return_recv_hook: Launch only the send, on the current stream, and return a hook
+                that launches the receive on the stream current when it is called (once); the
+                outputs (and ``cumulative_local_expert_recv_stats``) are valid only after it.
+                ``False``: the hook returned is ``None``.
 
         Returns:
             ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is ``[El, L, H]`` bf16, or
@@ -135,11 +164,13 @@ class LowLatencyMixin(BufferBase):
                     shape=(num_experts // self.num_ranks,),
                     device=self.device,
                 )
+            self._check_low_latency_capacity(nmax, hidden, num_experts, int(topk_idx.shape[1]))
+            _check_hook_args(async_finish, return_recv_hook)
         except (ValueError, TypeError) as exc:
             self._reject(exc)
 
-        def call() -> tuple:
-            res = backend.low_latency_dispatch(
+        def send() -> tuple:
+            return backend.low_latency_dispatch(
                 x,
                 topk_idx,
                 num_max_dispatch_tokens_per_rank=nmax,
@@ -147,7 +178,29 @@ class LowLatencyMixin(BufferBase):
                 use_fp8=use_fp8,
                 round_scale=round_scale,
                 use_ue8m0=use_ue8m0,
+                return_recv_hook=return_recv_hook,
             )
+
+        if return_recv_hook:
+            # DeepEP: the send runs on the current stream and the hook's receive on the stream
+            # current when it is called; nothing waits for the comm stream.
+            res, backend_hook = send()
+            count = res.recv_count
+            then = None
+            if stats is not None:
+                cumulative = stats
+
+                def then() -> None:
+                    cumulative.add_(count)
+
+            hook = _once("low_latency_dispatch", backend_hook or _completed_hook, then)
+            recv_hooked: LowLatencyRecv = (
+                res.recv_x if res.recv_x_scales is None else (res.recv_x, res.recv_x_scales)
+            )
+            return recv_hooked, count, res.handle, EventOverlap(), hook
+
+        def call() -> tuple:
+            res, _ = send()
             if stats is not None:
                 stats.add_(res.recv_count)
             return res.recv_x, res.recv_x_scales, res.recv_count, res.handle
@@ -161,7 +214,7 @@ class LowLatencyMixin(BufferBase):
             async_with_compute_stream=async_finish,
         )
         recv: LowLatencyRecv = recv_x if scales is None else (recv_x, scales)
-        return recv, count, handle, event, _completed_hook if return_recv_hook else None
+        return recv, count, handle, event, None
 
     def low_latency_combine(
         self,
@@ -184,8 +237,11 @@ class LowLatencyMixin(BufferBase):
             topk_idx: ``[T, k]`` int64, the dispatch's (lanes set to ``-1`` are skipped).
             topk_weights: ``[T, k]`` float32.
             handle: The :class:`~ep_core.handle.LowLatencyHandle` of the dispatch.
-            async_finish: Return an event recorded on the comm stream instead of waiting.
-            return_recv_hook: Also return a hook completing the receive (else ``None``).
+            async_finish: Return an event recorded on the comm stream instead of waiting (not
+                with ``return_recv_hook``).
+            return_recv_hook: Launch only the send, on the current stream, and return a hook
+                that launches the receive (the reduction) on the stream current when it is
+                called (once); ``combined_x`` is valid only after it. ``False``: hook ``None``.
             out: Optional ``[T, H]`` bf16 contiguous destination.
 
         Returns:
@@ -233,14 +289,21 @@ class LowLatencyMixin(BufferBase):
                     shape=(num_tokens, handle.hidden),
                     device=self.device,
                 )
+            _check_hook_args(async_finish, return_recv_hook)
         except (ValueError, TypeError) as exc:
             self._reject(exc)
-        combined, event = run_on_comm_stream(
+        if return_recv_hook:
+            combined, backend_hook = backend.low_latency_combine(
+                x, topk_idx, topk_weights, handle, out, return_recv_hook=True
+            )
+            hook = _once("low_latency_combine", backend_hook or _completed_hook)
+            return combined, EventOverlap(), hook
+        (combined, _), event = run_on_comm_stream(
             self.device,
             lambda: backend.low_latency_combine(x, topk_idx, topk_weights, handle, out),
             (x, topk_idx, topk_weights, out, handle),
-            lambda r: (r,),
+            lambda r: (r[0],),
             previous_event=None,
             async_with_compute_stream=async_finish,
         )
-        return combined, event, _completed_hook if return_recv_hook else None
+        return combined, event, None

@@ -53,8 +53,22 @@ class ElasticBuffer(HighThroughputMixin, LowLatencyMixin, PrimitivesMixin):
             ``"torch"`` or ``"nvlink"`` (``ValueError`` where impossible).
         device: ``None`` = the current CUDA device for an NCCL group, else CPU; a CUDA device
             with a gloo group runs ranks that share a GPU.
+        low_latency_mode: The low-latency pair will be used (DeepEP V1's name). The NVLink
+            backend then builds its low-latency buffer (a collective allocation) and compiles
+            and loads the low-latency kernels for ``hidden`` and ``num_topk`` here, so no
+            low-latency call allocates, compiles or synchronises and the first one can be
+            captured in a CUDA graph. Needs the three sizes below (``hidden`` too); a later call
+            beyond them raises ``ValueError`` naming the limit, on every backend. Without it the
+            NVLink backend builds that buffer at the first low-latency call (collective, not
+            capturable) and rebuilds it when a call outgrows it. With it and
+            ``num_max_tokens_per_rank=0``, ``num_bytes=None`` allocates the least buffer.
+        num_max_dispatch_tokens_per_rank: Largest ``num_max_dispatch_tokens_per_rank`` of the
+            low-latency calls (with ``low_latency_mode``; at most 65535).
+        num_experts: Largest ``num_experts`` of the low-latency calls (with
+            ``low_latency_mode``; a multiple of the group size).
 
     Attributes:
         group, rank_idx, num_ranks, num_bytes, num_max_tokens_per_rank, hidden, num_topk,
-        use_fp8_dispatch, deterministic, explicitly_destroy, device, backend_name.
+        use_fp8_dispatch, deterministic, explicitly_destroy, device, backend_name,
+        low_latency_mode, num_max_dispatch_tokens_per_rank, num_experts.
     """

@@ -115,7 +115,16 @@ class Buffer(LowLatencyCompatMixin):
         num_max_tokens_per_rank: Extension (keyword only): a fixed ``Nmax`` for every normal
             dispatch, which also sizes the buffer with ``hidden``. 0 = each dispatch agrees on
             the largest token count of its ranks.
-        hidden: Extension (keyword only): the largest hidden size, with the above.
+        hidden: Extension (keyword only): the largest hidden size, with the above and with
+            the low-latency sizes below.
+        num_max_dispatch_tokens_per_rank: Extension (keyword only, with ``low_latency_mode``):
+            the largest ``num_max_dispatch_tokens_per_rank`` of the low-latency calls. Given
+            with ``hidden`` and ``num_experts``, the low-latency buffer and kernels are built at
+            construction (``ElasticBuffer(low_latency_mode=True)``), so the first low-latency
+            call can be captured in a CUDA graph and a larger call raises ``ValueError``; else
+            they are built at the first low-latency call.
+        num_experts: Extension (keyword only): the largest ``num_experts`` of those calls.
+        num_topk: Extension (keyword only): the largest ``k`` of those calls (0: 32).
         backend: Extension: ``ElasticBuffer``'s ``"auto"``, ``"torch"`` or ``"nvlink"``.
         device: Extension: ``ElasticBuffer``'s device (``None`` = from the group).
 
@@ -143,6 +152,9 @@ class Buffer(LowLatencyCompatMixin):
         *,
         num_max_tokens_per_rank: int = 0,
         hidden: int = 0,
+        num_max_dispatch_tokens_per_rank: int = 0,
+        num_experts: int = 0,
+        num_topk: int = 0,
         backend: str = "auto",
         device: torch.device | str | None = None,
     ) -> None:
@@ -173,6 +185,14 @@ class Buffer(LowLatencyCompatMixin):
             num_bytes = max(-(-largest // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT, num_bytes)
             check_positive_int("num_max_tokens_per_rank", num_max_tokens_per_rank, minimum=0)
             check_positive_int("hidden", hidden, minimum=0)
+            check_positive_int(
+                "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=0
+            )
+            if num_max_dispatch_tokens_per_rank and not low_latency_mode:
+                raise ValueError(
+                    "num_max_dispatch_tokens_per_rank sizes the low-latency pair: pass it with "
+                    "low_latency_mode=True"
+                )
             if num_max_tokens_per_rank and hidden:
                 need = ElasticBuffer.get_buffer_size_hint(group, num_max_tokens_per_rank, hidden)
                 num_bytes = max(num_bytes, need)
@@ -187,14 +207,20 @@ class Buffer(LowLatencyCompatMixin):
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
+        # Sized low-latency use builds its buffer at construction (ElasticBuffer checks sizes).
+        ll_at_construction = bool(low_latency_mode and num_max_dispatch_tokens_per_rank > 0)
         self.elastic = ElasticBuffer(
             group,
             num_bytes,
             num_max_tokens_per_rank=num_max_tokens_per_rank,
             hidden=hidden,
+            num_topk=num_topk,
             explicitly_destroy=explicitly_destroy,
             backend=backend,
             device=device,
+            low_latency_mode=ll_at_construction,
+            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
+            num_experts=num_experts if ll_at_construction else 0,
         )
         self._init_low_latency()
 

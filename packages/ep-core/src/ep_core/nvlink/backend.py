@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import ep_jit
-from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult
+from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult, RecvHook
 from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
@@ -106,6 +106,18 @@ class NvlinkBackend:
         self.sym.settle(self._host_timeout_s)
         self._ll: LowLatencyEngine | None = None
         self._destroyed = False
+        # Declared low-latency use: the engine (a collective allocation) and its kernels for the
+        # declared hidden/num_topk are built here, so no low-latency call allocates, compiles or
+        # synchronises (the first one can be captured in a CUDA graph).
+        self._ll_declared = config.low_latency_mode
+        if config.low_latency_mode:
+            self._ll = self._new_ll_engine(
+                config.num_max_dispatch_tokens_per_rank,
+                config.hidden,
+                config.num_experts,
+                config.num_topk if config.num_topk > 0 else 32,
+            )
+            self._ll.prepare()
         # What the high-throughput launchers see of this buffer; its developer fields
         # (launch-shape overrides, traces) are set by benchmarks.
         self.ht = ht.HtContext(
@@ -367,24 +379,47 @@ class NvlinkBackend:
         return out, out_w
 
     # ---- low-latency ------------------------------------------------------------------------
-    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int) -> LowLatencyEngine:
+    def _new_ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int) -> LowLatencyEngine:
+        return LowLatencyEngine(
+            self.group,
+            rank=self.rank,
+            num_ranks=self.num_ranks,
+            num_max_dispatch_tokens_per_rank=nmax,
+            hidden=hidden,
+            num_experts=num_experts,
+            num_topk=k,
+            device=self.device,
+            num_gpu_timeout_secs=self.config.num_gpu_timeout_secs,
+        )
 
+    def _ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int) -> LowLatencyEngine:
+        """The low-latency engine for a call of this shape.
+
+        Built at construction when low-latency use was declared: a call beyond its limits is a
+        ``ValueError`` naming the limit (never a rebuild, which would be a collective inside the
+        call). Otherwise built at the first call and rebuilt when a call outgrows it (collective,
+        and not capturable in a CUDA graph).
+        """
         eng = self._ll
+        if self._ll_declared:
+            assert eng is not None
+            limits = (
+                ("num_max_dispatch_tokens_per_rank", nmax, eng.num_max_tokens),
+                ("hidden", hidden, eng.hidden),
+                ("num_experts", num_experts, eng.num_experts),
+                ("num_topk", k, eng.num_topk),
+            )
+            for name, value, limit in limits:
+                if value > limit:
+                    raise ValueError(
+                        f"low-latency {name} {value} exceeds the buffer's {limit} (given at "
+                        "construction with low_latency_mode=True)"
+                    )
+            return eng
         if eng is None or not eng.fits(nmax, hidden, num_experts, k):
             if eng is not None:
                 eng.destroy()
-            eng = LowLatencyEngine(
-                self.group,
-                rank=self.rank,
-                num_ranks=self.num_ranks,
-                num_max_dispatch_tokens_per_rank=nmax,
-                hidden=hidden,
-                num_experts=num_experts,
-                num_topk=k,
-                device=self.device,
-                num_gpu_timeout_secs=self.config.num_gpu_timeout_secs,
-            )
-            self._ll = eng
+            eng = self._ll = self._new_ll_engine(nmax, hidden, num_experts, k)
         return eng
 
     def low_latency_dispatch(
@@ -397,13 +432,18 @@ class NvlinkBackend:
         use_fp8: bool,
         round_scale: bool,
         use_ue8m0: bool,
-    ) -> LowLatencyDispatchResult:
-        """See :meth:`ep_core.backend.EPBackend.low_latency_dispatch`."""
+        return_recv_hook: bool = False,
+    ) -> tuple[LowLatencyDispatchResult, RecvHook | None]:
+        """See :meth:`ep_core.backend.EPBackend.low_latency_dispatch`.
+
+        With ``return_recv_hook`` only the send kernel is launched; the hook launches the
+        receive kernel on the stream current when it is called.
+        """
         self._check()
         eng = self._ll_engine(
             num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1]
         )
-        result, _ = eng.dispatch(
+        return eng.dispatch(
             x,
             topk_idx,
             num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank,
@@ -411,9 +451,8 @@ class NvlinkBackend:
             use_fp8=use_fp8,
             round_scale=round_scale,
             use_ue8m0=use_ue8m0,
-            return_recv_hook=False,
+            return_recv_hook=return_recv_hook,
         )
-        return result
 
     def low_latency_combine(
         self,
@@ -422,13 +461,15 @@ class NvlinkBackend:
         topk_weights: torch.Tensor,
         handle: LowLatencyHandle,
         out: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """See :meth:`ep_core.backend.EPBackend.low_latency_combine`."""
+        return_recv_hook: bool = False,
+    ) -> tuple[torch.Tensor, RecvHook | None]:
+        """See :meth:`ep_core.backend.EPBackend.low_latency_combine` (hooks as the dispatch)."""
         self._check()
         if self._ll is None:
             raise ValueError("low_latency_combine needs a low_latency_dispatch first")
-        result, _ = self._ll.combine(x, topk_idx, topk_weights, handle, out, return_recv_hook=False)
-        return result
+        return self._ll.combine(
+            x, topk_idx, topk_weights, handle, out, return_recv_hook=return_recv_hook
+        )
 
     def _read_counts(self, counts: torch.Tensor) -> list[int]:
         """``counts`` as Python ints: copied into a pinned buffer, then the stream synchronised.

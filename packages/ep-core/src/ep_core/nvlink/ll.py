@@ -528,6 +528,36 @@ class LowLatencyEngine:
             )
         return self.trace
 
+    def prepare(self, hidden: int | None = None, num_topk: int | None = None) -> None:
+        """Compiles and loads every kernel of calls with this ``hidden`` and ``num_topk``.
+
+        Every dispatch format and both the fused and the split (hook) phases of dispatch and
+        combine, so that the first call of that shape launches without compiling or loading
+        anything (it can then be captured in a CUDA graph). Compiles in parallel threads; loads
+        on this engine's device. Defaults: the engine's largest ``hidden`` and ``num_topk``.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._check_alive()
+        h = self.hidden if hidden is None else hidden
+        k = self.num_topk if num_topk is None else num_topk
+        r = self.num_ranks
+        phases = (_PHASE_BOTH, _PHASE_SEND, _PHASE_RECV)
+        specs = [ll_dispatch_spec(r, k, h, fmt, p) for fmt in _FORMATS for p in phases]
+        num_dispatch = len(specs)
+        specs += [ll_combine_spec(r, k, h, p) for p in phases]
+        register_include_root()  # once, before the threads
+        with ThreadPoolExecutor(max_workers=min(8, len(specs))) as pool:
+            kernels = list(pool.map(build_kernel, specs))
+        # Binding (without launching) loads each kernel and raises its shared-memory limit to the
+        # most a call can ask for, so no launch changes a function attribute (e.g. in a capture).
+        smem_d = dispatch_smem_bytes(r, self.num_max_tokens, self.num_experts)
+        smem_c = combine_smem_bytes(r)
+        with torch.cuda.device(self.device):
+            for i, kernel in enumerate(kernels):
+                smem = smem_d if i < num_dispatch else smem_c
+                kernel.bind((self.num_ctas, 1, 1), (THREADS, 1, 1), LlArgs(), smem=smem)
+
     # ---- state ----------------------------------------------------------------------------------
     def fits(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int, num_topk: int

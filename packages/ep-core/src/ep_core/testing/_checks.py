@@ -297,7 +297,7 @@ def run_low_latency_case(
     tag = (
         f"[{case.name} rank {rank} low-latency fp8={use_fp8} round={round_scale} ue8m0={use_ue8m0}]"
     )
-    res = backend.low_latency_dispatch(
+    res, _ = backend.low_latency_dispatch(
         mine.x.to(device),
         mine.topk_idx.to(device),
         num_max_dispatch_tokens_per_rank=nmax,
@@ -338,7 +338,7 @@ def run_low_latency_case(
         expected, ys, mine.topk_idx, weights, rank=rank, num_experts=case.num_experts
     )
     out = torch.full_like(want, float("nan")).to(device)
-    got = backend.low_latency_combine(
+    got, _ = backend.low_latency_combine(
         ys[rank].to(device), mine.topk_idx.to(device), weights.to(device), res.handle, out
     )
     assert_equal(f"{tag} combined", got, want)
