@@ -33,6 +33,7 @@ from ep_jit import knobs as jit_knobs
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.hostwait import wait_stream
 from ep_jit.streams import get_comm_stream
+from ep_jit.topology import resolve_device
 
 __all__ = ["MAX_OPS_PER_SESSION", "CopyEngineBuffer", "GatherHandle"]
 
@@ -124,7 +125,7 @@ class CopyEngineBuffer:
         error: Exception | None = None
         dev = torch.device("cpu")
         try:
-            dev = _resolve_device(device)
+            dev = resolve_device(device, what="CopyEngineBuffer")
             _check_int("num_max_session_bytes", num_max_session_bytes, 1, None)
             _check_int("num_max_ops_per_session", num_max_ops_per_session, 1, MAX_OPS_PER_SESSION)
             if backend not in knobs.BACKEND_CHOICES:
@@ -557,16 +558,3 @@ def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
     if value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def _resolve_device(device: torch.device | str | int | None) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be a CUDA device or the CPU, got {dev}")
-    return dev

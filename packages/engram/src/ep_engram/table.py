@@ -7,7 +7,6 @@ concatenated per token, ``[T, K*hidden]``, and for FP8 tables their scales ``[T,
 
 from __future__ import annotations
 
-import os
 import socket
 
 import torch
@@ -20,6 +19,7 @@ from ep_engram.factory import PRIMITIVE, PROVIDERS
 from ep_engram.layout import DTYPES, SF_DTYPES, empty_sf, num_sf_packs
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.registry import get_backend, select_backend
+from ep_jit.topology import free_host_bytes, resolve_device
 
 __all__ = ["PLACEMENTS", "SF_LAYOUTS", "EngramTable"]
 
@@ -28,31 +28,6 @@ PLACEMENTS = ("host", "gpu")
 
 SF_LAYOUTS = ("row_major", "col_major_tma")
 """Names of the fetched scales' layouts (``fetch(sf_layout=...)``)."""
-
-
-def _available_host_bytes() -> int:
-    """MemAvailable of /proc/meminfo (the physical pages new memory can take), in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _resolve_device(device: torch.device | int | str | None) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a CPU or CUDA device, got {dev}")
-    return dev
 
 
 def _check_positive(name: str, value: object) -> int:
@@ -108,7 +83,7 @@ class EngramTable:
         error: Exception | None = None
         dev = torch.device("cpu")
         try:
-            dev = _resolve_device(device)
+            dev = resolve_device(device, what="EngramTable")
             _check_positive("num_entries_per_rank", num_entries_per_rank)
             _check_positive("hidden", hidden)
             if dtype not in DTYPES:
@@ -231,7 +206,7 @@ class EngramTable:
         shard = cfg.num_entries_per_rank * cfg.row_bytes
         scales = cfg.num_entries_per_rank * cfg.max_sf_bytes_per_row
         if cfg.placement == "host":
-            free = _available_host_bytes()
+            free = free_host_bytes()
             if shard * on_host > free:
                 return ValueError(
                     f"the table is too large for host memory: {shard} bytes per rank, "

@@ -35,6 +35,7 @@ from ep_jit._fdshare import FdServer, fetch_fds, new_address
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.errors import HostTimeoutError
 from ep_jit.hostwait import wait_stream
+from ep_jit.topology import free_host_bytes, resolve_device
 from ep_jit.watchdog import DeviceWatchdog
 
 __all__ = ["PeerMemory", "PeerViews"]
@@ -235,7 +236,7 @@ class PeerMemory(PeerViews):
         self.timeout_s = float(knobs.jit.host_timeout_s if timeout_s is None else timeout_s)
         error: Exception | None = None
         try:
-            dev = self._resolve_device(device)
+            dev = resolve_device(device, what="PeerMemory", cuda_only=True)
             if not isinstance(nbytes, int) or nbytes <= 0:
                 raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
             if not isinstance(signal_bytes, int) or signal_bytes < 0 or signal_bytes % 4:
@@ -269,17 +270,6 @@ class PeerMemory(PeerViews):
             raise
 
     # ---- construction -----------------------------------------------------------------------
-    @staticmethod
-    def _resolve_device(device: torch.device | int | str | None) -> torch.device:
-        if not torch.cuda.is_available():
-            raise ValueError("PeerMemory needs a CUDA device; CUDA is not available")
-        if device is None:
-            return torch.device("cuda", torch.cuda.current_device())
-        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-        if dev.type != "cuda":
-            raise ValueError(f"PeerMemory needs a CUDA device, got {dev}")
-        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
-
     def _prop(self, cu_dev: Any, host: bool) -> Any:
         prop = driver.CUmemAllocationProp()
         prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
@@ -311,7 +301,7 @@ class PeerMemory(PeerViews):
         if size % gran:
             raise RuntimeError(f"segment size {size} is not a multiple of the granularity {gran}")
         where = "host" if host else "GPU"
-        free = _free_host_bytes() if host else int(check("cuMemGetInfo", driver.cuMemGetInfo())[0])
+        free = free_host_bytes() if host else int(check("cuMemGetInfo", driver.cuMemGetInfo())[0])
         if size > free:
             raise MemoryError(
                 f"PeerMemory asked for {size} bytes of {where} memory on {self.device}, {free} free"
@@ -637,15 +627,3 @@ class PeerMemory(PeerViews):
             f"PeerMemory(rank {self.rank}/{self.world_size}, {self.nbytes} B{host} "
             f"on {self.device})"
         )
-
-
-def _free_host_bytes() -> int:
-    """MemAvailable of /proc/meminfo, in bytes (the physical pages a new segment can take)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

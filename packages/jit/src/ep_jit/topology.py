@@ -14,6 +14,7 @@ node ``r // n`` even when every rank runs on one host, so multi-node code paths 
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from ep_jit import knobs
 from ep_jit.agreement import gather_checked
 
-__all__ = ["Topology", "topology"]
+__all__ = ["Topology", "free_host_bytes", "resolve_device", "topology"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,41 @@ class Topology:
     def single_nvlink_domain(self) -> bool:
         """Whether all ranks form one NVLink domain (every rank on a GPU)."""
         return self.all_cuda and self.nvlink_domains == (tuple(range(self.world_size)),)
+
+
+def resolve_device(
+    device: torch.device | int | str | None, *, what: str = "device", cuda_only: bool = False
+) -> torch.device:
+    """A user's ``device`` argument as a concrete device, as every primitive reads it.
+
+    ``None``: the current CUDA device when CUDA is available, else the CPU; an int ``i``:
+    ``cuda:i``; ``"cuda"`` without an index: the current CUDA device.
+
+    Args:
+        device: What the user passed.
+        what: The object asking, for messages (e.g. ``"PeerMemory"``).
+        cuda_only: Refuse the CPU.
+
+    Raises:
+        ValueError: Not a CPU or CUDA device, CUDA asked for but not available, or the CPU
+            where ``cuda_only``.
+    """
+    if cuda_only and not torch.cuda.is_available():
+        raise ValueError(f"{what} needs a CUDA device; CUDA is not available")
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: device {dev} asked for but CUDA is not available")
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if cuda_only:
+        raise ValueError(f"{what} needs a CUDA device, got {dev}")
+    if dev.type != "cpu":
+        raise ValueError(f"{what}: device must be a CUDA device or the CPU, got {dev}")
+    return dev
 
 
 def _device_of(device: torch.device | None) -> torch.device | None:
@@ -167,3 +203,15 @@ def topology(
         gpu_of=gpu_of,
         nvlink_domains=tuple(tuple(d) for d in domains),
     )
+
+
+def free_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo, in bytes (the physical pages a new segment can take)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ep_jit.agreement import check_agreement, gather_checked
-from ep_jit.topology import topology
+from ep_jit.topology import resolve_device, topology
 from pp_rdma import knobs
 from pp_rdma._base import PipeBackend, PipeConfig
 from pp_rdma.errors import PipeError
@@ -90,7 +90,7 @@ class PipeBuffer:
         error: Exception | None = None
         dev = torch.device("cpu")
         try:
-            dev = self._resolve_device(device)
+            dev = resolve_device(device, what="PipeBuffer")
             if isinstance(num_max_tensor_bytes, bool) or not isinstance(num_max_tensor_bytes, int):
                 raise TypeError(
                     f"num_max_tensor_bytes must be an int, got {num_max_tensor_bytes!r}"
@@ -163,23 +163,6 @@ class PipeBuffer:
                 b.destroy(collective=False)
             self._destroyed = True
             raise
-
-    @staticmethod
-    def _resolve_device(device: torch.device | str | None) -> torch.device:
-        if device is None:
-            if torch.cuda.is_available():
-                return torch.device("cuda", torch.cuda.current_device())
-            return torch.device("cpu")
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {dev} asked for but CUDA is not available")
-            return (
-                dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
-            )
-        if dev.type != "cpu":
-            raise ValueError(f"device must be cpu or cuda, got {dev}")
-        return dev
 
     def _kinds_elsewhere(self, topo: Any, routes: Mapping[int, str]) -> set[str]:
         """Backends used by pairs this rank is not part of (so that it joins their setup)."""
