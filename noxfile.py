@@ -5,8 +5,8 @@
     nox -s build             # a wheel and an sdist of every package into dist/
     nox -s "tests(ep-core)"  # one package alone, installed from dist/ with only what it declares
     nox -s tests_all         # every package in one environment
-    nox -s multinode         # EP checks on 2 simulated nodes x 2 ranks (two torchrun launchers)
-    nox -s examples          # ep-elastic's examples under torchrun on CPU ranks
+    nox -s multinode         # EP and pp-rdma on 2 simulated nodes x 2 ranks (two torchrun)
+    nox -s examples          # every package's examples under torchrun on CPU ranks
     nox -s lint types        # ruff check + format; mypy over each src/
     nox -s env_docs          # docs/env-vars.md is up to date with the packages' knobs
     nox -s gpu               # GPU tests, serial; only on a machine with CUDA (not in the CI set)
@@ -238,7 +238,9 @@ def tests_all(session: nox.Session) -> None:
 
 @nox.session(requires=["build"])
 def multinode(session: nox.Session) -> None:
-    """EP dispatch/combine on 2 simulated nodes x 2 ranks: two torchrun launchers, gloo on CPU.
+    """2 simulated nodes x 2 ranks, two torchrun launchers, gloo on CPU: EP dispatch/combine
+    (as `pip install ep-elastic`), then pp-rdma's PipeBuffer with NIXL between the nodes and the
+    local path within them (as `pip install 'pp-rdma[rdma]'`).
 
     The nodes are separate launcher processes (`--node-rank 0/1`), so LOCAL_RANK/LOCAL_WORLD_SIZE
     differ from RANK/WORLD_SIZE and the code paths that tell local from remote ranks run.
@@ -248,33 +250,44 @@ def multinode(session: nox.Session) -> None:
         "python", "tools/run_multinode.py", "--nnodes", "2", "--nproc-per-node", "2",
         "--timeout", "600", "--", "tools/multinode_check.py", *session.posargs,
     )  # fmt: skip
+    _install(session, ["pp-rdma"], TORCH)  # with its rdma extra: NIXL between the nodes
+    session.run(
+        "python", "tools/run_multinode.py", "--nnodes", "2", "--nproc-per-node", "2",
+        "--timeout", "300", "--", "packages/pp-rdma/tools/multinode_check.py",
+    )  # fmt: skip
 
 
-# (script, ranks): every example of ep-elastic, started as its docstring says
+# (package folder, script, ranks): every example of every package, started as its docstring says
 # (`torchrun --nproc-per-node N script.py`); decode_cuda_graph.py only says that it needs CUDA.
 EXAMPLES = [
-    ("dispatch_combine.py", 2),
-    ("dispatch_combine.py", 4),
-    ("train_moe.py", 2),
-    ("decode_cuda_graph.py", 2),
+    ("ep-elastic", "dispatch_combine.py", 2),
+    ("ep-elastic", "dispatch_combine.py", 4),
+    ("ep-elastic", "train_moe.py", 2),
+    ("ep-elastic", "decode_cuda_graph.py", 2),
+    ("cp-copyengine", "ring_attention.py", 2),
+    ("engram", "engram_layer.py", 2),
+    ("pp-rdma", "pipeline_1f1b.py", 4),
 ]
 EXAMPLE_TIMEOUT_S = 120  # per run; each takes seconds
 
 
 @nox.session(requires=["build"])
 def examples(session: nox.Session) -> None:
-    """ep-elastic's examples on CPU ranks (gloo), installed as `pip install ep-elastic`.
+    """Every package's examples on CPU ranks (gloo), the packages installed from their wheels.
 
     Each runs under torchrun through tools/run_multinode.py with one node (a free port, a
     timeout, every rank stopped when one fails), from the repository root so that nothing
     imports packages/*/src. An example checks its own result and exits non-zero on a mismatch.
     """
-    _install(session, ["ep-elastic"], TORCH, with_extras=False)
-    folder = Path("packages", "ep-elastic", "examples")
-    missing = sorted({p.name for p in folder.glob("*.py")} - {name for name, _ in EXAMPLES})
-    if missing:
-        session.error(f"examples not run by this session: {', '.join(missing)}")
-    _run_all(session, *(_torchrun(folder / name, ranks) for name, ranks in EXAMPLES))
+    _install(session, list(BY_DIST), TORCH, with_extras=False)
+    listed = {(folder, name) for folder, name, _ in EXAMPLES}
+    found = {(p.parent.parent.name, p.name) for p in Path("packages").glob("*/examples/*.py")}
+    if found - listed:
+        session.error(f"examples not run by this session: {sorted(found - listed)}")
+    _run_all(
+        session,
+        *(_torchrun(Path("packages", f, "examples", n), ranks) for f, n, ranks in EXAMPLES),
+    )
 
 
 def _torchrun(script: Path, ranks: int) -> list[str]:
