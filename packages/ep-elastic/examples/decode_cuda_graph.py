@@ -81,8 +81,16 @@ def main() -> int:
         ]
     ).to(device, torch.bfloat16)
 
+    # low_latency_mode with its limits builds the low-latency buffer and loads its kernels here,
+    # at construction, so even the first low-latency call could be captured in a graph.
     buffer = ElasticBuffer(
-        dist.group.WORLD, num_max_tokens_per_rank=BATCH, hidden=HIDDEN, num_topk=TOPK
+        dist.group.WORLD,
+        num_max_tokens_per_rank=BATCH,
+        hidden=HIDDEN,
+        num_topk=TOPK,
+        low_latency_mode=True,
+        num_max_dispatch_tokens_per_rank=BATCH,
+        num_experts=num_experts,
     )
 
     # A graph replays fixed addresses: every step writes its tokens into this one tensor.
@@ -127,8 +135,8 @@ def main() -> int:
         torch.cuda.synchronize()
         return start.elapsed_time(end) * 1e3 / steps
 
-    # Warm-up, eagerly: the first call compiles the kernels (cached on disk for later runs) and
-    # loads them. Nothing may compile or synchronize inside a capture.
+    # Warm-up, eagerly, so that the eager timing below does not include first-call costs (torch's
+    # own kernels load lazily). Nothing may compile or synchronize inside a capture.
     moe_layer()
     torch.cuda.synchronize()
     eager_us = decode(moe_layer, STEPS)
