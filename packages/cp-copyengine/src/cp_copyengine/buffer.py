@@ -26,9 +26,11 @@ import torch
 import torch.distributed as dist
 
 from cp_copyengine import knobs
+from cp_copyengine._session_area import SessionAreaMixin
 from cp_copyengine.factory import resolve_backend
-from cp_copyengine.plan import Item, Transfer, align_up, check_shape, nbytes_of
-from cp_copyengine.reduction import check_reduce, reduce_shards, warm_up
+from cp_copyengine.handle import GatherHandle
+from cp_copyengine.plan import Item, Transfer
+from cp_copyengine.reduction import warm_up
 from ep_jit import knobs as jit_knobs
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.hostwait import wait_stream
@@ -41,46 +43,7 @@ MAX_OPS_PER_SESSION = 1024
 """Upper limit of ``num_max_ops_per_session``."""
 
 
-class GatherHandle:
-    """The completion of one ``all_gather`` or ``reduce_scatter`` call.
-
-    ``handle()`` makes the current CUDA stream wait until the call's data has arrived
-    (asynchronous, no host wait; a no-op on CPU, where calls complete before returning). It may
-    be called several times, but only while the call's session is open.
-    """
-
-    def __init__(self, buffer: CopyEngineBuffer, session: int, event: torch.cuda.Event | None):
-        self._buffer = buffer
-        self.session = session
-        self._event = event
-
-    def __call__(self) -> None:
-        """Makes the current stream wait for the call's data.
-
-        Raises:
-            RuntimeError: The call's session has ended (or the buffer was destroyed).
-        """
-        buf = self._buffer
-        if buf.destroyed or not buf.in_session or buf.session_index != self.session:
-            raise RuntimeError(
-                f"this handle belongs to session {self.session}, which has ended (the buffer is "
-                f"{'destroyed' if buf.destroyed else f'at session {buf.session_index}'}); call "
-                "a handle before destroy_session(), while its outputs are still valid"
-            )
-        if self._event is not None:
-            torch.cuda.current_stream(buf.device).wait_event(self._event)
-
-
-def _is_shape(obj: object) -> bool:
-    """Whether ``obj`` is one shape (ints) rather than a sequence of shapes."""
-    if isinstance(obj, torch.Size):
-        return True
-    if not isinstance(obj, Sequence) or isinstance(obj, str):
-        return False
-    return len(obj) == 0 or all(isinstance(d, int) and not isinstance(d, bool) for d in obj)
-
-
-class CopyEngineBuffer:
+class CopyEngineBuffer(SessionAreaMixin):
     """All-gather and reduce-scatter in sessions, on the copy engines or the reference.
 
     Collective to build: every rank of ``group`` constructs it with the same arguments.
@@ -205,18 +168,6 @@ class CopyEngineBuffer:
         """Calls (``all_gather``/``reduce_scatter``) made in the open session."""
         return self._slot
 
-    def _alive(self) -> None:
-        if self._destroyed:
-            raise RuntimeError("this CopyEngineBuffer was destroyed")
-
-    def _require_session(self, what: str) -> None:
-        self._alive()
-        if not self._in_session:
-            raise RuntimeError(
-                f"{what} needs an open session: use 'with buffer.new_session():' or "
-                "create_session() first"
-            )
-
     # ---- sessions ---------------------------------------------------------------------------
     def create_session(self) -> None:
         """Opens a session: its calls take regions of the session area from the start.
@@ -277,43 +228,6 @@ class CopyEngineBuffer:
                 self.destroy_session()
 
     # ---- calls ------------------------------------------------------------------------------
-    def get_inplace_tensor(
-        self, shapes: Sequence[int] | Sequence[Sequence[int]], dtype: torch.dtype
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Views of this rank's pieces in the next all-gather's outputs, for producing in place.
-
-        Pass the returned tensors, in the same order, as the next :meth:`all_gather` call; their
-        self copy is then skipped. Does not take the regions (the all-gather does). Local.
-
-        Args:
-            shapes: One shape, or a sequence of shapes (one view each).
-            dtype: The dtype of every view.
-
-        Returns:
-            One ``shape``/``dtype`` tensor on :attr:`device`, or a tuple of them.
-
-        Raises:
-            RuntimeError: No open session.
-            TypeError/ValueError: Bad shapes or dtype; the views would exceed the session area.
-        """
-        self._require_session("get_inplace_tensor()")
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-        single = _is_shape(shapes)
-        if not single and (not isinstance(shapes, Sequence) or isinstance(shapes, str)):
-            raise TypeError(f"shapes must be a shape or a sequence of shapes, got {shapes!r}")
-        shape_list = [check_shape(shapes)] if single else [check_shape(s) for s in shapes]
-        views = []
-        offset = self._offset
-        for shape in shape_list:
-            nbytes = nbytes_of(shape, dtype)
-            need = align_up(self.world_size * nbytes)
-            self._check_budget(offset + need - self._offset, "get_inplace_tensor()")
-            start = offset + self.rank * nbytes
-            views.append(self._area[start : start + nbytes].view(dtype).view(shape))
-            offset += need
-        return views[0] if single else tuple(views)
-
     def all_gather(
         self, tensors: torch.Tensor | Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], GatherHandle]:
@@ -397,127 +311,6 @@ class CopyEngineBuffer:
         outs: list[torch.Tensor] = []
         event = self._launch(transfer, outs, op)
         return (outs[0] if single else tuple(outs)), GatherHandle(self, self._session, event)
-
-    # ---- internals --------------------------------------------------------------------------
-    def _check_budget(self, need: int, what: str) -> None:
-        left = self.num_max_session_bytes - self._offset
-        if need > left:
-            raise ValueError(
-                f"{what} needs {need} bytes of the session area but only {left} of "
-                f"num_max_session_bytes={self.num_max_session_bytes} are left ({self._offset} "
-                f"taken by {self._slot} earlier calls of session {self._session}): destroy the "
-                "session first, or build the buffer with a larger num_max_session_bytes"
-            )
-
-    def _plan(self, kind: str, ts: object, op: str = "sum") -> list[Item]:
-        if not isinstance(ts, Sequence) or isinstance(ts, str) or len(ts) == 0:
-            raise TypeError(f"{kind}() takes a tensor or a non-empty sequence of tensors")
-        if self._slot >= self.num_max_ops_per_session:
-            raise ValueError(
-                f"{kind}() would be call {self._slot + 1} of session {self._session}, but "
-                f"num_max_ops_per_session={self.num_max_ops_per_session}: destroy the session "
-                "first, or build the buffer with a larger num_max_ops_per_session"
-            )
-        world = self.world_size
-        items = []
-        offset = self._offset
-        for i, t in enumerate(ts):
-            name = f"tensor {i}" if len(ts) > 1 else "the tensor"
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{kind}(): {name} is a {type(t).__name__}, not a torch.Tensor")
-            if t.device != self.device:
-                raise ValueError(
-                    f"{kind}(): {name} is on {t.device}, but this buffer's device is {self.device}"
-                )
-            if not t.is_contiguous():
-                raise ValueError(
-                    f"{kind}(): {name} (shape {tuple(t.shape)}, stride {t.stride()}) is not "
-                    "contiguous; pass t.contiguous()"
-                )
-            nbytes = t.numel() * t.element_size()
-            if kind == "reduce_scatter":
-                check_reduce(t.dtype, op)
-                if t.dim() == 0 or t.shape[0] % world:
-                    raise ValueError(
-                        f"reduce_scatter(): {name} has shape {tuple(t.shape)}; its first "
-                        f"dimension must be a multiple of the {world} ranks"
-                    )
-                nbytes //= world
-            inplace = False
-            ptr = t.data_ptr()
-            if (
-                kind == "all_gather"
-                and nbytes
-                and self._area_ptr <= ptr < self._area_ptr + len(self._area)
-            ):
-                want = offset + self.rank * nbytes
-                if ptr - self._area_ptr != want:
-                    raise ValueError(
-                        f"all_gather(): {name} lies in the session area at byte "
-                        f"{ptr - self._area_ptr}, but its piece of this call is at byte {want}: "
-                        "pass get_inplace_tensor()'s views in the order they were asked for, "
-                        "with no other call in between"
-                    )
-                inplace = True
-            region = align_up(world * nbytes)
-            self._check_budget(offset + region - self._offset, f"{kind}()")
-            items.append(Item(t, offset, nbytes, inplace))
-            offset += region
-        return items
-
-    def _agree(self, kind: str, ts: object, error: Exception | None, op: str = "") -> None:
-        """Raises on every rank when any rank failed or the ranks' calls differ (input checks
-        on); else raises only the local error."""
-        if not knobs.cp.check_inputs:
-            if error is not None:
-                raise error
-            return
-        seq = [ts] if isinstance(ts, torch.Tensor) else ts
-        sig: list[object] = []
-        if isinstance(seq, Sequence) and not isinstance(seq, str):
-            sig = [
-                (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else type(t).__name__
-                for t in seq
-            ]
-        payload = {"call": kind, "op": op, "tensors": sig, "session": self._session}
-        payload["call_in_session"] = self._slot
-        gathered = gather_checked(self.group, payload, error, what=f"{kind}()", device=self.device)
-        check_agreement(gathered, f"{kind}()")
-
-    def _launch(self, transfer: Transfer, outs: list[torch.Tensor], op: str = "sum") -> Any:
-        """Runs ``transfer`` (and the reduction) on the comm stream; returns its event."""
-        for it in transfer.items:
-            self._offset = max(self._offset, it.offset + align_up(self.world_size * it.nbytes))
-        self._slot += 1
-        if self.device.type != "cuda":
-            self._backend.transfer(transfer)
-            outs.extend(self._reduce(transfer, op))
-            return None
-        compute = torch.cuda.current_stream(self.device)
-        comm = get_comm_stream(self.device)
-        comm.wait_stream(compute)
-        with torch.cuda.device(self.device), torch.cuda.stream(comm):
-            self._backend.transfer(transfer)
-            outs.extend(self._reduce(transfer, op))
-            event = torch.cuda.Event()
-            event.record(comm)
-        for it in transfer.items:
-            it.src.record_stream(comm)
-        for o in outs:
-            o.record_stream(compute)
-        return event
-
-    def _reduce(self, transfer: Transfer, op: str) -> list[torch.Tensor]:
-        if transfer.kind != "reduce_scatter":
-            return []
-        outs = []
-        world = self.world_size
-        for it in transfer.items:
-            shard_shape = (it.src.shape[0] // world, *it.src.shape[1:])
-            region = self._area[it.offset : it.offset + world * it.nbytes].view(it.src.dtype)
-            shards = list(region.view(world, *shard_shape).unbind(0))
-            outs.append(reduce_shards(shards, op))
-        return outs
 
     def destroy(self) -> None:
         """Ends an open session, drains the communication stream (bounded), frees (collective).
