@@ -30,11 +30,15 @@ def test_copies_land(batched: bool | None) -> None:
     src = torch.arange(4096, dtype=torch.int32, device="cuda")
     dst = torch.full((3, 4096), -1, dtype=torch.int32, device="cuda")
     nbytes = src.numel() * 4
-    how = memcpy_batch(
-        [(dst[i].data_ptr(), src.data_ptr(), nbytes - 4 * i) for i in range(3)], batched=batched
-    )
-    supported = batch_copy_supported()
-    assert how == ("batch" if batched is not False and supported else "loop")
+    copies = [(dst[i].data_ptr(), src.data_ptr(), nbytes - 4 * i) for i in range(3)]
+    if batched is None:
+        # The default stream never takes a batch: the driver refuses it there.
+        assert memcpy_batch(copies) == "loop"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        how = memcpy_batch(copies, batched=batched)
+    assert how == ("batch" if batched is not False and batch_copy_supported() else "loop")
     torch.cuda.synchronize()
     for i in range(3):
         assert torch.equal(dst[i, : 4096 - i], src[: 4096 - i])

@@ -23,6 +23,7 @@ from ep_jit._log import logger
 __all__ = ["batch_copy_supported", "memcpy_batch"]
 
 _batch_state: dict[str, bool] = {}
+_DEFAULT_STREAMS = (0, 1, 2)  # NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
 _NOT_SUPPORTED = {
     getattr(driver.CUresult, name)
     for name in ("CUDA_ERROR_NOT_SUPPORTED", "CUDA_ERROR_NOT_FOUND", "CUDA_ERROR_INVALID_VALUE")
@@ -73,9 +74,13 @@ def _batched(copies: list[tuple[int, int, int]], stream: object) -> bool:
         return False
     err = result[0] if isinstance(result, tuple) else result
     if err in _NOT_SUPPORTED and "ok" not in _batch_state:
-        # The first refusal of this process: an old driver. Fall back for good.
+        # The first refusal of this process: an old driver. Fall back for good, visibly: the
+        # copies stay correct but cost one driver call each.
         _batch_state["ok"] = False
-        logger.info("cuMemcpyBatchAsync refused (%s); copies go one cuMemcpyAsync each", err)
+        logger.warning(
+            "cuMemcpyBatchAsync refused (%s); copies go one cuMemcpyAsync each in this process",
+            err,
+        )
         return False
     check("cuMemcpyBatchAsync", result, f"{len(copies)} copies")
     _batch_state["ok"] = True
@@ -99,8 +104,9 @@ def memcpy_batch(
         copies: ``(dst, src, nbytes)`` triples.
         stream: Default: torch's current stream.
         batched: ``True``: one ``cuMemcpyBatchAsync`` (raises where unavailable); ``False``: one
-            ``cuMemcpyAsync`` per copy; ``None``: batched when the driver has it and the stream
-            is not capturing a graph.
+            ``cuMemcpyAsync`` per copy; ``None``: batched when the driver has it, the stream is
+            not a default (NULL) stream, which the driver refuses for batches, and it is not
+            capturing a graph.
 
     Returns:
         ``"batch"``, ``"loop"`` or ``"none"`` (nothing to copy): how the copies were submitted.
@@ -121,7 +127,9 @@ def memcpy_batch(
     if explicit and not hasattr(driver, "cuMemcpyBatchAsync"):
         raise RuntimeError("cuMemcpyBatchAsync is not in this cuda-bindings build")
     if batched is None:
-        batched = batch_copy_supported() and not _capturing(cu_stream)
+        # The driver refuses batches on the NULL (legacy or per-thread default) stream.
+        batched = raw not in _DEFAULT_STREAMS and batch_copy_supported()
+        batched = batched and not _capturing(cu_stream)
     if batched:
         if _batched(todo, cu_stream):
             return "batch"
