@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -224,3 +225,15 @@ def test_run_from_env_under_torchrun_two_simulated_nodes(tmp_path: Path) -> None
         assert p.returncode == 0, log
     got = sorted((tmp_path / f"out.{r}").read_text() for r in range(4))
     assert got == ["0:0:6", "0:1:6", "1:0:6", "1:1:6"]
+
+
+def test_a_rank_that_cannot_join_restarts_the_job_once(caplog: pytest.LogCaptureFixture) -> None:
+    # An unknown backend fails every rank inside init_process_group, before the worker runs:
+    # the job is started a second time, then the failure is raised with the rank's traceback.
+    with (
+        caplog.at_level(logging.WARNING, logger="ep_jit.testing"),
+        pytest.raises(RankFailedError, match="no_such_backend"),
+    ):
+        run_ranks(2, _all_reduce_worker, 1, backend="no_such_backend", timeout_s=60)
+    restarts = [r for r in caplog.records if "starting the job again" in r.getMessage()]
+    assert len(restarts) == 1

@@ -33,6 +33,10 @@ __all__ = ["RankFailedError", "RankInfo", "run_from_env", "run_ranks"]
 T = TypeVar("T")
 _TCPStore = dist.TCPStore  # type: ignore[attr-defined, unused-ignore]
 _KILL_GRACE_S = 5.0
+# A rank that cannot join the process group (a gloo mesh connection lost on a loaded host) makes
+# the whole job start again, once; nothing of the worker has run by then.
+_SETUP_ATTEMPTS = 2
+logger = logging.getLogger("ep_jit.testing")
 _PYTEST_OUTCOMES = {"pytest.Skipped": "skip", "pytest.XFailed": "xfail", "pytest.Failed": "fail"}
 
 
@@ -187,11 +191,16 @@ def _child_main(
             # Ranks share the host's cores; avoid N x cores intra-op threads.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = _TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
-        init_kwargs: dict[str, Any] = {"store": store, "rank": rank, "world_size": world_size}
-        if use_gpu and "nccl" in backend:
-            init_kwargs["device_id"] = torch.device("cuda", rank // ranks_per_gpu)
-        dist.init_process_group(backend, timeout=timeout, **init_kwargs)
+        try:
+            store = _TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+            init_kwargs: dict[str, Any] = {"store": store, "rank": rank, "world_size": world_size}
+            if use_gpu and "nccl" in backend:
+                init_kwargs["device_id"] = torch.device("cuda", rank // ranks_per_gpu)
+            dist.init_process_group(backend, timeout=timeout, **init_kwargs)
+        except Exception as exc:
+            # Before the worker ran: the parent may start the whole job again.
+            results.put((rank, "setup", type(exc).__qualname__, traceback.format_exc(), None))
+            return
         try:
             info = _make_info(
                 rank, world_size, rank, world_size, 0, use_gpu, backend, ranks_per_gpu
@@ -309,6 +318,43 @@ def run_ranks(
     backend = backend or ("gloo" if ranks_per_gpu > 1 else _auto_backend(use_gpu))
     args_blob = pickle.dumps(args)
 
+    for attempt in range(_SETUP_ATTEMPTS):
+        try:
+            return _run_once(
+                world_size, fn_ref, args_blob, timeout_s, backend, use_gpu, ranks_per_gpu
+            )
+        except _SetupFailed as failed:
+            if attempt + 1 == _SETUP_ATTEMPTS:
+                raise RankFailedError(failed.rank, failed.kind, failed.text, None) from None
+            logger.warning(
+                "run_ranks(%s): rank %d could not join the process group (%s); starting the "
+                "job again",
+                fn_ref.qualname,
+                failed.rank,
+                failed.kind,
+            )
+    raise AssertionError("unreachable")
+
+
+class _SetupFailed(Exception):
+    """A rank failed to join the process group, before the worker ran (safe to retry)."""
+
+    def __init__(self, rank: int, kind: str, text: str) -> None:
+        super().__init__(text)
+        self.rank, self.kind, self.text = rank, kind, text
+
+
+def _run_once(
+    world_size: int,
+    fn_ref: _FnRef,
+    args_blob: bytes,
+    timeout_s: float,
+    backend: str,
+    use_gpu: bool,
+    ranks_per_gpu: int,
+) -> list[Any]:
+    """One spawn of the job (see :func:`run_ranks`); raises :class:`_SetupFailed` when a rank
+    could not join the process group."""
     ctx = mp.get_context("spawn")
     store = _TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     results = ctx.Queue()
@@ -347,6 +393,8 @@ def run_ranks(
                     # Let a message the dead rank sent just before exiting arrive first.
                     with contextlib.suppress(queue_mod.Empty):
                         rank, status, kind, text, blob = results.get(timeout=1.0)
+                        if status == "setup":
+                            raise _SetupFailed(rank, kind, text) from None
                         if status == "error":
                             _raise_failure(rank, kind, text, blob)
                         returned[rank] = pickle.loads(blob) if blob is not None else None
@@ -363,6 +411,8 @@ def run_ranks(
                         f"finish within {timeout_s:g} s (finished: {sorted(done)})"
                     ) from None
                 continue
+            if status == "setup":
+                raise _SetupFailed(rank, kind, text)
             if status == "error":
                 _raise_failure(rank, kind, text, blob)
             returned[rank] = pickle.loads(blob) if blob is not None else None
