@@ -34,6 +34,13 @@ def _errors_worker(info: RankInfo) -> None:
     _raises(TypeError, "must be an int", lambda: CopyEngineBuffer(group, 1024.0))  # type: ignore[arg-type]
     _raises(ValueError, r"in \[1, 1024\]", lambda: CopyEngineBuffer(group, 1024, 0))
     _raises(ValueError, "backend must be one of", lambda: CopyEngineBuffer(group, 64, 2, "nccl"))
+    # A bad timeout on one rank fails on both (it used to raise on that rank alone, before the
+    # ranks met, leaving the other waiting).
+    _raises(
+        TypeError if rank == 1 else ValueError,
+        "timeout_s must be a number" if rank == 1 else "rank 1: TypeError",
+        lambda: CopyEngineBuffer(group, 1024, timeout_s="soon" if rank == 1 else None),  # type: ignore[arg-type]
+    )
     _raises(
         ValueError,
         "not every rank is on a CUDA device",

@@ -58,7 +58,8 @@ class CopyEngineBuffer(SessionAreaMixin):
         backend: ``"auto"`` (``EP_CP_BACKEND``, by default the copy engines where they can
             serve, else the reference), ``"copyengine"`` or ``"torch"``.
         device: The rank's device; default the current CUDA device, or CPU without CUDA.
-        timeout_s: Limit of host waits; default ``EP_JIT_HOST_TIMEOUT_S``.
+        timeout_s: Limit of host waits in seconds; default ``EP_JIT_HOST_TIMEOUT_S``; ``<= 0``:
+            none.
 
     Attributes:
         backend: The backend's name (``"copyengine"`` or ``"torch"``), the same on every rank.
@@ -83,11 +84,13 @@ class CopyEngineBuffer(SessionAreaMixin):
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD  # type: ignore[assignment]
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        self.timeout_s = float(jit_knobs.jit.host_timeout_s if timeout_s is None else timeout_s)
+        self.timeout_s = float(jit_knobs.jit.host_timeout_s)
         self._destroyed = True
         error: Exception | None = None
         dev = torch.device("cpu")
         try:
+            if timeout_s is not None:
+                self.timeout_s = _check_timeout(timeout_s)
             dev = resolve_device(device, what="CopyEngineBuffer")
             _check_int("num_max_session_bytes", num_max_session_bytes, 1, None)
             _check_int("num_max_ops_per_session", num_max_ops_per_session, 1, MAX_OPS_PER_SESSION)
@@ -351,3 +354,12 @@ def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
     if value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_timeout(value: object) -> float:
+    """``timeout_s`` as a float (``<= 0``: no limit), or a TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout_s must be a number of seconds or None, got {value!r}")
+    if value != value:  # NaN
+        raise ValueError("timeout_s must be a number of seconds, got nan")
+    return float(value)
