@@ -36,6 +36,14 @@ def _check_positive(name: str, value: object) -> int:
     return value
 
 
+def _check_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout_s must be a number of seconds or None, got {value!r}")
+    if value != value:  # NaN
+        raise ValueError("timeout_s must be a number of seconds, got nan")
+    return float(value)
+
+
 class EngramTable:
     """A table of ``world_size * E`` rows of ``hidden`` elements, rank ``r`` owning rows
     ``[r*E, (r+1)*E)``.
@@ -82,7 +90,10 @@ class EngramTable:
         requested = knobs.engram.backend if backend == "auto" else backend
         error: Exception | None = None
         dev = torch.device("cpu")
+        seconds = float(knobs.engram.timeout_s)
         try:
+            if timeout_s is not None:
+                seconds = _check_timeout(timeout_s)
             dev = resolve_device(device, what="EngramTable")
             _check_positive("num_entries_per_rank", num_entries_per_rank)
             _check_positive("hidden", hidden)
@@ -115,7 +126,6 @@ class EngramTable:
             self.group, {**agreed, **where}, error, what="EngramTable", device=dev
         )
         check_agreement([{k: g[k] for k in agreed} for g in gathered], "EngramTable")
-        seconds = float(knobs.engram.timeout_s if timeout_s is None else timeout_s)
         self.config = TableConfig(
             group=self.group,
             rank=dist.get_rank(self.group),

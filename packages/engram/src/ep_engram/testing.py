@@ -256,6 +256,21 @@ def run_error_cases(group: dist.ProcessGroup, placement: str, backend: str) -> l
             backend,
         )
     )
+    # A bad timeout on one rank (it used to raise there alone, after the ranks first met).
+    seen.append(
+        _raises(
+            TypeError if rank == world - 1 else ValueError,
+            "timeout_s" if rank == world - 1 else f"rank {world - 1}: TypeError",
+            EngramTable,
+            group,
+            e,
+            h,
+            torch.bfloat16,
+            placement,
+            backend,
+            timeout_s="soon" if rank == world - 1 else None,
+        )
+    )
     if not torch.cuda.is_available():
         seen.append(
             _raises(
