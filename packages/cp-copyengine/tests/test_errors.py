@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from cp_copyengine import CopyEngineBuffer, knobs
+from ep_jit.errors import HostTimeoutError
 from ep_jit.testing import RankInfo, run_ranks
 
 from .test_buffer import _worker
@@ -131,10 +133,27 @@ def _errors_worker(info: RankInfo) -> None:
     _raises(RuntimeError, "destroyed", buf.create_session)
 
 
+def _peer_never_joins(info: RankInfo) -> None:
+    """Input checks off, rank 1 makes no call: rank 0's wait ends after timeout_s (the group is
+    unusable afterwards, so this runs last)."""
+    buf = CopyEngineBuffer(info.group, 1024, timeout_s=1.0)
+    with knobs.cp.scope():
+        knobs.cp.check_inputs = False
+        buf.create_session()
+        if info.rank == 0:
+            start = time.monotonic()
+            _raises(HostTimeoutError, "did not join", lambda: buf.all_gather(torch.zeros(4)))
+            assert time.monotonic() - start < 20
+        else:
+            time.sleep(4.0)  # stay connected until rank 0 has timed out
+
+
 def _two_rank_worker(info: RankInfo) -> int:
     _errors_worker(info)
     # The API and random programs on 2 ranks, in the same launch (spawning dominates the time).
-    return int(_worker(info, 1, 48)["ops"])  # type: ignore[call-overload]
+    ops = int(_worker(info, 1, 48)["ops"])  # type: ignore[call-overload]
+    _peer_never_joins(info)
+    return ops
 
 
 def test_every_bad_input_raises_on_every_rank_then_api_and_programs_on_two_ranks() -> None:

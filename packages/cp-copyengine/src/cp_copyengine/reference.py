@@ -4,7 +4,9 @@ It keeps the session area as an ordinary tensor and fills it with ``dist.all_gat
 all-gather's pieces) and ``dist.all_to_all_single`` (a reduce-scatter's shards), moving raw
 bytes, so every dtype travels unchanged. Its results define what the copy-engine backend must
 produce, bit for bit. On a CUDA device with a group that has no NCCL (ranks sharing one GPU over
-gloo), the bytes are staged through host memory.
+gloo), the bytes are staged through host memory. Where the collectives block the host (CPU
+tensors over gloo) they are ep-jit's bounded all-to-alls: a peer that never joins a call raises
+:class:`~ep_jit.errors.HostTimeoutError` after ``timeout_s`` instead of gloo's own limit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from cp_copyengine.plan import Transfer
+from ep_jit.rows import all_to_all_uneven, collective_timeout
 
 __all__ = ["TorchBackend"]
 
@@ -30,7 +33,8 @@ class TorchBackend:
         session_bytes: Bytes of the session area.
         max_ops: Calls per session (unused here: no flags).
         device: Where the session area lives.
-        timeout_s: Unused (the group's own timeout bounds its collectives).
+        timeout_s: Limit of the host wait of each collective that blocks the host (CPU tensors
+            over gloo); ``<= 0``: gloo's own limit. NCCL collectives are stream-ordered.
     """
 
     name = "torch"
@@ -50,6 +54,8 @@ class TorchBackend:
         self.area = torch.empty(session_bytes, dtype=torch.uint8, device=device)
         backend = str(dist.get_backend(group)).lower()
         self._stage = device.type == "cuda" and "nccl" not in backend
+        self._host = device.type == "cpu" or self._stage
+        self.timeout_s = timeout_s
 
     @classmethod
     def create(
@@ -81,6 +87,18 @@ class TorchBackend:
                 self._move(t.kind, region, src, item.nbytes)
 
     def _move(self, kind: str, out: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
+        world = self.world_size
+        if self._host:
+            # One bounded all-to-all: an all-gather sends its bytes to every rank, a
+            # reduce-scatter its shard p to rank p; the pieces arrive in rank order.
+            if kind == "all_gather":
+                send = src.view(1, nbytes).expand(world, nbytes)
+            else:
+                send = src.view(world, nbytes)
+            with collective_timeout(self.timeout_s):
+                got = all_to_all_uneven(send, [1] * world, [1] * world, self.group)
+            out.view(world, nbytes).copy_(got)
+            return
         if kind == "all_gather":
             dist.all_gather(list(out.view(self.world_size, nbytes).unbind(0)), src, self.group)
         else:
