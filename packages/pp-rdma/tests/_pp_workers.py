@@ -301,6 +301,16 @@ def validation_worker(info: RankInfo) -> dict[str, str]:
         "disagree": _error_name(lambda: PipeBuffer(g, 64, 1 + info.rank, backend="torch")),
         "backend": _error_name(lambda: PipeBuffer(g, 64, backend="smoke_signals")),
     }
+    # Arguments bad on one rank only: every rank raises (none is left in a collective).
+    out["timeout_one_rank"] = _error_name(
+        lambda: PipeBuffer(g, 64, backend="torch", timeout_s="soon" if info.rank == 0 else 5.0)
+    )
+    out["timeout_inf"] = _error_name(
+        lambda: PipeBuffer(g, 64, backend="torch", timeout_s=float("inf"))
+    )
+    out["backend_type"] = _error_name(
+        lambda: PipeBuffer(g, 64, backend=3 if info.rank == 1 else "torch")  # type: ignore[arg-type]
+    )
     buf = PipeBuffer(g, 64, backend="torch")
     t = torch.zeros(4, dtype=torch.int32)
     out["self"] = _error_name(lambda: buf.send(t, info.rank))

@@ -83,17 +83,22 @@ def test_two_simulated_nodes_route_local_and_remote(monkeypatch: pytest.MonkeyPa
 
 def test_bad_arguments_raise_on_every_rank() -> None:
     results = run_ranks(2, w.validation_worker, timeout_s=120)
-    assert results[0] == results[1]
-    assert set(results[0]) == {
-        "max_bytes",
-        "inflight",
-        "disagree",
-        "backend",
-        "self",
-        "big",
-        "strided",
-        "device",
-    }
+    # Bad on one rank only: that rank raises TypeError, the other a ValueError naming it.
+    for key, bad_rank in (("timeout_one_rank", 0), ("backend_type", 1)):
+        assert results[bad_rank].pop(key) == "TypeError", key
+        assert results[1 - bad_rank].pop(key) == "ValueError", key
+    for r in results:
+        assert r == {
+            "max_bytes": "ValueError",
+            "inflight": "ValueError",
+            "disagree": "ValueError",
+            "backend": "ValueError",
+            "timeout_inf": "ValueError",
+            "self": "ValueError",
+            "big": "ValueError",
+            "strided": "ValueError",
+            "device": "ValueError",
+        }
 
 
 def test_a_failing_rank_is_reported() -> None:

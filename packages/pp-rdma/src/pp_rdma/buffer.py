@@ -14,6 +14,7 @@ byte sizes must match (checked against a header each message carries).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,15 +82,29 @@ class PipeBuffer:
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD  # type: ignore[assignment]
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
-        requested: str | dict[str, str] = (
-            knobs.pp.backend
-            if backend is None
-            else (backend if isinstance(backend, str) else dict(backend))
-        )
-        limit = float(knobs.pp.timeout_s if timeout_s is None else timeout_s)
+        requested: str | dict[str, str] = "auto"
+        limit = 0.0
         error: Exception | None = None
         dev = torch.device("cpu")
         try:
+            # Everything that can fail on one rank only fails here, so all ranks raise together.
+            if backend is None:
+                requested = knobs.pp.backend
+            elif isinstance(backend, str):
+                requested = backend
+            elif isinstance(backend, Mapping):
+                requested = {str(k): v for k, v in backend.items()}
+                if not all(isinstance(v, str) for v in requested.values()):
+                    raise TypeError(f"backend mapping values must be str, got {backend!r}")
+            else:
+                raise TypeError(f"backend must be a str or a mapping, got {backend!r}")
+            raw = knobs.pp.timeout_s if timeout_s is None else timeout_s
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                raise TypeError(f"timeout_s must be a number of seconds, got {timeout_s!r}")
+            limit = float(raw)
+            if not (math.isfinite(limit) and limit > 0):
+                # An infinite limit would be a wait without a bound.
+                raise ValueError(f"timeout_s must be finite and > 0, got {timeout_s!r}")
             dev = resolve_device(device, what="PipeBuffer")
             if isinstance(num_max_tensor_bytes, bool) or not isinstance(num_max_tensor_bytes, int):
                 raise TypeError(
@@ -101,8 +116,6 @@ class PipeBuffer:
                 raise TypeError(f"num_max_inflight must be an int, got {num_max_inflight!r}")
             if num_max_inflight < 1:
                 raise ValueError(f"num_max_inflight must be >= 1, got {num_max_inflight}")
-            if not limit > 0:
-                raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
             if self.world_size < 2:
                 raise ValueError("PipeBuffer needs a group of at least 2 ranks")
         except (TypeError, ValueError) as exc:
