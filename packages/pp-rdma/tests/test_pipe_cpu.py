@@ -104,3 +104,14 @@ def test_bad_arguments_raise_on_every_rank() -> None:
 def test_a_failing_rank_is_reported() -> None:
     with pytest.raises(RankFailedError, match="PipeTimeoutError"):
         run_ranks(2, w.lonely_recv_worker, timeout_s=60)
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl_cu13 is not installed")
+def test_a_rank_alone_on_its_node_joins_every_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nodes {0, 1} and {2}: rank 2 has no local peer but must still join the local backend's
+    # collective setup (NIXL here), or the group's collectives fall out of step.
+    monkeypatch.setenv("EP_JIT_RANKS_PER_NODE", "2")
+    backend = {"local": "nixl", "remote": "torch"}
+    results = run_ranks(3, w.stress_worker, backend, 9, 40, 1 << 10, 2, 0.1, timeout_s=90)
+    assert results[2]["routes"] == {0: "torch", 1: "torch"}
+    assert results[0]["routes"] == {1: "nixl", 2: "torch"}

@@ -26,20 +26,9 @@ from ep_jit.topology import resolve_device, topology
 from pp_rdma import knobs
 from pp_rdma._base import PipeBackend, PipeConfig
 from pp_rdma.errors import PipeError
-from pp_rdma.factory import plan_routes, usable_backends
+from pp_rdma.factory import plan_routes, resolve_choices, usable_backends, used_kinds
 
 __all__ = ["PipeBuffer"]
-
-
-def _used_kinds(resolved: Mapping[int, str], node_of: tuple[int, ...], rank: int) -> set[str]:
-    """Backends any pair of the group uses (the same set on every rank)."""
-    local = remote = None
-    for p, name in resolved.items():
-        if node_of[p] == node_of[rank]:
-            local = name
-        else:
-            remote = name
-    return {n for n in (local, remote) if n is not None}
 
 
 class PipeBuffer:
@@ -142,16 +131,17 @@ class PipeBuffer:
                 reasons.setdefault(name, f"rank {r}: {why}")
         error = None
         routes: dict[int, str] = {}
+        kinds: list[str] = []
         try:
             routes = plan_routes(requested, topo, list(specs), reasons)
+            resolved = resolve_choices(requested, topo, list(specs), reasons)
+            # Every rank builds every backend some pair uses, also one it uses for no peer
+            # (a rank alone on its node): the constructors are collective.
+            kinds = sorted(used_kinds(resolved, topo))
         except ValueError as exc:
             error = exc
         gather_checked(self.group, {}, error, what="PipeBuffer")
         self.routes = routes
-        # Every rank builds every backend some pair uses: their constructors are collective.
-        kinds = sorted(
-            _used_kinds(routes, topo.node_of, self.rank) | self._kinds_elsewhere(topo, routes)
-        )
         self._backends: dict[str, PipeBackend] = {}
         self._send_seq = [0] * self.world_size
         self._recv_seq = [0] * self.world_size
@@ -176,21 +166,6 @@ class PipeBuffer:
                 b.destroy(collective=False)
             self._destroyed = True
             raise
-
-    def _kinds_elsewhere(self, topo: Any, routes: Mapping[int, str]) -> set[str]:
-        """Backends used by pairs this rank is not part of (so that it joins their setup)."""
-        nodes: dict[int, list[int]] = {}
-        for r, n in enumerate(topo.node_of):
-            nodes.setdefault(n, []).append(r)
-        kinds: set[str] = set()
-        local = [n for p, n in routes.items() if topo.node_of[p] == topo.node]
-        remote = [n for p, n in routes.items() if topo.node_of[p] != topo.node]
-        # The plan is the same rule on every rank: one local and one remote choice.
-        if any(len(rs) > 1 for rs in nodes.values()) and local:
-            kinds.add(local[0])
-        if len(nodes) > 1 and remote:
-            kinds.add(remote[0])
-        return kinds
 
     # ---- use ----------------------------------------------------------------------------------
     @property

@@ -26,7 +26,15 @@ import torch.distributed as dist
 from ep_jit.registry import BackendSpec, registered_backends
 from ep_jit.topology import Topology
 
-__all__ = ["LOCAL_ONLY", "PRIMITIVE", "plan_routes", "pp_backends", "usable_backends"]
+__all__ = [
+    "LOCAL_ONLY",
+    "PRIMITIVE",
+    "plan_routes",
+    "pp_backends",
+    "resolve_choices",
+    "usable_backends",
+    "used_kinds",
+]
 
 PRIMITIVE = "pp"
 """The primitive name pp-rdma's backends are registered under."""
@@ -111,23 +119,16 @@ def _auto(order: list[str], reasons: Mapping[str, str], local: bool, num_nodes: 
     raise ValueError(f"no pp backend can serve this group ({dict(reasons)})")
 
 
-def plan_routes(
+def resolve_choices(
     requested: str | Mapping[str, str],
     topo: Topology,
     order: list[str],
     reasons: Mapping[str, str],
-) -> dict[int, str]:
-    """The backend of every peer of this rank (the same plan on every rank, mirrored).
+) -> dict[str, str]:
+    """The backend of peers on a rank's own node (``"local"``) and on other nodes (``"remote"``).
 
-    Args:
-        requested: ``"auto"``, a backend name, or ``{"local": name, "remote": name}`` (each
-            ``"auto"`` or a name).
-        topo: The group's placement (:func:`ep_jit.topology`).
-        order: Registered backend names, highest priority first.
-        reasons: Backends that some rank cannot use, with why (agreed across ranks).
-
-    Raises:
-        ValueError: An unknown name, or a backend that cannot serve the peers asked of it.
+    The same on every rank (the arguments are agreed). Arguments and errors as for
+    :func:`plan_routes`.
     """
     if isinstance(requested, str):
         choice = {"local": requested, "remote": requested}
@@ -162,6 +163,45 @@ def plan_routes(
                 f"{topo.num_nodes} nodes"
             )
         resolved[where] = name
+    return resolved
+
+
+def used_kinds(resolved: Mapping[str, str], topo: Topology) -> set[str]:
+    """Backends some pair of the group uses: every rank builds each (constructors are collective).
+
+    ``resolved`` is :func:`resolve_choices`'s answer. The same set on every rank, also on a rank
+    that is alone on its node (it uses no local backend, but the other nodes' ranks may).
+    """
+    sizes: dict[int, int] = {}
+    for n in topo.node_of:
+        sizes[n] = sizes.get(n, 0) + 1
+    kinds = set()
+    if any(count > 1 for count in sizes.values()):
+        kinds.add(resolved["local"])
+    if len(sizes) > 1:
+        kinds.add(resolved["remote"])
+    return kinds
+
+
+def plan_routes(
+    requested: str | Mapping[str, str],
+    topo: Topology,
+    order: list[str],
+    reasons: Mapping[str, str],
+) -> dict[int, str]:
+    """The backend of every peer of this rank (the same plan on every rank, mirrored).
+
+    Args:
+        requested: ``"auto"``, a backend name, or ``{"local": name, "remote": name}`` (each
+            ``"auto"`` or a name).
+        topo: The group's placement (:func:`ep_jit.topology`).
+        order: Registered backend names, highest priority first.
+        reasons: Backends that some rank cannot use, with why (agreed across ranks).
+
+    Raises:
+        ValueError: An unknown name, or a backend that cannot serve the peers asked of it.
+    """
+    resolved = resolve_choices(requested, topo, order, reasons)
     routes = {
         p: resolved["local" if topo.node_of[p] == topo.node else "remote"]
         for p in range(topo.world_size)
