@@ -424,3 +424,32 @@ def copy_engine_timeout_worker(info: RankInfo, inflight: int, timeout_s: float) 
         result = [int(o[0]) for o in outs]
     buf.destroy()  # rank 0's stream drains once rank 1 received
     return result
+
+
+def destroy_after_reported_mismatch_worker(info: RankInfo) -> dict[str, Any]:
+    """NIXL: rank 1 receives into the wrong size; rank 0 learns of it only in ``destroy``.
+
+    Both ranks must still meet in ``destroy`` (a rank that skipped the meeting would leave the
+    other's meeting to pair with its next collective); a collective afterwards lines up.
+    """
+    import torch.distributed as dist
+
+    buf = PipeBuffer(info.group, 64, 2, backend="nixl", timeout_s=10)
+    seen: dict[str, Any] = {}
+    if info.rank == 0:
+        buf.send(torch.ones(16, dtype=torch.uint8), 1)
+    else:
+        try:
+            buf.recv(torch.empty(8, dtype=torch.uint8), 0)
+        except PipeSizeMismatchError as exc:
+            seen["recv"] = (exc.op, exc.peer, exc.seq)
+    dist.barrier(info.group)
+    try:
+        buf.destroy()
+        seen["destroy"] = None
+    except PipeSizeMismatchError as exc:
+        seen["destroy"] = (exc.op, exc.peer, exc.seq)
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, ("after", info.rank), group=info.group)
+    seen["after"] = gathered
+    return seen

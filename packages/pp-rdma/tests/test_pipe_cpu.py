@@ -115,3 +115,13 @@ def test_a_rank_alone_on_its_node_joins_every_backend(monkeypatch: pytest.Monkey
     results = run_ranks(3, w.stress_worker, backend, 9, 40, 1 << 10, 2, 0.1, timeout_s=90)
     assert results[2]["routes"] == {0: "torch", 1: "torch"}
     assert results[0]["routes"] == {1: "nixl", 2: "torch"}
+
+
+@pytest.mark.skipif(not HAVE_NIXL, reason="nixl_cu13 is not installed")
+def test_destroy_meets_the_others_when_it_finds_a_failure() -> None:
+    seen = run_ranks(2, w.destroy_after_reported_mismatch_worker, timeout_s=60)
+    assert seen[1]["recv"] == ("recv", 0, 1)
+    assert seen[1]["destroy"] is None  # failed earlier: destroy frees without raising
+    assert seen[0]["destroy"] == ("send", 1, 1)  # the sender hears of it at the latest here
+    for s in seen:
+        assert s["after"] == [("after", 0), ("after", 1)]

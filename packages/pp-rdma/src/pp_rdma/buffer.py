@@ -287,6 +287,12 @@ class PipeBuffer:
         its error is swallowed and this rank frees what it can). After a peer died, pass
         ``collective=False``: this rank frees its resources without meeting the others (on the
         copy engine the peer-mapped memory then stays mapped until the process exits).
+
+        Raises:
+            PipeError: Draining found a failure on this rank (for example a size mismatch the
+                receiver reported); the others are told at the meeting, and every rank frees
+                its resources without a further collective.
+            RuntimeError: Another rank's drain failed (this rank had not failed before).
         """
         if self._destroyed:
             return
@@ -294,15 +300,24 @@ class PipeBuffer:
         failed = self._failure is not None
         try:
             if collective:
+                error: PipeError | None = None
                 if not failed:
-                    for b in self._backends.values():
-                        b.synchronize()
+                    try:
+                        for b in self._backends.values():
+                            b.synchronize()
+                    except PipeError as exc:
+                        # Still meet the others (they are in the meeting below), and tell them.
+                        error = self._failure = exc
                 try:
-                    gather_checked(self.group, {}, None, what="PipeBuffer.destroy")
-                except Exception:
-                    if not failed:
-                        raise
+                    gather_checked(self.group, {}, error, what="PipeBuffer.destroy")
+                except Exception as exc:
                     collective = False
+                    if error is not None:
+                        raise error from None
+                    if not failed:
+                        raise RuntimeError(
+                            f"PipeBuffer.destroy: another rank's transfers failed ({exc})"
+                        ) from exc
         finally:
             for b in self._backends.values():
                 b.destroy(collective)
