@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +37,15 @@ def _errors_worker(info: RankInfo) -> None:
     _raises(TypeError, "must be an int", lambda: CopyEngineBuffer(group, 1024.0))  # type: ignore[arg-type]
     _raises(ValueError, r"in \[1, 1024\]", lambda: CopyEngineBuffer(group, 1024, 0))
     _raises(ValueError, "backend must be one of", lambda: CopyEngineBuffer(group, 64, 2, "nccl"))
+    # A bad EP_CP_BACKEND on one rank fails on both (it used to raise there alone).
+    with knobs.cp.scope():
+        if rank == 1:
+            os.environ[knobs.CpKnobs.backend.name] = "bogus"
+        _raises(
+            ValueError,
+            "EP_CP_BACKEND" if rank == 1 else "rank 1: ValueError",
+            lambda: CopyEngineBuffer(group, 1024),
+        )
     # A bad timeout on one rank fails on both (it used to raise on that rank alone, before the
     # ranks met, leaving the other waiting).
     _raises(

@@ -88,6 +88,7 @@ class CopyEngineBuffer(SessionAreaMixin):
         self._destroyed = True
         error: Exception | None = None
         dev = torch.device("cpu")
+        requested = backend
         try:
             if timeout_s is not None:
                 self.timeout_s = _check_timeout(timeout_s)
@@ -96,9 +97,10 @@ class CopyEngineBuffer(SessionAreaMixin):
             _check_int("num_max_ops_per_session", num_max_ops_per_session, 1, MAX_OPS_PER_SESSION)
             if backend not in knobs.BACKEND_CHOICES:
                 raise ValueError(f"backend must be one of {knobs.BACKEND_CHOICES}, got {backend!r}")
+            # EP_CP_BACKEND is checked here too, so a bad value on one rank fails on every rank.
+            requested = knobs.cp.backend if backend == "auto" else backend
         except (ValueError, TypeError) as exc:
             error = exc
-        requested = knobs.cp.backend if backend == "auto" else backend
         config = {
             "num_max_session_bytes": num_max_session_bytes,
             "num_max_ops_per_session": num_max_ops_per_session,
