@@ -87,7 +87,7 @@ class EngramTable:
         """Checks the arguments on every rank, picks the backend and allocates (collective)."""
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD  # type: ignore[assignment]
         self._destroyed = True
-        requested = knobs.engram.backend if backend == "auto" else backend
+        requested = backend
         error: Exception | None = None
         dev = torch.device("cpu")
         seconds = float(knobs.engram.timeout_s)
@@ -109,8 +109,10 @@ class EngramTable:
                 raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
             if placement == "gpu" and dev.type != "cuda":
                 raise ValueError(f"placement='gpu' needs a CUDA device; this rank uses {dev}")
-            if requested not in knobs.BACKEND_CHOICES:
+            if backend not in knobs.BACKEND_CHOICES:
                 raise ValueError(f"backend must be one of {knobs.BACKEND_CHOICES}, got {backend!r}")
+            # EP_ENGRAM_BACKEND is checked here too, so a bad value on one rank fails on every rank.
+            requested = knobs.engram.backend if backend == "auto" else backend
         except (ValueError, TypeError) as exc:
             error = exc
         agreed = {

@@ -7,12 +7,14 @@ covered), the whole table is all-gathered, and every fetch is compared bit for b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ep_engram import knobs
 from ep_engram.layout import num_sf_packs
 from ep_engram.table import EngramTable
 
@@ -256,6 +258,22 @@ def run_error_cases(group: dist.ProcessGroup, placement: str, backend: str) -> l
             backend,
         )
     )
+    # A bad EP_ENGRAM_BACKEND on one rank (it used to raise there alone, before the ranks met).
+    with knobs.engram.scope():
+        if rank == world - 1:
+            os.environ[knobs.EngramKnobs.backend.name] = "bogus"
+        seen.append(
+            _raises(
+                ValueError,
+                "EP_ENGRAM_BACKEND" if rank == world - 1 else f"rank {world - 1}: ValueError",
+                EngramTable,
+                group,
+                e,
+                h,
+                torch.bfloat16,
+                placement,
+            )
+        )
     # A bad timeout on one rank (it used to raise there alone, after the ranks first met).
     seen.append(
         _raises(
