@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,7 +62,24 @@ def _api_worker(info: RankInfo) -> dict[str, object]:
     return {"red2": red2.tolist()}
 
 
+def _readme_worker(info: RankInfo) -> None:
+    """The README's example, run as written (its budget must cover every call of the session)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    world, rank = info.world_size, info.rank
+    k = torch.full((3, 8), float(rank), dtype=torch.bfloat16)
+    v = torch.full((3, 4), float(rank + 10), dtype=torch.bfloat16)
+    g = torch.arange(world * 2 * 5, dtype=torch.float32).view(world * 2, 5) * (rank + 1)
+    scope: dict[str, object] = {"group": info.group, "R": world, "k": k, "v": v, "g": g}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert torch.equal(scope["k_all"][:, 0, 0].float(), torch.arange(world).float())  # type: ignore[index]
+    grads = scope["grads"]
+    mean = (world + 1) / 2 * g[rank * 2 : rank * 2 + 2] / (rank + 1)
+    assert isinstance(grads, torch.Tensor) and torch.equal(grads, mean)
+
+
 def _worker(info: RankInfo, seed: int, num_ops: int) -> dict[str, object]:
+    _readme_worker(info)
     out = _api_worker(info)
     with knobs.cp.scope():
         # The cross-rank checks have their own test (test_errors.py); fewer collectives here.
