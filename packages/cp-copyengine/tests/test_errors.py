@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,16 +148,27 @@ def _errors_worker(info: RankInfo) -> None:
 def _peer_never_joins(info: RankInfo) -> None:
     """Input checks off, rank 1 makes no call: rank 0's wait ends after timeout_s (the group is
     unusable afterwards, so this runs last)."""
+    # Rank 1 stays connected until rank 0 has timed out (a file beside the launcher's pid; no
+    # collective may follow the timeout).
+    done = Path(tempfile.gettempdir()) / f"cp_copyengine_peer_never_joins_{os.getppid()}"
+    if info.rank == 0:
+        done.unlink(missing_ok=True)  # a stale one; rank 1 looks only after the collective below
     buf = CopyEngineBuffer(info.group, 1024, timeout_s=1.0)
     with knobs.cp.scope():
         knobs.cp.check_inputs = False
         buf.create_session()
         if info.rank == 0:
             start = time.monotonic()
-            _raises(HostTimeoutError, "did not join", lambda: buf.all_gather(torch.zeros(4)))
+            try:
+                _raises(HostTimeoutError, "did not join", lambda: buf.all_gather(torch.zeros(4)))
+            finally:
+                done.touch()
             assert time.monotonic() - start < 20
         else:
-            time.sleep(4.0)  # stay connected until rank 0 has timed out
+            deadline = time.monotonic() + 60
+            while not done.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            done.unlink(missing_ok=True)
 
 
 def _two_rank_worker(info: RankInfo) -> int:
