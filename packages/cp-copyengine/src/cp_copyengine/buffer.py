@@ -295,7 +295,9 @@ class CopyEngineBuffer(SessionAreaMixin):
 
         Returns:
             ``(out, handle)``: ``out`` is a new ``[n, ...]`` tensor of the input's dtype (or a
-            tuple of them), valid beyond the session.
+            tuple of them), valid beyond the session; on CUDA call the handle before the
+            session ends (after that the handle raises and nothing orders the current stream
+            after the reduction).
 
         Raises:
             RuntimeError: No open session.
