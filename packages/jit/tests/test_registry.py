@@ -186,3 +186,10 @@ def test_provider_and_spec_errors() -> None:
         BackendSpec("fake", "x", 0, "nocolon")
     with pytest.raises(TypeError, match="factory must be"):
         BackendSpec("fake", "x", 0, 42)  # type: ignore[arg-type]
+
+
+def test_peer_access_needs_cuda_on_every_rank() -> None:
+    from ep_jit.registry import peer_access_unavailable
+
+    # Without CUDA on every rank the answer needs no collective (and no group).
+    assert peer_access_unavailable(None, False) == "not every rank is on a CUDA device"  # type: ignore[arg-type]

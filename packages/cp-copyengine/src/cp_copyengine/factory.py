@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ep_jit.registry import BackendSpec, select_backend
+from ep_jit.registry import BackendSpec, peer_access_unavailable, select_backend
 
 __all__ = ["PRIMITIVE", "copyengine_unavailable_reason", "cp_backends", "resolve_backend"]
 
@@ -19,15 +19,8 @@ PRIMITIVE = "cp"
 _PROVIDERS = (("cp_copyengine", "cp_copyengine.factory:cp_backends"),)
 
 
-def copyengine_unavailable_reason(group: dist.ProcessGroup, all_cuda: bool) -> str | None:
-    """Why the copy engines cannot serve ``group``, or ``None`` (collective when ``all_cuda``)."""
-    if not all_cuda:
-        return "not every rank is on a CUDA device"
-    from ep_jit import is_single_nvlink_domain
-
-    if not is_single_nvlink_domain(group):
-        return "the ranks are not in one NVLink domain (nor on one GPU)"
-    return None
+copyengine_unavailable_reason = peer_access_unavailable
+"""Why the copy engines cannot serve a group, or ``None`` (ep-jit's peer-access condition)."""
 
 
 def cp_backends() -> list[BackendSpec]:

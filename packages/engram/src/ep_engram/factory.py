@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ep_jit.registry import BackendSpec
+from ep_jit.registry import BackendSpec, peer_access_unavailable
 
 __all__ = ["PRIMITIVE", "PROVIDERS", "engram_backends", "intranode_unavailable_reason"]
 
@@ -31,15 +31,12 @@ def intranode_unavailable_reason(group: dist.ProcessGroup, all_cuda: bool) -> st
     if not all_cuda:
         return "not every rank is on a CUDA device"
     from ep_engram.kernels import MAX_RANKS
-    from ep_jit import is_single_nvlink_domain
 
     if group.size() > MAX_RANKS:
         return (
             f"the gather kernel addresses at most {MAX_RANKS} ranks, the group has {group.size()}"
         )
-    if not is_single_nvlink_domain(group):
-        return "the ranks are not on one host with peer access between their GPUs"
-    return None
+    return peer_access_unavailable(group, all_cuda)
 
 
 def engram_backends() -> list[BackendSpec]:

@@ -36,6 +36,7 @@ __all__ = [
     "Provider",
     "UnavailableFn",
     "get_backend",
+    "peer_access_unavailable",
     "registered_backends",
     "select_backend",
 ]
@@ -133,6 +134,23 @@ class BackendSpec:
     def build(self, *args: Any, **kwargs: Any) -> Any:
         """Imports the factory (first time only) and calls it with these arguments."""
         return self.load_factory()(*args, **kwargs)
+
+
+def peer_access_unavailable(group: dist.ProcessGroup, all_cuda: bool) -> str | None:
+    """Why the ranks of ``group`` cannot reach each other's GPU memory, or ``None`` when they can.
+
+    The condition every peer-memory backend shares (kernels on peer-mapped memory, copy-engine
+    copies between ranks): every rank on a CUDA device, all on one host with peer access between
+    their GPUs (one NVLink domain, or ranks sharing one GPU). Collective when ``all_cuda``; use as
+    (or inside) a :class:`BackendSpec`'s ``unavailable``.
+    """
+    if not all_cuda:
+        return "not every rank is on a CUDA device"
+    from ep_jit.symm import is_single_nvlink_domain
+
+    if not is_single_nvlink_domain(group):
+        return "the ranks are not on one host with peer access between their GPUs"
+    return None
 
 
 def _split_target(target: str, what: str) -> tuple[str, str]:
