@@ -202,13 +202,13 @@ def failure_worker(info: RankInfo, backend: Any, inflight: int, timeout_s: float
             seen["mismatch"] = (exc.op, exc.peer, exc.seq, exc.sent_nbytes, exc.expected_nbytes)
             assert torch.all(out == 7), "a mismatched recv touched out"
     dist.barrier(info.group)
-    if info.rank == 0:
-        try:
-            buf.synchronize()
-            seen["sender_mismatch"] = None
-        except PipeSizeMismatchError as exc:
-            seen["sender_mismatch"] = (exc.op, exc.peer, exc.seq)
-    buf.destroy()
+    # The sender hears of it at the latest in destroy, which still meets rank 1 (rank 1 would
+    # otherwise wait in destroy's meeting until the group's timeout).
+    try:
+        buf.destroy()
+        seen["sender_mismatch"] = None
+    except PipeSizeMismatchError as exc:
+        seen["sender_mismatch"] = (exc.op, exc.peer, exc.seq)
     # 2. Rank 1 stops receiving: rank 0's send past the limit times out; nothing overwritten.
     buf = PipeBuffer(groups[1], 64, inflight, backend=backend, timeout_s=timeout_s, device=device)
     msgs = [torch.full((16,), i + 1, dtype=torch.uint8, device=device) for i in range(inflight + 1)]
@@ -424,32 +424,3 @@ def copy_engine_timeout_worker(info: RankInfo, inflight: int, timeout_s: float) 
         result = [int(o[0]) for o in outs]
     buf.destroy()  # rank 0's stream drains once rank 1 received
     return result
-
-
-def destroy_after_reported_mismatch_worker(info: RankInfo) -> dict[str, Any]:
-    """NIXL: rank 1 receives into the wrong size; rank 0 learns of it only in ``destroy``.
-
-    Both ranks must still meet in ``destroy`` (a rank that skipped the meeting would leave the
-    other's meeting to pair with its next collective); a collective afterwards lines up.
-    """
-    import torch.distributed as dist
-
-    buf = PipeBuffer(info.group, 64, 2, backend="nixl", timeout_s=10)
-    seen: dict[str, Any] = {}
-    if info.rank == 0:
-        buf.send(torch.ones(16, dtype=torch.uint8), 1)
-    else:
-        try:
-            buf.recv(torch.empty(8, dtype=torch.uint8), 0)
-        except PipeSizeMismatchError as exc:
-            seen["recv"] = (exc.op, exc.peer, exc.seq)
-    dist.barrier(info.group)
-    try:
-        buf.destroy()
-        seen["destroy"] = None
-    except PipeSizeMismatchError as exc:
-        seen["destroy"] = (exc.op, exc.peer, exc.seq)
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, ("after", info.rank), group=info.group)
-    seen["after"] = gathered
-    return seen

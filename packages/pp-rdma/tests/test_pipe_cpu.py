@@ -46,8 +46,10 @@ def test_failures_name_peer_and_sequence(backend: str) -> None:
     seen = run_ranks(2, w.failure_worker, backend, inflight, timeout_s, timeout_s=120)
     assert seen[1]["mismatch"] == ("recv", 0, 1, 16, 8)
     if backend == "nixl":
-        # The receiver tells the sender, whose next call raises too.
+        # The receiver tells the sender, whose destroy raises it (after meeting rank 1).
         assert seen[0]["sender_mismatch"] == ("send", 1, 1)
+    else:
+        assert seen[0]["sender_mismatch"] is None
     op, peer, seq, elapsed, text = seen[0]["send_timeout"]
     assert (op, peer, seq) == ("send", 1, inflight + 1)
     assert timeout_s <= elapsed < timeout_s + 5
@@ -112,16 +114,6 @@ def test_a_rank_alone_on_its_node_joins_every_backend(monkeypatch: pytest.Monkey
     # collective setup (NIXL here), or the group's collectives fall out of step.
     monkeypatch.setenv("EP_JIT_RANKS_PER_NODE", "2")
     backend = {"local": "nixl", "remote": "torch"}
-    results = run_ranks(3, w.stress_worker, backend, 9, 40, 1 << 10, 2, 0.1, timeout_s=90)
+    results = run_ranks(3, w.stress_worker, backend, 9, 24, 1 << 10, 2, 0.05, timeout_s=90)
     assert results[2]["routes"] == {0: "torch", 1: "torch"}
     assert results[0]["routes"] == {1: "nixl", 2: "torch"}
-
-
-@pytest.mark.skipif(not HAVE_NIXL, reason="nixl_cu13 is not installed")
-def test_destroy_meets_the_others_when_it_finds_a_failure() -> None:
-    seen = run_ranks(2, w.destroy_after_reported_mismatch_worker, timeout_s=60)
-    assert seen[1]["recv"] == ("recv", 0, 1)
-    assert seen[1]["destroy"] is None  # failed earlier: destroy frees without raising
-    assert seen[0]["destroy"] == ("send", 1, 1)  # the sender hears of it at the latest here
-    for s in seen:
-        assert s["after"] == [("after", 0), ("after", 1)]
