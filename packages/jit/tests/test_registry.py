@@ -193,3 +193,20 @@ def test_peer_access_needs_cuda_on_every_rank() -> None:
 
     # Without CUDA on every rank the answer needs no collective (and no group).
     assert peer_access_unavailable(None, False) == "not every rank is on a CUDA device"  # type: ignore[arg-type]
+
+
+def test_a_broken_installed_provider_does_not_break_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    group = registry.ENTRY_POINT_GROUP
+    broken = importlib.metadata.EntryPoint(name="broken", value="no_such_pkg.x:y", group=group)
+    good = importlib.metadata.EntryPoint(
+        name="fake", value=f"{__name__}:fake_provider", group=group
+    )
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken, good])
+    with caplog.at_level(logging.WARNING, logger="ep_jit"):
+        assert [s.name for s in registered_backends("fake")] == ["fast", "mid", "ref"]
+    assert any("'broken'" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    # A package's own provider, passed explicitly, still raises its error.
+    with pytest.raises(ModuleNotFoundError, match="no_such_pkg"):
+        registered_backends("fake", [("broken", "no_such_pkg.x:y")])

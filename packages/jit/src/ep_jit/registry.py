@@ -174,22 +174,50 @@ def _import_target(target: str, what: str) -> Callable[..., Any]:
 def _all_specs(providers: Sequence[tuple[str, str | Provider]]) -> list[tuple[str, BackendSpec]]:
     """``(provider name, spec)`` from entry points, then ``providers``; a name seen twice is used
     once."""
-    found: list[tuple[str, str | Provider]] = [
+    installed = [
         (ep.name, ep.value) for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     ]
-    found += list(providers)
+    found: list[tuple[str, str | Provider, bool]] = [(n, v, True) for n, v in installed]
+    found += [(name, provider, False) for name, provider in providers]
     seen: set[str] = set()
     specs: list[tuple[str, BackendSpec]] = []
-    for name, provider in found:
+    for name, provider, from_entry_point in found:
         if name in seen:
             continue
+        try:
+            if isinstance(provider, str):
+                fn = _import_target(provider, "backend provider")
+            else:
+                fn = provider
+            provided = list(fn())
+        except Exception as exc:
+            if not from_entry_point:
+                raise
+            # Another installed package that is broken must not break this one's backends: skip
+            # it (its own callers still see the error, through their explicit provider).
+            _warn_broken(name, exc)
+            continue
         seen.add(name)
-        fn = _import_target(provider, "backend provider") if isinstance(provider, str) else provider
-        for spec in fn():
+        for spec in provided:
             if not isinstance(spec, BackendSpec):
                 raise TypeError(f"backend provider {name} returned {type(spec).__name__}")
             specs.append((name, spec))
     return specs
+
+
+_warned_providers: set[str] = set()
+
+
+def _warn_broken(name: str, exc: Exception) -> None:
+    if name not in _warned_providers:
+        _warned_providers.add(name)
+        logger.warning(
+            "backend provider %r (entry point of group %s) failed and is skipped: %s: %s",
+            name,
+            ENTRY_POINT_GROUP,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def registered_backends(
