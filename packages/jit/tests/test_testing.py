@@ -66,9 +66,11 @@ def test_failure_is_reraised_with_traceback() -> None:
 @pytest.mark.slow
 def test_hang_times_out_naming_ranks() -> None:
     t0 = time.monotonic()
+    # The limit leaves rank 1 time to start and finish on a loaded 2-core machine (spawning and
+    # importing torch took over 20 s there).
     with pytest.raises(TimeoutError, match=r"ranks \[0\] of 2"):
-        run_ranks(2, _hanging_worker, timeout_s=20)
-    assert time.monotonic() - t0 < 60
+        run_ranks(2, _hanging_worker, timeout_s=40)
+    assert time.monotonic() - t0 < 90
 
 
 def test_dead_rank_is_reported() -> None:
