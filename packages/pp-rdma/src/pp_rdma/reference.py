@@ -20,6 +20,7 @@ tensors.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections import deque
 from typing import Any
@@ -155,5 +156,22 @@ class TorchPipe:
             self._reap(dst)
 
     def destroy(self, collective: bool) -> None:
-        """Drops the send handles (their peers received them, or the buffer failed)."""
-        self._pending = {p: deque() for p in self._pending}
+        """Completes and drops the send handles.
+
+        After the ranks met (``collective``) every peer has received what was sent, so waiting
+        on the handles ends at once; it lets gloo finish with their tensors before they are
+        freed, instead of leaving that to its worker threads at interpreter exit. After a failure
+        the handles are dropped without waiting.
+        """
+        pending, self._pending = self._pending, {p: deque() for p in self._pending}
+        if not collective:
+            return
+        limit = datetime.timedelta(seconds=self.config.timeout_s)
+        for queue in pending.values():
+            for _, works, _ in queue:
+                for w in works:
+                    with contextlib.suppress(RuntimeError):
+                        if self._gloo:
+                            w.wait(limit)
+                        else:
+                            w.wait()
