@@ -190,6 +190,8 @@ def main() -> int:
         dist.all_gather_object(flags, ok)
         if rank == 0:
             print("pipeline_1f1b: OK" if all(flags) else "pipeline_1f1b: MISMATCH")
+        # Leave together: no rank tears its connections down while another still uses them.
+        dist.barrier()
         return 0 if all(flags) else 1
     finally:
         dist.destroy_process_group()
