@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch.distributed as dist
 
-from ep_jit.registry import BackendSpec, registered_backends
+from ep_jit.registry import BackendSpec, peer_access_unavailable, registered_backends
 from ep_jit.topology import Topology
 
 __all__ = [
@@ -47,16 +47,6 @@ _log = logging.getLogger("pp_rdma")
 _logged: set[str] = set()
 
 
-def _copy_engine_unavailable(group: dist.ProcessGroup, all_cuda: bool) -> str | None:
-    if not all_cuda:
-        return "not every rank is on a CUDA device"
-    from ep_jit.symm import is_single_nvlink_domain
-
-    if not is_single_nvlink_domain(group):
-        return "the ranks do not share one NVLink domain (or one GPU)"
-    return None
-
-
 def _nixl_unavailable(group: dist.ProcessGroup, all_cuda: bool) -> str | None:
     if importlib.util.find_spec("nixl_cu13") is None:
         return "nixl_cu13 is not installed (pip install 'pp-rdma[rdma]')"
@@ -71,7 +61,7 @@ def pp_backends() -> list[BackendSpec]:
             name="copy_engine",
             priority=100,
             factory="pp_rdma.copy_engine:CopyEnginePipe",
-            unavailable=_copy_engine_unavailable,
+            unavailable=peer_access_unavailable,
             description="copy-engine copies + stream memory operations on peer-mapped memory",
         ),
         BackendSpec(
