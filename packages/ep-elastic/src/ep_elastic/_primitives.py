@@ -75,12 +75,19 @@ class PrimitivesMixin(BufferBase):
             device=self.device,
         )
 
-    def _agrs_buffer(self, method: str) -> Any:
-        _package("cp", method)
+    def _configured(self, obj: Any, extra: str, method: str, setup: str) -> Any:
+        """``obj``, the primitive's object that ``method`` needs, once the buffer is alive and
+        ``setup`` has built it; raises naming what is missing (the package before the setup).
+        The package is imported here only when ``obj`` is missing: calls stay off the import
+        machinery."""
         _ = self.group  # raises once destroyed
-        if self._agrs is None:
-            raise RuntimeError(f"ElasticBuffer.{method}: call agrs_set_config(...) first")
-        return self._agrs
+        if obj is None:
+            _package(extra, method)
+            raise RuntimeError(f"ElasticBuffer.{method}: call {setup}(...) first")
+        return obj
+
+    def _agrs_buffer(self, method: str) -> Any:
+        return self._configured(self._agrs, "cp", method, "agrs_set_config")
 
     def create_agrs_session(self) -> None:
         """Opens an all-gather session (collective)."""
@@ -145,11 +152,7 @@ class PrimitivesMixin(BufferBase):
         )
 
     def _pipe(self, method: str) -> Any:
-        _package("pp", method)
-        _ = self.group  # raises once destroyed
-        if self._pp is None:
-            raise RuntimeError(f"ElasticBuffer.{method}: call pp_set_config(...) first")
-        return self._pp
+        return self._configured(self._pp, "pp", method, "pp_set_config")
 
     def pp_send(self, t: torch.Tensor, dst_rank_idx: int, num_sms: int = 0) -> None:
         """Sends ``t`` to ``dst_rank_idx`` (stream-ordered). ``num_sms`` is accepted for
@@ -208,11 +211,8 @@ class PrimitivesMixin(BufferBase):
         ``num_qps`` (DeepEP: RDMA queue pairs, one CTA each) sets the CTAs of the intranode
         gather kernel when non-zero; ``0`` takes ``EP_ENGRAM_NUM_CTAS``.
         """
-        _package("engram", "engram_fetch")
-        _ = self.group  # raises once destroyed
-        if self._engram is None:
-            raise RuntimeError("ElasticBuffer.engram_fetch: call engram_write(...) first")
-        return self._engram.fetch(
+        table = self._configured(self._engram, "engram", "engram_fetch", "engram_write")
+        return table.fetch(
             indices,
             use_tma_aligned_col_major_sf=use_tma_aligned_col_major_sf,
             num_ctas=num_qps or None,
