@@ -26,6 +26,7 @@ def _backend(rank: int, world: int, max_ops: int, log: list[Any]) -> CopyEngineB
     )
     be._end_words = 4 * max_ops * world
     be.batched = None
+    be._build_tables()
     return be
 
 
@@ -33,9 +34,15 @@ def _backend(rank: int, world: int, max_ops: int, log: list[Any]) -> CopyEngineB
 def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
     monkeypatch.setattr(
-        copyengine, "memcpy_batch", lambda copies, batched: calls.append(("copy", copies)) or "x"
+        copyengine,
+        "memcpy_batch",
+        lambda copies, stream, batched: calls.append(("copy", copies, stream)) or "x",
     )
-    monkeypatch.setattr(copyengine, "batch_mem_ops", lambda ops: calls.append(("ops", list(ops))))
+    monkeypatch.setattr(
+        copyengine,
+        "batch_mem_ops",
+        lambda ops, stream: calls.append(("ops", list(ops), stream)),
+    )
     return calls
 
 
@@ -44,20 +51,23 @@ def test_all_gather_copies_to_every_rank_then_flags(log: list[Any]) -> None:
     be = _backend(rank, world, 4, log)
     a, b = torch.zeros(10, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
     items = (Item(a, 0, 10, inplace=True), Item(b, 32, 4))
-    be.transfer(Transfer("all_gather", session=1, slot=2, items=items))
-    (kind, copies), (kind2, ops) = log
-    assert kind == "copy" and kind2 == "ops"
+    stream = object()  # handed through to every driver call
+    be.transfer(Transfer("all_gather", session=1, slot=2, items=items), stream=stream)  # type: ignore[arg-type]
+    (kind, copies, s1), (kind2, ops, s2) = log
+    assert kind == "copy" and kind2 == "ops" and s1 is stream and s2 is stream
     want = []
     for p in (1, 2, 0):  # starting at this rank
         if p != rank:  # the in-place tensor's self copy is skipped
             want.append((BASE * (p + 1) + 0 + rank * 10, a.data_ptr(), 10))
         want.append((BASE * (p + 1) + 32 + rank * 4, b.data_ptr(), 4))
     assert copies == want
-    writes = [(o.kind, o.address, o.value) for o in ops[:world]]
-    assert writes == [("write", BASE * (p + 1) + SIG + 4 * (2 * world + rank), 1) for p in range(3)]
-    waits = [(o.kind, o.address, o.value, o.cond) for o in ops[world:]]
+    # Flags with the peers only (r+1, r+2, ...): this rank's own copies are stream-ordered.
+    peers = (2, 0)
+    writes = [(o.kind, o.address, o.value) for o in ops[: world - 1]]
+    assert writes == [("write", BASE * (p + 1) + SIG + 4 * (2 * world + rank), 1) for p in peers]
+    waits = [(o.kind, o.address, o.value, o.cond) for o in ops[world - 1 :]]
     mine = BASE * (rank + 1) + SIG
-    assert waits == [("wait", mine + 4 * (2 * world + p), 1, "geq") for p in range(3)]
+    assert waits == [("wait", mine + 4 * (2 * world + p), 1, "geq") for p in peers]
 
 
 def test_reduce_scatter_sends_shard_p_to_rank_p(log: list[Any]) -> None:
@@ -66,11 +76,14 @@ def test_reduce_scatter_sends_shard_p_to_rank_p(log: list[Any]) -> None:
     t = torch.zeros(8, dtype=torch.float32)  # [R*n] with n = 4 floats = 16 bytes a shard
     be.transfer(Transfer("reduce_scatter", session=5, slot=0, items=(Item(t, 64, 16),)))
     # Session 5, first call: wait for every peer's end of session 4 before any copy.
-    (k0, fence), (k1, copies), (k2, _) = log
+    (k0, fence, _), (k1, copies, _), (k2, flags, _) = log
     assert k0 == "ops" and [(o.address, o.value) for o in fence] == [
         (BASE + SIG + 4 * 2 * world + 4 * 1, 4)
     ]
-    assert k2 == "ops"
+    assert k2 == "ops" and [(o.kind, o.address) for o in flags] == [
+        ("write", 2 * BASE + SIG + 4 * 0),
+        ("wait", BASE + SIG + 4 * 1),
+    ]
     assert k1 == "copy" and copies == [
         (BASE + 64, t.data_ptr(), 16),
         (2 * BASE + 64, t.data_ptr() + 16, 16),
@@ -80,12 +93,20 @@ def test_reduce_scatter_sends_shard_p_to_rank_p(log: list[Any]) -> None:
 def test_end_session_writes_every_peer_word_and_zero_bytes_send_nothing(log: list[Any]) -> None:
     be = _backend(2, 4, 3, log)
     be.end_session(7)
-    ((kind, ops),) = log
+    ((kind, ops, _),) = log
     assert kind == "ops"
     assert [(o.address, o.value) for o in ops] == [
-        (BASE * (p + 1) + SIG + 4 * 3 * 4 + 4 * 2, 7) for p in range(4)
+        (BASE * (p + 1) + SIG + 4 * 3 * 4 + 4 * 2, 7) for p in (3, 0, 1)
     ]
     log.clear()
     be.transfer(Transfer("all_gather", 1, 0, (Item(torch.zeros(0), 0, 0),)))
-    assert log[0] == ("copy", [])  # no copy, but the flags still go out
-    assert len(log[1][1]) == 8
+    assert log[0] == ("copy", [], None)  # no copy, but the flags still go out
+    assert len(log[1][1]) == 6  # 3 writes to the peers, 3 waits for them
+
+
+def test_one_rank_has_no_flags_and_no_fence(log: list[Any]) -> None:
+    be = _backend(0, 1, 2, log)
+    t = torch.zeros(8, dtype=torch.uint8)
+    be.transfer(Transfer("all_gather", session=3, slot=0, items=(Item(t, 0, 8),)))
+    be.end_session(3)
+    assert log == [("copy", [(BASE, t.data_ptr(), 8)], None)]

@@ -120,8 +120,11 @@ def _errors_worker(info: RankInfo) -> None:
 
     # After all those errors the ranks are still paired: a valid call works.
     slot.copy_(torch.full((32,), float(rank)))
+    rounds = buf._checker.rounds
     out, handle = buf.all_gather(slot)
     handle()
+    # A call that passes costs one fixed-size all-gather (a gloo group), no object exchange.
+    assert buf._checker.fast and buf._checker.rounds == rounds + 1
     assert isinstance(out, torch.Tensor)
     assert torch.equal(out, torch.arange(world, dtype=torch.float32)[:, None].expand(world, 32))
     # Too many calls in one session.

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import cp_copyengine
 from cp_copyengine import knobs, session_bytes_hint
+from cp_copyengine._checks import call_digest
 from cp_copyengine.factory import cp_backends
 from cp_copyengine.plan import align_up, check_shape, nbytes_of
 from cp_copyengine.reduction import accumulate_dtype, check_reduce, reduce_shards
@@ -70,3 +75,20 @@ def test_knobs_and_public_names() -> None:
         knobs.cp.backend = "torch"
         assert knobs.cp.backend == "torch"
     assert set(cp_copyengine.__all__) >= {"CopyEngineBuffer", "GatherHandle", "session_bytes_hint"}
+
+
+def test_call_digest_is_the_same_in_every_process() -> None:
+    """The agreement compares digests across processes: never Python's salted hash()."""
+    code = (
+        "from cp_copyengine._checks import call_digest;"
+        "print(call_digest({'call': 'all_gather', 'tensors': [((3, 5), 'torch.bfloat16')]}))"
+    )
+    # Another process with another string-hash salt than this one computes the same digest.
+    seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    payload = {"call": "all_gather", "tensors": [((3, 5), "torch.bfloat16")]}
+    assert int(run.stdout) == call_digest(payload)
+    assert call_digest({**payload, "tensors": [((3, 6), "torch.bfloat16")]}) != call_digest(payload)
+    assert call_digest(dict(reversed(payload.items()))) == call_digest(payload)

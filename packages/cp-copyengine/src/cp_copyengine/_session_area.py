@@ -15,12 +15,14 @@ import torch
 import torch.distributed as dist
 
 from cp_copyengine import knobs
+from cp_copyengine._checks import CallChecker
 from cp_copyengine.plan import Item, Transfer, align_up, check_shape, nbytes_of
 from cp_copyengine.reduction import check_reduce, reduce_shards
-from ep_jit.agreement import check_agreement, gather_checked
-from ep_jit.streams import get_comm_stream
 
 __all__ = ["SessionAreaMixin"]
+
+_MAX_VIEWS = 4096
+"""Views of the area kept for reuse, at most (the cache starts over beyond)."""
 
 
 def _is_shape(obj: object) -> bool:
@@ -44,6 +46,13 @@ class SessionAreaMixin:
     _backend: Any
     _area: torch.Tensor
     _area_ptr: int
+    _area_end: int
+    _views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor]
+    _checker: CallChecker
+    _stream_context: bool
+    _comm: torch.cuda.Stream | None
+    _fork: torch.cuda.Event | None
+    _done: list[torch.cuda.Event]
     _session: int
     _in_session: bool
     _offset: int
@@ -94,12 +103,28 @@ class SessionAreaMixin:
             nbytes = nbytes_of(shape, dtype)
             need = align_up(self.world_size * nbytes)
             self._check_budget(offset + need - self._offset, "get_inplace_tensor()")
-            start = offset + self.rank * nbytes
-            views.append(self._area[start : start + nbytes].view(dtype).view(shape))
+            views.append(self._view(offset + self.rank * nbytes, nbytes, dtype, shape))
             offset += need
         return views[0] if single else tuple(views)
 
     # ---- internals --------------------------------------------------------------------------
+    def _view(
+        self, start: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """A ``shape``/``dtype`` view of the area at byte ``start``, made once per place.
+
+        Sessions of one program ask for the same places again, so the views are kept (bounded)
+        instead of slicing and viewing the area in every call.
+        """
+        key = (start, dtype, shape)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            view = self._area[start : start + nbytes].view(dtype).view(shape)
+            self._views[key] = view
+        return view
+
     def _check_budget(self, need: int, what: str) -> None:
         left = self.num_max_session_bytes - self._offset
         if need > left:
@@ -146,11 +171,7 @@ class SessionAreaMixin:
                 nbytes //= world
             inplace = False
             ptr = t.data_ptr()
-            if (
-                kind == "all_gather"
-                and nbytes
-                and self._area_ptr <= ptr < self._area_ptr + len(self._area)
-            ):
+            if kind == "all_gather" and nbytes and self._area_ptr <= ptr < self._area_end:
                 want = offset + self.rank * nbytes
                 if ptr - self._area_ptr != want:
                     raise ValueError(
@@ -182,31 +203,41 @@ class SessionAreaMixin:
             ]
         payload = {"call": kind, "op": op, "tensors": sig, "session": self._session}
         payload["call_in_session"] = self._slot
-        gathered = gather_checked(self.group, payload, error, what=f"{kind}()", device=self.device)
-        check_agreement(gathered, f"{kind}()")
+        self._checker.check(kind, payload, error)
 
     def _launch(self, transfer: Transfer, outs: list[torch.Tensor], op: str = "sum") -> Any:
-        """Runs ``transfer`` (and the reduction) on the comm stream; returns its event."""
+        """Runs ``transfer`` (and the reduction) on the comm stream; returns its event.
+
+        On CUDA the host work is: one event record and stream wait (the comm stream after the
+        current stream), the backend's driver calls, and one event record; the copy-engine
+        backend's all-gathers need no torch stream switch.
+        """
         for it in transfer.items:
             self._offset = max(self._offset, it.offset + align_up(self.world_size * it.nbytes))
         self._slot += 1
-        if self.device.type != "cuda":
+        comm, fork = self._comm, self._fork
+        if comm is None or fork is None:
             self._backend.transfer(transfer)
             outs.extend(self._reduce(transfer, op))
             return None
         compute = torch.cuda.current_stream(self.device)
-        comm = get_comm_stream(self.device)
-        comm.wait_stream(compute)
-        with torch.cuda.device(self.device), torch.cuda.stream(comm):
-            self._backend.transfer(transfer)
-            outs.extend(self._reduce(transfer, op))
-            event = torch.cuda.Event()
-            event.record(comm)
+        fork.record(compute)
+        comm.wait_event(fork)
+        done = self._done[transfer.slot]
+        if not self._stream_context and transfer.kind == "all_gather":
+            self._backend.transfer(transfer, stream=comm)
+            done.record(comm)
+        else:
+            with torch.cuda.device(self.device), torch.cuda.stream(comm):
+                self._backend.transfer(transfer)
+                outs.extend(self._reduce(transfer, op))
+                done.record(comm)
         for it in transfer.items:
-            it.src.record_stream(comm)
+            if not it.inplace:  # in-place inputs are the area itself, not the allocator's
+                it.src.record_stream(comm)
         for o in outs:
             o.record_stream(compute)
-        return event
+        return done
 
     def _reduce(self, transfer: Transfer, op: str) -> list[torch.Tensor]:
         if transfer.kind != "reduce_scatter":

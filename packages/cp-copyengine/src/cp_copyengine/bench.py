@@ -11,9 +11,11 @@ flush and a common start line for all ranks; the slowest rank's median), and GB/
 measure: gathered bytes per rank per second (``R * size * tensors / time``). The baseline of the
 same run is NCCL's ``all_gather_into_tensor`` (gloo's ``all_gather`` on CPU; none when ranks
 share a GPU, where NCCL cannot run). With a GPU, ``gemm slowdown`` is how much longer a bf16
-GEMM loop on another stream takes while the collective runs. The host cost per
-``all_gather`` call and per session (create + destroy) is measured too. Progress goes to
-stderr; ``--json`` writes every number; ``--plot`` draws GB/s by size (needs matplotlib).
+GEMM loop on another stream takes while the collective runs. The host cost of the API is
+measured too: per ``all_gather`` call (the first of a session, and the later ones of the same
+session: the steady state), per ``handle()`` and per session (create + destroy), input checks off
+and on; ``--host-profile N`` prints where it goes (cProfile's N costliest functions). Progress
+goes to stderr; ``--json`` writes every number; ``--plot`` draws GB/s by size (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from cp_copyengine import CopyEngineBuffer, knobs
+from cp_copyengine.plan import align_up
 from ep_jit.testing import RankInfo, run_from_env, run_ranks, start_line, time_steps
 
 __all__ = ["main", "parse_args"]
@@ -61,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="draw GB/s by size into this image")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile the host cost loop (cProfile) and print its N costliest functions",
+    )
     args = p.parse_args(argv)
     if args.min_mib is None:
         args.min_mib = 1 / 256 if args.cpu else 1.0
@@ -126,7 +136,8 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> dict[str, Any] | None:
     nccl = cuda and "nccl" in str(dist.get_backend(group)).lower()
     with knobs.cp.scope():
         knobs.cp.check_inputs = False  # timing the transfers, not the cross-rank checks
-        buf = CopyEngineBuffer(group, session_bytes, max(args.tensors, 4), args.backend)
+        # 16 calls a session at least, so the host cost has a steady state to measure.
+        buf = CopyEngineBuffer(group, session_bytes, max(args.tensors, 16), args.backend)
         rows: list[dict[str, Any]] = []
         plan = [(s, m) for s in sizes for m in MODES]
         began = time.monotonic()
@@ -167,7 +178,9 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> dict[str, Any] | None:
                 f"{row['gbps']:8.2f} GB/s" + _gemm_text(row) + f"  (eta {eta:.0f} s)",
             )
         baseline = _baseline(info, args, sizes, tensors_for, nccl, gemm)
-        host = _host_cost(buf, dev, args)
+        host, profiles = _host_cost(buf, dev, args)
+        for name, text in profiles.items():
+            _log(info, args, f"host profile of the API calls, input checks {name[7:]}:\n{text}")
         backend = buf.backend
         buf.destroy()
     if info.rank != 0:
@@ -183,6 +196,7 @@ def _worker(info: RankInfo, args: argparse.Namespace) -> dict[str, Any] | None:
         "rows": rows,
         "baseline": baseline,
         "host_cost_us": host,
+        "host_profile": profiles,
     }
 
 
@@ -282,31 +296,67 @@ def _baseline(
 
 def _host_cost(
     buf: CopyEngineBuffer, dev: torch.device, args: argparse.Namespace
-) -> dict[str, float]:
-    """Host microseconds per all_gather call and per empty session, input checks off and on."""
-    x = torch.zeros(4096, dtype=torch.uint8, device=dev)
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Host microseconds of the API calls, input checks off and on, and (``--host-profile``)
+    where they go.
+
+    Per all_gather: the first call of a session (it also enqueues the wait for the peers' end of
+    the last session) and the later calls of the same session (steady state), each a 1 KiB
+    tensor, not in place; per session: ``create_session()`` + ``destroy_session()`` with no call
+    between; per ``handle()`` call.
+    """
+    x = torch.zeros(1024, dtype=torch.uint8, device=dev)
+    per_call = align_up(buf.world_size * x.numel())
+    calls = max(1, min(buf.num_max_ops_per_session, buf.num_max_session_bytes // per_call))
     out: dict[str, float] = {}
+    profiles: dict[str, str] = {}
     for checks in (False, True):
         knobs.cp.check_inputs = checks
-        per_call, per_session = [], []
-        for _ in range(max(args.iters, 3)):
-            t0 = time.perf_counter()
-            buf.create_session()
-            buf.destroy_session()
-            per_session.append(time.perf_counter() - t0)
-            buf.create_session()
-            t0 = time.perf_counter()
-            _, h = buf.all_gather(x)
-            per_call.append(time.perf_counter() - t0)
-            h()
-            buf.destroy_session()
+        times: dict[str, list[float]] = {"first": [], "steady": [], "session": [], "handle": []}
+
+        def loop(times: dict[str, list[float]] = times) -> None:
+            for _ in range(max(args.iters, 3)):
+                t0 = time.perf_counter()
+                buf.create_session()
+                buf.destroy_session()
+                times["session"].append(time.perf_counter() - t0)
+                buf.create_session()
+                for k in range(calls):
+                    t0 = time.perf_counter()
+                    _, h = buf.all_gather(x)
+                    t1 = time.perf_counter()
+                    h()
+                    times["handle"].append(time.perf_counter() - t1)
+                    times["steady" if k else "first"].append(t1 - t0)
+                buf.destroy_session()
+
         suffix = "checks_on" if checks else "checks_off"
-        out[f"all_gather_{suffix}"] = statistics.median(per_call) * 1e6
-        out[f"session_{suffix}"] = statistics.median(per_session) * 1e6
+        if args.host_profile:
+            profiles[suffix] = _profiled(loop, args.host_profile)
+        else:
+            loop()
+        for what, values in times.items():
+            if values:
+                name = f"all_gather_{what}" if what in ("first", "steady") else what
+                out[f"{name}_{suffix}"] = statistics.median(values) * 1e6
+    out["calls_per_session"] = float(calls)
     knobs.cp.check_inputs = False
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    return out
+    return out, profiles
+
+
+def _profiled(fn: Callable[[], None], top: int) -> str:
+    """Runs ``fn`` under cProfile; the ``top`` functions by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -328,11 +378,16 @@ def _table(result: dict[str, Any]) -> str:
             f"{r['us_per_all_gather']:10.1f} {r['gbps']:8.2f} {gemm} | {bus} {bgb} {bgemm}"
         )
     host = result["host_cost_us"]
-    lines.append(
-        "host us per all_gather call: "
-        f"{host['all_gather_checks_off']:.1f} (checks off), {host['all_gather_checks_on']:.1f} "
-        f"(on); per session: {host['session_checks_off']:.1f} (off)"
-    )
+    for checks in ("off", "on"):
+        key = f"checks_{checks}"
+        steady = host.get(f"all_gather_steady_{key}")
+        lines.append(
+            f"host us, input checks {checks}: all_gather {host[f'all_gather_first_{key}']:.1f} "
+            "(first of a session), "
+            + (f"{steady:.1f} (steady state)" if steady is not None else "- (steady state)")
+            + f"; handle() {host[f'handle_{key}']:.1f}; create+destroy session "
+            f"{host[f'session_{key}']:.1f}"
+        )
     return "\n".join(lines)
 
 

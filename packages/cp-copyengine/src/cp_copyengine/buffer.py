@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from cp_copyengine import knobs
+from cp_copyengine._checks import CallChecker
 from cp_copyengine._session_area import SessionAreaMixin
 from cp_copyengine.factory import resolve_backend
 from cp_copyengine.handle import GatherHandle
@@ -141,6 +142,18 @@ class CopyEngineBuffer(SessionAreaMixin):
         self.backend: str = spec.name
         self._area: torch.Tensor = self._backend.area
         self._area_ptr = self._area.data_ptr()
+        self._area_end = self._area_ptr + self._area.numel()
+        self._views: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+        self._checker = CallChecker(self.group, dev, self.timeout_s)
+        self._stream_context = bool(getattr(self._backend, "needs_stream_context", True))
+        if dev.type == "cuda":
+            # Made once: a call records a reused fork event and its slot's completion event
+            # (a handle of an ended session never waits, so slot events can be re-recorded).
+            self._comm: torch.cuda.Stream | None = get_comm_stream(dev)
+            self._fork: torch.cuda.Event | None = torch.cuda.Event()
+            self._done = [torch.cuda.Event() for _ in range(self.num_max_ops_per_session)]
+        else:
+            self._comm, self._fork, self._done = None, None, []
         self._session = 0
         self._in_session = False
         self._offset = 0
@@ -193,8 +206,9 @@ class CopyEngineBuffer(SessionAreaMixin):
         self._in_session = True
         self._offset = 0
         self._slot = 0
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).wait_stream(get_comm_stream(self.device))
+        if self._comm is not None and self._fork is not None:
+            self._fork.record(self._comm)
+            torch.cuda.current_stream(self.device).wait_event(self._fork)
 
     def destroy_session(self) -> None:
         """Ends the open session: its outputs and handles become invalid.
@@ -207,13 +221,17 @@ class CopyEngineBuffer(SessionAreaMixin):
         """
         self._require_session("destroy_session()")
         self._in_session = False
-        if self.device.type == "cuda":
-            comm = get_comm_stream(self.device)
-            comm.wait_stream(torch.cuda.current_stream(self.device))
+        comm, fork = self._comm, self._fork
+        if comm is None or fork is None:
+            self._backend.end_session(self._session)
+            return
+        fork.record(torch.cuda.current_stream(self.device))
+        comm.wait_event(fork)
+        if self._stream_context:
             with torch.cuda.device(self.device), torch.cuda.stream(comm):
                 self._backend.end_session(self._session)
         else:
-            self._backend.end_session(self._session)
+            self._backend.end_session(self._session, stream=comm)
 
     @contextlib.contextmanager
     def new_session(self, enabled: bool = True) -> Iterator[CopyEngineBuffer]:
@@ -269,10 +287,9 @@ class CopyEngineBuffer(SessionAreaMixin):
         self._agree("all_gather", ts, error)
         transfer = Transfer("all_gather", self._session, self._slot, tuple(items))
         event = self._launch(transfer, [])
+        world = self.world_size
         outs = tuple(
-            self._area[it.offset : it.offset + self.world_size * it.nbytes]
-            .view(it.src.dtype)
-            .view(self.world_size, *it.src.shape)
+            self._view(it.offset, world * it.nbytes, it.src.dtype, (world, *it.src.shape))
             for it in items
         )
         return (outs[0] if single else outs), GatherHandle(self, self._session, event)
@@ -342,6 +359,7 @@ class CopyEngineBuffer(SessionAreaMixin):
                 )
         self._backend.destroy()
         self._area = torch.empty(0, dtype=torch.uint8)
+        self._views.clear()
 
     def __repr__(self) -> str:
         """Backend, rank, sizes, or that it was destroyed."""

@@ -14,13 +14,17 @@ One call of session ``s``, slot ``k``, on rank ``r`` (everything on the communic
    the peers), ``src -> area_p[offset + r * nbytes]`` (an all-gather sends its tensor, a
    reduce-scatter its shard ``p``); the self copy of an in-place tensor is skipped. One
    ``cuMemcpyBatchAsync`` (``ep_jit.memcpy``) where the driver has it: copy engines, no kernel;
-3. one ``cuStreamBatchMemOp``: write ``s`` into arrival word ``[k][r]`` of every rank (after
+3. one ``cuStreamBatchMemOp``: write ``s`` into arrival word ``[k][r]`` of every peer (after
    the copies: the write carries a memory barrier), then wait until arrival words ``[k][p]``
-   here are at least ``s`` for every ``p``.
+   here are at least ``s`` for every peer ``p``. A rank's own words are neither written nor
+   awaited: its own copies are ordered by its stream.
 
-Ending session ``s`` writes ``s`` into session-end word ``[r]`` of every rank, after the
+Ending session ``s`` writes ``s`` into session-end word ``[r]`` of every peer, after the
 communication stream waited for the compute stream (which issued the reads of the outputs).
 No kernel runs on this path; reduce-scatter's reduction runs afterwards as torch operations.
+
+Every address is computed once, at construction; a call builds only its copy list and its
+flag operations (the session's number changes), and issues two or three driver calls.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class CopyEngineBackend:
     """
 
     name = "copyengine"
+    needs_stream_context = False
+    """Calls and session ends take their stream as an argument (driver calls only)."""
 
     def __init__(
         self,
@@ -74,6 +80,26 @@ class CopyEngineBackend:
         self.last_copy_mode = "none"
         self.batched: bool | None = None
         """``None``: one ``cuMemcpyBatchAsync`` where available; ``False``: a copy per call."""
+        self._build_tables()
+
+    def _build_tables(self) -> None:
+        """The addresses every call uses, computed once (peers in the order ``r+1, r+2, ...``)."""
+        world, rank = self.world_size, self.rank
+        self._peers = [(rank + i) % world for i in range(1, world)]
+        self._order = [rank, *self._peers]
+        self._fence_addrs = [self._end(rank, p) for p in self._peers]
+        self._end_addrs = [self._end(p, rank) for p in self._peers]
+        self._peer_bases = [self.memory.peer_ptrs[p] for p in self._order]
+        # Arrival word [k][src] of a rank sits at its signal region + 4 * (k * R + src).
+        self._arrive_out = [self._arrival(p, 0, rank) for p in self._peers]
+        self._arrive_in = [self._arrival(rank, 0, p) for p in self._peers]
+
+    def _arrival_ops(self, slot: int, epoch: int) -> list[MemOp]:
+        """Write ``epoch`` into arrival word ``[slot][r]`` of every peer, then wait for theirs."""
+        step = 4 * slot * self.world_size
+        ops = [MemOp.write(a + step, epoch) for a in self._arrive_out]
+        ops += [MemOp.wait(a + step, epoch) for a in self._arrive_in]
+        return ops
 
     @classmethod
     def create(
@@ -93,34 +119,33 @@ class CopyEngineBackend:
     def _end(self, peer: int, src: int) -> int:
         return self.memory.signal_ptrs[peer] + self._end_words + 4 * src
 
-    def transfer(self, t: Transfer) -> None:
-        """Enqueues one call on the current stream (asynchronous)."""
-        world, rank = self.world_size, self.rank
-        ptrs = self.memory.peer_ptrs
-        if t.slot == 0 and t.session > 1 and world > 1:
+    def transfer(self, t: Transfer, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueues one call on ``stream`` (default: the current stream; asynchronous)."""
+        rank = self.rank
+        if t.slot == 0 and t.session > 1 and self._fence_addrs:
             prev = (t.session - 1) & 0xFFFFFFFF
-            fence = [MemOp.wait(self._end(rank, p), prev) for p in range(world) if p != rank]
-            batch_mem_ops(fence)
+            batch_mem_ops([MemOp.wait(a, prev) for a in self._fence_addrs], stream=stream)
+        scatter = t.kind == "reduce_scatter"
+        pieces = [
+            (it.offset + rank * it.nbytes, it.src.data_ptr(), it.nbytes, it.inplace)
+            for it in t.items
+            if it.nbytes
+        ]
         copies: list[tuple[int, int, int]] = []
-        for i in range(world):
-            p = (rank + i) % world
-            for item in t.items:
-                if item.nbytes == 0 or (p == rank and item.inplace):
+        for p, base in zip(self._order, self._peer_bases, strict=True):
+            for offset, src, n, inplace in pieces:
+                if p == rank and inplace:
                     continue
-                src = item.src.data_ptr()
-                if t.kind == "reduce_scatter":
-                    src += p * item.nbytes
-                copies.append((ptrs[p] + item.offset + rank * item.nbytes, src, item.nbytes))
-        self.last_copy_mode = memcpy_batch(copies, batched=self.batched)
-        epoch = t.session & 0xFFFFFFFF
-        ops = [MemOp.write(self._arrival(p, t.slot, rank), epoch) for p in range(world)]
-        ops += [MemOp.wait(self._arrival(rank, t.slot, p), epoch) for p in range(world)]
-        batch_mem_ops(ops)
+                copies.append((base + offset, src + p * n if scatter else src, n))
+        self.last_copy_mode = memcpy_batch(copies, stream=stream, batched=self.batched)
+        if self._peers:
+            batch_mem_ops(self._arrival_ops(t.slot, t.session & 0xFFFFFFFF), stream=stream)
 
-    def end_session(self, session: int) -> None:
-        """Tells every rank that this rank is done reading its area in ``session``."""
-        epoch = session & 0xFFFFFFFF
-        batch_mem_ops([MemOp.write(self._end(p, self.rank), epoch) for p in range(self.world_size)])
+    def end_session(self, session: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Tells every peer that this rank is done reading its area in ``session``."""
+        if self._end_addrs:
+            epoch = session & 0xFFFFFFFF
+            batch_mem_ops([MemOp.write(a, epoch) for a in self._end_addrs], stream=stream)
 
     def destroy(self) -> None:
         """Collective: drains the current stream, meets every rank, unmaps (PeerMemory.destroy)."""

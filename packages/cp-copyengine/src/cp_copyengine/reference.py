@@ -38,6 +38,8 @@ class TorchBackend:
     """
 
     name = "torch"
+    needs_stream_context = True
+    """Runs torch operations, so the caller makes the communication stream current."""
 
     def __init__(
         self,
