@@ -1,6 +1,7 @@
 """The intranode backend on one GPU (1, 2 and 4 ranks sharing it), host and GPU placement: the
-same cases as the CPU tests, bit for bit against all_gather + index_select; the errors; both
-kernel variants; and a table of several GiB in host memory."""
+same cases as the CPU tests, bit for bit against all_gather + index_select; the errors; every
+kernel variant (small fetches on 2 ranks; long fetches that wrap every pipeline many times,
+with zero rows and bad ids, at several row sizes); and a table of several GiB in host memory."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from ep_engram import EngramTable, knobs
+from ep_engram.kernels import VARIANTS
 from ep_engram.testing import run_error_cases, run_standard_cases
 from ep_jit.testing import run_ranks
 
@@ -36,7 +38,7 @@ def test_intranode_matches_all_gather(world_size: int, placement: str) -> None:
         assert done == {"torch.bfloat16": 11, "torch.float8_e4m3fn": 44}
 
 
-@pytest.mark.parametrize("variant", ["warp", "ilp", "bulk"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_kernel_variants(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
     # Every variant with an unusual unroll and CTA count, on 2 ranks.
     monkeypatch.setenv(knobs.EngramKnobs.kernel.name, variant)
@@ -90,3 +92,45 @@ def _big_host_table(info: Any, gib: float) -> int:
 def test_table_of_several_gib_in_host_memory() -> None:
     (entries,) = run_ranks(1, _big_host_table, 5.0, timeout_s=120)
     assert entries * 2048 > (4 << 30)
+
+
+def _long_fetches(info: Any, variant: str) -> int:
+    # 48,000 rows per fetch: every CTA's tiles / every warp's ring of slots wraps many times.
+    knobs.engram.kernel = variant
+    knobs.engram.unroll = 5
+    dev = info.device
+    gen = torch.Generator(device=dev).manual_seed(11)
+    checked = 0
+    for placement in PLACEMENTS:
+        for hidden in (128, 200, 1024, 3584):  # rows of 256, 400, 2048 and 7168 bytes
+            row = hidden * 2
+            entries = 3001
+            table = EngramTable(info.group, entries, hidden, torch.bfloat16, placement, "intranode")
+            shape = (entries, row)
+            stored = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev, generator=gen)
+            table.write(stored.view(torch.bfloat16))
+            padded = torch.cat([stored, torch.zeros((1, row), dtype=torch.uint8, device=dev)])
+            idx = torch.randint(-1, entries, (2000, 24), device=dev, generator=gen)
+            idx[5, :] = -1
+            idx[7, :] = entries - 1
+            want = padded.index_select(0, torch.where(idx < 0, entries, idx).view(-1))
+            for ctas in (3, 16):
+                out = torch.full((2000, 24 * row), 0xA5, dtype=torch.uint8, device=dev)
+                out = out.view(torch.bfloat16)
+                data, _ = table.fetch(idx, out=out, num_ctas=ctas)()
+                where = f"{variant} {placement} {row} B ctas={ctas}"
+                assert torch.equal(data.view(torch.uint8).view(want.shape), want), where
+                checked += 1
+            bad = idx.clone()
+            bad[1999, 23] = entries  # past the end
+            bad[1500, 7] = -2  # the first bad position wins
+            with pytest.raises(ValueError, match=r"indices\[1500, 7\] = -2 is out of range"):
+                table.fetch(bad, num_ctas=5)()
+            table.destroy()
+    return checked
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_variants_long_fetches(variant: str) -> None:
+    (checked,) = run_ranks(1, _long_fetches, variant, timeout_s=120)
+    assert checked == 2 * 4 * 2

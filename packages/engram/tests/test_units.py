@@ -10,7 +10,16 @@ import torch
 import ep_engram
 from ep_engram import knobs
 from ep_engram.factory import PRIMITIVE, PROVIDERS
-from ep_engram.kernels import gather_spec, shipped_kernels
+from ep_engram.kernels import (
+    UNROLLED,
+    VARIANTS,
+    bulk_shape,
+    gather_spec,
+    ring_shape,
+    shipped_kernels,
+    smem_of,
+    threads_of,
+)
 from ep_engram.layout import empty_sf, num_sf_packs, sf_col_stride
 from ep_jit.registry import registered_backends
 
@@ -72,7 +81,12 @@ def test_gather_kernels_compile_for_sm90a(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setenv("EP_JIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("EP_JIT_PTXAS_CHECK", "1")  # no spills, no local memory
-    for spec in shipped_kernels()[:2]:
+    # One of every variant (256-byte rows, int32 ids) and the unrolled ones at 16 loads each.
+    specs = shipped_kernels()
+    chosen = [s for s in specs if "_i32_r256_" in s.name]
+    chosen += [s for s in specs if any(f"gather_{v}16_" in s.name for v in UNROLLED)]
+    assert len(chosen) == len(VARIANTS) + len(UNROLLED)
+    for spec in chosen:
         try:
             entry = ep_jit.compile_spec(spec, arch="90a")
         except ep_jit.JitCompileError as exc:
@@ -86,3 +100,72 @@ def test_cpu_ranks_cannot_use_gpu_placement_or_intranode() -> None:
     from ep_engram.factory import intranode_unavailable_reason
 
     assert "CUDA" in str(intranode_unavailable_reason(None, False))  # type: ignore[arg-type]
+
+
+def test_variants_are_the_knob_choices() -> None:
+    assert VARIANTS == knobs.KERNEL_CHOICES
+    for variant in VARIANTS:
+        spec = gather_spec(
+            index64=False, row_bytes=256, num_sf_packs=0, sf_col_major=False, variant=variant
+        )
+        assert spec.launch_bounds == (threads_of(variant), 1)
+        assert spec.name.startswith(f"ep_engram_gather_{variant}")
+
+
+@pytest.mark.parametrize("row_bytes", [16, 256, 400, 2048, 7168, 8192])
+@pytest.mark.parametrize("bulk_store", [False, True])
+def test_ring_shape_fills_shared_memory_with_enough_slots(row_bytes: int, bulk_store: bool) -> None:
+    rows, slots, smem = ring_shape(row_bytes, bulk_store)
+    assert 1 <= rows <= 32 and (3 if bulk_store else 2) <= slots <= 16
+    assert smem == 8 * slots * rows * row_bytes <= 192 << 10
+    variant = "ring_bulk" if bulk_store else "ring"
+    assert smem_of(variant, row_bytes) == smem
+    # No smaller ring than what the budget allows: one more slot of these rows would not fit.
+    assert slots == 16 or 8 * (slots + 1) * rows * row_bytes > 192 << 10
+
+
+def test_ring_rejects_rows_too_large_and_tile_threads() -> None:
+    with pytest.raises(ValueError, match="too large for the ring_bulk"):
+        ring_shape(9000, True)
+    with pytest.raises(ValueError, match="too large for the ring gather"):
+        ring_shape(13000, False)
+    assert threads_of("tile", 8) == 1024 and threads_of("tile", 9) == 512
+    assert smem_of("tile", 256) == 0 and smem_of("bulk", 256) == bulk_shape(256)[2]
+
+
+def test_goal_report_names_the_fewest_ctas_meeting_each_goal() -> None:
+    from ep_engram.bench import GOALS, goal_report, kernel_name, variant_runs
+
+    def res(where: str, rb: int, kind: str, ctas: int | None, gbps: float) -> dict[str, object]:
+        return {"placement": where, "row_bytes": rb, "kind": kind, "ctas": ctas, "gb_per_s": gbps}
+
+    results = [
+        res("host", 256, "index_select", None, 90.0),  # all SMs: never counts
+        res("host", 256, "kernel-ring", 16, 45.0),  # too many SMs
+        res("host", 256, "kernel-ring", 8, 41.0),
+        res("host", 256, "kernel-ring", 4, 40.5),
+        res("host", 256, "probe-seg-sorted-ring", 4, 80.0),  # probes do not count
+        res("host", 2048, "kernel-bulk", 4, 47.9),
+        res("gpu", 7168, "kernel-tile8", 8, 650.0),
+    ]
+    lines = goal_report(results)
+    assert len(lines) == len(GOALS)
+    assert "MET by kernel-ring (256 B, 4 CTAs: 40.5 GB/s)" in lines[0] and "probe" not in lines[0]
+    assert lines[1].endswith("not met")
+    assert "MET by kernel-tile8 (7168 B, 8 CTAs" in lines[2]
+    assert variant_runs(["ilp", "ring", "tile"], [4, 8]) == [
+        ("ilp", 4), ("ilp", 8), ("ring", 1), ("tile", 4), ("tile", 8)
+    ]  # fmt: skip
+    assert kernel_name("tile", 8) == "kernel-tile8"
+    assert kernel_name("ring_bulk", 1) == "kernel-ring_bulk"
+
+
+def test_probe_id_patterns() -> None:
+    from ep_engram._probe import SMALL_FOOTPRINT_BYTES, id_patterns
+
+    pats = id_patterns(5000, 1 << 22, 256, seed=1)
+    assert set(pats) == {"random", "sorted", "small"}
+    assert all(p.numel() == 5000 and p.dtype == torch.int64 for p in pats.values())
+    assert torch.equal(pats["sorted"], pats["random"].sort().values)
+    assert int(pats["small"].max()) < SMALL_FOOTPRINT_BYTES // 256
+    assert int(pats["random"].max()) >= SMALL_FOOTPRINT_BYTES // 256  # spread over the table

@@ -9,6 +9,13 @@ DeepEP's MPPS) and GB/s; ``--plot`` draws GB/s against CTAs (needs matplotlib).
     python -m ep_engram.bench                         # one GPU, the full sweep
     python -m ep_engram.bench --placements host --row-bytes 256 --ctas 4 8 16
     python -m ep_engram.bench --smoke                 # tiny, on CPU (reference backend only)
+    python -m ep_engram.bench --placements host --row-bytes 256 --ctas 8 --probe --no-reference
+
+``--variants`` picks the kernels (``ilp``, ``warp``, ``bulk``, ``tile``, ``ring``, ``ring_bulk``;
+``--unrolls`` applies to ``ilp`` and ``tile``); after the table the bench prints which kernel
+meets which of the package's rate goals with how many CTAs (one CTA per SM). ``--probe`` adds,
+for host placement, the same kernels launched directly on the host segment and on a plain
+``torch`` pinned table, with random, sorted and small-footprint ids (see :mod:`ep_engram._probe`).
 
 Every configuration is first checked bit for bit against ``index_select``. Times are the median
 of CUDA-event timings with the L2 flushed before each call (``ep_jit.testing.bench``); the hook's
@@ -27,7 +34,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["main"]
+from ep_engram.kernels import UNROLLED, VARIANTS
+
+__all__ = ["GOALS", "goal_report", "main"]
+
+GOALS = (
+    # (placement, smallest row bytes, largest row bytes or 0, GB/s at least, SMs at most)
+    ("host", 256, 256, 40.0, 8),
+    ("host", 2048, 0, 48.0, 4),
+    ("gpu", 2048, 0, 600.0, 8),
+)
+"""Rate goals of the intranode kernel; :func:`goal_report` says which results meet them."""
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -37,11 +54,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--placements", nargs="+", default=["host", "gpu"], choices=["host", "gpu"])
     p.add_argument("--row-bytes", nargs="+", type=int, default=[256, 2048, 7168])
     p.add_argument("--ctas", nargs="+", type=int, default=[4, 8, 16, 32])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument(
-        "--variants", nargs="+", default=["ilp", "warp", "bulk"], choices=["ilp", "warp", "bulk"]
+        "--unrolls",
+        nargs="+",
+        type=int,
+        default=[8],
+        help="EP_ENGRAM_UNROLL values (ilp and tile kernels)",
     )
     p.add_argument(
-        "--unrolls", nargs="+", type=int, default=[8], help="EP_ENGRAM_UNROLL values (ilp kernel)"
+        "--probe",
+        action="store_true",
+        help="host placement: the kernels on the host segment vs a torch pinned table, with "
+        "random, sorted and small-footprint ids",
     )
     p.add_argument("--tokens", type=int, default=4096, help="T (DeepEP's test: 512)")
     p.add_argument("--k", type=int, default=24, help="rows per token (DeepEP's test: 24)")
@@ -57,6 +82,48 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.placements, args.row_bytes, args.ctas = ["host"], [256, 2048], [1]
         args.tokens, args.k, args.table_mib, args.iters, args.warmup = 16, 4, 1, 3, 1
     return args
+
+
+def variant_runs(variants: Sequence[str], unrolls: Sequence[int]) -> list[tuple[str, int]]:
+    """``(variant, unroll)`` pairs to measure: every unroll for the unrolled variants."""
+    return [(v, u) for v in variants for u in (unrolls if v in UNROLLED else [1])]
+
+
+def kernel_name(variant: str, unroll: int) -> str:
+    """The result's ``kind``: ``kernel-<variant>[<unroll>]``."""
+    return f"kernel-{variant}" + (f"{unroll}" if variant in UNROLLED else "")
+
+
+def goal_report(results: list[dict[str, Any]]) -> list[str]:
+    """One line per goal of :data:`GOALS`: the kernels (``kind`` at the fewest CTAs) meeting it.
+
+    Only plain fetch measurements count (``kind`` starting with ``kernel-``, CTAs known).
+    """
+    lines = []
+    for placement, lo, hi, gbps, sms in GOALS:
+        rows = f"{lo} B rows" if hi == lo else f"rows of {lo} B or more"
+        met: dict[tuple[str, int], tuple[int, float]] = {}
+        for r in results:
+            rb = r["row_bytes"]
+            if r["placement"] != placement or rb < lo or (hi and rb > hi):
+                continue
+            if not str(r["kind"]).startswith("kernel-") or not r["ctas"] or r["ctas"] > sms:
+                continue
+            if r["gb_per_s"] < gbps:
+                continue
+            key = (r["kind"], rb)
+            if key not in met or r["ctas"] < met[key][0]:
+                met[key] = (r["ctas"], r["gb_per_s"])
+        head = f"goal {placement}, {rows}: >= {gbps:g} GB/s with <= {sms} SMs:"
+        if not met:
+            lines.append(f"{head} not met")
+            continue
+        found = ", ".join(
+            f"{kind} ({rb} B, {ctas} CTAs: {g:.1f} GB/s)"
+            for (kind, rb), (ctas, g) in sorted(met.items())
+        )
+        lines.append(f"{head} MET by {found}")
+    return lines
 
 
 def _progress(msg: str) -> None:
@@ -145,11 +212,10 @@ def _bench_table(
             raise AssertionError(f"{head}: index_select on the mapped rows differs")
         stats = bench(lambda: torch.index_select(mapped, 0, flat, out=got), **timing)
         record(head, base, "index_select", None, stats.median)
-        runs = [(v, u) for v in args.variants for u in (args.unrolls if v == "ilp" else [1])]
-        for variant, unroll in runs:
+        for variant, unroll in variant_runs(args.variants, args.unrolls):
             knobs.engram.kernel = variant
             knobs.engram.unroll = unroll
-            name = f"kernel-{variant}" + (f"{unroll}" if variant == "ilp" else "")
+            name = kernel_name(variant, unroll)
             for ctas in args.ctas:
                 out.view(torch.uint8).fill_(0xA5)
                 data, _ = table.fetch(idx, out=out, num_ctas=ctas)()
@@ -157,6 +223,10 @@ def _bench_table(
                     raise AssertionError(f"{head} {variant} ctas={ctas}: wrong rows")
                 stats = bench(functools.partial(table.fetch, idx, out=out, num_ctas=ctas), **timing)
                 record(head, base, name, ctas, stats.median)
+        if args.probe and placement == "host":
+            from ep_engram._probe import probe_host
+
+            probe_host(table, stored, args, head, base, record)
     table.destroy()
     del stored
     if info.device.type == "cuda":
@@ -185,11 +255,11 @@ def _worker(info: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _print_table(results: list[dict[str, Any]]) -> None:
     head = ("placement", "row B", "kind", "CTAs", "us", "M rows/s", "GB/s")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (9, 6, 14, 5, 9, 9, 8), strict=True)))
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (9, 6, 28, 5, 9, 9, 8), strict=True)))
     for r in results:
-        ctas = str(r["ctas"]) if r["ctas"] else ("all" if r["kind"] == "index_select" else "-")
+        ctas = str(r["ctas"]) if r["ctas"] else ("all" if "index_select" in r["kind"] else "-")
         print(
-            f"{r['placement']:>9} {r['row_bytes']:>6} {r['kind']:>14} {ctas:>5} "
+            f"{r['placement']:>9} {r['row_bytes']:>6} {r['kind']:>28} {ctas:>5} "
             f"{r['us']:>9.1f} {r['mrows_per_s']:>9.1f} {r['gb_per_s']:>8.1f}"
         )
 
@@ -239,7 +309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (results,) = run_ranks(1, _worker, args, use_gpu=cuda, timeout_s=3600)
     _print_table(results)
-    payload = {"device": device, "torch": torch.__version__, "args": vars(args), "results": results}
+    goals = goal_report(results)
+    for line in goals:
+        print(line)
+    payload = {
+        "device": device,
+        "torch": torch.__version__,
+        "args": vars(args),
+        "results": results,
+        "goals": goals,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

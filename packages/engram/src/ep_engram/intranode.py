@@ -121,7 +121,7 @@ class IntranodeBackend(EngramBackend):
             unroll=knobs.engram.unroll,
         )
         flat = indices.contiguous()
-        threads = threads_of(variant)
+        threads = threads_of(variant, knobs.engram.unroll)
         check = knobs.engram.check_errors
         with torch.cuda.device(cfg.device):
             if check:

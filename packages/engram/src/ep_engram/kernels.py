@@ -10,22 +10,33 @@ __all__ = [
     "BULK_THREADS",
     "ILP_THREADS",
     "MAX_RANKS",
+    "RING_THREADS",
+    "UNROLLED",
     "VARIANTS",
     "WARP_THREADS",
     "build_gather",
+    "bulk_shape",
     "gather_spec",
     "register_include_root",
+    "ring_shape",
     "shipped_kernels",
+    "smem_of",
+    "threads_of",
 ]
 
-VARIANTS = ("ilp", "warp", "bulk")
+VARIANTS = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk")
 """Gather kernel variants (see ``<ep_engram/smxx_gather.cuh>``)."""
+UNROLLED = ("ilp", "tile")
+"""Variants that take ``unroll`` (16-byte loads in flight per thread)."""
 ILP_THREADS = 512
 """Threads per CTA of the ``ilp`` variant (registers hold ``unroll`` 16-byte chunks each)."""
 WARP_THREADS = 1024
 """Threads per CTA of the ``warp`` variant (32 warps, one row each at a time)."""
 BULK_THREADS = 128
 """Threads per CTA of the ``bulk`` variant (4 warps, each with its own stages of rows)."""
+RING_THREADS = 256
+"""Threads per CTA of the ``ring`` and ``ring_bulk`` variants (8 warps, a ring of slots each)."""
+_RING_MAX_STAGES = 16  # kStages bound of the header's static mbarrier array (32 warps x 16)
 _BULK_STAGE_BYTES = 16 << 10  # rows per stage: as many as fit (at most 32, at least 1)
 _BULK_SMEM_BYTES = 192 << 10  # shared memory of the stages of one CTA (H100: 227 KiB usable)
 
@@ -45,6 +56,29 @@ def bulk_shape(row_bytes: int) -> tuple[int, int, int]:
             f"(at most {_BULK_SMEM_BYTES // warps} bytes); use EP_ENGRAM_KERNEL=ilp"
         )
     return rows, stages, warps * stages * rows * row_bytes
+
+
+def ring_shape(row_bytes: int, bulk_store: bool) -> tuple[int, int, int]:
+    """``(rows_per_slot, slots, dynamic shared memory bytes)`` of the ring variants.
+
+    Aims at 4 slots per warp (6 with bulk stores, which hold a slot one step longer), each of as
+    many rows as then fit in the shared memory budget (1..32).
+
+    Raises:
+        ValueError: A row too large for the ring's minimum of slots in shared memory.
+    """
+    warps = RING_THREADS // 32
+    want = 6 if bulk_store else 4
+    rows = max(1, min(32, _BULK_SMEM_BYTES // (warps * want * row_bytes)))
+    slots = min(_RING_MAX_STAGES, _BULK_SMEM_BYTES // (warps * rows * row_bytes))
+    least = 3 if bulk_store else 2
+    if slots < least:
+        name = "ring_bulk" if bulk_store else "ring"
+        raise ValueError(
+            f"rows of {row_bytes} bytes are too large for the {name} gather kernel "
+            f"(at most {_BULK_SMEM_BYTES // (warps * least)} bytes); use EP_ENGRAM_KERNEL=ilp"
+        )
+    return rows, slots, warps * slots * rows * row_bytes
 
 
 _PARAMS = (
@@ -85,7 +119,7 @@ def gather_spec(
 ) -> Any:
     """The ``KernelSpec`` of one gather instantiation.
 
-    Launch with ``grid = num_ctas``, ``block = threads_of(variant)`` and ``smem =
+    Launch with ``grid = num_ctas``, ``block = threads_of(variant, unroll)`` and ``smem =
     smem_of(variant, row_bytes)``; arguments: indices
     (``[T*K]`` int32/int64), out (``[T*K, row_bytes]``), out_sf (scale output base or
     ``None``), error_pos (int64 ``[1]``, INT64_MAX before the launch), rows_base and sf_base
@@ -103,8 +137,8 @@ def gather_spec(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not 1 <= unroll <= 16:
         raise ValueError(f"unroll must be in [1, 16], got {unroll}")
-    u = unroll if variant == "ilp" else 1
-    rows, stages = bulk_shape(row_bytes)[:2] if variant == "bulk" else (1, 1)
+    u = unroll if variant in UNROLLED else 1
+    rows, stages = _stages_of(variant, row_bytes)
     tag = f"{'i64' if index64 else 'i32'}_r{row_bytes}_p{num_sf_packs}{'c' if sf_col_major else ''}"
     return KernelSpec(
         name=f"ep_engram_gather_{variant}{u}_{tag}",
@@ -121,18 +155,39 @@ def gather_spec(
             "kStages": stages,
             "kRowsPerStage": rows,
         },
-        launch_bounds=(threads_of(variant), 1),
+        launch_bounds=(threads_of(variant, u), 1),
     )
 
 
-def threads_of(variant: str) -> int:
-    """Threads per CTA of a variant."""
-    return {"ilp": ILP_THREADS, "warp": WARP_THREADS, "bulk": BULK_THREADS}[variant]
+def _stages_of(variant: str, row_bytes: int) -> tuple[int, int]:
+    if variant == "bulk":
+        return bulk_shape(row_bytes)[:2]
+    if variant in ("ring", "ring_bulk"):
+        return ring_shape(row_bytes, variant == "ring_bulk")[:2]
+    return 1, 1
+
+
+def threads_of(variant: str, unroll: int = 8) -> int:
+    """Threads per CTA of a variant (``tile``: 1024, or 512 above 8 loads per thread, which
+    would not fit the 64 registers a thread of 1024 has)."""
+    if variant == "tile":
+        return 1024 if unroll <= 8 else 512
+    return {
+        "ilp": ILP_THREADS,
+        "warp": WARP_THREADS,
+        "bulk": BULK_THREADS,
+        "ring": RING_THREADS,
+        "ring_bulk": RING_THREADS,
+    }[variant]
 
 
 def smem_of(variant: str, row_bytes: int) -> int:
     """Dynamic shared memory bytes of a launch of a variant."""
-    return bulk_shape(row_bytes)[2] if variant == "bulk" else 0
+    if variant == "bulk":
+        return bulk_shape(row_bytes)[2]
+    if variant in ("ring", "ring_bulk"):
+        return ring_shape(row_bytes, variant == "ring_bulk")[2]
+    return 0
 
 
 @functools.cache
@@ -167,13 +222,15 @@ def shipped_kernels() -> list[Any]:
                 variant=variant,
             )
         )
-    specs.append(
-        gather_spec(
-            index64=False,
-            row_bytes=2048,
-            num_sf_packs=4,
-            sf_col_major=False,
-            unroll=16,
+    for variant in UNROLLED:
+        specs.append(
+            gather_spec(
+                index64=False,
+                row_bytes=2048,
+                num_sf_packs=4,
+                sf_col_major=False,
+                variant=variant,
+                unroll=16,
+            )
         )
-    )
     return specs

@@ -19,7 +19,7 @@ __all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
 BACKEND_CHOICES = ("auto", "intranode", "reference")
 """Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
 
-KERNEL_CHOICES = ("ilp", "warp", "bulk")
+KERNEL_CHOICES = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk")
 """Gather kernel variants of the intranode backend."""
 
 
@@ -42,12 +42,14 @@ class EngramKnobs(KnobGroup):
         "ilp",
         KERNEL_CHOICES,
         "Intranode gather kernel: ilp (many 16-byte loads in flight per thread), warp (one row "
-        "per warp at a time) or bulk (bulk asynchronous copies through shared memory).",
+        "per warp at a time), bulk (bulk asynchronous copies through shared memory), tile (ilp "
+        "with rows resolved once per tile), ring / ring_bulk (a ring of bulk-loaded slots per "
+        "warp, written out with 16-byte stores / bulk stores).",
     )
     unroll = knob_int(
         "EP_ENGRAM_UNROLL",
         8,
-        "16-byte loads each thread keeps in flight in the ilp gather kernel (1..16).",
+        "16-byte loads each thread keeps in flight in the ilp and tile gather kernels (1..16).",
     )
     check_errors = knob_bool(
         "EP_ENGRAM_CHECK_ERRORS",

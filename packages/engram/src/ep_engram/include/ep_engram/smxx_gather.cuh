@@ -14,7 +14,18 @@
 //   kBulk (2): each warp moves batches of kRowsPerStage rows with bulk asynchronous copies
 //     (cp.async.bulk global -> shared, completing on an mbarrier, then shared -> global),
 //     kStages batches in flight per warp: up to the whole shared memory of the SM in flight
-//     with 4 warps.
+//     with 4 warps;
+//   kTile (3): rows in tiles of blockDim.x * kUnroll * 16 bytes; the tile's rows are resolved
+//     once (one thread per row, 32-bit arithmetic where ids fit) into shared memory while the
+//     previous tile is copied, then every thread loads kUnroll 16-byte chunks before storing any:
+//     the ilp variant without the per-chunk index load and 64-bit division;
+//   kRing (4) / kRingBulk (5): each warp keeps a ring of kStages slots of kRowsPerStage rows in
+//     shared memory, filled by bulk asynchronous copies (one lane per row, one mbarrier per slot)
+//     with kStages - 1 (kRing) or kStages - 2 (kRingBulk) slots loading while the oldest is
+//     written out: kRing writes it with 16-byte stores from shared memory (the slot is free again
+//     at once), kRingBulk with one bulk shared -> global copy per slot (the batch's rows are
+//     contiguous in the output). Zero rows are written into the slot, so a slot is always
+//     written out whole.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -53,7 +64,45 @@ __device__ __forceinline__ const char* row_address(long long g, long long item, 
     return nullptr;
 }
 
-enum : int { kIlp = 0, kWarp = 1, kBulk = 2 };
+enum : int { kIlp = 0, kWarp = 1, kBulk = 2, kTile = 3, kRing = 4, kRingBulk = 5 };
+
+// Like row_address, with 32-bit division when the ids fit (the common case: a 64-bit division
+// is a long instruction sequence, a 32-bit one a few).
+template <int kRowBytes>
+__device__ __forceinline__ const char* row_address_fast(long long g, long long item,
+                                                        const unsigned long long* bases,
+                                                        long long entries, long long num_rows,
+                                                        long long* error_pos) {
+    if (g >= 0 && g < num_rows) {
+        long long owner, local;
+        if (num_rows <= 0xffffffffll) {
+            const uint32_t g32 = static_cast<uint32_t>(g);
+            const uint32_t e32 = static_cast<uint32_t>(entries);
+            owner = g32 / e32;
+            local = g32 - static_cast<uint32_t>(owner) * e32;
+        } else {
+            owner = g / entries;
+            local = g - owner * entries;
+        }
+        return reinterpret_cast<const char*>(bases[owner]) + local * kRowBytes;
+    }
+    if (g != -1) atomicMin(error_pos, item);
+    return nullptr;
+}
+
+__device__ __forceinline__ int4 ld_shared_v4(const void* p) {
+    int4 v;
+    asm volatile("ld.shared.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(ep_jit::smem_addr(p)));
+    return v;
+}
+
+__device__ __forceinline__ void st_shared_v4(void* p, const int4& v) {
+    asm volatile("st.shared.v4.s32 [%0], {%1, %2, %3, %4};" ::"r"(ep_jit::smem_addr(p)), "r"(v.x),
+                 "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
 
 // Writes one zero row with 16-byte stores (ids -1 and bad ids in the bulk variant).
 template <int kRowBytes>
@@ -126,6 +175,169 @@ __device__ __forceinline__ void bulk_copy(const IndexT* indices, char* dst, long
     ep_jit::tma_wait_all();
 }
 
+// The tile variant (see the file comment). Shared memory: two tiles of row addresses (static).
+template <typename IndexT, int kRowBytes, int kUnroll>
+__device__ __forceinline__ void tile_copy(const IndexT* indices, char* dst, long long* error_pos,
+                                          const unsigned long long* bases, long long num_items,
+                                          long long entries, long long num_rows) {
+    constexpr int kChunks = kRowBytes / 16;
+    // Rows per tile: what blockDim.x * kUnroll chunks hold, at least 1, at most one per thread
+    // (each row is resolved by one thread); the array is sized for 1024 threads.
+    constexpr int kFit = (1024 * kUnroll * 16) / kRowBytes;
+    constexpr int kMaxTileRows = kFit < 1 ? 1 : (kFit > 1024 ? 1024 : kFit);
+    __shared__ const char* s_src[2][kMaxTileRows];
+    int tile_rows = static_cast<int>(blockDim.x) * kUnroll * 16 / kRowBytes;
+    tile_rows = tile_rows < 1 ? 1 : tile_rows;
+    tile_rows = tile_rows > static_cast<int>(blockDim.x) ? static_cast<int>(blockDim.x) : tile_rows;
+    tile_rows = tile_rows > kMaxTileRows ? kMaxTileRows : tile_rows;
+    const long long num_tiles = (num_items + tile_rows - 1) / tile_rows;
+    const int4 zero = make_int4(0, 0, 0, 0);
+    long long t = blockIdx.x;
+    if (t >= num_tiles) return;
+    // This thread's row of a tile (threads >= tile_rows resolve nothing).
+    auto resolve = [&](long long tile, int buf, long long g) {
+        const long long item = tile * tile_rows + threadIdx.x;
+        if (static_cast<int>(threadIdx.x) < tile_rows)
+            s_src[buf][threadIdx.x] =
+                item < num_items
+                    ? row_address_fast<kRowBytes>(g, item, bases, entries, num_rows, error_pos)
+                    : nullptr;
+    };
+    auto load_id = [&](long long tile) -> long long {
+        const long long item = tile * tile_rows + threadIdx.x;
+        return static_cast<int>(threadIdx.x) < tile_rows && item < num_items
+                   ? static_cast<long long>(indices[item])
+                   : -1ll;
+    };
+    resolve(t, 0, load_id(t));
+    __syncthreads();
+    for (int buf = 0; t < num_tiles; t += gridDim.x, buf ^= 1) {
+        const long long next = t + gridDim.x;
+        // Issued now, used after the copy: the id load's latency hides behind the tile's.
+        const long long g_next = next < num_tiles ? load_id(next) : -1ll;
+        const long long first = t * tile_rows;
+        const long long rows_here = num_items - first < tile_rows ? num_items - first : tile_rows;
+        const int chunks = static_cast<int>(rows_here) * kChunks;
+        char* out = dst + first * kRowBytes + threadIdx.x * 16;
+        const int step = blockDim.x;
+        for (int base = threadIdx.x; base < chunks; base += step * kUnroll) {
+            int4 v[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int q = base + u * step;
+                v[u] = zero;
+                if (q < chunks) {
+                    const int row = q / kChunks;
+                    const char* src = s_src[buf][row];
+                    if (src != nullptr) v[u] = ld_nc_v4(src + (q - row * kChunks) * 16);
+                }
+            }
+            const int left = chunks - base;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                if (u * step < left) st_na_v4(out + (base - static_cast<int>(threadIdx.x) + u * step) * 16ll, v[u]);
+            }
+        }
+        if (next < num_tiles) resolve(next, buf ^ 1, g_next);
+        __syncthreads();
+    }
+}
+
+// The ring variants (see the file comment). Shared memory: per warp, kStages slots of
+// kRowsPerStage rows (dynamic); static: one mbarrier per slot.
+template <typename IndexT, int kRowBytes, int kStages, int kRowsPerStage, bool kBulkStore>
+__device__ __forceinline__ void ring_copy(const IndexT* indices, char* dst, long long* error_pos,
+                                          const unsigned long long* bases, long long num_items,
+                                          long long entries, long long num_rows) {
+    static_assert(kRowsPerStage >= 1 && kRowsPerStage <= 32, "one row per lane at most");
+    static_assert(kStages >= (kBulkStore ? 3 : 2), "too few slots for the ring");
+    constexpr int kMaxWarps = 32;
+    constexpr int kChunks = kRowBytes / 16;
+    constexpr int kSlotBytes = kRowsPerStage * kRowBytes;
+    // Slots loading while the oldest is written out: a bulk store keeps its slot one step longer.
+    constexpr int kAhead = kBulkStore ? kStages - 2 : kStages - 1;
+    extern __shared__ __align__(128) unsigned char smem_rows[];
+    __shared__ __align__(8) uint64_t ring_bars[kMaxWarps * kStages];
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    uint64_t* my_bars = ring_bars + warp * kStages;
+    unsigned char* my_slots = smem_rows + static_cast<size_t>(warp) * kStages * kSlotBytes;
+    if (lane == 0) {
+        for (int s = 0; s < kStages; ++s) ep_jit::mbar_init(&my_bars[s], 1);
+        ep_jit::fence_mbar_init();
+    }
+    __syncwarp();
+    const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
+    const long long first = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + warp;
+    auto batch_first = [&](long long k) { return (first + k * warps) * kRowsPerStage; };
+    // Waits for batch k's loads and writes the slot out (its rows are contiguous in `dst`).
+    auto drain = [&](long long k) {
+        const int s = static_cast<int>(k % kStages);
+        const uint32_t parity = static_cast<uint32_t>((k / kStages) & 1);
+        while (!ep_jit::mbar_try_wait(&my_bars[s], parity)) {
+        }
+        const long long item0 = batch_first(k);
+        const long long left = num_items - item0;
+        const int rows = left < kRowsPerStage ? static_cast<int>(left) : kRowsPerStage;
+        unsigned char* slot = my_slots + static_cast<size_t>(s) * kSlotBytes;
+        char* out = dst + item0 * kRowBytes;
+        if constexpr (kBulkStore) {
+            if (lane == 0) {
+                ep_jit::tma_store(out, slot, static_cast<uint32_t>(rows) * kRowBytes);
+                ep_jit::tma_commit();
+            }
+        } else {
+            // Four shared loads in flight per lane before their global stores.
+            const int chunks = rows * kChunks;
+            for (int c = lane; c < chunks; c += 4 * 32) {
+                int4 v[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    if (c + u * 32 < chunks) v[u] = ld_shared_v4(slot + (c + u * 32) * 16);
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    if (c + u * 32 < chunks) st_na_v4(out + (c + u * 32) * 16, v[u]);
+            }
+            __syncwarp();
+        }
+    };
+    long long k = 0;
+    for (;; ++k) {
+        const long long item0 = batch_first(k);
+        if (item0 >= num_items) break;
+        const int s = static_cast<int>(k % kStages);
+        unsigned char* slot = my_slots + static_cast<size_t>(s) * kSlotBytes;
+        if constexpr (kBulkStore) {
+            // The bulk store of batch k - kStages (committed kStages - kAhead - 1 groups ago at
+            // the latest) has read the slot.
+            if (lane == 0) ep_jit::tma_wait_read<kStages - kAhead - 1>();
+            __syncwarp();
+        }
+        const long long item = item0 + lane;
+        const char* src = nullptr;
+        if (lane < kRowsPerStage && item < num_items) {
+            const long long g = static_cast<long long>(indices[item]);
+            src = row_address_fast<kRowBytes>(g, item, bases, entries, num_rows, error_pos);
+            if (src == nullptr) {
+                const int4 zero = make_int4(0, 0, 0, 0);
+                unsigned char* row = slot + lane * kRowBytes;
+#pragma unroll 4
+                for (int c = 0; c < kChunks; ++c) st_shared_v4(row + c * 16, zero);
+                if constexpr (kBulkStore) ep_jit::fence_proxy_async_smem();
+            }
+        }
+        const unsigned loading = __ballot_sync(0xffffffffu, src != nullptr);
+        if (lane == 0) ep_jit::mbar_expect_tx(&my_bars[s], __popc(loading) * kRowBytes);
+        __syncwarp();
+        if (src != nullptr) ep_jit::tma_load(slot + lane * kRowBytes, src, kRowBytes, &my_bars[s]);
+        if (k >= kAhead) drain(k - kAhead);
+    }
+    for (long long d = k > kAhead ? k - kAhead : 0; d < k; ++d) drain(d);
+    if constexpr (kBulkStore) {
+        if (lane == 0) ep_jit::tma_wait_all();
+    }
+}
+
 // Ranks a node can hold (the owners' base addresses are staged in shared memory).
 constexpr int kMaxRanks = 64;
 
@@ -150,7 +362,13 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
     char* dst = reinterpret_cast<char*>(out);
     const int4 zero = make_int4(0, 0, 0, 0);
 
-    if constexpr (kVariant == kBulk) {
+    if constexpr (kVariant == kTile) {
+        tile_copy<IndexT, kRowBytes, kUnroll>(indices, dst, error_pos, s_rows, num_items, entries,
+                                              num_rows);
+    } else if constexpr (kVariant == kRing || kVariant == kRingBulk) {
+        ring_copy<IndexT, kRowBytes, kStages, kRowsPerStage, kVariant == kRingBulk>(
+            indices, dst, error_pos, s_rows, num_items, entries, num_rows);
+    } else if constexpr (kVariant == kBulk) {
         bulk_copy<IndexT, kRowBytes, kStages, kRowsPerStage>(indices, dst, error_pos, s_rows,
                                                              num_items, entries, num_rows);
     } else if constexpr (kVariant == kWarp) {
