@@ -441,6 +441,77 @@ def test_nvlink_timeout_names_the_peer(world_size: int, per_gpu: int) -> None:
     run_ranks(world_size, _timeout_worker, timeout_s=180, ranks_per_gpu=per_gpu)
 
 
+def _bad_routing_worker(info: RankInfo) -> None:
+    # A dispatch with CPU sync checks topk_idx's values on the device and reads the verdict with
+    # its counts: the rank with bad ids raises the host check's error (after the kernels, which
+    # ignore the bad ids), every rank's next dispatch pairs with its peers' and is exact.
+    from ep_core.nvlink import NvlinkBackend
+    from ep_core.reference import TorchBackend
+
+    cfg = _config(info, NMAX, HIDDEN, TOPK)
+    ref = TorchBackend.from_config(info.group, cfg)
+    fast = NvlinkBackend.from_config(info.group, cfg)
+    ne = 16 * info.world_size
+    gen = torch.Generator().manual_seed(7 + info.rank)
+    good = _routing(gen, NMAX, ne, TOPK, "masked", info.rank, info.world_size).to(info.device)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(info.device)
+    kw = {
+        "num_experts": ne,
+        "num_max_tokens_per_rank": NMAX,
+        "expert_alignment": 1,
+        "do_expand": False,
+        "do_cpu_sync": True,
+        "handle": None,
+        "num_sms": 24,
+    }
+    out_of_range = good.clone()
+    out_of_range[300, TOPK - 1] = ne  # a token of the second CTA of the check kernel
+    below = good.clone()
+    below[0, 0] = -2
+    dup = good.clone()
+    dup[NMAX - 1, 3] = dup[NMAX - 1, 5] = 1
+    bad_cases = (
+        (out_of_range, rf"topk_idx\[300, {TOPK - 1}\] = {ne} is outside"),
+        (below, r"topk_idx\[0, 0\] = -2 is outside"),
+        (dup, f"row {NMAX - 1} selects expert 1 more than once"),
+    )
+    for bad, pattern in bad_cases:
+        if info.rank == 0:
+            with pytest.raises(ValueError, match=pattern):
+                fast.dispatch(x, None, bad, None, **kw)
+        else:
+            fast.dispatch(x, None, good, None, **kw)
+        r = ref.dispatch(x, None, good, None, **kw)
+        f = fast.dispatch(x, None, good, None, **kw)
+        torch.cuda.synchronize()
+        assert f.handle.num_recv_tokens == r.handle.num_recv_tokens
+        _eq("recv_x after a rejected dispatch", f.recv_x, r.recv_x)
+        _eq("recv_topk_idx after a rejected dispatch", f.recv_topk_idx, r.recv_topk_idx)
+    # Zero tokens: one verdict word, written 0.
+    empty = fast.dispatch(x[:0], None, good[:0], None, **kw)
+    assert empty.recv_x.shape[1] == HIDDEN
+    fast.destroy()
+    ref.destroy()
+
+
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((1, 2)))
+def test_nvlink_rejects_bad_routing_after_its_one_read(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _bad_routing_worker, timeout_s=180, ranks_per_gpu=per_gpu)
+
+
+def test_int32_block_offsets() -> None:
+    # The int32 outputs of a dispatch share one allocation: parts 256-byte aligned, disjoint.
+    from ep_core.nvlink.backend import _INT32_ALIGN, _int32_offsets
+
+    sizes = [5, 0, 64, 65, 1]
+    offsets, total = _int32_offsets(sizes)
+    assert offsets[0] == 0 and all(o % _INT32_ALIGN == 0 for o in offsets)
+    for (o, n), nxt in zip(zip(offsets, sizes, strict=True), [*offsets[1:], total], strict=True):
+        assert o + n <= nxt
+    assert total == 5 * _INT32_ALIGN
+    assert _int32_offsets([]) == ([], 1)
+
+
 def test_aligned_counts_from_prefix_sums() -> None:
     # The host side of a dispatch with CPU sync turns the kernel's inclusive prefix sums of the
     # aligned per-expert counts into the counts (`num_recv_tokens_per_expert_list`).

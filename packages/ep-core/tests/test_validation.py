@@ -14,6 +14,7 @@ from ep_core.validation import (
     check_hidden,
     check_num_experts,
     check_topk_idx,
+    check_topk_idx_values,
     check_topk_weights,
     should_check_values,
 )
@@ -138,3 +139,27 @@ def test_bias_and_combine_errors() -> None:
         check_bias((good, good.float()), num_tokens=3, hidden=64, device=CPU)
     with pytest.raises(ValueError, match="5 rows but the handle's dispatch produced 3"):
         check_combine_x(torch.zeros(5, 64, dtype=torch.bfloat16), num_rows=3, device=CPU)
+
+
+@pytest.mark.parametrize(
+    ("topk", "match"),
+    [
+        (_idx([[0, 1], [2, 16]]), r"topk_idx\[1, 1\] = 16 is outside \[-1, 16\)"),
+        (_idx([[0, 1], [5, 5]]), "row 1 selects expert 5 more than once"),
+    ],
+)
+def test_values_checked_apart_from_the_layout(topk: torch.Tensor, match: str) -> None:
+    # values=False leaves the value checks to the caller (a backend checking on the device),
+    # which names the entry through check_topk_idx_values with the same message.
+    assert check_topk_idx(topk, num_tokens=2, num_experts=16, device=CPU, values=False) is topk
+    with pytest.raises(ValueError, match=match):
+        check_topk_idx_values(topk, 16)
+    with pytest.raises(ValueError, match="k = 33"):  # layout checks still run
+        check_topk_idx(
+            torch.zeros(2, 33, dtype=torch.int64),
+            num_tokens=2,
+            num_experts=16,
+            device=CPU,
+            values=False,
+        )
+    check_topk_idx_values(_idx([[-1, -1], [15, 0]]), 16)

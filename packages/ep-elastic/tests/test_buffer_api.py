@@ -384,3 +384,36 @@ def test_buffer_debug_goes_through_logging() -> None:
     assert len(records) == 1, records
     assert "rank 0/1: backend=torch" in records[0]
     assert "allocated by region: none (no buffer)" in records[0]
+
+
+def _value_check_worker(info: Any) -> list[bool]:
+    # A backend that checks topk_idx's values on the device (in the one read of a dispatch with
+    # CPU sync) spares the buffer the host checks there, and only there.
+    from ep_elastic import _high_throughput
+
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=4)
+    seen: list[bool] = []
+    original = _high_throughput.check_topk_idx
+
+    def spy(*args: Any, values: bool = True, **kwargs: Any) -> torch.Tensor:
+        seen.append(values)
+        return original(*args, values=values, **kwargs)
+
+    _high_throughput.check_topk_idx = spy  # type: ignore[assignment]
+    try:
+        x = torch.zeros(6, HIDDEN, dtype=torch.bfloat16)
+        idx = torch.arange(24).reshape(6, 4) % E
+        buf.dispatch(x, topk_idx=idx, num_experts=E, do_cpu_sync=True)
+        buf.backend.checks_topk_idx_on_device = True  # type: ignore[attr-defined]
+        buf.dispatch(x, topk_idx=idx, num_experts=E, do_cpu_sync=True)
+        buf.dispatch(x, topk_idx=idx, num_experts=E, do_cpu_sync=False)
+        buf.dispatch(x, topk_idx=idx, num_experts=E)  # do_cpu_sync=None: a sync dispatch
+    finally:
+        _high_throughput.check_topk_idx = original  # type: ignore[assignment]
+        buf.destroy()
+    return seen
+
+
+def test_value_checks_left_to_a_backend_that_checks_on_device() -> None:
+    seen = run_ranks(1, _value_check_worker, timeout_s=120, use_gpu=False)[0]
+    assert seen == [True, False, True, False]

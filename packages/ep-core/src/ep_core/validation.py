@@ -2,7 +2,9 @@
 
 Shape, dtype, device and contiguity checks read only metadata. The value checks of ``topk_idx``
 (ids in ``[-1, E)``, no expert twice in a row) read the tensor on the host, which is a sync on
-CUDA: they run unless ``EP_CHECK_INPUTS=0`` or the current CUDA stream is being captured.
+CUDA: they run unless ``EP_CHECK_INPUTS=0`` or the current CUDA stream is being captured. The
+NVLink backend's dispatch with CPU sync checks the values on the device instead and reads the
+verdict with its counts (one device-to-host read for both), raising the same errors.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "check_positive_int",
     "check_tensor",
     "check_topk_idx",
+    "check_topk_idx_values",
     "check_topk_weights",
     "should_check_values",
 ]
@@ -116,9 +119,11 @@ def check_topk_idx(
     num_experts: int,
     device: torch.device,
     name: str = "topk_idx",
+    values: bool = True,
 ) -> torch.Tensor:
     """Checks ``topk_idx``: ``[T, k]`` int64 contiguous, ``1 <= k <= 32``, ids in ``[-1, E)``,
-    no expert twice in one row (the value checks follow :func:`should_check_values`).
+    no expert twice in one row (the value checks follow :func:`should_check_values`; with
+    ``values=False`` the caller has them done elsewhere, e.g. on the device by the backend).
 
     Returns:
         ``topk_idx`` itself.
@@ -129,8 +134,18 @@ def check_topk_idx(
     k = t.shape[1]
     if not 1 <= k <= MAX_TOPK:
         raise ValueError(f"{name} has k = {k} columns; need 1 <= k <= {MAX_TOPK}")
-    if t.numel() == 0 or not should_check_values(t):
+    if not values or t.numel() == 0 or not should_check_values(t):
         return t
+    check_topk_idx_values(t, num_experts, name=name)
+    return t
+
+
+def check_topk_idx_values(t: torch.Tensor, num_experts: int, *, name: str = "topk_idx") -> None:
+    """The value checks of :func:`check_topk_idx` alone (reads ``t`` on the host: a sync on
+    CUDA): ids in ``[-1, E)``, no expert twice in one row; raises naming the first bad entry.
+
+    Backends that check the values on the device call it to name the entry once a check failed.
+    """
     bad = (t < -1) | (t >= num_experts)
     if bool(bad.any()):
         row, col = (int(v) for v in bad.nonzero()[0])
@@ -144,7 +159,6 @@ def check_topk_idx(
         row, col = (int(v) for v in dup.nonzero()[0])
         expert = int(ordered[row, col])
         raise ValueError(f"{name} row {row} selects expert {expert} more than once")
-    return t
 
 
 def check_topk_weights(

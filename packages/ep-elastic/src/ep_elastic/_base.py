@@ -167,6 +167,9 @@ class BufferBase:
     ) -> None:
         self._backend: EPBackend | None = None
         self._destroyed = False
+        # Results of per-call computations that depend only on the call's sizes.
+        self._num_sms_cache: dict[tuple[int, int], int] = {}
+        self._capacity_ok: set[tuple[int, int, int, bool]] = set()
         # Names this buffer in the torch.compile custom ops (ep_elastic._compiled).
         self._op_key = register_buffer(self)
         if num_cpu_timeout_secs is None:
@@ -321,7 +324,26 @@ class BufferBase:
             **kwargs,
         )
 
+    def _default_num_sms(self, num_experts: int, num_topk: int) -> int:
+        """:meth:`get_theoretical_num_sms`, computed once per ``(E, k)`` (a call's host path)."""
+        key = (num_experts, num_topk)
+        sms = self._num_sms_cache.get(key)
+        if sms is None:
+            sms = self._num_sms_cache[key] = self.get_theoretical_num_sms(num_experts, num_topk)
+        return sms
+
     def _check_capacity(self, num_max_tokens: int, hidden: int, num_topk: int, fp8: bool) -> None:
+        key = (num_max_tokens, hidden, num_topk, fp8)
+        if key in self._capacity_ok:  # the size computation builds a whole layout
+            return
+        self._check_capacity_uncached(num_max_tokens, hidden, num_topk, fp8)
+        if len(self._capacity_ok) > 64:
+            self._capacity_ok.clear()
+        self._capacity_ok.add(key)
+
+    def _check_capacity_uncached(
+        self, num_max_tokens: int, hidden: int, num_topk: int, fp8: bool
+    ) -> None:
         if self.hidden and hidden > self.hidden:
             raise ValueError(f"hidden size {hidden} exceeds the buffer's hidden {self.hidden}")
         if self.num_topk and num_topk > self.num_topk:

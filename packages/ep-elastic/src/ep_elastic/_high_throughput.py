@@ -44,6 +44,14 @@ def _check_matches_handle(handle: EPHandle, **given: object) -> None:
             raise ValueError(f"{name}={value!r} differs from the handle's {have!r}")
 
 
+def _all_outputs(result: tuple) -> tuple:
+    return result
+
+
+def _new_outputs(result: tuple) -> tuple:
+    return result[:4]
+
+
 class HighThroughputMixin(BufferBase):
     """``dispatch``/``combine`` on top of :class:`~ep_elastic._base.BufferBase`."""
 
@@ -173,8 +181,15 @@ class HighThroughputMixin(BufferBase):
             )
             num_tokens, hidden = checked_x.shape
             if handle is None:
+                # A backend that reads its counts back anyway checks the ids' values on the
+                # device in that same read (no sort, no extra syncs here); the others on the host.
+                on_device = sync and getattr(backend, "checks_topk_idx_on_device", False)
                 check_topk_idx(
-                    idx, num_tokens=num_tokens, num_experts=num_experts, device=self.device
+                    idx,
+                    num_tokens=num_tokens,
+                    num_experts=num_experts,
+                    device=self.device,
+                    values=not on_device,
                 )
             elif num_tokens != handle.num_tokens:
                 raise ValueError(
@@ -195,9 +210,7 @@ class HighThroughputMixin(BufferBase):
             self._check_capacity(nmax, hidden, k, checked_scales is not None)
             if num_sms == 0:
                 num_sms = (
-                    handle.num_sms
-                    if handle is not None
-                    else self.get_theoretical_num_sms(num_experts, k)
+                    handle.num_sms if handle is not None else self._default_num_sms(num_experts, k)
                 )
             check_positive_int("num_sms", num_sms)
         except (ValueError, TypeError) as exc:
@@ -231,7 +244,9 @@ class HighThroughputMixin(BufferBase):
             self.device,
             call,
             (checked_x, checked_scales, idx, topk_weights, stats),
-            lambda r: r,
+            # A cached dispatch returns its handle unchanged (its tensors were kept alive for
+            # the caller's stream by the dispatch that made it): only the new rows.
+            _new_outputs if handle is not None else _all_outputs,
             previous_event=previous_event,
             async_with_compute_stream=async_with_compute_stream,
         )

@@ -14,10 +14,13 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.distributed as dist
 
 import ep_jit
+from ep_core import knobs
 from ep_core.backend import BackendConfig, DispatchResult, LowLatencyDispatchResult, RecvHook
 from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
@@ -25,6 +28,8 @@ from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
 from ep_core.nvlink import ht
 from ep_core.nvlink.layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
 from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, tag_word
+from ep_core.validation import check_topk_idx_values
+from ep_jit.streams import current_stream
 
 __all__ = ["NvlinkBackend"]
 
@@ -60,6 +65,13 @@ class NvlinkBackend:
     """
 
     name = "nvlink"
+
+    checks_topk_idx_on_device = True
+    """A dispatch with ``do_cpu_sync`` checks ``topk_idx``'s values on the device (ids in
+    ``[-1, E)``, no expert twice in a row) and reads the verdict with its counts, raising the
+    ``ValueError`` of :func:`ep_core.validation.check_topk_idx`: the caller may skip its host
+    checks (a sort and two device syncs). The kernels ignore ids outside the range, so bad ids
+    never make them read or write out of bounds before the error is raised."""
 
     def __init__(self, group: dist.ProcessGroup, config: BackendConfig) -> None:
         self.group = group
@@ -98,9 +110,14 @@ class NvlinkBackend:
             timeout_s=max(config.num_gpu_timeout_secs, 0.0),
             device=self.device,
         )
+        # The record's first word (its error code, pinned host memory): read on every call
+        # instead of parsing the whole record, which is done only once it is set.
+        self._error_code = ctypes.c_int32.from_address(self.watchdog.record_ptr)
+        self._sm_count = 0
         # Pinned landing buffers of the dispatch's counts (by length), read after the one host
         # synchronisation of a dispatch with do_cpu_sync.
         self._host_counts: dict[int, torch.Tensor] = {}
+        self._counts_event = torch.cuda.Event()  # re-recorded by each read
         self._host_timeout_s = config.num_cpu_timeout_secs
         # Every rank's zeroed buffer is in place before any peer writes into it.
         self.sym.settle(self._host_timeout_s)
@@ -152,7 +169,8 @@ class NvlinkBackend:
     def _check(self) -> None:
         if self._destroyed:
             raise RuntimeError("NvlinkBackend was destroyed")
-        self.watchdog.check()
+        if self._error_code.value:
+            self.watchdog.check()
 
     def _check_shape(self, hidden: int, topk: int, nmax: int) -> None:
         if hidden > self.sizing.hidden:
@@ -168,7 +186,10 @@ class NvlinkBackend:
             )
 
     def _num_sms(self, num_sms: int) -> int:
-        limit = torch.cuda.get_device_properties(self.device).multi_processor_count
+        limit = self._sm_count
+        if not limit:
+            limit = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self._sm_count = limit
         n = num_sms if num_sms > 0 else ht.DEFAULT_NUM_SMS
         if not 1 <= n <= limit:
             raise ValueError(f"num_sms must be in [1, {limit}], got {num_sms}")
@@ -200,11 +221,34 @@ class NvlinkBackend:
         n_sms = self._num_sms(num_sms)
         dev = self.device
         nchunks = -(-num_tokens // CHUNK_TOKENS)
+        rows = r * nmax
+        # Value checks of the routing on the device, read with the counts (fresh dispatch with
+        # CPU sync only: without a host read there is nobody to raise).
+        check = handle is None and do_cpu_sync and knobs.ep.check_inputs
+        num_counts = r + 2 * el
+        num_bad = ht.check_ctas(num_tokens) if check else 0
+        # Every int32 output of the call lives in one allocation: the counts and the check's
+        # verdict words first (one device-to-host read), then the chunk ends, the metadata and,
+        # for a fresh dispatch, the routing layout. No fill: the prologue kernel zeroes the
+        # counts the dispatch kernel adds into, the kernels write everything else.
+        parts = [num_counts + num_bad, r * self.sizing.max_chunks, r, rows * 2]
+        if handle is None:
+            parts += [num_tokens * r, (nchunks + 1) * r]
+        offsets, total = _int32_offsets(parts)
+        block = torch.empty(total, dtype=torch.int32, device=dev)
+        counts = block.as_strided((num_counts,), (1,), 0)
+        bad = block.as_strided((num_bad,), (1,), num_counts) if check else None
+        chunk_end = block.as_strided(
+            (r, self.sizing.max_chunks), (self.sizing.max_chunks, 1), offsets[1]
+        )
+        nchunks_t = block.as_strided((r,), (1,), offsets[2])
+        out_meta = block.as_strided((rows, 2), (2, 1), offsets[3])
         idx_copy: torch.Tensor | None = None
         if handle is None:
-            send_row = torch.empty((num_tokens, r), dtype=torch.int32, device=dev)
+            ht.launch_check_topk(topk_idx, num_experts, counts, bad)
+            send_row = block.as_strided((num_tokens, r), (r, 1), offsets[4])
             is_in = torch.empty((num_tokens, r), dtype=torch.bool, device=dev)
-            chunk_prefix = torch.empty((nchunks + 1, r), dtype=torch.int32, device=dev)
+            chunk_prefix = block.as_strided((nchunks + 1, r), (r, 1), offsets[5])
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
             idx_copy = torch.empty_like(topk_idx)
             ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
@@ -214,8 +258,8 @@ class NvlinkBackend:
             if not isinstance(state, _HtState):
                 raise ValueError("the handle was not made by the nvlink backend")
             chunk_prefix = state.chunk_prefix
+            ht.launch_check_topk(topk_idx, num_experts, counts, None)
 
-        rows = r * nmax
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
         out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
         out_sf = None
@@ -227,10 +271,6 @@ class NvlinkBackend:
             if topk_weights is None
             else torch.empty((rows, k), dtype=torch.float32, device=dev)
         )
-        out_meta = torch.empty((rows, 2), dtype=torch.int32, device=dev)
-        counts = torch.zeros(r + 2 * el, dtype=torch.int32, device=dev)
-        chunk_end = torch.empty((r, self.sizing.max_chunks), dtype=torch.int32, device=dev)
-        nchunks_t = torch.empty(r, dtype=torch.int32, device=dev)
         ht.launch_dispatch(
             self.ht,
             x=x,
@@ -263,10 +303,14 @@ class NvlinkBackend:
             assert isinstance(prev, _HtState)
             exact_rows = prev.exact_rows
         elif do_cpu_sync:
-            host = self._read_counts(counts)  # the one host synchronisation of this call
-            self.watchdog.check()
+            # The one host synchronisation of this call: the counts and the check's verdict.
+            host = self._read_counts(block[: num_counts + num_bad])
+            if self._error_code.value:
+                self.watchdog.check()
+            if check and any(host[num_counts:]):
+                _raise_bad_topk_idx(topk_idx, num_experts)
             exact_rows = int(host[r - 1])
-            aligned_list = _aligned_from_psum(host[r + el :])
+            aligned_list = _aligned_from_psum(host[r + el : num_counts])
         num_rows = exact_rows if exact_rows is not None else rows
 
         recv_x = out_x[:num_rows]
@@ -482,8 +526,11 @@ class NvlinkBackend:
         if host is None:
             host = self._host_counts[n] = torch.empty(n, dtype=counts.dtype, pin_memory=True)
         host.copy_(counts, non_blocking=True)
-        ep_jit.wait_stream(
-            torch.cuda.current_stream(self.device),
+        index = self.device.index
+        stream = current_stream(torch.cuda.current_device() if index is None else index)
+        self._counts_event.record(stream)
+        ep_jit.wait_event(
+            self._counts_event,
             what="the dispatch's received-token counts",
             timeout_s=self._host_timeout_s,
         )
@@ -529,6 +576,28 @@ class NvlinkBackend:
             self._ll.destroy()
             self._ll = None
         self.sym.destroy()
+
+
+_INT32_ALIGN = 64
+"""int32 words (256 bytes) each part of a dispatch's int32 block starts on a multiple of."""
+
+
+def _int32_offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of parts of ``sizes`` int32 words in one block, each ``_INT32_ALIGN``-aligned,
+    and the block's length."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end += -(-n // _INT32_ALIGN) * _INT32_ALIGN
+    return offsets, max(end, 1)
+
+
+def _raise_bad_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """Raises the host check's ``ValueError`` for routing the device check found bad."""
+    check_topk_idx_values(topk_idx, num_experts)
+    raise RuntimeError(
+        "the device check of topk_idx found a bad id that the host check does not see"
+    )
 
 
 def _aligned_from_psum(psum: list[int]) -> list[int]:

@@ -25,12 +25,15 @@ from ep_core.nvlink.layout import (
 )
 
 __all__ = [
+    "CHECK_MAX_CTAS",
     "DEFAULT_NUM_SMS",
     "SPLIT_MIN_SMS",
     "STAGES",
     "HtContext",
+    "check_ctas",
     "combine_config",
     "dispatch_config",
+    "launch_check_topk",
     "launch_combine",
     "launch_dispatch",
     "launch_dispatch_tail",
@@ -276,6 +279,38 @@ def _tail_spec(num_topk: int) -> Any:
     )
 
 
+CHECK_THREADS = 256
+"""Threads per CTA of the dispatch prologue (``kCheckThreads``)."""
+
+CHECK_MAX_CTAS = 32
+"""Most CTAs of the dispatch prologue: the host reads one verdict word per CTA."""
+
+
+def check_ctas(num_tokens: int) -> int:
+    """CTAs of the dispatch prologue for ``num_tokens`` tokens (one thread per token)."""
+    return max(1, min(CHECK_MAX_CTAS, -(-num_tokens // CHECK_THREADS)))
+
+
+def _check_spec(num_topk: int) -> Any:
+    from ep_jit import KernelSpec
+
+    return KernelSpec(
+        name="ep_ht_check_topk",
+        includes=["ep_core/smxx_ht_common.cuh"],
+        template="ep_core::ht_check_topk",
+        params=[
+            "const int64_t* topk_idx",
+            "int64_t num_tokens",
+            "int64_t num_experts",
+            "int32_t* zero",
+            "int64_t num_zero",
+            "int32_t* bad",
+        ],
+        constants={"kTopk": num_topk},
+        launch_bounds=(CHECK_THREADS, 1),
+    )
+
+
 def _dispatch_spec(
     num_ranks: int, num_topk: int, row_bytes: int, num_sf: int, cfg: DispatchConfig
 ) -> Any:
@@ -330,7 +365,7 @@ def shipped_kernels() -> list[Any]:
     High-throughput kernels only; ``ep_core.nvlink.shipped_kernels`` adds the low-latency ones.
     """
     register_include_root()
-    specs = [_layout_spec(4, 8), _tail_spec(8)]
+    specs = [_layout_spec(4, 8), _tail_spec(8), _check_spec(8), _check_spec(32)]
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
         cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
         specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
@@ -407,6 +442,32 @@ def launch_layout(
         is_in,
         chunk_prefix,
         topk_copy,
+    )
+
+
+def launch_check_topk(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    zero: torch.Tensor,
+    bad: torch.Tensor | None,
+) -> None:
+    """Dispatch prologue on the current stream: zeroes ``zero`` (int32, contiguous) and, when
+    ``bad`` is given, writes ``check_ctas(T)`` verdict words into it (1: ``topk_idx`` has an id
+    outside ``[-1, num_experts)`` or a repeated expert in a row; see ``ht_check_topk``)."""
+    num_tokens, k = topk_idx.shape
+    key = ("check", k)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, build_kernel(_check_spec(k)))
+    found[1].launch(
+        (check_ctas(num_tokens) if bad is not None else 1, 1, 1),
+        (CHECK_THREADS, 1, 1),
+        topk_idx,
+        num_tokens,
+        num_experts,
+        zero,
+        zero.numel(),
+        bad,
     )
 
 

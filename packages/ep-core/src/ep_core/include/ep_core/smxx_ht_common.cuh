@@ -188,6 +188,44 @@ __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, 
     }
 }
 
+// Prologue of a dispatch, grid = ht_check_ctas(T) CTAs of kCheckThreads threads:
+//   zero[0, num_zero)  zeroed by CTA 0 (the counters the dispatch kernel adds into), so the host
+//                      allocates them without a fill
+//   bad[b]             (bad not null) CTA b's verdict on its tokens: 1 if an id is outside
+//                      [-1, num_experts) or a row names one expert twice, else 0; written
+//                      unconditionally, so it needs no zeroing. The host reads it together
+//                      with the dispatch's counts (one device-to-host read) and, when set, names
+//                      the first bad entry from the ids themselves.
+// One thread per token (grid-stride): its kTopk ids in registers, range test and pairwise test.
+constexpr int kCheckThreads = 256;
+
+template <int kTopk>
+__device__ __forceinline__ void ht_check_topk(const int64_t* __restrict__ topk_idx,
+                                              int64_t num_tokens, int64_t num_experts,
+                                              int32_t* __restrict__ zero, int64_t num_zero,
+                                              int32_t* __restrict__ bad) {
+    if (blockIdx.x == 0)
+        for (int64_t i = threadIdx.x; i < num_zero; i += blockDim.x) zero[i] = 0;
+    if (bad == nullptr) return;
+    int found = 0;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tokens;
+         t += stride) {
+        int64_t ids[kTopk];
+#pragma unroll
+        for (int m = 0; m < kTopk; ++m) ids[m] = __ldg(topk_idx + t * kTopk + m);
+#pragma unroll
+        for (int m = 0; m < kTopk; ++m) {
+            if (ids[m] < -1 || ids[m] >= num_experts) found = 1;
+#pragma unroll
+            for (int j = 0; j < m; ++j)
+                if (ids[m] >= 0 && ids[j] == ids[m]) found = 1;
+        }
+    }
+    found = __syncthreads_or(found);
+    if (threadIdx.x == 0) bad[blockIdx.x] = found != 0 ? 1 : 0;
+}
+
 // Rows of a dispatch without CPU sync past the valid count (*valid_rows, read on the device) up to
 // `rows`: metadata and top-k ids -1, weights 0 (weights may be null), so code that indexes with
 // the worst-case outputs stays in bounds. Grid-stride loops, one per output, each coalesced.
