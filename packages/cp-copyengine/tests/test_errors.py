@@ -124,7 +124,7 @@ def _errors_worker(info: RankInfo) -> None:
     out, handle = buf.all_gather(slot)
     handle()
     # A call that passes costs one fixed-size all-gather (a gloo group), no object exchange.
-    assert buf._checker.fast and buf._checker.rounds == rounds + 1
+    assert not buf._checker.own_group and buf._checker.rounds == rounds + 1
     assert isinstance(out, torch.Tensor)
     assert torch.equal(out, torch.arange(world, dtype=torch.float32)[:, None].expand(world, 32))
     # Too many calls in one session.
@@ -174,8 +174,38 @@ def _peer_never_joins(info: RankInfo) -> None:
             done.unlink(missing_ok=True)
 
 
+def _checks_without_gloo(info: RankInfo) -> None:
+    """A group without gloo (NCCL only) gets its own gloo group for the checks: made by the
+    group's ranks alone, agreeing and disagreeing like the group's own, freed by destroy()."""
+    from cp_copyengine import _checks
+
+    real = _checks.has_cpu_backend
+    _checks.has_cpu_backend = lambda group: False  # stands in for an NCCL-only group
+    try:
+        checker = _checks.CallChecker(info.group, torch.device("cpu"), 30.0)
+    finally:
+        _checks.has_cpu_backend = real
+    assert checker.own_group and checker.group is not info.group
+    checker.check("all_gather", {"tensors": [(4,)]}, None)
+    _raises(
+        ValueError,
+        r"tensors differs across ranks \(rank 0: \[\(4,\)\], rank 1: \[\(5,\)\]\)",
+        lambda: checker.check("all_gather", {"tensors": [(4 + info.rank,)]}, None),
+    )
+    failing = ValueError("bad") if info.rank == 0 else None
+    _raises(
+        ValueError,
+        "bad" if info.rank == 0 else "rank 0: ValueError: bad",
+        lambda: checker.check("all_gather", {}, failing),
+    )
+    assert checker.rounds == 3
+    checker.destroy()
+    assert not checker.own_group
+
+
 def _two_rank_worker(info: RankInfo) -> int:
     _errors_worker(info)
+    _checks_without_gloo(info)
     # The API and random programs on 2 ranks, in the same launch (spawning dominates the time).
     ops = int(_worker(info, 1, 48)["ops"])  # type: ignore[call-overload]
     _peer_never_joins(info)

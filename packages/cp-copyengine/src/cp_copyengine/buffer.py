@@ -358,6 +358,7 @@ class CopyEngineBuffer(SessionAreaMixin):
                     timeout_s=self.timeout_s,
                 )
         self._backend.destroy()
+        self._checker.destroy()
         self._area = torch.empty(0, dtype=torch.uint8)
         self._views.clear()
 
