@@ -8,7 +8,7 @@ so that one CTA fills one SM's shared memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -409,6 +409,9 @@ class HtContext:
     combine_override: tuple[int, ...] | None = None
     trace_dispatch: torch.Tensor | None = None
     trace_combine: torch.Tensor | None = None
+    arg_templates: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    """Kernel-argument structs with the fields that do not change between calls of one shape
+    filled in (see ``launch_dispatch``): a call copies one and sets its pointers."""
 
 
 _configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
@@ -535,11 +538,30 @@ def launch_dispatch(
             cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
     cfg, kernel = found
-    a = HtDispatchArgs()
+    # The fields fixed for this shape, buffer and launch come from a template made once.
+    tkey = (key, num_max_tokens, expert_alignment, num_sms, device_ptr(ctx.trace_dispatch))
+    template = ctx.arg_templates.get(tkey)
+    if template is None:
+        t = HtDispatchArgs()
+        t.peer_bases = device_ptr(ctx.peer_bases)
+        t.error = ctx.watchdog.record_ptr
+        t.num_max_tokens = num_max_tokens
+        t.num_local_experts, t.max_chunks = num_local_experts, ctx.sizing.max_chunks
+        t.expert_alignment, t.timeout_ns, t.rank = (
+            expert_alignment,
+            ctx.watchdog.timeout_ns,
+            ctx.rank,
+        )
+        t.lay = ctx.layout
+        t.trace = device_ptr(ctx.trace_dispatch) or None
+        t.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
+        if len(ctx.arg_templates) > 64:
+            ctx.arg_templates.clear()
+        template = ctx.arg_templates[tkey] = t
+    a = HtDispatchArgs.from_buffer_copy(template)
     a.x, a.x_sf = device_ptr(x), device_ptr(x_scales)
     a.topk_idx, a.topk_weights = device_ptr(topk_idx), device_ptr(topk_weights)
     a.send_row, a.chunk_prefix = device_ptr(send_row), device_ptr(chunk_prefix)
-    a.peer_bases = device_ptr(ctx.peer_bases)
     a.out_x, a.out_sf, a.out_topk_idx = device_ptr(out_x), device_ptr(out_sf), device_ptr(out_idx)
     a.out_topk_weights, a.out_src_meta = device_ptr(out_w), device_ptr(out_meta)
     a.out_counts, a.out_chunk_end, a.out_nchunks = (
@@ -547,15 +569,9 @@ def launch_dispatch(
         device_ptr(chunk_end),
         device_ptr(nchunks),
     )
-    a.error = ctx.watchdog.record_ptr
     a.sf_stride_t = 0 if x_scales is None else x_scales.stride(0)
     a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
-    a.num_tokens, a.num_max_tokens = x.shape[0], num_max_tokens
-    a.num_local_experts, a.max_chunks = num_local_experts, ctx.sizing.max_chunks
-    a.expert_alignment, a.timeout_ns, a.rank = expert_alignment, ctx.watchdog.timeout_ns, ctx.rank
-    a.lay = ctx.layout
-    a.trace = device_ptr(ctx.trace_dispatch) or None
-    a.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
+    a.num_tokens = x.shape[0]
     kernel.launch(
         (num_sms, 1, 1),
         (cfg.threads, 1, 1),
@@ -591,21 +607,31 @@ def launch_combine(
             cfg = combine_config(payload, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
-    a = HtCombineArgs()
+    nmax, el = handle.num_max_tokens_per_rank, handle.num_local_experts
+    tkey = (key, nmax, el, num_sms, device_ptr(ctx.trace_combine))
+    template = ctx.arg_templates.get(tkey)
+    if template is None:
+        t = HtCombineArgs()
+        t.peer_bases = device_ptr(ctx.peer_bases)
+        t.error = ctx.watchdog.record_ptr
+        t.num_max_tokens = nmax
+        t.num_local_experts, t.max_chunks = el, ctx.sizing.max_chunks
+        t.timeout_ns, t.rank = ctx.watchdog.timeout_ns, ctx.rank
+        t.lay = ctx.layout
+        t.trace = device_ptr(ctx.trace_combine) or None
+        t.num_push_ctas = cfg.num_push_ctas(num_sms) if cfg.split else 0
+        if len(ctx.arg_templates) > 64:
+            ctx.arg_templates.clear()
+        template = ctx.arg_templates[tkey] = t
+    a = HtCombineArgs.from_buffer_copy(template)
     a.x, a.topk_weights, a.src_meta = device_ptr(x), device_ptr(weights), device_ptr(meta)
     a.psum_rank = device_ptr(handle.psum_num_recv_tokens_per_rank)
     a.chunk_end, a.nchunks = device_ptr(state.chunk_end), device_ptr(state.nchunks)
     a.topk_idx, a.send_row = device_ptr(handle.topk_idx), device_ptr(handle.send_row)
     a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
     a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
-    a.peer_bases = device_ptr(ctx.peer_bases)
-    a.out, a.out_weights, a.error = device_ptr(out), device_ptr(out_w), ctx.watchdog.record_ptr
-    a.num_tokens, a.num_max_tokens = handle.num_tokens, handle.num_max_tokens_per_rank
-    a.num_local_experts, a.max_chunks = handle.num_local_experts, ctx.sizing.max_chunks
-    a.timeout_ns, a.rank = ctx.watchdog.timeout_ns, ctx.rank
-    a.lay = ctx.layout
-    a.trace = device_ptr(ctx.trace_combine) or None
-    a.num_push_ctas = cfg.num_push_ctas(num_sms) if cfg.split else 0
+    a.out, a.out_weights = device_ptr(out), device_ptr(out_w)
+    a.num_tokens = handle.num_tokens
     kernel.launch(
         (num_sms, 1, 1),
         (cfg.threads, 1, 1),
