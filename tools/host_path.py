@@ -8,7 +8,8 @@ For each call kind (dispatch with CPU sync, cached dispatch, combine) it prints,
           a dispatch with CPU sync returns after its kernels, so its wall includes them);
   kernel  GPU time of the call's kernels (torch profiler, summed per call);
   host    wall minus kernel for calls that wait for their kernels, else wall: the time the call
-          costs the host beyond the GPU work.
+          costs the host beyond the GPU work;
+  allocs  CUDA caching-allocator allocations per call (torch.cuda.memory_stats).
 With --profile, rank 0 also prints the functions with the most own time (cProfile) per kind.
 Ranks beyond one share the GPU (gloo group), so their kernel times include time slicing.
 """
@@ -57,6 +58,16 @@ def _wall_us(fn: Callable[[], object], calls: int, group: dist.ProcessGroup) -> 
         samples.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
     return samples
+
+
+def _allocs(fn: Callable[[], object], calls: int) -> float:
+    key = "allocation.all.allocated"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats().get(key, 0)
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.memory_stats().get(key, 0) - before) / calls
 
 
 def _hot(fn: Callable[[], object], calls: int) -> str:
@@ -109,6 +120,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> dict[str, Any]:
             "wall_min_us": min(wall),
             "kernel_us": kernel,
             "host_us": med - kernel if waits else med,
+            "allocs": _allocs(fn, min(calls, 20)),
         }
         if opts["profile"] and rank == 0:
             entry["profile"] = _hot(fn, min(calls, 100))
@@ -137,11 +149,11 @@ def main() -> None:
         f"GPU, {first['backend']} backend, T={args.tokens} H={args.hidden} k={args.topk} "
         f"E={args.experts}, {args.calls} calls"
     )
-    print(f"  {'call':22s} {'wall us':>9s} {'kernel us':>10s} {'host us':>9s}")
+    print(f"  {'call':22s} {'wall us':>9s} {'kernel us':>10s} {'host us':>9s} {'allocs':>7s}")
     for name, entry in first["kinds"].items():
         print(
             f"  {name:22s} {entry['wall_us']:9.1f} {entry['kernel_us']:10.1f} "
-            f"{entry['host_us']:9.1f}"
+            f"{entry['host_us']:9.1f} {entry['allocs']:7.1f}"
         )
     for name, entry in first["kinds"].items():
         if "profile" in entry:
