@@ -164,8 +164,54 @@ def test_probe_id_patterns() -> None:
     from ep_engram._probe import SMALL_FOOTPRINT_BYTES, id_patterns
 
     pats = id_patterns(5000, 1 << 22, 256, seed=1)
-    assert set(pats) == {"random", "sorted", "small"}
+    assert set(pats) == {"random", "sorted", "small", "sequential"}
+    assert torch.equal(pats["sequential"], torch.arange(5000))
     assert all(p.numel() == 5000 and p.dtype == torch.int64 for p in pats.values())
     assert torch.equal(pats["sorted"], pats["random"].sort().values)
     assert int(pats["small"].max()) < SMALL_FOOTPRINT_BYTES // 256
     assert int(pats["random"].max()) >= SMALL_FOOTPRINT_BYTES // 256  # spread over the table
+
+
+def test_probe_runs_every_pattern_memory_and_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The probe's bookkeeping on the CPU, with the kernel replaced by index_select.
+    import argparse
+    import types
+
+    from ep_engram import _probe
+
+    entries, row = 1 << 16, 256
+    stored = torch.randint(0, 256, (entries, row), dtype=torch.uint8)
+    launches: list[tuple[str, int, int]] = []
+
+    def fake_launcher(variant: str, unroll: int, *_: int) -> object:
+        def launch(
+            ctas: int, ids: torch.Tensor, out: torch.Tensor, err: object, bases: object
+        ) -> None:
+            launches.append((variant, unroll, ctas))
+            torch.index_select(stored, 0, ids, out=out)
+
+        return launch
+
+    monkeypatch.setattr(_probe, "_launcher", fake_launcher)
+    monkeypatch.setattr(_probe, "_pinned_copy", lambda rows: rows.clone())
+    monkeypatch.setattr(_probe, "_device_pointer", lambda host: 0)
+    backend = types.SimpleNamespace(
+        rows_base=torch.zeros(1, dtype=torch.int64), rows_view=lambda peer: stored
+    )
+    table = types.SimpleNamespace(
+        device=torch.device("cpu"), num_entries_per_rank=entries, hidden=row // 2, _backend=backend
+    )
+    args = argparse.Namespace(
+        variants=["ilp", "ring"], unrolls=[4, 8], probe_ctas=[2, 8], tokens=64, k=8, iters=1,
+        warmup=0,
+    )  # fmt: skip
+    kinds: list[tuple[str, int | None]] = []
+    _probe.probe_host(
+        table, stored, args, "head", {}, lambda h, b, kind, c, s: kinds.append((kind, c))
+    )
+    assert ("probe-index_select-sequential", None) in kinds
+    assert ("probe-pin-small-ilp4", 8) in kinds and ("probe-seg-sorted-ring", 2) in kinds
+    assert len(kinds) == 4 * (
+        1 + 2 * 2 * 2
+    )  # patterns x (index_select + variants x memories x ctas)
+    assert ("ilp", 8, 2) not in launches  # only the first unroll

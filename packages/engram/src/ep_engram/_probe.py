@@ -7,7 +7,8 @@ patterns of the same count:
 
 - ``random``: uniform over the whole table (what the main sweep measures);
 - ``sorted``: the same ids in ascending order (consecutive reads share pages);
-- ``small``: uniform over the first 64 MiB of the table (few pages in all).
+- ``small``: uniform over the first 64 MiB of the table (few pages in all);
+- ``sequential``: ``0, 1, 2, ...`` (one contiguous range: the link's rate for the kernel).
 
 ``torch.index_select`` on the mapped segment (all SMs) runs beside them with each pattern. If
 ``sorted`` and ``small`` are much faster than ``random`` for every kernel and for
@@ -47,6 +48,7 @@ def id_patterns(n: int, entries: int, row_bytes: int, seed: int) -> dict[str, to
         "random": rand,
         "sorted": rand.sort().values,
         "small": torch.randint(0, small_rows, (n,), generator=gen),
+        "sequential": torch.arange(n, dtype=torch.int64) % entries,
     }
 
 
@@ -93,6 +95,13 @@ def _device_pointer(host: torch.Tensor) -> int:
     return host.data_ptr()
 
 
+def _pinned_copy(rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``rows`` in ``torch`` pinned host memory (``cudaHostAlloc``)."""
+    pinned = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    pinned.copy_(rows)
+    return pinned
+
+
 def _launcher(
     variant: str, unroll: int, row_bytes: int, entries: int, k: int, tokens: int
 ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
@@ -110,6 +119,9 @@ def _launcher(
     def launch(
         ctas: int, ids: torch.Tensor, out: torch.Tensor, err: torch.Tensor, bases: torch.Tensor
     ) -> None:
+        order = None
+        if variant == "tile_sorted":  # as the intranode backend does it, inside the timing
+            ids, order = torch.sort(ids)
         kernel.launch(
             ctas,
             threads,
@@ -124,6 +136,7 @@ def _launcher(
             k,
             sf_col_stride(tokens),
             bases.numel(),
+            order,
             smem=smem,
         )
 
@@ -143,7 +156,8 @@ def probe_host(
     Args:
         table: An intranode ``EngramTable`` with ``placement="host"`` on one rank.
         stored: ``[E, row_bytes]`` uint8, the rows written into it (on the GPU).
-        args: The bench's arguments (variants, unrolls, ctas, tokens, k, iters, warmup).
+        args: The bench's arguments (variants, the first of unrolls, probe_ctas, tokens, k,
+            iters, warmup).
         head: Progress line prefix.
         base: Result fields shared by every measurement (placement, row_bytes, rows).
         record: The bench's recorder.
@@ -161,8 +175,7 @@ def probe_host(
     n = args.tokens * args.k
     seg = table._backend.rows_base  # [1] int64: this rank's host segment address
     mapped = table._backend.rows_view(0)
-    pinned = torch.empty((entries, row_bytes), dtype=torch.uint8, pin_memory=True)
-    pinned.copy_(stored)
+    pinned = _pinned_copy(stored)
     pin_base = torch.tensor([_device_pointer(pinned)], dtype=torch.int64, device=dev)
     memories = {"seg": seg, "pin": pin_base}
     patterns = id_patterns(n, entries, row_bytes, seed=n + row_bytes)
@@ -182,7 +195,7 @@ def probe_host(
             launch = _launcher(variant, unroll, row_bytes, entries, args.k, args.tokens)
             for mem, bases in memories.items():
                 kind = f"probe-{mem}-{pattern}-{variant}" + (str(unroll) if unroll > 1 else "")
-                for ctas in args.ctas:
+                for ctas in args.probe_ctas:
                     out.fill_(0xA5)
                     launch(ctas, ids, out, err, bases)
                     if not torch.equal(out, want) or int(err.item()) != _NO_ERROR:

@@ -66,7 +66,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--probe",
         action="store_true",
         help="host placement: the kernels on the host segment vs a torch pinned table, with "
-        "random, sorted and small-footprint ids",
+        "random, sorted, small-footprint and sequential ids",
+    )
+    p.add_argument("--probe-ctas", nargs="+", type=int, default=[8], help="CTAs of --probe")
+    p.add_argument(
+        "--probe-row-bytes", nargs="+", type=int, default=[256], help="row sizes of --probe"
     )
     p.add_argument("--tokens", type=int, default=4096, help="T (DeepEP's test: 512)")
     p.add_argument("--k", type=int, default=24, help="rows per token (DeepEP's test: 24)")
@@ -223,7 +227,7 @@ def _bench_table(
                     raise AssertionError(f"{head} {variant} ctas={ctas}: wrong rows")
                 stats = bench(functools.partial(table.fetch, idx, out=out, num_ctas=ctas), **timing)
                 record(head, base, name, ctas, stats.median)
-        if args.probe and placement == "host":
+        if args.probe and placement == "host" and row_bytes in args.probe_row_bytes:
             from ep_engram._probe import probe_host
 
             probe_host(table, stored, args, head, base, record)

@@ -121,6 +121,10 @@ class IntranodeBackend(EngramBackend):
             unroll=knobs.engram.unroll,
         )
         flat = indices.contiguous()
+        order = None
+        if variant == "tile_sorted":
+            # Nearby ids are then read together; the kernel writes each row to its position.
+            flat, order = torch.sort(flat.view(-1))
         threads = threads_of(variant, knobs.engram.unroll)
         check = knobs.engram.check_errors
         with torch.cuda.device(cfg.device):
@@ -140,6 +144,7 @@ class IntranodeBackend(EngramBackend):
                 indices.shape[1],
                 sf_col_stride(indices.shape[0]),
                 cfg.world_size,
+                order,
                 smem=smem_of(variant, cfg.row_bytes),
             )
             if not check:

@@ -24,9 +24,9 @@ __all__ = [
     "threads_of",
 ]
 
-VARIANTS = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk")
+VARIANTS = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted")
 """Gather kernel variants (see ``<ep_engram/smxx_gather.cuh>``)."""
-UNROLLED = ("ilp", "tile")
+UNROLLED = ("ilp", "tile", "tile_sorted")
 """Variants that take ``unroll`` (16-byte loads in flight per thread)."""
 ILP_THREADS = 512
 """Threads per CTA of the ``ilp`` variant (registers hold ``unroll`` 16-byte chunks each)."""
@@ -93,6 +93,7 @@ _PARAMS = (
     "long long per_token",
     "long long sf_ld",
     "int num_ranks",
+    "const long long* order",
 )
 
 MAX_RANKS = 64
@@ -124,7 +125,8 @@ def gather_spec(
     (``[T*K]`` int32/int64), out (``[T*K, row_bytes]``), out_sf (scale output base or
     ``None``), error_pos (int64 ``[1]``, INT64_MAX before the launch), rows_base and sf_base
     (int64 ``[R]`` device addresses of every owner's rows and scales), ``T*K``, ``E``, ``K`` and
-    the scale column stride.
+    the scale column stride, the number of owners, and ``order`` (``tile_sorted``: int64
+    ``[T*K]``, the output position of each id of the sorted ``indices``; else ``None``).
 
     Raises:
         ValueError: A row that is not a multiple of 16 bytes, a bad variant or unroll.
@@ -170,7 +172,7 @@ def _stages_of(variant: str, row_bytes: int) -> tuple[int, int]:
 def threads_of(variant: str, unroll: int = 8) -> int:
     """Threads per CTA of a variant (``tile``: 1024, or 512 above 8 loads per thread, which
     would not fit the 64 registers a thread of 1024 has)."""
-    if variant == "tile":
+    if variant in ("tile", "tile_sorted"):
         return 1024 if unroll <= 8 else 512
     return {
         "ilp": ILP_THREADS,

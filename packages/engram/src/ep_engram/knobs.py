@@ -19,7 +19,7 @@ __all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
 BACKEND_CHOICES = ("auto", "intranode", "reference")
 """Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
 
-KERNEL_CHOICES = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk")
+KERNEL_CHOICES = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted")
 """Gather kernel variants of the intranode backend."""
 
 
@@ -44,12 +44,13 @@ class EngramKnobs(KnobGroup):
         "Intranode gather kernel: ilp (many 16-byte loads in flight per thread), warp (one row "
         "per warp at a time), bulk (bulk asynchronous copies through shared memory), tile (ilp "
         "with rows resolved once per tile), ring / ring_bulk (a ring of bulk-loaded slots per "
-        "warp, written out with 16-byte stores / bulk stores).",
+        "warp, written out with 16-byte stores / bulk stores) or tile_sorted (tile over the ids "
+        "sorted first with torch.sort).",
     )
     unroll = knob_int(
         "EP_ENGRAM_UNROLL",
         8,
-        "16-byte loads each thread keeps in flight in the ilp and tile gather kernels (1..16).",
+        "16-byte loads each thread keeps in flight in the ilp and tile* gather kernels (1..16).",
     )
     check_errors = knob_bool(
         "EP_ENGRAM_CHECK_ERRORS",

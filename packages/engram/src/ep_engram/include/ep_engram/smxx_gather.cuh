@@ -19,6 +19,9 @@
 //     once (one thread per row, 32-bit arithmetic where ids fit) into shared memory while the
 //     previous tile is copied, then every thread loads kUnroll 16-byte chunks before storing any:
 //     the ilp variant without the per-chunk index load and 64-bit division;
+//   kTileSorted (6): the tile variant over ids sorted by the host side, with `order` giving
+//     each sorted id's position in the output (rows of nearby ids are read together: fewer
+//     distinct pages at a time);
 //   kRing (4) / kRingBulk (5): each warp keeps a ring of kStages slots of kRowsPerStage rows in
 //     shared memory, filled by bulk asynchronous copies (one lane per row, one mbarrier per slot)
 //     with kStages - 1 (kRing) or kStages - 2 (kRingBulk) slots loading while the oldest is
@@ -64,7 +67,7 @@ __device__ __forceinline__ const char* row_address(long long g, long long item, 
     return nullptr;
 }
 
-enum : int { kIlp = 0, kWarp = 1, kBulk = 2, kTile = 3, kRing = 4, kRingBulk = 5 };
+enum : int { kIlp = 0, kWarp = 1, kBulk = 2, kTile = 3, kRing = 4, kRingBulk = 5, kTileSorted = 6 };
 
 // Like row_address, with 32-bit division when the ids fit (the common case: a 64-bit division
 // is a long instruction sequence, a 32-bit one a few).
@@ -175,17 +178,20 @@ __device__ __forceinline__ void bulk_copy(const IndexT* indices, char* dst, long
     ep_jit::tma_wait_all();
 }
 
-// The tile variant (see the file comment). Shared memory: two tiles of row addresses (static).
-template <typename IndexT, int kRowBytes, int kUnroll>
-__device__ __forceinline__ void tile_copy(const IndexT* indices, char* dst, long long* error_pos,
-                                          const unsigned long long* bases, long long num_items,
-                                          long long entries, long long num_rows) {
+// The tile variants (see the file comment). Shared memory: two tiles of row addresses (static),
+// and with `kSorted` two tiles of destination rows.
+template <typename IndexT, int kRowBytes, int kUnroll, bool kSorted>
+__device__ __forceinline__ void tile_copy(const IndexT* indices, const long long* order, char* dst,
+                                          long long* error_pos, const unsigned long long* bases,
+                                          long long num_items, long long entries,
+                                          long long num_rows) {
     constexpr int kChunks = kRowBytes / 16;
     // Rows per tile: what blockDim.x * kUnroll chunks hold, at least 1, at most one per thread
     // (each row is resolved by one thread); the array is sized for 1024 threads.
     constexpr int kFit = (1024 * kUnroll * 16) / kRowBytes;
     constexpr int kMaxTileRows = kFit < 1 ? 1 : (kFit > 1024 ? 1024 : kFit);
     __shared__ const char* s_src[2][kMaxTileRows];
+    __shared__ char* s_dst[2][kSorted ? kMaxTileRows : 1];
     int tile_rows = static_cast<int>(blockDim.x) * kUnroll * 16 / kRowBytes;
     tile_rows = tile_rows < 1 ? 1 : tile_rows;
     tile_rows = tile_rows > static_cast<int>(blockDim.x) ? static_cast<int>(blockDim.x) : tile_rows;
@@ -195,13 +201,22 @@ __device__ __forceinline__ void tile_copy(const IndexT* indices, char* dst, long
     long long t = blockIdx.x;
     if (t >= num_tiles) return;
     // This thread's row of a tile (threads >= tile_rows resolve nothing).
-    auto resolve = [&](long long tile, int buf, long long g) {
+    auto resolve = [&](long long tile, int buf, long long g, long long pos) {
         const long long item = tile * tile_rows + threadIdx.x;
-        if (static_cast<int>(threadIdx.x) < tile_rows)
+        if (static_cast<int>(threadIdx.x) < tile_rows) {
+            if (!kSorted) pos = item;
             s_src[buf][threadIdx.x] =
                 item < num_items
-                    ? row_address_fast<kRowBytes>(g, item, bases, entries, num_rows, error_pos)
+                    ? row_address_fast<kRowBytes>(g, pos, bases, entries, num_rows, error_pos)
                     : nullptr;
+            if constexpr (kSorted) s_dst[buf][threadIdx.x] = dst + pos * kRowBytes;
+        }
+    };
+    auto load_pos = [&](long long tile) -> long long {
+        const long long item = tile * tile_rows + threadIdx.x;
+        return kSorted && static_cast<int>(threadIdx.x) < tile_rows && item < num_items
+                   ? order[item]
+                   : 0ll;
     };
     auto load_id = [&](long long tile) -> long long {
         const long long item = tile * tile_rows + threadIdx.x;
@@ -209,12 +224,13 @@ __device__ __forceinline__ void tile_copy(const IndexT* indices, char* dst, long
                    ? static_cast<long long>(indices[item])
                    : -1ll;
     };
-    resolve(t, 0, load_id(t));
+    resolve(t, 0, load_id(t), load_pos(t));
     __syncthreads();
     for (int buf = 0; t < num_tiles; t += gridDim.x, buf ^= 1) {
         const long long next = t + gridDim.x;
         // Issued now, used after the copy: the id load's latency hides behind the tile's.
         const long long g_next = next < num_tiles ? load_id(next) : -1ll;
+        const long long pos_next = next < num_tiles ? load_pos(next) : 0ll;
         const long long first = t * tile_rows;
         const long long rows_here = num_items - first < tile_rows ? num_items - first : tile_rows;
         const int chunks = static_cast<int>(rows_here) * kChunks;
@@ -235,10 +251,18 @@ __device__ __forceinline__ void tile_copy(const IndexT* indices, char* dst, long
             const int left = chunks - base;
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
-                if (u * step < left) st_na_v4(out + (base - static_cast<int>(threadIdx.x) + u * step) * 16ll, v[u]);
+                if (u * step < left) {
+                    if constexpr (kSorted) {
+                        const int q = base + u * step;
+                        const int row = q / kChunks;
+                        st_na_v4(s_dst[buf][row] + (q - row * kChunks) * 16, v[u]);
+                    } else {
+                        st_na_v4(out + (base - static_cast<int>(threadIdx.x) + u * step) * 16ll, v[u]);
+                    }
+                }
             }
         }
-        if (next < num_tiles) resolve(next, buf ^ 1, g_next);
+        if (next < num_tiles) resolve(next, buf ^ 1, g_next, pos_next);
         __syncthreads();
     }
 }
@@ -347,7 +371,8 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
                                        const unsigned long long* rows_base,
                                        const unsigned long long* sf_base, long long num_items,
                                        long long entries, long long per_token, long long sf_ld,
-                                       int num_ranks) {
+                                       int num_ranks, const long long* order) {
+    // order: nullptr, or (kTileSorted) the output position of each (sorted) id.
     static_assert(kRowBytes % 16 == 0, "rows are copied in 16-byte chunks");
     const IndexT* indices = static_cast<const IndexT*>(indices_raw);
     constexpr int kChunks = kRowBytes / 16;
@@ -362,9 +387,9 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
     char* dst = reinterpret_cast<char*>(out);
     const int4 zero = make_int4(0, 0, 0, 0);
 
-    if constexpr (kVariant == kTile) {
-        tile_copy<IndexT, kRowBytes, kUnroll>(indices, dst, error_pos, s_rows, num_items, entries,
-                                              num_rows);
+    if constexpr (kVariant == kTile || kVariant == kTileSorted) {
+        tile_copy<IndexT, kRowBytes, kUnroll, kVariant == kTileSorted>(
+            indices, order, dst, error_pos, s_rows, num_items, entries, num_rows);
     } else if constexpr (kVariant == kRing || kVariant == kRingBulk) {
         ring_copy<IndexT, kRowBytes, kStages, kRowsPerStage, kVariant == kRingBulk>(
             indices, dst, error_pos, s_rows, num_items, entries, num_rows);
@@ -423,6 +448,7 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
             const long long item = j / kNumSfPacks;
             const int p = static_cast<int>(j - item * kNumSfPacks);
             const long long g = static_cast<long long>(indices[item]);
+            const long long at = kVariant == kTileSorted ? order[item] : item;
             uint32_t value = 0;
             if (g >= 0 && g < num_rows) {
                 const long long owner = g / entries;
@@ -430,11 +456,11 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
                 value = reinterpret_cast<const uint32_t*>(s_sf[owner])[local * kNumSfPacks + p];
             }
             if constexpr (kSfColMajor) {
-                const long long t = item / per_token;
-                const long long k = item - t * per_token;
+                const long long t = at / per_token;
+                const long long k = at - t * per_token;
                 sf[(k * kNumSfPacks + p) * sf_ld + t] = value;
             } else {
-                sf[j] = value;
+                sf[at * kNumSfPacks + p] = value;
             }
         }
     }
