@@ -191,29 +191,22 @@ def test_bound_launch_matches_launch(jit_cache: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_raw_and_binding_launch_paths_agree(
-    jit_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import ep_jit.launch as launch_mod
-
+def test_launch_and_bound_launch_agree_and_name_refusals(jit_cache: Path) -> None:
     kernel = ep_jit.build(toy_axpy_spec(2))
     n = 3000
     x = torch.randn(n, device="cuda")
     y = torch.randn(n, device="cuda")
-    outs = []
-    for raw in (True, False):
-        if not raw:
-            monkeypatch.setattr(launch_mod, "raw_launch_kernel", lambda: None)
-        else:
-            assert launch_mod.raw_launch_kernel() is not None, "driver entry point not found"
-        out = torch.full_like(x, float("nan"))
-        kernel.launch(12, 256, out, x, y, 1, AxpyArgs(1.5, 0, n))
-        bound_out = torch.full_like(x, float("nan"))
-        kernel.bind(12, 256, bound_out, x, y, 1, AxpyArgs(1.5, 0, n))()
-        torch.cuda.synchronize()
-        outs += [out, bound_out]
-        # A launch the driver refuses (grid y over 65535) is named on both paths.
-        with pytest.raises(JitLaunchError, match="CUDA_ERROR_INVALID_VALUE"):
-            kernel.launch((1, 70000), 32, out, x, y, 0, AxpyArgs(1.0, 0, n))
-    for out in outs:
-        torch.testing.assert_close(out, _reference(x, y, 2, 1.5, 1))
+    out = torch.full_like(x, float("nan"))
+    kernel.launch(12, 256, out, x, y, 1, AxpyArgs(1.5, 0, n))
+    bound_out = torch.full_like(x, float("nan"))
+    torch.cuda.synchronize()  # the bound launch runs on a side stream
+    kernel.bind(12, 256, bound_out, x, y, 1, AxpyArgs(1.5, 0, n))(torch.cuda.Stream())
+    torch.cuda.synchronize()
+    for result in (out, bound_out):
+        torch.testing.assert_close(result, _reference(x, y, 2, 1.5, 1))
+    # A launch the driver refuses (grid y over 65535) is named on both paths.
+    with pytest.raises(JitLaunchError, match="CUDA_ERROR_INVALID_VALUE"):
+        kernel.launch((1, 70000), 32, out, x, y, 0, AxpyArgs(1.0, 0, n))
+    refused = kernel.bind((1, 70000), 32, out, x, y, 0, AxpyArgs(1.0, 0, n))
+    with pytest.raises(JitLaunchError, match="CUDA_ERROR_INVALID_VALUE"):
+        refused()

@@ -5,7 +5,6 @@ Importing this module loads no driver library; the first driver call does.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from typing import Any
 
@@ -20,7 +19,6 @@ __all__ = [
     "current_stream_handle",
     "driver",
     "ensure_context",
-    "raw_launch_kernel",
 ]
 
 _SUCCESS = driver.CUresult.CUDA_SUCCESS
@@ -115,42 +113,3 @@ def current_stream_handle(device: int | None = None) -> int:
     if _raw_stream is not None:
         return int(_raw_stream(current_device() if device is None else device))
     return int(torch.cuda.current_stream(device).cuda_stream)
-
-
-# cuLaunchKernel(CUfunction, gridX, gridY, gridZ, blockX, blockY, blockZ, sharedMemBytes, CUstream,
-#                void **kernelParams, void **extra) -> CUresult
-_LAUNCH_PROTO = ctypes.CFUNCTYPE(
-    ctypes.c_int,
-    ctypes.c_void_p,
-    *([ctypes.c_uint] * 7),
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-)
-_raw_launch: Any = None
-_raw_launch_looked_up = False
-
-
-def raw_launch_kernel() -> Any:
-    """The driver's own ``cuLaunchKernel`` as a ctypes function, or ``None`` where unavailable.
-
-    cuda-bindings' wrapper converts every argument into Python objects; calling the entry point
-    that the driver hands out (``cuGetProcAddress``, legacy default-stream semantics, as torch
-    uses) takes plain ints and costs a fraction of it. Arguments: the ``CUfunction`` handle, grid
-    and block dims, dynamic shared memory bytes, the raw stream, the address of the ``void*[]``
-    parameter array, ``None``. Returns the ``CUresult`` as an int.
-    """
-    global _raw_launch, _raw_launch_looked_up
-    if _raw_launch_looked_up:
-        return _raw_launch
-    with _init_lock:
-        if not _raw_launch_looked_up:
-            try:
-                flags = driver.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_LEGACY_STREAM
-                res = driver.cuGetProcAddress(b"cuLaunchKernel", 12000, flags)
-                pfn = int(res[1]) if res[0] == _SUCCESS else 0
-                _raw_launch = _LAUNCH_PROTO(pfn) if pfn else None
-            except Exception:  # an old binding or driver: the cuda-bindings path still works
-                _raw_launch = None
-            _raw_launch_looked_up = True
-    return _raw_launch

@@ -119,27 +119,24 @@ class _Packer:
             )
         slots = self.slots.storage if storage is None else storage
         values = slots.values
+        codes, bounds = self.codes, self.bounds
+        # The common cases (an int address or CUDA tensor, an in-range int) take the first test
+        # of each branch; everything else, errors included, goes through the checked helpers.
         for i, value in enumerate(args):
-            code = self.codes[i]
+            code = codes[i]
             if code == _PTR:
-                if isinstance(value, torch.Tensor):
-                    if not value.is_cuda:
-                        raise TypeError(
-                            f"argument {self.names[i]} of {self.spec.name}: tensor on "
-                            f"{value.device}, expected a CUDA tensor"
-                        )
+                if type(value) is int and value >= 0:
+                    values[i].value = value
+                elif isinstance(value, torch.Tensor) and value.is_cuda:
                     values[i].value = value.data_ptr()
-                elif value is None:
-                    values[i].value = 0
-                elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                else:
+                    values[i].value = self._pointer(i, value)
+            elif code == _SCALAR:
+                limits = bounds[i]
+                if type(value) is int and limits is not None and limits[0] <= value <= limits[1]:
                     values[i].value = value
                 else:
-                    raise TypeError(
-                        f"argument {self.names[i]} of {self.spec.name} is a pointer: pass a "
-                        f"tensor, an int address or None, not {type(value).__name__}"
-                    )
-            elif code == _SCALAR:
-                values[i].value = self._scalar(i, value)
+                    values[i].value = self._scalar(i, value)
             else:
                 if not isinstance(value, (ctypes.Structure, ctypes.Union, ctypes.Array)):
                     raise TypeError(
@@ -149,6 +146,19 @@ class _Packer:
                 # The caller's object stays alive for the whole call (it is in ``args``).
                 slots.array[i] = ctypes.addressof(value)
         return slots.address
+
+    def _pointer(self, i: int, value: object) -> int:
+        if isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"argument {self.names[i]} of {self.spec.name}: tensor on "
+                f"{value.device}, expected a CUDA tensor"
+            )
+        if value is None:
+            return 0
+        raise TypeError(
+            f"argument {self.names[i]} of {self.spec.name} is a pointer: pass a "
+            f"tensor, an int address or None, not {type(value).__name__}"
+        )
 
     def _scalar(self, i: int, value: object) -> Any:
         ctype = self.ctypes[i]

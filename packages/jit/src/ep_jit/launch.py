@@ -2,8 +2,7 @@
 
 ``build(spec)`` compiles (or finds in the cache) and returns a :class:`Kernel`; nothing touches the
 GPU until the first :meth:`Kernel.launch`, which loads the cubin with ``cuLibraryLoadData`` into
-torch's primary context. Launches go through the driver's ``cuLaunchKernel`` entry point (called
-through ctypes, which costs less host time than cuda-bindings' wrapper) or, for clusters and
+torch's primary context. Launches go through cuda-bindings' ``cuLaunchKernel`` or, for clusters and
 cooperative grids, ``cuLaunchKernelEx``: no synchronisation and no allocation, so they can be
 captured in CUDA graphs (the load happens at build time or before, outside any capture).
 :meth:`Kernel.bind` fixes a launch's arguments for repeated launches at the lowest host cost.
@@ -23,7 +22,6 @@ from ep_jit._cuda import (
     current_stream_handle,
     driver,
     ensure_context,
-    raw_launch_kernel,
 )
 from ep_jit._launch_args import _Packer, _Storage
 from ep_jit._log import verbose
@@ -210,19 +208,8 @@ class Kernel:
                 cooperative,
             )
         if clus is None and not cooperative:
-            raw = raw_launch_kernel()
-            if raw is not None:
-                err = raw(int(func), g[0], g[1], g[2], b[0], b[1], b[2], smem, handle, params, None)
-                if err:
-                    self._raise_launch(err, "cuLaunchKernel", g, b, smem)
-                return
-            cu_stream = self._streams.get(handle)
-            if cu_stream is None:
-                if len(self._streams) > 256:
-                    self._streams.clear()
-                cu_stream = self._streams[handle] = driver.CUstream(handle)
             result = driver.cuLaunchKernel(
-                func, g[0], g[1], g[2], b[0], b[1], b[2], smem, cu_stream, params, 0
+                func, g[0], g[1], g[2], b[0], b[1], b[2], smem, self._cu_stream(handle), params, 0
             )
             call = "cuLaunchKernel"
         else:
@@ -233,6 +220,15 @@ class Kernel:
             check(
                 call, result, detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}"
             )
+
+    def _cu_stream(self, handle: int) -> Any:  # a cuda-bindings CUstream
+        """The ``CUstream`` object of a raw stream handle, built once per handle."""
+        cu_stream = self._streams.get(handle)
+        if cu_stream is None:
+            if len(self._streams) > 256:
+                self._streams.clear()
+            cu_stream = self._streams[handle] = driver.CUstream(handle)
+        return cu_stream
 
     def _raise_launch(
         self, err: int, call: str, g: tuple[int, ...], b: tuple[int, ...], smem: int
@@ -304,10 +300,8 @@ class BoundLaunch:
         self.block = block
         self.smem = smem
         self._func = func
-        self._func_handle = int(func)
         self._params = params
         self._keepalive = keepalive
-        self._raw = raw_launch_kernel()
 
     def __call__(self, stream: torch.cuda.Stream | int | None = None) -> None:
         """Enqueues the launch on ``stream`` (default: the current torch stream); asynchronous.
@@ -322,17 +316,9 @@ class BoundLaunch:
         else:
             handle = stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
         g, b = self.grid, self.block
-        if self._raw is not None:
-            err = self._raw(
-                self._func_handle, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, handle,
-                self._params, None,
-            )  # fmt: skip
-            if err:
-                self.kernel._raise_launch(err, "cuLaunchKernel", g, b, self.smem)
-            return
         result = driver.cuLaunchKernel(
-            self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem, driver.CUstream(handle),
-            self._params, 0,
+            self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem,
+            self.kernel._cu_stream(handle), self._params, 0,
         )  # fmt: skip
         if result[0] != _SUCCESS:
             self.kernel._raise_launch(int(result[0]), "cuLaunchKernel", g, b, self.smem)
