@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cp_copyengine import CopyEngineBuffer, session_bytes_hint
+from cp_copyengine import CopyEngineBuffer, knobs, session_bytes_hint
 from cp_copyengine.testing import expected, make_ops, random_program, same_bits
 from ep_jit.testing import RankInfo, run_ranks
 
@@ -116,3 +116,52 @@ def test_no_kernel_runs_during_an_all_gather() -> None:
         # The per-copy path shows its copies; the profiler sees kernels where there are some.
         assert r["loop copies"], f"rank {rank}: the profiler saw no copy at all: {r}"
         assert r["reduce kernels"], f"rank {rank}: the profiler saw no reduction kernel: {r}"
+
+
+def _host_path_worker(info: RankInfo) -> dict[str, int]:
+    world, rank, dev = info.world_size, info.rank, info.device
+    buf = CopyEngineBuffer(info.group, 1 << 20, num_max_ops_per_session=8, backend="copyengine")
+    x = torch.full((256,), float(rank), device=dev)
+    y = torch.full((3, 5), rank + 0.5, device=dev, dtype=torch.bfloat16)
+    want_x = torch.arange(world, dtype=torch.float32)[:, None].expand(world, 256)
+    want_y = (torch.arange(world) + 0.5).to(torch.bfloat16)[:, None, None].expand(world, 3, 5)
+    torch.cuda.synchronize()
+    seen: dict[str, int] = {}
+    for checks in (False, True, True):  # the second round with checks reuses views and events
+        with knobs.cp.scope():
+            knobs.cp.check_inputs = checks
+            before = torch.cuda.memory_stats(dev).get("allocation.all.allocated", 0)
+            # A call that synchronises with the device raises here (torch's sync debug mode).
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                buf.create_session()
+                slot = buf.get_inplace_tensor((256,), torch.float32)
+                assert isinstance(slot, torch.Tensor)
+                slot.copy_(x)
+                out1, h1 = buf.all_gather(slot)
+                outs, h2 = buf.all_gather([x, y])
+                h1()
+                h2()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            seen[f"allocations checks={checks}"] = (
+                torch.cuda.memory_stats(dev).get("allocation.all.allocated", 0) - before
+            )
+            assert isinstance(out1, torch.Tensor) and isinstance(outs, tuple)
+            assert torch.equal(out1.cpu(), want_x) and torch.equal(outs[0].cpu(), want_x)
+            assert torch.equal(outs[1].cpu(), want_y)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                buf.destroy_session()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    buf.destroy()
+    return seen
+
+
+def test_all_gather_host_path_neither_syncs_nor_allocates() -> None:
+    """Sessions of all-gathers (in place and not, checks off and on) make no synchronising CUDA
+    call and no allocation of torch's caching allocator, and the data is right."""
+    results = run_ranks(2, _host_path_worker, ranks_per_gpu=2, timeout_s=120)
+    for rank, seen in enumerate(results):
+        assert all(v == 0 for v in seen.values()), f"rank {rank}: {seen}"

@@ -210,7 +210,7 @@ class SessionAreaMixin:
 
         On CUDA the host work is: one event record and stream wait (the comm stream after the
         current stream), the backend's driver calls, and one event record; the copy-engine
-        backend's all-gathers need no torch stream switch.
+        backend takes the stream as an argument, so only a reduction switches torch's stream.
         """
         for it in transfer.items:
             self._offset = max(self._offset, it.offset + align_up(self.world_size * it.nbytes))
@@ -226,6 +226,16 @@ class SessionAreaMixin:
         done = self._done[transfer.slot]
         if not self._stream_context and transfer.kind == "all_gather":
             self._backend.transfer(transfer, stream=comm)
+            done.record(comm)
+        elif not self._stream_context and torch.cuda.current_device() == comm.device_index:
+            # The reduction's torch operations go on the comm stream (set_stream also makes
+            # its device current, hence only when it is already).
+            self._backend.transfer(transfer, stream=comm)
+            torch.cuda.set_stream(comm)
+            try:
+                outs.extend(self._reduce(transfer, op))
+            finally:
+                torch.cuda.set_stream(compute)
             done.record(comm)
         else:
             with torch.cuda.device(self.device), torch.cuda.stream(comm):
