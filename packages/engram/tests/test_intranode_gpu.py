@@ -94,43 +94,46 @@ def test_table_of_several_gib_in_host_memory() -> None:
     assert entries * 2048 > (4 << 30)
 
 
-def _long_fetches(info: Any, variant: str) -> int:
-    # 48,000 rows per fetch: every CTA's tiles / every warp's ring of slots wraps many times.
-    knobs.engram.kernel = variant
-    knobs.engram.unroll = 5
+def _long_fetches(info: Any, placement: str) -> int:
+    # 48,000 rows per fetch: every CTA's tiles / every warp's ring of slots wraps many times;
+    # ids of both ranks' rows, -1 and, in a second fetch, bad ids.
     dev = info.device
-    gen = torch.Generator(device=dev).manual_seed(11)
+    rank, world = info.rank, info.world_size
     checked = 0
-    for placement in PLACEMENTS:
-        for hidden in (128, 200, 1024, 3584):  # rows of 256, 400, 2048 and 7168 bytes
-            row = hidden * 2
-            entries = 3001
-            table = EngramTable(info.group, entries, hidden, torch.bfloat16, placement, "intranode")
-            shape = (entries, row)
-            stored = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev, generator=gen)
-            table.write(stored.view(torch.bfloat16))
-            padded = torch.cat([stored, torch.zeros((1, row), dtype=torch.uint8, device=dev)])
-            idx = torch.randint(-1, entries, (2000, 24), device=dev, generator=gen)
-            idx[5, :] = -1
-            idx[7, :] = entries - 1
-            want = padded.index_select(0, torch.where(idx < 0, entries, idx).view(-1))
+    for hidden in (128, 200, 1024, 3584):  # rows of 256, 400, 2048 and 7168 bytes
+        row, entries = hidden * 2, 1501
+        gen = torch.Generator(device=dev).manual_seed(hidden)  # the same table on every rank
+        rows = torch.randint(
+            0, 256, (world * entries, row), dtype=torch.uint8, device=dev, generator=gen
+        )
+        padded = torch.cat([rows, torch.zeros((1, row), dtype=torch.uint8, device=dev)])
+        table = EngramTable(info.group, entries, hidden, torch.bfloat16, placement, "intranode")
+        table.write(rows[rank * entries : (rank + 1) * entries].view(torch.bfloat16))
+        n = world * entries
+        idx = torch.randint(-1, n, (2000, 24), device=dev, generator=gen)
+        idx[5, :] = -1
+        idx[7, :] = n - 1
+        idx[9, :] = rank  # duplicates
+        want = padded.index_select(0, torch.where(idx < 0, n, idx).view(-1))
+        bad = idx.clone()
+        bad[1999, 23] = n  # past the end
+        bad[1500, 7] = -2  # the first bad position is the one reported
+        for variant in VARIANTS:
+            knobs.engram.kernel = variant
+            knobs.engram.unroll = 5
             for ctas in (3, 16):
                 out = torch.full((2000, 24 * row), 0xA5, dtype=torch.uint8, device=dev)
-                out = out.view(torch.bfloat16)
-                data, _ = table.fetch(idx, out=out, num_ctas=ctas)()
-                where = f"{variant} {placement} {row} B ctas={ctas}"
+                data, _ = table.fetch(idx, out=out.view(torch.bfloat16), num_ctas=ctas)()
+                where = f"{variant} {placement} {row} B ctas={ctas} rank {rank}"
                 assert torch.equal(data.view(torch.uint8).view(want.shape), want), where
                 checked += 1
-            bad = idx.clone()
-            bad[1999, 23] = entries  # past the end
-            bad[1500, 7] = -2  # the first bad position wins
             with pytest.raises(ValueError, match=r"indices\[1500, 7\] = -2 is out of range"):
                 table.fetch(bad, num_ctas=5)()
-            table.destroy()
+        table.destroy()
     return checked
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_kernel_variants_long_fetches(variant: str) -> None:
-    (checked,) = run_ranks(1, _long_fetches, variant, timeout_s=120)
-    assert checked == 2 * 4 * 2
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_every_variant_on_long_fetches(placement: str) -> None:
+    results = run_ranks(2, _long_fetches, placement, ranks_per_gpu=2, timeout_s=180)
+    assert results == [4 * len(VARIANTS) * 2] * 2
