@@ -68,9 +68,13 @@ def test_hang_times_out_naming_ranks() -> None:
     t0 = time.monotonic()
     # The limit leaves rank 1 time to start and finish on a loaded 2-core machine (spawning and
     # importing torch took over 20 s there).
-    with pytest.raises(TimeoutError, match=r"ranks \[0\] of 2"):
+    with pytest.raises(TimeoutError, match=r"ranks \[0\] of 2") as caught:
         run_ranks(2, _hanging_worker, timeout_s=40)
     assert time.monotonic() - t0 < 90
+    # The stuck rank's Python stack comes with the error: where it hangs, not only who.
+    text = str(caught.value)
+    assert "--- Python stacks of rank 0 ---" in text, text
+    assert "in _hanging_worker" in text, text
 
 
 def test_dead_rank_is_reported() -> None:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import importlib
 import importlib.util
 import logging
 import os
 import pickle
 import queue as queue_mod
+import shutil
+import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +37,8 @@ __all__ = ["RankFailedError", "RankInfo", "run_from_env", "run_ranks"]
 T = TypeVar("T")
 _TCPStore = dist.TCPStore  # type: ignore[attr-defined, unused-ignore]
 _KILL_GRACE_S = 5.0
+# How long the parent waits for stuck ranks to write their Python stacks after it signals them.
+_STACK_WAIT_S = 2.0
 # A rank that cannot join the process group (a gloo mesh connection lost on a loaded host) makes
 # the whole job start again, once; nothing of the worker has run by then.
 _SETUP_ATTEMPTS = 2
@@ -179,7 +185,13 @@ def _child_main(
     args_blob: bytes,
     results: Any,  # a multiprocessing queue
     ranks_per_gpu: int = 1,
+    stacks_dir: str = "",
 ) -> None:
+    if stacks_dir and hasattr(signal, "SIGUSR1"):
+        # On SIGUSR1 (sent by the parent when the job runs past its timeout) write every
+        # thread's Python stack, even while the rank is blocked inside a C call.
+        stack_file = open(os.path.join(stacks_dir, f"rank{rank}.txt"), "w")  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     if not logging.getLogger().handlers:
         logging.basicConfig(format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
@@ -358,6 +370,7 @@ def _run_once(
     ctx = mp.get_context("spawn")
     store = _TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     results = ctx.Queue()
+    stacks_dir = tempfile.mkdtemp(prefix="ep_jit_stacks_")
     procs = [
         ctx.Process(
             target=_child_main,
@@ -372,6 +385,7 @@ def _run_once(
                 args_blob,
                 results,
                 ranks_per_gpu,
+                stacks_dir,
             ),
             name=f"ep_jit-rank{r}",
             daemon=True,
@@ -409,6 +423,7 @@ def _run_once(
                     raise TimeoutError(
                         f"run_ranks({fn_ref.qualname}): ranks {stuck} of {world_size} did not "
                         f"finish within {timeout_s:g} s (finished: {sorted(done)})"
+                        + _stuck_stacks([(r, procs[r]) for r in stuck], stacks_dir)
                     ) from None
                 continue
             if status == "setup":
@@ -423,7 +438,45 @@ def _run_once(
         _stop(procs)
         results.close()
         del store
+        shutil.rmtree(stacks_dir, ignore_errors=True)
     return returned
+
+
+def _stuck_stacks(stuck: list[tuple[int, Any]], stacks_dir: str) -> str:
+    """The Python stacks of the stuck ranks (asked for with SIGUSR1), for the timeout message."""
+    if not hasattr(signal, "SIGUSR1"):
+        return ""
+    asked = []
+    for rank, proc in stuck:
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGUSR1)
+                asked.append(rank)
+    paths = {rank: os.path.join(stacks_dir, f"rank{rank}.txt") for rank in asked}
+
+    def sizes() -> dict[int, int]:
+        return {r: os.path.getsize(p) if os.path.exists(p) else 0 for r, p in paths.items()}
+
+    # Wait until every asked rank has written something and nothing grew for one poll.
+    last: dict[int, int] = {}
+    deadline = time.monotonic() + _STACK_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = sizes()
+        if all(now.values()) and now == last:
+            break
+        last = now
+    texts: dict[int, str] = {}
+    for rank, path in paths.items():
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                text = f.read().strip()
+            if text:
+                texts[rank] = text
+    if not texts:
+        return ""
+    parts = [f"\n--- Python stacks of rank {r} ---\n{t}" for r, t in sorted(texts.items())]
+    return "\n" + "".join(parts)
 
 
 def run_from_env(fn: Callable[..., T], *args: object, backend: str | None = None) -> T:
