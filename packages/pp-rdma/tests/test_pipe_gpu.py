@@ -65,7 +65,7 @@ def test_no_kernel_runs_for_a_transfer() -> None:
 def test_copy_engine_timeout_names_peer_and_sequence() -> None:
     inflight, timeout_s = 2, 2.0
     results = run_ranks(
-        2, w.copy_engine_timeout_worker, inflight, timeout_s, ranks_per_gpu=2, timeout_s=120
+        2, w.copy_engine_timeout_worker, inflight, timeout_s, ranks_per_gpu=2, timeout_s=60
     )
     op, peer, seq, elapsed, text = results[0]
     assert (op, peer, seq) == ("send", 1, inflight + 1), text

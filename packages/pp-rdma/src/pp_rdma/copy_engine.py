@@ -69,7 +69,10 @@ class CopyEnginePipe:
         self._words = 8 * slots  # offset of the used words in the signal region
         # (event, op, peer, seq, slot, nbytes) of eager calls not yet known to be done.
         self._pending: deque[tuple[torch.cuda.Event, str, int, int, int, int]] = deque()
-        self._side: torch.cuda.Stream | None = None
+        # What a diagnosis needs, made now: allocating pinned memory later, while this rank's
+        # stream waits in vain, could itself wait for the device and hang the diagnosis.
+        self._side = torch.cuda.Stream(cfg.device)
+        self._words_host = torch.empty(2 * slots, dtype=torch.int64, pin_memory=True)
 
     # ---- addresses ----------------------------------------------------------------------------
     def _k(self, seq: int) -> int:
@@ -141,10 +144,8 @@ class CopyEnginePipe:
 
         Returns the local region as a list (``full`` words, then ``used`` words).
         """
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.config.device)
         words = self._mem.signal_local[: 2 * self._words].view(torch.int64)
-        host = torch.empty(words.numel(), dtype=torch.int64, pin_memory=True)
+        host = self._words_host
         with torch.cuda.stream(self._side):
             host.copy_(words, non_blocking=True)
             done = torch.cuda.Event()
