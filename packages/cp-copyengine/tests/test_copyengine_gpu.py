@@ -1,5 +1,6 @@
 """The copy-engine backend on one GPU shared by 1, 2 and 4 ranks: random programs bit for bit
-against the expected results and the reference backend, and no kernel during an all-gather."""
+against the expected results and the reference backend, no kernel during an all-gather, and no
+synchronising call or allocation on the all-gather path."""
 
 from __future__ import annotations
 
