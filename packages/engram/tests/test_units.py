@@ -202,7 +202,7 @@ def test_probe_runs_every_pattern_memory_and_variant(monkeypatch: pytest.MonkeyP
         device=torch.device("cpu"), num_entries_per_rank=entries, hidden=row // 2, _backend=backend
     )
     args = argparse.Namespace(
-        variants=["ilp", "ring"], unrolls=[4, 8], probe_ctas=[2, 8], tokens=64, k=8, iters=1,
+        variants=["ilp", "ring"], probe_unrolls=[4, 8], probe_ctas=[2, 8], tokens=64, k=8, iters=1,
         warmup=0,
     )  # fmt: skip
     kinds: list[tuple[str, int | None]] = []
@@ -211,7 +211,6 @@ def test_probe_runs_every_pattern_memory_and_variant(monkeypatch: pytest.MonkeyP
     )
     assert ("probe-index_select-sequential", None) in kinds
     assert ("probe-pin-small-ilp4", 8) in kinds and ("probe-seg-sorted-ring", 2) in kinds
-    assert len(kinds) == 4 * (
-        1 + 2 * 2 * 2
-    )  # patterns x (index_select + variants x memories x ctas)
-    assert ("ilp", 8, 2) not in launches  # only the first unroll
+    # patterns x (index_select + (ilp4, ilp8, ring) x memories x ctas)
+    assert len(kinds) == 4 * (1 + 3 * 2 * 2)
+    assert ("probe-seg-random-ilp8", 8) in kinds and ("ilp", 8, 2) in launches

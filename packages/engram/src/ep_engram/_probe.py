@@ -156,8 +156,8 @@ def probe_host(
     Args:
         table: An intranode ``EngramTable`` with ``placement="host"`` on one rank.
         stored: ``[E, row_bytes]`` uint8, the rows written into it (on the GPU).
-        args: The bench's arguments (variants, the first of unrolls, probe_ctas, tokens, k,
-            iters, warmup).
+        args: The bench's arguments (variants, probe_unrolls, probe_ctas, tokens, k, iters,
+            warmup).
         head: Progress line prefix.
         base: Result fields shared by every measurement (placement, row_bytes, rows).
         record: The bench's recorder.
@@ -165,7 +165,7 @@ def probe_host(
     Raises:
         AssertionError: A kernel whose rows differ from ``index_select``'s.
     """
-    from ep_engram.bench import variant_runs
+    from ep_engram.bench import kernel_name, variant_runs
     from ep_jit.testing import bench
 
     dev = table.device
@@ -182,7 +182,7 @@ def probe_host(
     timing = {"warmup": args.warmup, "iters": args.iters, "device": dev}
     out = torch.empty((n, row_bytes), dtype=torch.uint8, device=dev)
     err = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=dev)
-    runs = variant_runs(args.variants, args.unrolls[:1])
+    runs = variant_runs(args.variants, args.probe_unrolls)
     for pattern, ids_cpu in patterns.items():
         ids = ids_cpu.to(dev)
         want = stored.index_select(0, ids)
@@ -194,7 +194,7 @@ def probe_host(
         for variant, unroll in runs:
             launch = _launcher(variant, unroll, row_bytes, entries, args.k, args.tokens)
             for mem, bases in memories.items():
-                kind = f"probe-{mem}-{pattern}-{variant}" + (str(unroll) if unroll > 1 else "")
+                kind = f"probe-{mem}-{pattern}-{kernel_name(variant, unroll)[7:]}"
                 for ctas in args.probe_ctas:
                     out.fill_(0xA5)
                     launch(ctas, ids, out, err, bases)

@@ -70,6 +70,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--probe-ctas", nargs="+", type=int, default=[8], help="CTAs of --probe")
     p.add_argument(
+        "--probe-unrolls",
+        nargs="+",
+        type=int,
+        default=[2, 8],
+        help="unrolls of --probe (ilp, tile, tile_sorted): fewer and more rows in flight per SM",
+    )
+    p.add_argument(
         "--probe-row-bytes", nargs="+", type=int, default=[256], help="row sizes of --probe"
     )
     p.add_argument("--tokens", type=int, default=4096, help="T (DeepEP's test: 512)")
