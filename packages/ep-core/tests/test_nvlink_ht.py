@@ -512,6 +512,62 @@ def test_int32_block_offsets() -> None:
     assert _int32_offsets([]) == ([], 1)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "ranks", "topk", "fresh"),
+    [(0, 1, 8, True), (512, 1, 8, True), (7, 4, 3, True), (513, 8, 32, True), (100, 2, 4, False)],
+)
+def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fresh: bool) -> None:
+    # A dispatch's small outputs share one allocation: each part has its shape and dtype, is
+    # contiguous, starts on 256 bytes (the verdict words right after the counts, for the one
+    # host read), and no two parts overlap.
+    from ep_core.nvlink.backend import _small_outputs
+
+    el, max_chunks, nmax = 16, 70, 600
+    num_counts, num_bad = ranks + 2 * el, 3 if fresh else 0
+    out = _small_outputs(
+        torch.device("cpu"),
+        num_counts=num_counts,
+        num_bad=num_bad,
+        num_ranks=ranks,
+        max_chunks=max_chunks,
+        rows=ranks * nmax,
+        fresh=(tokens, topk) if fresh else None,
+    )
+    block, parts = out[0], out[1:]
+    expect = [
+        ((num_counts,), torch.int32),
+        ((num_bad,), torch.int32) if fresh else None,
+        ((ranks, max_chunks), torch.int32),
+        ((ranks,), torch.int32),
+        ((ranks * nmax, 2), torch.int32),
+    ]
+    if fresh:
+        expect += [
+            ((tokens, ranks), torch.int32),
+            ((-(-tokens // 8) + 1, ranks), torch.int32),
+            ((tokens, ranks), torch.bool),
+            ((tokens, topk), torch.int64),
+        ]
+    assert len(parts) == len(expect)
+    cover = torch.zeros(block.numel() * 4, dtype=torch.int32)
+    for i, (part, want) in enumerate(zip(parts, expect, strict=True)):
+        if want is None:
+            assert part is None
+            continue
+        assert (tuple(part.shape), part.dtype) == want and part.is_contiguous()
+        first = part.storage_offset() * part.element_size()
+        size = part.numel() * part.element_size()
+        assert first % 256 == 0 or (i == 1 and first == 4 * num_counts)
+        assert first + size <= block.numel() * 4
+        cover[first : first + size] += 1
+        assert part.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+    assert int(cover.max()) <= 1
+    if fresh:  # the routing copy holds int64 ids as written
+        ids = torch.randint(-1, 64, (tokens, topk))
+        parts[-1].copy_(ids)
+        assert torch.equal(parts[-1], ids)
+
+
 def test_aligned_counts_from_prefix_sums() -> None:
     # The host side of a dispatch with CPU sync turns the kernel's inclusive prefix sums of the
     # aligned per-expert counts into the counts (`num_recv_tokens_per_expert_list`).

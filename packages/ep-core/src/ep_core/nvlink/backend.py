@@ -15,6 +15,7 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -220,37 +221,27 @@ class NvlinkBackend:
         self._check_shape(hidden, k, nmax)
         n_sms = self._num_sms(num_sms)
         dev = self.device
-        nchunks = -(-num_tokens // CHUNK_TOKENS)
         rows = r * nmax
         # Value checks of the routing on the device, read with the counts (fresh dispatch with
         # CPU sync only: without a host read there is nobody to raise).
         check = handle is None and do_cpu_sync and knobs.ep.check_inputs
         num_counts = r + 2 * el
         num_bad = ht.check_ctas(num_tokens) if check else 0
-        # Every int32 output of the call lives in one allocation: the counts and the check's
-        # verdict words first (one device-to-host read), then the chunk ends, the metadata and,
-        # for a fresh dispatch, the routing layout. No fill: the prologue kernel zeroes the
-        # counts the dispatch kernel adds into, the kernels write everything else.
-        parts = [num_counts + num_bad, r * self.sizing.max_chunks, r, rows * 2]
-        if handle is None:
-            parts += [num_tokens * r, (nchunks + 1) * r]
-        offsets, total = _int32_offsets(parts)
-        block = torch.empty(total, dtype=torch.int32, device=dev)
-        counts = block.as_strided((num_counts,), (1,), 0)
-        bad = block.as_strided((num_bad,), (1,), num_counts) if check else None
-        chunk_end = block.as_strided(
-            (r, self.sizing.max_chunks), (self.sizing.max_chunks, 1), offsets[1]
+        small = _small_outputs(
+            dev,
+            num_counts=num_counts,
+            num_bad=num_bad,
+            num_ranks=r,
+            max_chunks=self.sizing.max_chunks,
+            rows=rows,
+            fresh=(num_tokens, k) if handle is None else None,
         )
-        nchunks_t = block.as_strided((r,), (1,), offsets[2])
-        out_meta = block.as_strided((rows, 2), (2, 1), offsets[3])
+        block, counts, bad, chunk_end, nchunks_t, out_meta = small[:6]
         idx_copy: torch.Tensor | None = None
         if handle is None:
             ht.launch_check_topk(topk_idx, num_experts, counts, bad)
-            send_row = block.as_strided((num_tokens, r), (r, 1), offsets[4])
-            is_in = torch.empty((num_tokens, r), dtype=torch.bool, device=dev)
-            chunk_prefix = block.as_strided((nchunks + 1, r), (r, 1), offsets[5])
+            send_row, chunk_prefix, is_in, idx_copy = small[6:]
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
-            idx_copy = torch.empty_like(topk_idx)
             ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
         else:
             send_row, is_in = handle.send_row, handle.is_token_in_rank
@@ -292,9 +283,7 @@ class NvlinkBackend:
             expert_alignment=expert_alignment,
             num_sms=n_sms,
         )
-        psum_rank = counts[:r]
         unaligned = counts[r : r + el]
-        aligned_psum = counts[r + el :]
 
         exact_rows: int | None = None
         aligned_list: list[int] = []
@@ -317,7 +306,8 @@ class NvlinkBackend:
         recv_sf = None if out_sf is None else out_sf[:num_rows]
         recv_idx: torch.Tensor | None = out_idx[:num_rows]
         recv_w = None if out_w is None else out_w[:num_rows]
-        meta = out_meta[:num_rows]
+        # A cached dispatch keeps its handle's metadata (the replay wrote the same).
+        meta = out_meta[:num_rows] if handle is None or do_expand else out_meta
         # Rows past the valid count are unspecified by contract; still give them the reference's
         # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
         # worst-case tensors stays in bounds. One small kernel, in place, no host sync.
@@ -346,9 +336,9 @@ class NvlinkBackend:
             meta = torch.cat([meta, expanded_row.to(torch.int32)], dim=1)
             recv_idx = None
 
-        state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
         if handle is None:
             assert idx_copy is not None
+            state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
             handle = EPHandle(
                 rank=self.rank,
                 num_ranks=r,
@@ -363,9 +353,9 @@ class NvlinkBackend:
                 num_recv_tokens=num_rows,
                 num_expanded_tokens=num_expanded,
                 num_recv_tokens_per_expert_list=aligned_list,
-                psum_num_recv_tokens_per_rank=psum_rank,
+                psum_num_recv_tokens_per_rank=counts[:r],
                 psum_num_recv_tokens_per_expert=(
-                    (starts + unaligned).to(torch.int32) if starts is not None else aligned_psum
+                    (starts + unaligned).to(torch.int32) if starts is not None else counts[r + el :]
                 ),
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=meta,
@@ -590,6 +580,54 @@ def _int32_offsets(sizes: list[int]) -> tuple[list[int], int]:
         offsets.append(end)
         end += -(-n // _INT32_ALIGN) * _INT32_ALIGN
     return offsets, max(end, 1)
+
+
+def _small_outputs(
+    device: torch.device,
+    *,
+    num_counts: int,
+    num_bad: int,
+    num_ranks: int,
+    max_chunks: int,
+    rows: int,
+    fresh: tuple[int, int] | None,
+) -> list[Any]:
+    """A dispatch's small outputs as views of one uninitialised allocation.
+
+    The counts and the check's verdict words come first and adjacent (one device-to-host read
+    takes both), then the chunk ends, the metadata and, for a fresh dispatch of ``fresh = (T,
+    k)``, the send rows, chunk prefixes, ``is_in`` (bool) and the handle's routing copy (int64);
+    each part but the verdict starts on a 256-byte boundary. The rows (``out_x``, ...) are not
+    part of it, so a caller can free them while it keeps the handle.
+
+    Returns:
+        ``[block, counts, verdict or None, chunk_end, nchunks, out_meta]`` and, when ``fresh``,
+        ``send_row, chunk_prefix, is_in, topk_copy``.
+    """
+    r = num_ranks
+    parts = [num_counts + num_bad, r * max_chunks, r, rows * 2]
+    if fresh is not None:
+        t, k = fresh
+        parts += [t * r, (-(-t // CHUNK_TOKENS) + 1) * r, -(-t * r // 4), t * k * 2]
+    offsets, total = _int32_offsets(parts)
+    block = torch.empty(total, dtype=torch.int32, device=device)
+    out: list[Any] = [
+        block,
+        block.as_strided((num_counts,), (1,), 0),
+        block.as_strided((num_bad,), (1,), num_counts) if num_bad else None,
+        block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1]),
+        block.as_strided((r,), (1,), offsets[2]),
+        block.as_strided((rows, 2), (2, 1), offsets[3]),
+    ]
+    if fresh is not None:
+        t, k = fresh
+        out += [
+            block.as_strided((t, r), (r, 1), offsets[4]),
+            block.as_strided((-(-t // CHUNK_TOKENS) + 1, r), (r, 1), offsets[5]),
+            block.view(torch.bool).as_strided((t, r), (r, 1), 4 * offsets[6]),
+            block.view(torch.int64).as_strided((t, k), (k, 1), offsets[7] // 2),
+        ]
+    return out
 
 
 def _raise_bad_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
