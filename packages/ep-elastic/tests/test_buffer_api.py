@@ -417,3 +417,61 @@ def _value_check_worker(info: Any) -> list[bool]:
 def test_value_checks_left_to_a_backend_that_checks_on_device() -> None:
     seen = run_ranks(1, _value_check_worker, timeout_s=120, use_gpu=False)[0]
     assert seen == [True, False, True, False]
+
+
+class _FakeTensor:
+    """Enough of a tensor for the comm stream's bookkeeping: a base and a record log."""
+
+    def __init__(self, log: list[object], base: _FakeTensor | None = None) -> None:
+        self._base, self.log = base, log
+
+    def record_stream(self, stream: object) -> None:
+        self.log.append((self._base or self, stream))
+
+
+def test_comm_stream_records_each_allocation_once() -> None:
+    # Views of one allocation (a dispatch's small outputs) need one record_stream between them.
+    log: list[object] = []
+    a, b = _FakeTensor(log), _FakeTensor(log)
+    views = [_FakeTensor(log, a), _FakeTensor(log, a), _FakeTensor(log, b)]
+    streams._record([a, *views, b], "s")  # type: ignore[list-item, arg-type]
+    assert log == [(a, "s"), (b, "s")]
+
+
+def _boom() -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.gpu
+def test_comm_stream_orders_after_the_callers_stream_and_restores_it() -> None:
+    # The fast path of run_on_comm_stream (cached stream objects, reused events, set_stream) on a
+    # caller's side stream: the comm stream waits for the side stream's work, the side stream
+    # for the comm stream's, and the side stream is current again afterwards, also on an error.
+    dev = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(dev)
+    comm = streams.get_comm_stream(dev)
+    with torch.cuda.stream(side):
+        assert streams.current_stream(dev.index) == side
+        y = torch.zeros(1 << 22, device=dev)
+        torch.cuda._sleep(100_000_000)  # the fill below lands late on the side stream
+        y.fill_(3.0)
+        seen: list[torch.cuda.Stream] = []
+
+        def twice() -> torch.Tensor:
+            seen.append(torch.cuda.current_stream(dev))
+            return y * 2
+
+        for _ in range(3):  # the reused events serve every call
+            out, event = streams.run_on_comm_stream(
+                dev, twice, [y], lambda r: [r], previous_event=None, async_with_compute_stream=False
+            )
+            assert torch.cuda.current_stream(dev) == side and event.event is None
+            assert bool((out == 6.0).all())
+        assert seen == [comm] * 3
+        with pytest.raises(RuntimeError, match="boom"):
+            streams.run_on_comm_stream(
+                dev, _boom, [], lambda r: [], previous_event=None, async_with_compute_stream=False
+            )
+        assert torch.cuda.current_stream(dev) == side
+    assert streams.current_stream(dev.index) == torch.cuda.current_stream(dev)
+    torch.cuda.synchronize(dev)
