@@ -145,12 +145,14 @@ def test_goal_report_names_the_fewest_ctas_meeting_each_goal() -> None:
         res("host", 256, "probe-seg-sorted-ring", 4, 80.0),  # probes do not count
         res("host", 2048, "kernel-bulk", 4, 47.9),
         res("gpu", 7168, "kernel-tile8", 8, 650.0),
+        res("gpu", 2048, "kernel-tile_sorted8", 4, 700.0),
     ]
     lines = goal_report(results)
     assert len(lines) == len(GOALS)
     assert "MET by kernel-ring (256 B, 4 CTAs: 40.5 GB/s)" in lines[0] and "probe" not in lines[0]
     assert lines[1].endswith("not met")
     assert "MET by kernel-tile8 (7168 B, 8 CTAs" in lines[2]
+    assert "kernel-tile_sorted8 (2048 B, 4 CTAs + sort: 700.0 GB/s)" in lines[2]
     assert variant_runs(["ilp", "ring", "tile"], [4, 8]) == [
         ("ilp", 4), ("ilp", 8), ("ring", 1), ("tile", 4), ("tile", 8)
     ]  # fmt: skip
