@@ -40,6 +40,7 @@ from ep_jit.registry import registered_backends as registered_backends
 from ep_jit.registry import select_backend as select_backend
 from ep_jit.spec import KernelSpec as KernelSpec
 from ep_jit.streamops import MemOp as MemOp
+from ep_jit.streamops import MemOpBatch as MemOpBatch
 from ep_jit.streamops import batch_mem_ops as batch_mem_ops
 from ep_jit.streamops import wait_value as wait_value
 from ep_jit.streamops import write_value as write_value
@@ -77,6 +78,7 @@ __all__ = [
     "Kernel",
     "KernelSpec",
     "MemOp",
+    "MemOpBatch",
     "PeerMemory",
     "SymmetricBuffer",
     "Topology",

@@ -15,6 +15,7 @@ from ep_jit.errors import JitLaunchError
 
 __all__ = [
     "check",
+    "cu_stream",
     "current_device",
     "current_stream_handle",
     "driver",
@@ -113,3 +114,20 @@ def current_stream_handle(device: int | None = None) -> int:
     if _raw_stream is not None:
         return int(_raw_stream(current_device() if device is None else device))
     return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+_cu_streams: dict[int, Any] = {}
+
+
+def cu_stream(handle: int) -> Any:  # a cuda-bindings CUstream
+    """The cuda-bindings ``CUstream`` of a raw stream handle, built once per handle.
+
+    Every launch, copy and stream memory operation passes one; building it anew each time costs
+    host time on every call.
+    """
+    stream = _cu_streams.get(handle)
+    if stream is None:
+        if len(_cu_streams) > 256:
+            _cu_streams.clear()
+        stream = _cu_streams[handle] = driver.CUstream(handle)
+    return stream

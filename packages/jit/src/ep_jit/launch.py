@@ -18,6 +18,7 @@ import torch
 from ep_jit import knobs
 from ep_jit._cuda import (
     check,
+    cu_stream,
     current_device,
     current_stream_handle,
     driver,
@@ -64,7 +65,6 @@ class Kernel:
         self._smem_set: dict[int, int] = {}
         self._configs: dict[tuple[Any, ...], Any] = {}
         self._shapes: dict[tuple[Any, ...], Any] = {}
-        self._streams: dict[int, Any] = {}
         self._packer = _Packer(self.spec)
         self._lock = threading.Lock()
 
@@ -209,7 +209,7 @@ class Kernel:
             )
         if clus is None and not cooperative:
             result = driver.cuLaunchKernel(
-                func, g[0], g[1], g[2], b[0], b[1], b[2], smem, self._cu_stream(handle), params, 0
+                func, g[0], g[1], g[2], b[0], b[1], b[2], smem, cu_stream(handle), params, 0
             )
             call = "cuLaunchKernel"
         else:
@@ -220,15 +220,6 @@ class Kernel:
             check(
                 call, result, detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}"
             )
-
-    def _cu_stream(self, handle: int) -> Any:  # a cuda-bindings CUstream
-        """The ``CUstream`` object of a raw stream handle, built once per handle."""
-        cu_stream = self._streams.get(handle)
-        if cu_stream is None:
-            if len(self._streams) > 256:
-                self._streams.clear()
-            cu_stream = self._streams[handle] = driver.CUstream(handle)
-        return cu_stream
 
     def _raise_launch(
         self, err: int, call: str, g: tuple[int, ...], b: tuple[int, ...], smem: int
@@ -318,7 +309,7 @@ class BoundLaunch:
         g, b = self.grid, self.block
         result = driver.cuLaunchKernel(
             self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem,
-            self.kernel._cu_stream(handle), self._params, 0,
+            cu_stream(handle), self._params, 0,
         )  # fmt: skip
         if result[0] != _SUCCESS:
             self.kernel._raise_launch(int(result[0]), "cuLaunchKernel", g, b, self.smem)

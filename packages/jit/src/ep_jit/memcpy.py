@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ep_jit._cuda import check, current_stream_handle, driver, ensure_context
+from ep_jit._cuda import check, cu_stream, current_stream_handle, driver, ensure_context
 from ep_jit._log import logger
 
 __all__ = ["batch_copy_supported", "memcpy_batch"]
@@ -52,18 +52,28 @@ def _check_copies(copies: Sequence[tuple[int, int, int]]) -> list[tuple[int, int
     return out
 
 
+_attrs: list[object] = []
+
+
+def _copy_attributes() -> list[object]:
+    """The one attribute set of every batch (stream-ordered sources, overlap with compute)."""
+    if not _attrs:
+        attrs = driver.CUmemcpyAttributes()
+        attrs.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+        attrs.flags = int(driver.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
+        _attrs.append(attrs)
+    return _attrs
+
+
 def _batched(copies: list[tuple[int, int, int]], stream: object) -> bool:
     """Submits ``copies`` as one cuMemcpyBatchAsync; False when the driver refuses the call."""
-    attrs = driver.CUmemcpyAttributes()
-    attrs.srcAccessOrder = driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-    attrs.flags = int(driver.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
     try:
         result = driver.cuMemcpyBatchAsync(
             [driver.CUdeviceptr(d) for d, _, _ in copies],
             [driver.CUdeviceptr(s) for _, s, _ in copies],
             [n for _, _, n in copies],
             len(copies),
-            [attrs],
+            _copy_attributes(),
             [0],
             1,
             stream,
@@ -122,21 +132,21 @@ def memcpy_batch(
     device = torch.cuda.current_device() if stream is None else (stream.device.index or 0)
     ensure_context(device)
     raw = current_stream_handle() if stream is None else int(stream.cuda_stream)
-    cu_stream = driver.CUstream(raw)
+    stream_obj = cu_stream(raw)
     explicit = batched is True
     if explicit and not hasattr(driver, "cuMemcpyBatchAsync"):
         raise RuntimeError("cuMemcpyBatchAsync is not in this cuda-bindings build")
     if batched is None:
         # The driver refuses batches on the NULL (legacy or per-thread default) stream.
         batched = raw not in _DEFAULT_STREAMS and batch_copy_supported()
-        batched = batched and not _capturing(cu_stream)
+        batched = batched and not _capturing(stream_obj)
     if batched:
-        if _batched(todo, cu_stream):
+        if _batched(todo, stream_obj):
             return "batch"
         if explicit:
             raise RuntimeError("the driver does not support cuMemcpyBatchAsync")
     for dst, src, n in todo:
-        check("cuMemcpyAsync", driver.cuMemcpyAsync(dst, src, n, cu_stream), f"{n} bytes")
+        check("cuMemcpyAsync", driver.cuMemcpyAsync(dst, src, n, stream_obj), f"{n} bytes")
     return "loop"
 
 

@@ -8,6 +8,10 @@ condition. All are stream-ordered, asynchronous, and can be captured in a CUDA g
     ep_jit.write_value(flag_on_peer, epoch)  # after the copy before it
     ep_jit.wait_value(my_flag, epoch, cond="geq")  # later work waits for the peer
     ep_jit.batch_mem_ops([MemOp.write(a, 1), MemOp.wait(b, 1)])
+    batch = MemOpBatch([MemOp.write(a, 0), MemOp.wait(b, 0)])  # built once, then per call:
+    batch.set_value(0, epoch)
+    batch.set_value(1, epoch)
+    batch.enqueue()
 
 A stream wait has no timeout of its own: a peer that never writes leaves the stream waiting.
 Bound the host side with :func:`ep_jit.wait_stream`, and see ``docs/jit.md`` for the hazard of
@@ -21,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ep_jit._cuda import check, current_stream_handle, driver, ensure_context
+from ep_jit._cuda import check, cu_stream, current_stream_handle, driver, ensure_context
 
-__all__ = ["MemOp", "batch_mem_ops", "wait_value", "write_value"]
+__all__ = ["MemOp", "MemOpBatch", "batch_mem_ops", "wait_value", "write_value"]
 
 _WAIT_FLAGS = {
     "geq": driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ,
@@ -45,7 +49,7 @@ def _check_width(width: int, value: int) -> None:
 def _stream(stream: torch.cuda.Stream | None) -> object:
     ensure_context(torch.cuda.current_device() if stream is None else stream.device.index or 0)
     raw = current_stream_handle() if stream is None else int(stream.cuda_stream)
-    return driver.CUstream(raw)
+    return cu_stream(raw)
 
 
 def _wait_flags(cond: str, flush: bool) -> int:
@@ -123,38 +127,82 @@ def wait_value(
     )
 
 
+class MemOpBatch:
+    """A list of :class:`MemOp` prepared once for ``cuStreamBatchMemOp``, values changeable.
+
+    A protocol that enqueues the same operations on the same words call after call (only the
+    values change: epochs, sizes) builds one batch and then only sets values and enqueues: the
+    driver's parameter structs are built here, once, which costs far more host time than
+    setting a value.
+    """
+
+    def __init__(self, ops: Sequence[MemOp]) -> None:
+        """Builds the driver parameters of ``ops``.
+
+        Raises:
+            ValueError: An empty list.
+        """
+        if not ops:
+            raise ValueError("a MemOpBatch needs at least one operation")
+        self.ops = list(ops)
+        self._targets: list[object] = []
+        self._params: list[object] = []
+        for op in self.ops:
+            p = driver.CUstreamBatchMemOpParams()
+            if op.kind == "write":
+                p.operation = (
+                    _OP.CU_STREAM_MEM_OP_WRITE_VALUE_32
+                    if op.width == 32
+                    else _OP.CU_STREAM_MEM_OP_WRITE_VALUE_64
+                )
+                target = p.writeValue
+                target.flags = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+            else:
+                p.operation = (
+                    _OP.CU_STREAM_MEM_OP_WAIT_VALUE_32
+                    if op.width == 32
+                    else _OP.CU_STREAM_MEM_OP_WAIT_VALUE_64
+                )
+                target = p.waitValue
+                target.flags = _wait_flags(op.cond, op.flush)
+            target.operation = p.operation
+            target.address = op.address
+            self._params.append(p)
+            self._targets.append(target)
+            self._store(len(self._params) - 1, op.value)
+
+    def _store(self, i: int, value: int) -> None:
+        if self.ops[i].width == 32:
+            self._targets[i].value = value  # type: ignore[attr-defined]
+        else:
+            self._targets[i].value64 = value  # type: ignore[attr-defined]
+
+    def set_value(self, i: int, value: int) -> None:
+        """Sets the value of operation ``i`` for the next :meth:`enqueue`.
+
+        Raises:
+            ValueError: ``value`` does not fit the operation's width.
+        """
+        _check_width(self.ops[i].width, value)
+        self._store(i, value)
+
+    def enqueue(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueues the operations, in order, as one ``cuStreamBatchMemOp`` (one driver call)."""
+        check(
+            "cuStreamBatchMemOp",
+            driver.cuStreamBatchMemOp(_stream(stream), len(self._params), self._params, 0),
+        )
+
+
 def batch_mem_ops(ops: Sequence[MemOp], *, stream: torch.cuda.Stream | None = None) -> None:
     """Enqueues ``ops`` in order as one ``cuStreamBatchMemOp`` (one driver call).
+
+    Builds the driver's parameters each call; a protocol that repeats the same operations with
+    new values keeps a :class:`MemOpBatch` instead.
 
     Raises:
         ValueError: An empty list.
     """
     if not ops:
         raise ValueError("batch_mem_ops needs at least one operation")
-    params = []
-    for op in ops:
-        p = driver.CUstreamBatchMemOpParams()
-        if op.kind == "write":
-            p.operation = (
-                _OP.CU_STREAM_MEM_OP_WRITE_VALUE_32
-                if op.width == 32
-                else (_OP.CU_STREAM_MEM_OP_WRITE_VALUE_64)
-            )
-            target = p.writeValue
-            target.flags = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
-        else:
-            p.operation = (
-                _OP.CU_STREAM_MEM_OP_WAIT_VALUE_32
-                if op.width == 32
-                else (_OP.CU_STREAM_MEM_OP_WAIT_VALUE_64)
-            )
-            target = p.waitValue
-            target.flags = _wait_flags(op.cond, op.flush)
-        target.operation = p.operation
-        target.address = op.address
-        if op.width == 32:
-            target.value = op.value
-        else:
-            target.value64 = op.value
-        params.append(p)
-    check("cuStreamBatchMemOp", driver.cuStreamBatchMemOp(_stream(stream), len(params), params, 0))
+    MemOpBatch(ops).enqueue(stream)
