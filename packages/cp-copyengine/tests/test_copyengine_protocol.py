@@ -1,5 +1,6 @@
 """The copy-engine backend's protocol, on CPU: which copies and which flag writes and waits one
-call enqueues (the driver calls are recorded instead of issued)."""
+call enqueues (the driver calls are recorded instead of issued; the flag operations are read
+back from the parameters handed to ``cuStreamBatchMemOp``, as the driver would see them)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 from cp_copyengine import copyengine
 from cp_copyengine.copyengine import CopyEngineBackend
 from cp_copyengine.plan import Item, Transfer
+from ep_jit import streamops
+from ep_jit._cuda import driver
+from ep_jit.streamops import MemOp
 
 BASE = 1 << 40  # rank p's data region at BASE * (p + 1); its signal region 1 MiB further
 SIG = 1 << 20
@@ -30,6 +34,44 @@ def _backend(rank: int, world: int, max_ops: int, log: list[Any]) -> CopyEngineB
     return be
 
 
+_OP = driver.CUstreamBatchMemOpType
+_WRITES = {_OP.CU_STREAM_MEM_OP_WRITE_VALUE_32: 32, _OP.CU_STREAM_MEM_OP_WRITE_VALUE_64: 64}
+_WAITS = {_OP.CU_STREAM_MEM_OP_WAIT_VALUE_32: 32, _OP.CU_STREAM_MEM_OP_WAIT_VALUE_64: 64}
+_CONDS = {
+    int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ): "geq",
+    int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ): "eq",
+}
+
+
+def _decode(params: list[Any]) -> list[MemOp]:
+    """The operations that ``cuStreamBatchMemOp`` parameters describe, values as of now."""
+    ops = []
+    for p in params:
+        if p.operation in _WRITES:
+            width, kind, t, cond = _WRITES[p.operation], "write", p.writeValue, "geq"
+        else:
+            width, kind, t = _WAITS[p.operation], "wait", p.waitValue
+            cond = _CONDS[int(t.flags)]
+        value = int(t.value) if width == 32 else int(t.value64)
+        ops.append(MemOp(kind, int(t.address), value, width, cond))
+    return ops
+
+
+class _RecordingDriver:
+    """cuda-bindings' driver module, except that ``cuStreamBatchMemOp`` is recorded."""
+
+    def __init__(self, calls: list[Any]) -> None:
+        self.calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(driver, name)
+
+    def cuStreamBatchMemOp(self, stream: Any, count: int, params: list[Any], flags: int) -> Any:
+        assert flags == 0 and count == len(params)
+        self.calls.append(("ops", _decode(params), stream))
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+
 @pytest.fixture
 def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
@@ -38,11 +80,8 @@ def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         "memcpy_batch",
         lambda copies, stream, batched: calls.append(("copy", copies, stream)) or "x",
     )
-    monkeypatch.setattr(
-        copyengine,
-        "batch_mem_ops",
-        lambda ops, stream: calls.append(("ops", list(ops), stream)),
-    )
+    monkeypatch.setattr(streamops, "driver", _RecordingDriver(calls))
+    monkeypatch.setattr(streamops, "_stream", lambda stream: stream)
     return calls
 
 
@@ -110,3 +149,37 @@ def test_one_rank_has_no_flags_and_no_fence(log: list[Any]) -> None:
     be.transfer(Transfer("all_gather", session=3, slot=0, items=(Item(t, 0, 8),)))
     be.end_session(3)
     assert log == [("copy", [(BASE, t.data_ptr(), 8)], None)]
+
+
+def test_calls_reuse_the_prepared_flags_with_each_sessions_number(
+    log: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, rank = 3, 0
+    be = _backend(rank, world, 2, log)
+    built: list[Any] = []
+    monkeypatch.setattr(copyengine, "MemOpBatch", lambda ops: built.append(ops))
+    t = torch.zeros(4, dtype=torch.uint8)
+    mine, peers = BASE + SIG, (1, 2)
+    end = 4 * 2 * world
+    for session in (1, 2, 3, 0x1_0000_0002):  # the words hold the number's low 32 bits
+        epoch = session & 0xFFFFFFFF
+        for slot in (0, 1):
+            log.clear()
+            be.transfer(Transfer("all_gather", session, slot, (Item(t, 0, 4),)))
+            flags = log[-1][1]
+            assert [(o.kind, o.address, o.value) for o in flags] == [
+                ("write", BASE * (p + 1) + SIG + 4 * (slot * world + rank), epoch) for p in peers
+            ] + [("wait", mine + 4 * (slot * world + p), epoch) for p in peers]
+            if slot == 0 and session > 1:  # the fence: every peer ended the last session
+                fence = log[0][1]
+                assert [(o.kind, o.address, o.value) for o in fence] == [
+                    ("wait", mine + end + 4 * p, (session - 1) & 0xFFFFFFFF) for p in peers
+                ]
+            else:
+                assert [k for k, _, _ in log] == ["copy", "ops"]
+        log.clear()
+        be.end_session(session)
+        assert [(o.kind, o.address, o.value) for o in log[0][1]] == [
+            ("write", BASE * (p + 1) + SIG + end + 4 * rank, epoch) for p in peers
+        ]
+    assert built == []  # no call builds driver parameters

@@ -23,8 +23,10 @@ Ending session ``s`` writes ``s`` into session-end word ``[r]`` of every peer, a
 communication stream waited for the compute stream (which issued the reads of the outputs).
 No kernel runs on this path; reduce-scatter's reduction runs afterwards as torch operations.
 
-Every address is computed once, at construction; a call builds only its copy list and its
-flag operations (the session's number changes), and issues two or three driver calls.
+Every address is computed once, at construction, and so are the driver parameters of every
+flag operation: one prepared :class:`ep_jit.MemOpBatch` for the fence, one per slot for the
+arrival flags and one for the session end. A call builds only its copy list, sets the session's
+number into its batches (the only thing that changes) and issues two or three driver calls.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from cp_copyengine.plan import Transfer
 from ep_jit import PeerMemory
 from ep_jit.memcpy import memcpy_batch
-from ep_jit.streamops import MemOp, batch_mem_ops
+from ep_jit.streamops import MemOp, MemOpBatch
 
 __all__ = ["CopyEngineBackend"]
 
@@ -93,12 +95,23 @@ class CopyEngineBackend:
         # Arrival word [k][src] of a rank sits at its signal region + 4 * (k * R + src).
         self._arrive_out = [self._arrival(p, 0, rank) for p in self._peers]
         self._arrive_in = [self._arrival(rank, 0, p) for p in self._peers]
+        # The flag operations, prepared once (building the driver's parameters costs far more
+        # host time than setting a value); a call only sets the session's number. One rank
+        # alone has no peer, so no flag at all.
+        self._fence: MemOpBatch | None = None
+        self._session_end: MemOpBatch | None = None
+        self._arrivals: list[MemOpBatch] = []
+        if self._peers:
+            self._fence = MemOpBatch([MemOp.wait(a, 0) for a in self._fence_addrs])
+            self._session_end = MemOpBatch([MemOp.write(a, 0) for a in self._end_addrs])
+            self._arrivals = [MemOpBatch(self._arrival_ops(k)) for k in range(self.max_ops)]
 
-    def _arrival_ops(self, slot: int, epoch: int) -> list[MemOp]:
-        """Write ``epoch`` into arrival word ``[slot][r]`` of every peer, then wait for theirs."""
+    def _arrival_ops(self, slot: int) -> list[MemOp]:
+        """Write into arrival word ``[slot][r]`` of every peer, then wait for theirs (the
+        values, the session's number, are set per call)."""
         step = 4 * slot * self.world_size
-        ops = [MemOp.write(a + step, epoch) for a in self._arrive_out]
-        ops += [MemOp.wait(a + step, epoch) for a in self._arrive_in]
+        ops = [MemOp.write(a + step, 0) for a in self._arrive_out]
+        ops += [MemOp.wait(a + step, 0) for a in self._arrive_in]
         return ops
 
     @classmethod
@@ -119,12 +132,18 @@ class CopyEngineBackend:
     def _end(self, peer: int, src: int) -> int:
         return self.memory.signal_ptrs[peer] + self._end_words + 4 * src
 
+    @staticmethod
+    def _enqueue(batch: MemOpBatch, epoch: int, stream: torch.cuda.Stream | None) -> None:
+        """Enqueues ``batch`` with every operation's value set to ``epoch`` (a 32-bit word)."""
+        for i in range(len(batch.ops)):
+            batch.set_value(i, epoch)
+        batch.enqueue(stream)
+
     def transfer(self, t: Transfer, stream: torch.cuda.Stream | None = None) -> None:
         """Enqueues one call on ``stream`` (default: the current stream; asynchronous)."""
         rank = self.rank
-        if t.slot == 0 and t.session > 1 and self._fence_addrs:
-            prev = (t.session - 1) & 0xFFFFFFFF
-            batch_mem_ops([MemOp.wait(a, prev) for a in self._fence_addrs], stream=stream)
+        if t.slot == 0 and t.session > 1 and self._fence is not None:
+            self._enqueue(self._fence, (t.session - 1) & 0xFFFFFFFF, stream)
         scatter = t.kind == "reduce_scatter"
         pieces = [
             (it.offset + rank * it.nbytes, it.src.data_ptr(), it.nbytes, it.inplace)
@@ -138,14 +157,13 @@ class CopyEngineBackend:
                     continue
                 copies.append((base + offset, src + p * n if scatter else src, n))
         self.last_copy_mode = memcpy_batch(copies, stream=stream, batched=self.batched)
-        if self._peers:
-            batch_mem_ops(self._arrival_ops(t.slot, t.session & 0xFFFFFFFF), stream=stream)
+        if self._arrivals:
+            self._enqueue(self._arrivals[t.slot], t.session & 0xFFFFFFFF, stream)
 
     def end_session(self, session: int, stream: torch.cuda.Stream | None = None) -> None:
         """Tells every peer that this rank is done reading its area in ``session``."""
-        if self._end_addrs:
-            epoch = session & 0xFFFFFFFF
-            batch_mem_ops([MemOp.write(a, epoch) for a in self._end_addrs], stream=stream)
+        if self._session_end is not None:
+            self._enqueue(self._session_end, session & 0xFFFFFFFF, stream)
 
     def destroy(self) -> None:
         """Collective: drains the current stream, meets every rank, unmaps (PeerMemory.destroy)."""

@@ -23,8 +23,8 @@ class CpKnobs(KnobGroup):
     check_inputs = knob_bool(
         "EP_CP_CHECK_INPUTS",
         True,
-        "Compare every call's shapes and dtypes across ranks (one object all-gather per call), "
-        "so ranks that disagree or reject their input all raise; off: local checks only.",
+        "Compare every call's shapes and dtypes across ranks (one 16-byte gloo all-gather per "
+        "call), so ranks that disagree or reject their input all raise; off: local checks only.",
     )
     backend = knob_choice(
         "EP_CP_BACKEND",
