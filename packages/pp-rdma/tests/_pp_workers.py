@@ -332,7 +332,12 @@ def lonely_recv_worker(info: RankInfo) -> None:
 
 
 def graph_replay_worker(info: RankInfo, replays: int, nbytes: int) -> int:
-    """Rank 0 captures send + recv, rank 1 captures recv + echo; both replay ``replays`` times."""
+    """Rank 0 captures send + recv, rank 1 captures recv + echo; both replay ``replays`` times.
+
+    Between capture and replays, eager messages of another size go through the captured slots:
+    they set other sizes into the prepared flag operations the capture used, which must leave
+    the captured graph waiting for its own size.
+    """
     device = info.device
     buf = PipeBuffer(info.group, nbytes, 2, backend="copy_engine", timeout_s=30, device=device)
     x = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
@@ -348,6 +353,20 @@ def graph_replay_worker(info: RankInfo, replays: int, nbytes: int) -> int:
         else:
             buf.recv(x, 0)
             buf.send(x, 0)
+    half = x.numel() // 2
+    for i in range(2):  # the slots after the captured one, then the captured one
+        if info.rank == 0:
+            a = torch.full((half,), 7 + i, dtype=torch.int32, device=device)
+            b = torch.full_like(a, -1)
+            buf.send(a, 1)
+            buf.recv(b, 1)
+            buf.synchronize()
+            assert torch.equal(a, b), f"eager echo {i}: {b[:4].tolist()}"
+        else:
+            c = torch.empty(half, dtype=torch.int32, device=device)
+            buf.recv(c, 0)
+            buf.send(c, 0)
+            buf.synchronize()
     checked = 0
     for i in range(replays):
         if info.rank == 0:

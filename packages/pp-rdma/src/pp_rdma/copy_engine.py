@@ -11,9 +11,12 @@ and slot:
 ``send(t, dst)``, all on the current stream: wait ``used[dst][k] == 0`` (the credit), set it to
 1, copy ``t`` into ``dst``'s slot with a copy engine, write ``full = nbytes + 1`` into ``dst``'s
 word. ``recv(out, src)``: wait ``full[src][k] == out.nbytes + 1``, reset it, copy the slot into
-``out``, write ``used = 0`` into ``src``'s word. Waits and writes are ``cuStreamWaitValue64`` /
-``cuStreamWriteValue64`` and the copies ``cuMemcpyAsync``: no SM is used and everything can be
-captured in a CUDA graph. The flags return to their initial state after each message, so a
+``out``, write ``used = 0`` into ``src``'s word. Each wait with the write after it is one
+``cuStreamBatchMemOp``, the last signal a ``cuStreamWriteValue64``, the copies ``cuMemcpyAsync``:
+no SM is used and everything can be captured in a CUDA graph. The words of a pair and slot never
+move, so the two-operation batches are prepared once per ``(peer, slot)`` (an
+:class:`ep_jit.MemOpBatch`, built on the first call that uses it); a call only sets the size it
+waits for. The flags return to their initial state after each message, so a
 captured schedule replays correctly when both ends replay matching schedules (the slot of each
 captured call is fixed at capture). A size mismatch never delivers bytes: the receiver's stream
 keeps waiting, and :meth:`synchronize` reads the words and raises
@@ -40,7 +43,7 @@ from ep_jit.errors import HostTimeoutError
 from ep_jit.hostwait import wait_event
 from ep_jit.memcpy import memcpy_batch
 from ep_jit.peer_memory import PeerMemory
-from ep_jit.streamops import MemOp, batch_mem_ops, write_value
+from ep_jit.streamops import MemOp, MemOpBatch, write_value
 from pp_rdma._base import PipeConfig
 from pp_rdma.errors import PipeError, PipeSizeMismatchError, PipeTimeoutError
 
@@ -73,6 +76,10 @@ class CopyEnginePipe:
         # stream waits in vain, could itself wait for the device and hang the diagnosis.
         self._side = torch.cuda.Stream(cfg.device)
         self._words_host = torch.empty(2 * slots, dtype=torch.int64, pin_memory=True)
+        # Prepared flag operations per (peer, slot), index peer * num_max_inflight + k, built on
+        # first use (host memory only: nothing here waits for or allocates on the device).
+        self._send_ops: list[MemOpBatch | None] = [None] * slots
+        self._recv_ops: list[MemOpBatch | None] = [None] * slots
 
     # ---- addresses ----------------------------------------------------------------------------
     def _k(self, seq: int) -> int:
@@ -96,8 +103,14 @@ class CopyEnginePipe:
         """Enqueues credit wait, claim, copy into ``dst``'s slot and the data signal."""
         me, k = self.config.rank, self._k(seq)
         nbytes = t.numel() * t.element_size()
-        used = self._used(me, dst, k)
-        batch_mem_ops([MemOp.wait(used, 0, cond="eq", width=64), MemOp.write(used, 1, width=64)])
+        i = dst * self.config.num_max_inflight + k
+        claim = self._send_ops[i]
+        if claim is None:  # wait for the credit, take it: fixed values
+            used = self._used(me, dst, k)
+            claim = self._send_ops[i] = MemOpBatch(
+                [MemOp.wait(used, 0, cond="eq", width=64), MemOp.write(used, 1, width=64)]
+            )
+        claim.enqueue()
         if nbytes:
             target = self._mem.peer_ptrs[dst] + self._data_off(me, k)
             memcpy_batch([(target, t.data_ptr(), nbytes)])
@@ -108,10 +121,17 @@ class CopyEnginePipe:
         """Enqueues the data wait (size included), reset, copy out and the credit."""
         me, k = self.config.rank, self._k(seq)
         nbytes = out.numel() * out.element_size()
-        full = self._full(me, src, k)
-        batch_mem_ops(
-            [MemOp.wait(full, nbytes + 1, cond="eq", width=64), MemOp.write(full, 0, width=64)]
-        )
+        i = src * self.config.num_max_inflight + k
+        take = self._recv_ops[i]
+        if take is None:  # wait for the data signal of this size, then reset it
+            full = self._full(me, src, k)
+            take = self._recv_ops[i] = MemOpBatch(
+                [MemOp.wait(full, 0, cond="eq", width=64), MemOp.write(full, 0, width=64)]
+            )
+        # Under graph capture the driver copies the parameters into the captured node, so a
+        # later call that sets another size here leaves a captured recv's awaited size as it was.
+        take.set_value(0, nbytes + 1)
+        take.enqueue()
         if nbytes:
             memcpy_batch(
                 [(out.data_ptr(), self._mem.peer_ptrs[me] + self._data_off(src, k), nbytes)]

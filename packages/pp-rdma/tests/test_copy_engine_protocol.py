@@ -1,0 +1,123 @@
+"""The copy-engine pipe's protocol, on CPU: which flag operations and copies a send and a recv
+enqueue (the driver calls are recorded instead of issued; batched operations are read back from
+the parameters handed to ``cuStreamBatchMemOp``, as the driver would see them)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from ep_jit import streamops
+from ep_jit._cuda import driver
+from pp_rdma import copy_engine
+from pp_rdma.copy_engine import CopyEnginePipe
+
+BASE = 1 << 40  # rank p's data region at BASE * (p + 1); its signal region 1 MiB further
+SIG = 1 << 20
+SLOT = 256
+_OP = driver.CUstreamBatchMemOpType
+_EQ = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
+
+
+def _decode(params: list[Any]) -> list[tuple[str, int, int]]:
+    """``(kind, address, value)`` of 64-bit operations, values as of now (equality waits)."""
+    out = []
+    for p in params:
+        if p.operation == _OP.CU_STREAM_MEM_OP_WRITE_VALUE_64:
+            out.append(("write", int(p.writeValue.address), int(p.writeValue.value64)))
+        else:
+            assert p.operation == _OP.CU_STREAM_MEM_OP_WAIT_VALUE_64
+            assert int(p.waitValue.flags) == _EQ
+            out.append(("wait_eq", int(p.waitValue.address), int(p.waitValue.value64)))
+    return out
+
+
+class _RecordingDriver:
+    """cuda-bindings' driver module, except that the stream memory operations are recorded."""
+
+    def __init__(self, calls: list[Any]) -> None:
+        self.calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(driver, name)
+
+    def cuStreamBatchMemOp(self, stream: Any, count: int, params: list[Any], flags: int) -> Any:
+        assert flags == 0 and count == len(params)
+        self.calls.append(("ops", _decode(params)))
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+    def cuStreamWriteValue64(self, stream: Any, address: int, value: int, flags: int) -> Any:
+        self.calls.append(("ops", [("write", int(address), int(value))]))
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+
+@pytest.fixture
+def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    calls: list[Any] = []
+    monkeypatch.setattr(streamops, "driver", _RecordingDriver(calls))
+    monkeypatch.setattr(streamops, "_stream", lambda stream: stream)
+    monkeypatch.setattr(
+        copy_engine, "memcpy_batch", lambda copies: calls.append(("copy", list(copies)))
+    )
+    monkeypatch.setattr(CopyEnginePipe, "_track", lambda self, *args: None)
+    return calls
+
+
+def _pipe(rank: int, world: int, inflight: int) -> CopyEnginePipe:
+    """A pipe over made-up addresses, as the constructor lays them out (no GPU)."""
+    pipe = object.__new__(CopyEnginePipe)
+    pipe.config = SimpleNamespace(  # type: ignore[assignment]
+        rank=rank, world_size=world, num_max_inflight=inflight
+    )
+    pipe._slot = SLOT
+    pipe._mem = SimpleNamespace(  # type: ignore[assignment]
+        peer_ptrs=[BASE * (p + 1) for p in range(world)],
+        signal_ptrs=[BASE * (p + 1) + SIG for p in range(world)],
+    )
+    slots = world * inflight
+    pipe._words = 8 * slots
+    pipe._send_ops = [None] * slots
+    pipe._recv_ops = [None] * slots
+    return pipe
+
+
+def test_send_and_recv_flags_per_peer_and_slot_with_each_calls_size(
+    log: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, inflight, me, peer = 3, 2, 1, 2
+    pipe = _pipe(me, world, inflight)
+    built: list[Any] = []
+    real = copy_engine.MemOpBatch
+    monkeypatch.setattr(copy_engine, "MemOpBatch", lambda ops: built.append(ops) or real(ops))
+    sig = [BASE * (p + 1) + SIG for p in range(world)]
+    used_off = 8 * world * inflight
+    sizes = [16, 4, 0, 16, 8]  # the slot alternates: k = 0, 1, 0, 1, 0
+    for seq, n in enumerate(sizes, start=1):
+        k = (seq - 1) % inflight
+        t = torch.zeros(n, dtype=torch.uint8)
+        log.clear()
+        pipe.send(t, peer, seq)
+        used = sig[me] + used_off + 8 * (peer * inflight + k)
+        full_there = sig[peer] + 8 * (me * inflight + k)
+        want: list[Any] = [("ops", [("wait_eq", used, 0), ("write", used, 1)])]
+        if n:
+            dst = BASE * (peer + 1) + (me * inflight + k) * SLOT
+            want.append(("copy", [(dst, t.data_ptr(), n)]))
+        want.append(("ops", [("write", full_there, n + 1)]))
+        assert log == want, seq
+
+        log.clear()
+        pipe.recv(t, peer, seq)
+        full = sig[me] + 8 * (peer * inflight + k)
+        used_there = sig[peer] + used_off + 8 * (me * inflight + k)
+        want = [("ops", [("wait_eq", full, n + 1), ("write", full, 0)])]
+        if n:
+            src = BASE * (me + 1) + (peer * inflight + k) * SLOT
+            want.append(("copy", [(t.data_ptr(), src, n)]))
+        want.append(("ops", [("write", used_there, 0)]))
+        assert log == want, seq
+    # One prepared batch per (direction, peer, slot): later calls only set the size.
+    assert len(built) == 2 * inflight
