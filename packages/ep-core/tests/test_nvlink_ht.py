@@ -442,18 +442,22 @@ def test_nvlink_timeout_names_the_peer(world_size: int, per_gpu: int) -> None:
 
 
 def _bad_routing_worker(info: RankInfo) -> None:
-    # A dispatch with CPU sync checks topk_idx's values on the device and reads the verdict with
-    # its counts: the rank with bad ids raises the host check's error (after the kernels, which
-    # ignore the bad ids), every rank's next dispatch pairs with its peers' and is exact.
+    # A dispatch with CPU sync checks topk_idx's values on the device; each rank's verdict
+    # travels to every peer with the token count its dispatch kernel announces, and comes back
+    # with the counts in every rank's one host read. So every rank raises: a rank with bad ids
+    # the host check's error, the others an error naming it (their results miss its rows). The
+    # call completes on every rank first (the kernels skip bad ids), so each rank's next
+    # dispatch pairs with its peers' and is exact, and so is a cached replay of it.
     from ep_core.nvlink import NvlinkBackend
     from ep_core.reference import TorchBackend
 
     cfg = _config(info, NMAX, HIDDEN, TOPK)
     ref = TorchBackend.from_config(info.group, cfg)
     fast = NvlinkBackend.from_config(info.group, cfg)
-    ne = 16 * info.world_size
+    n = info.world_size
+    ne = 16 * n
     gen = torch.Generator().manual_seed(7 + info.rank)
-    good = _routing(gen, NMAX, ne, TOPK, "masked", info.rank, info.world_size).to(info.device)
+    good = _routing(gen, NMAX, ne, TOPK, "masked", info.rank, n).to(info.device)
     x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(info.device)
     kw = {
         "num_experts": ne,
@@ -470,23 +474,46 @@ def _bad_routing_worker(info: RankInfo) -> None:
     below[0, 0] = -2
     dup = good.clone()
     dup[NMAX - 1, 3] = dup[NMAX - 1, 5] = 1
-    bad_cases = (
-        (out_of_range, rf"topk_idx\[300, {TOPK - 1}\] = {ne} is outside"),
-        (below, r"topk_idx\[0, 0\] = -2 is outside"),
-        (dup, f"row {NMAX - 1} selects expert 1 more than once"),
-    )
-    for bad, pattern in bad_cases:
-        if info.rank == 0:
-            with pytest.raises(ValueError, match=pattern):
-                fast.dispatch(x, None, bad, None, **kw)
+    last = n - 1
+    cases = [
+        ((last,), out_of_range, rf"topk_idx\[300, {TOPK - 1}\] = {ne} is outside"),
+        ((0,), below, r"topk_idx\[0, 0\] = -2 is outside"),
+        ((last,), dup, f"row {NMAX - 1} selects expert 1 more than once"),
+    ]
+    if n >= 3:  # two bad ranks: each names its own entry, the others name both ranks
+        cases.append(((1, last), out_of_range, rf"topk_idx\[300, {TOPK - 1}\] = {ne} is outside"))
+    for bad_ranks, bad, own_pattern in cases:
+        if info.rank in bad_ranks:
+            pattern, idx = own_pattern, bad
+        elif len(bad_ranks) == 1:
+            b = bad_ranks[0]
+            pattern = (
+                rf"^dispatch: rank {b} passed invalid topk_idx \(see rank {b}'s error\); "
+                r"no rank's result is valid$"
+            )
+            idx = good
         else:
-            fast.dispatch(x, None, good, None, **kw)
+            names = ", ".join(map(str, bad_ranks))
+            pattern = (
+                rf"^dispatch: ranks {names} passed invalid topk_idx \(see their errors\); "
+                r"no rank's result is valid$"
+            )
+            idx = good
+        with pytest.raises(ValueError, match=pattern):
+            fast.dispatch(x, None, idx, None, **kw)
         r = ref.dispatch(x, None, good, None, **kw)
         f = fast.dispatch(x, None, good, None, **kw)
         torch.cuda.synchronize()
         assert f.handle.num_recv_tokens == r.handle.num_recv_tokens
+        assert f.handle.num_recv_tokens_per_expert_list == r.handle.num_recv_tokens_per_expert_list
         _eq("recv_x after a rejected dispatch", f.recv_x, r.recv_x)
         _eq("recv_topk_idx after a rejected dispatch", f.recv_topk_idx, r.recv_topk_idx)
+    # A cached replay of the last good dispatch (no check, no host read) still pairs and matches.
+    cached = fast.dispatch(
+        x, None, f.handle.topk_idx, None, **dict(kw, do_cpu_sync=False, handle=f.handle)
+    )
+    torch.cuda.synchronize()
+    _eq("cached recv_x after rejected dispatches", cached.recv_x[: r.recv_x.shape[0]], r.recv_x)
     # Zero tokens: one verdict word, written 0.
     empty = fast.dispatch(x[:0], None, good[:0], None, **kw)
     assert empty.recv_x.shape[1] == HIDDEN
@@ -494,9 +521,51 @@ def _bad_routing_worker(info: RankInfo) -> None:
     ref.destroy()
 
 
-@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((1, 2)))
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((1, 2, 4)))
 def test_nvlink_rejects_bad_routing_after_its_one_read(world_size: int, per_gpu: int) -> None:
     run_ranks(world_size, _bad_routing_worker, timeout_s=180, ranks_per_gpu=per_gpu)
+
+
+def test_bad_routing_messages() -> None:
+    # What the ranks with valid ids raise when others passed bad ones (the bad ranks raise the
+    # host check's own error, naming the entry).
+    from ep_core.nvlink.backend import _bad_routing_message, _raise_bad_routing
+
+    assert _bad_routing_message([1]) == (
+        "dispatch: rank 1 passed invalid topk_idx (see rank 1's error); no rank's result is valid"
+    )
+    assert _bad_routing_message([0, 3]) == (
+        "dispatch: ranks 0, 3 passed invalid topk_idx (see their errors); no rank's result is valid"
+    )
+    idx = torch.tensor([[0, 1], [2, 16]])
+    with pytest.raises(ValueError, match=r"topk_idx\[1, 1\] = 16 is outside"):
+        _raise_bad_routing(2, [0, 2], idx, 16)
+    with pytest.raises(ValueError, match=r"^dispatch: ranks 0, 2 passed"):
+        _raise_bad_routing(1, [0, 2], idx, 16)
+    with pytest.raises(RuntimeError, match="the host check does not see"):
+        _raise_bad_routing(0, [0], torch.tensor([[0, 1]]), 16)
+
+
+def test_dispatch_args_mirror_matches_header() -> None:
+    # HtDispatchArgs is passed by value: the ctypes mirror lists the header's fields in order,
+    # each 8 bytes (the header asserts the size it expects).
+    import ctypes
+    import re
+    from pathlib import Path
+
+    import ep_core
+    from ep_core.nvlink.layout import HtDispatchArgs, SymLayout
+
+    header = Path(ep_core.__file__).parent / "include" / "ep_core" / "sm90_ht_dispatch.cuh"
+    text = header.read_text()
+    body = re.search(r"struct HtDispatchArgs \{(.*?)\n\};", text, re.S)
+    assert body is not None
+    names = re.findall(r"^\s*(?:const\s+)?[\w:]+\*?\s+(\w+);", body.group(1), re.M)
+    assert names == [f[0] for f in HtDispatchArgs._fields_]
+    size = re.search(r"static_assert\(sizeof\(HtDispatchArgs\) == (\d+) \* 8", text)
+    assert size is not None
+    assert ctypes.sizeof(HtDispatchArgs) == int(size.group(1)) * 8
+    assert ctypes.sizeof(SymLayout) == 9 * 8
 
 
 def test_int32_block_offsets() -> None:
@@ -518,8 +587,8 @@ def test_int32_block_offsets() -> None:
 )
 def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fresh: bool) -> None:
     # A dispatch's small outputs share one allocation: each part has its shape and dtype, is
-    # contiguous, starts on 256 bytes (the verdict words right after the counts, for the one
-    # host read), and no two parts overlap.
+    # contiguous, starts on 256 bytes (the per-source verdicts right after the counts, for the
+    # one host read, and the check kernel's words right after them), and no two parts overlap.
     from ep_core.nvlink.backend import _small_outputs
 
     el, max_chunks, nmax = 16, 70, 600
@@ -536,6 +605,7 @@ def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fr
     block, parts = out[0], out[1:]
     expect = [
         ((num_counts,), torch.int32),
+        ((ranks,), torch.int32),
         ((num_bad,), torch.int32) if fresh else None,
         ((ranks, max_chunks), torch.int32),
         ((ranks,), torch.int32),
@@ -557,7 +627,8 @@ def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fr
         assert (tuple(part.shape), part.dtype) == want and part.is_contiguous()
         first = part.storage_offset() * part.element_size()
         size = part.numel() * part.element_size()
-        assert first % 256 == 0 or (i == 1 and first == 4 * num_counts)
+        adjacent = {1: 4 * num_counts, 2: 4 * (num_counts + ranks)}
+        assert first % 256 == 0 or first == adjacent.get(i)
         assert first + size <= block.numel() * 4
         cover[first : first + size] += 1
         assert part.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()

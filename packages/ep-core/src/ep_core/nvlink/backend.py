@@ -15,7 +15,7 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -69,10 +69,13 @@ class NvlinkBackend:
 
     checks_topk_idx_on_device = True
     """A dispatch with ``do_cpu_sync`` checks ``topk_idx``'s values on the device (ids in
-    ``[-1, E)``, no expert twice in a row) and reads the verdict with its counts, raising the
-    ``ValueError`` of :func:`ep_core.validation.check_topk_idx`: the caller may skip its host
-    checks (a sort and two device syncs). The kernels ignore ids outside the range, so bad ids
-    never make them read or write out of bounds before the error is raised."""
+    ``[-1, E)``, no expert twice in a row); the dispatch kernel passes each rank's verdict to
+    every peer with the token count it announces anyway, and every rank reads all verdicts
+    with its counts. When any rank's ids are bad, every rank raises ``ValueError``: that rank
+    the one of :func:`ep_core.validation.check_topk_idx`, the others one naming it. The caller
+    may skip its host checks (a sort and two device syncs). The kernels ignore ids outside the
+    range, so bad ids never make them read or write out of bounds before the error is raised,
+    and the call completes on every rank (the buffer stays usable)."""
 
     def __init__(self, group: dist.ProcessGroup, config: BackendConfig) -> None:
         self.group = group
@@ -222,8 +225,9 @@ class NvlinkBackend:
         n_sms = self._num_sms(num_sms)
         dev = self.device
         rows = r * nmax
-        # Value checks of the routing on the device, read with the counts (fresh dispatch with
-        # CPU sync only: without a host read there is nobody to raise).
+        # Value checks of the routing on the device (fresh dispatch with CPU sync only: without
+        # a host read there is nobody to raise). The dispatch kernel sends this rank's verdict
+        # to every peer with its token count, so every rank's one host read sees every rank's.
         check = handle is None and do_cpu_sync and knobs.ep.check_inputs
         num_counts = r + 2 * el
         num_bad = ht.check_ctas(num_tokens) if check else 0
@@ -236,11 +240,11 @@ class NvlinkBackend:
             rows=rows,
             fresh=(num_tokens, k) if handle is None else None,
         )
-        block, counts, bad, chunk_end, nchunks_t, out_meta = small[:6]
+        block, counts, src_bad, bad, chunk_end, nchunks_t, out_meta = small[:7]
         idx_copy: torch.Tensor | None = None
         if handle is None:
             ht.launch_check_topk(topk_idx, num_experts, counts, bad)
-            send_row, chunk_prefix, is_in, idx_copy = small[6:]
+            send_row, chunk_prefix, is_in, idx_copy = small[7:]
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
             ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
         else:
@@ -276,6 +280,8 @@ class NvlinkBackend:
             out_w=out_w,
             out_meta=out_meta,
             counts=counts,
+            src_bad=src_bad,
+            topk_bad=bad,
             chunk_end=chunk_end,
             nchunks=nchunks_t,
             num_max_tokens=nmax,
@@ -292,12 +298,14 @@ class NvlinkBackend:
             assert isinstance(prev, _HtState)
             exact_rows = prev.exact_rows
         elif do_cpu_sync:
-            # The one host synchronisation of this call: the counts and the check's verdict.
-            host = self._read_counts(block[: num_counts + num_bad])
+            # The one host synchronisation of this call: the counts and every rank's verdict
+            # on its routing (each source's, as announced to this rank).
+            host = self._read_counts(block[: num_counts + r])
             if self._error_code.value:
                 self.watchdog.check()
-            if check and any(host[num_counts:]):
-                _raise_bad_topk_idx(topk_idx, num_experts)
+            if any(host[num_counts:]):
+                bad_ranks = [s for s in range(r) if host[num_counts + s]]
+                _raise_bad_routing(self.rank, bad_ranks, topk_idx, num_experts)
             exact_rows = int(host[r - 1])
             aligned_list = _aligned_from_psum(host[r + el : num_counts])
         num_rows = exact_rows if exact_rows is not None else rows
@@ -594,18 +602,20 @@ def _small_outputs(
 ) -> list[Any]:
     """A dispatch's small outputs as views of one uninitialised allocation.
 
-    The counts and the check's verdict words come first and adjacent (one device-to-host read
-    takes both), then the chunk ends, the metadata and, for a fresh dispatch of ``fresh = (T,
-    k)``, the send rows, chunk prefixes, ``is_in`` (bool) and the handle's routing copy (int64);
-    each part but the verdict starts on a 256-byte boundary. The rows (``out_x``, ...) are not
-    part of it, so a caller can free them while it keeps the handle.
+    The counts, the per-source verdicts (``[R]``: 1 = that rank's ``topk_idx`` failed its check)
+    and the check kernel's ``num_bad`` verdict words come first and adjacent (one
+    device-to-host read takes the first two), then the chunk ends, the metadata and, for a
+    fresh dispatch of ``fresh = (T, k)``, the send rows, chunk prefixes, ``is_in`` (bool) and
+    the handle's routing copy (int64); each part but the two verdicts starts on a 256-byte
+    boundary. The rows (``out_x``, ...) are not part of it, so a caller can free them while it
+    keeps the handle.
 
     Returns:
-        ``[block, counts, verdict or None, chunk_end, nchunks, out_meta]`` and, when ``fresh``,
-        ``send_row, chunk_prefix, is_in, topk_copy``.
+        ``[block, counts, source verdicts, check verdicts or None, chunk_end, nchunks,
+        out_meta]`` and, when ``fresh``, ``send_row, chunk_prefix, is_in, topk_copy``.
     """
     r = num_ranks
-    parts = [num_counts + num_bad, r * max_chunks, r, rows * 2]
+    parts = [num_counts + r + num_bad, r * max_chunks, r, rows * 2]
     if fresh is not None:
         t, k = fresh
         parts += [t * r, (-(-t // CHUNK_TOKENS) + 1) * r, -(-t * r // 4), t * k * 2]
@@ -614,7 +624,8 @@ def _small_outputs(
     out: list[Any] = [
         block,
         block.as_strided((num_counts,), (1,), 0),
-        block.as_strided((num_bad,), (1,), num_counts) if num_bad else None,
+        block.as_strided((r,), (1,), num_counts),
+        block.as_strided((num_bad,), (1,), num_counts + r) if num_bad else None,
         block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1]),
         block.as_strided((r,), (1,), offsets[2]),
         block.as_strided((rows, 2), (2, 1), offsets[3]),
@@ -630,12 +641,30 @@ def _small_outputs(
     return out
 
 
-def _raise_bad_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Raises the host check's ``ValueError`` for routing the device check found bad."""
-    check_topk_idx_values(topk_idx, num_experts)
-    raise RuntimeError(
-        "the device check of topk_idx found a bad id that the host check does not see"
-    )
+def _raise_bad_routing(
+    rank: int, bad_ranks: list[int], topk_idx: torch.Tensor, num_experts: int
+) -> NoReturn:
+    """Raises on every rank of a dispatch in which ``bad_ranks`` passed bad ``topk_idx``.
+
+    A rank in ``bad_ranks`` raises the host check's ``ValueError`` naming its first bad entry;
+    the others raise a ``ValueError`` naming the bad ranks: the kernels skipped the bad ids,
+    so the rows those ids route are missing from the results and no rank's result is valid.
+    """
+    if rank in bad_ranks:
+        check_topk_idx_values(topk_idx, num_experts)
+        raise RuntimeError(
+            "the device check of topk_idx found a bad id that the host check does not see"
+        )
+    raise ValueError(_bad_routing_message(bad_ranks))
+
+
+def _bad_routing_message(bad_ranks: list[int]) -> str:
+    """What the ranks with valid ``topk_idx`` raise when ``bad_ranks`` passed bad ones."""
+    if len(bad_ranks) == 1:
+        who, see = f"rank {bad_ranks[0]}", f"rank {bad_ranks[0]}'s error"
+    else:
+        who, see = f"ranks {', '.join(map(str, bad_ranks))}", "their errors"
+    return f"dispatch: {who} passed invalid topk_idx (see {see}); no rank's result is valid"
 
 
 def _aligned_from_psum(psum: list[int]) -> list[int]:

@@ -283,7 +283,8 @@ CHECK_THREADS = 256
 """Threads per CTA of the dispatch prologue (``kCheckThreads``)."""
 
 CHECK_MAX_CTAS = 32
-"""Most CTAs of the dispatch prologue: the host reads one verdict word per CTA."""
+"""Most CTAs of the dispatch prologue: one verdict word per CTA, which one warp of the dispatch
+kernel reads (one word per lane)."""
 
 
 def check_ctas(num_tokens: int) -> int:
@@ -507,6 +508,8 @@ def launch_dispatch(
     out_w: torch.Tensor | None,
     out_meta: torch.Tensor,
     counts: torch.Tensor,
+    src_bad: torch.Tensor,
+    topk_bad: torch.Tensor | None,
     chunk_end: torch.Tensor,
     nchunks: torch.Tensor,
     num_max_tokens: int,
@@ -514,7 +517,12 @@ def launch_dispatch(
     expert_alignment: int,
     num_sms: int,
 ) -> None:
-    """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
+    """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs).
+
+    ``topk_bad``: the prologue's verdict words on ``topk_idx`` (``launch_check_topk``) or
+    ``None``; the kernel announces their OR to every peer with its token count, and writes
+    every source's verdict into ``src_bad`` (``[R]`` int32, 1 = that rank's ids were bad).
+    """
     r, k = ctx.num_ranks, topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
     num_sf = 0 if x_scales is None else x_scales.shape[1]
@@ -572,6 +580,8 @@ def launch_dispatch(
     a.sf_stride_t = 0 if x_scales is None else x_scales.stride(0)
     a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
     a.num_tokens = x.shape[0]
+    a.topk_bad, a.out_src_bad = device_ptr(topk_bad), device_ptr(src_bad)
+    a.num_topk_bad = 0 if topk_bad is None else topk_bad.numel()
     kernel.launch(
         (num_sms, 1, 1),
         (cfg.threads, 1, 1),

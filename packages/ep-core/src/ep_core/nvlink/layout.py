@@ -159,6 +159,9 @@ class HtDispatchArgs(ctypes.Structure):
         ("lay", SymLayout),
         ("trace", ctypes.c_void_p),
         ("num_send_ctas", ctypes.c_int64),
+        ("topk_bad", ctypes.c_uint64),
+        ("num_topk_bad", ctypes.c_int64),
+        ("out_src_bad", ctypes.c_uint64),
     ]
 
 

@@ -58,7 +58,13 @@ struct HtDispatchArgs {
     SymLayout lay;
     uint64_t* trace;        // null, or the developer trace (ht_trace)
     int64_t num_send_ctas;  // kSplit: CTAs [0, n) send, the others receive
+    const int32_t* topk_bad;  // [num_topk_bad] the prologue's verdicts on topk_idx, or null
+    int64_t num_topk_bad;     // <= 32
+    int32_t* out_src_bad;     // [R] per source: 1 if its topk_idx failed its prologue's check
 };
+// Passed by value from the ctypes mirror HtDispatchArgs (ep_core/nvlink/layout.py): 39 8-byte
+// fields (SymLayout counts 9), checked there too.
+static_assert(sizeof(HtDispatchArgs) == 39 * 8, "HtDispatchArgs and its ctypes mirror differ");
 
 enum DispatchStage : int {
     kStageDispatchInfo = 1,
@@ -188,22 +194,27 @@ struct HtDispatch {
     }
 
     // Lane s < n: what source s announced to this rank at the start of the op (its info words):
-    // `cnt` = rows it sends here and, with kTokens, `ntok` = its token count; 0 on other lanes
-    // and after a timeout or an abort (the lane's result is false then).
+    // `cnt` = rows it sends here and, with kTokens, `ntok` = its token count and `bad` = 1 when
+    // its topk_idx failed its prologue's check; 0 on other lanes and after a timeout or an
+    // abort (the lane's result is false then).
     template <bool kTokens>
     static __device__ __forceinline__ bool read_source_info(const HtDispatchArgs& a,
                                                             const WaitContext& ctx,
                                                             const uint8_t* my_region, uint32_t tag,
-                                                            int lane, int n, int& cnt, int& ntok) {
+                                                            int lane, int n, int& cnt, int& ntok,
+                                                            int& bad) {
         cnt = 0;
         ntok = 0;
+        bad = 0;
         if (lane >= n) return true;
         const auto* info = reinterpret_cast<const uint64_t*>(my_region + a.lay.info) + lane * 2;
         uint64_t v0 = 0, v1 = 0;
         if (!wait_tag(ctx, info, tag, &v0, kStageDispatchInfo, lane)) return false;
         if (kTokens && !wait_tag(ctx, info + 1, tag, &v1, kStageDispatchInfo, lane)) return false;
         cnt = static_cast<int>(static_cast<uint32_t>(v0));
-        ntok = static_cast<int>(static_cast<uint32_t>(v1));
+        const auto low = static_cast<uint32_t>(v1);
+        ntok = static_cast<int>(low & ~kInfoBadRouting);
+        bad = (low & kInfoBadRouting) != 0 ? 1 : 0;
         return true;
     }
 
@@ -213,9 +224,9 @@ struct HtDispatch {
                                                          const WaitContext& ctx,
                                                          const uint8_t* my_region, uint32_t tag,
                                                          int lane, int64_t& base) {
-        int cnt = 0, ntok = 0;
+        int cnt = 0, ntok = 0, bad = 0;
         const bool ok = read_source_info<false>(a, ctx, my_region, tag, lane,
-                                                static_cast<int>(a.rank), cnt, ntok);
+                                                static_cast<int>(a.rank), cnt, ntok, bad);
         base = static_cast<int64_t>(__reduce_add_sync(0xffffffffu, static_cast<uint32_t>(cnt)));
         return __all_sync(0xffffffffu, ok);
     }
@@ -404,8 +415,8 @@ struct HtDispatch {
         const int me = static_cast<int>(a.rank);
         const uint8_t* my_region = peer_ptr(a.peer_bases, me, a.lay.region[parity]);
         // Per-source totals, published by each sender at the start of the op.
-        int cnt = 0, ntok = 0;
-        read_source_info<true>(a, ctx, my_region, tag, lane, kRanks, cnt, ntok);
+        int cnt = 0, ntok = 0, bad = 0;
+        read_source_info<true>(a, ctx, my_region, tag, lane, kRanks, cnt, ntok, bad);
         if (__any_sync(0xffffffffu, aborted(ctx))) return;
         int incl = cnt;
 #pragma unroll
@@ -421,6 +432,7 @@ struct HtDispatch {
         if (rw == 0 && lane < kRanks) {
             a.out_counts[lane] = incl;
             a.out_nchunks[lane] = nch_lane;
+            a.out_src_bad[lane] = bad;
         }
         const int64_t nunits = kRanks > 1 ? static_cast<int64_t>(max_nch) * kPeers : 0;
         // Chunk ends of this rank's own rows (the combine reads them per source like the others).
@@ -503,13 +515,19 @@ struct HtDispatch {
         ht_trace(a.trace, 0);
 
         if (blockIdx.x == 0 && warp == 0) {
+            // This rank's verdict on its routing (the prologue ran before this kernel on the
+            // same stream) travels to every peer in the token-count word announced below.
+            int bad = 0;
+            for (int64_t i = lane; i < a.num_topk_bad; i += 32) bad |= a.topk_bad[i];
+            const uint32_t bad_bit = __any_sync(0xffffffffu, bad != 0) ? kInfoBadRouting : 0u;
             announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
             if (lane < kRanks) {
                 const int64_t nchunks = (a.num_tokens + kChunk - 1) / kChunk;
                 auto* info_words = reinterpret_cast<uint64_t*>(peer_ptr(
                                        a.peer_bases, lane, a.lay.region[parity] + a.lay.info)) +
                                    me * 2;
-                st_release_sys(info_words + 1, make_tagged(tag, static_cast<uint32_t>(a.num_tokens)));
+                st_release_sys(info_words + 1,
+                               make_tagged(tag, static_cast<uint32_t>(a.num_tokens) | bad_bit));
                 st_release_sys(info_words, make_tagged(tag, static_cast<uint32_t>(
                                                                 a.chunk_prefix[nchunks * kRanks + lane])));
             }

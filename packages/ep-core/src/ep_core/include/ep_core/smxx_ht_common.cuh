@@ -23,13 +23,19 @@ struct SymLayout {
     int64_t arrive;     // [R] u64: op number each peer has started
     int64_t region[2];  // base of the two alternating regions
     // Offsets relative to a region base:
-    int64_t info;     // [R][2] u64: (tag, rows sent to me), (tag, tokens of the sender)
+    int64_t info;     // [R][2] u64: (tag, rows sent to me), (tag, tokens of the sender |
+                      // kInfoBadRouting when its topk_idx failed the dispatch's check)
     int64_t dflag;    // [R][Cmax] u64: dispatch chunk done, low half = row end
     int64_t drstart;  // [R][Cmax] i32: dispatch chunk row start
     int64_t cflag;    // [R][Cmax] u64: combine chunk done
     int64_t data;     // [R][Nmax][payload]: dispatch rows (data | scale packs | metadata) or
                       // combine rows (bf16 data | weights); never live in the same op
 };
+
+// Bit of the low half of a dispatch's second info word (the sender's token count, < 2^31):
+// the sender's prologue (ht_check_topk) found a bad id in its topk_idx. Every receiver
+// copies it into its per-source verdicts, so the one host read of every rank sees it.
+constexpr uint32_t kInfoBadRouting = 1u << 31;
 
 struct Ctrl {
     uint64_t epoch;
@@ -193,9 +199,11 @@ __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, 
 //                      allocates them without a fill
 //   bad[b]             (bad not null) CTA b's verdict on its tokens: 1 if an id is outside
 //                      [-1, num_experts) or a row names one expert twice, else 0; written
-//                      unconditionally, so it needs no zeroing. The host reads it together
-//                      with the dispatch's counts (one device-to-host read) and, when set, names
-//                      the first bad entry from the ids themselves.
+//                      unconditionally, so it needs no zeroing. The dispatch kernel ORs these
+//                      words into the token-count word it announces to every peer
+//                      (kInfoBadRouting); each rank's host reads every source's verdict with its
+//                      counts (one device-to-host read) and the bad rank names the first bad
+//                      entry from the ids themselves.
 // One thread per token (grid-stride): its kTopk ids in registers, range test and pairwise test.
 constexpr int kCheckThreads = 256;
 
