@@ -17,7 +17,7 @@ from ep_core import knobs as core_knobs
 from ep_core.sizing import BUFFER_ALIGNMENT
 from ep_elastic import ElasticBuffer, EventHandle
 from ep_jit import streams
-from ep_jit.testing import run_ranks
+from ep_jit.testing import gpu_placements, run_ranks
 
 NMAX, HIDDEN, E = 8, 256, 8
 
@@ -475,3 +475,63 @@ def test_comm_stream_orders_after_the_callers_stream_and_restores_it() -> None:
         assert torch.cuda.current_stream(dev) == side
     assert streams.current_stream(dev.index) == torch.cuda.current_stream(dev)
     torch.cuda.synchronize(dev)
+
+
+def _bad_routing_on_one_rank_worker(info: Any) -> None:
+    # NVLink backend, dispatch with CPU sync: rank 1 passes an id outside [-1, E). ElasticBuffer
+    # leaves the value checks to the backend, which sends every rank's verdict to its peers
+    # inside the dispatch, so every rank raises after the one call; compat.Buffer checks on the
+    # host and all-gathers the verdicts before any kernel. Both buffers serve the next call.
+    from ep_elastic.compat import Buffer
+
+    dev = info.device
+    e = 4 * info.world_size
+    gen = torch.Generator().manual_seed(11 + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    good = torch.rand(NMAX, e, generator=gen).topk(4, dim=1).indices.to(dev)
+    bad = good.clone()
+    bad[NMAX - 1, 2] = e
+    idx = bad if info.rank == 1 else good
+    own = rf"topk_idx\[{NMAX - 1}, 2\] = {e} is outside"
+    peer = r"^dispatch: rank 1 passed invalid topk_idx \(see rank 1's error\)"
+
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, backend="nvlink")
+    with pytest.raises(ValueError, match=own if info.rank == 1 else peer):
+        buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
+    recv_x, _, _, handle, _ = buf.dispatch(x, topk_idx=good, num_experts=e, do_cpu_sync=True)
+    out, _, _ = buf.combine(recv_x, handle)
+    torch.cuda.synchronize()
+    # Each token comes back once from every rank holding one of its experts, unweighted.
+    ranks_hit = torch.zeros(NMAX, dtype=torch.float32, device=dev)
+    for r in range(info.world_size):
+        lo, hi = r * (e // info.world_size), (r + 1) * (e // info.world_size)
+        ranks_hit += ((good >= lo) & (good < hi)).any(dim=1).float()
+    assert torch.equal(out, (x.float() * ranks_hit[:, None]).to(torch.bfloat16))
+    buf.destroy()
+
+    compat = Buffer(
+        info.group,
+        explicitly_destroy=True,
+        num_max_tokens_per_rank=NMAX,
+        hidden=HIDDEN,
+        num_topk=4,
+        backend="nvlink",
+    )
+    per_rank, _, per_expert, in_rank, _ = compat.get_dispatch_layout(good, e)
+    weights = torch.ones(NMAX, 4, device=dev)
+    args = {
+        "num_tokens_per_rank": per_rank,
+        "is_token_in_rank": in_rank,
+        "num_tokens_per_expert": per_expert,
+        "topk_weights": weights,
+    }
+    with pytest.raises(ValueError, match=own if info.rank == 1 else "rank 1: ValueError: " + own):
+        compat.dispatch(x, topk_idx=idx, **args)
+    recv = compat.dispatch(x, topk_idx=good, **args)
+    assert recv[0].shape[0] == int(recv[4].elastic.num_recv_tokens)
+    compat.destroy()
+
+
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
+def test_bad_routing_on_one_rank_raises_on_every_rank_nvlink(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _bad_routing_on_one_rank_worker, timeout_s=180, ranks_per_gpu=per_gpu)
