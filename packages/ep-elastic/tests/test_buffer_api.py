@@ -495,7 +495,14 @@ def _bad_routing_on_one_rank_worker(info: Any) -> None:
     own = rf"topk_idx\[{NMAX - 1}, 2\] = {e} is outside"
     peer = r"^dispatch: rank 1 passed invalid topk_idx \(see rank 1's error\)"
 
-    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, backend="nvlink")
+    buf = ElasticBuffer(
+        info.group,
+        num_max_tokens_per_rank=NMAX,
+        hidden=HIDDEN,
+        num_topk=4,
+        backend="nvlink",
+        device=dev,
+    )
     with pytest.raises(ValueError, match=own if info.rank == 1 else peer):
         buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
     recv_x, _, _, handle, _ = buf.dispatch(x, topk_idx=good, num_experts=e, do_cpu_sync=True)
@@ -516,6 +523,7 @@ def _bad_routing_on_one_rank_worker(info: Any) -> None:
         hidden=HIDDEN,
         num_topk=4,
         backend="nvlink",
+        device=dev,
     )
     per_rank, _, per_expert, in_rank, _ = compat.get_dispatch_layout(good, e)
     weights = torch.ones(NMAX, 4, device=dev)
