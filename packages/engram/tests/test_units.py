@@ -12,6 +12,7 @@ from ep_engram import knobs
 from ep_engram.factory import PRIMITIVE, PROVIDERS
 from ep_engram.kernels import (
     VARIANTS,
+    auto_variant,
     bulk_shape,
     gather_spec,
     ring_shape,
@@ -43,7 +44,7 @@ def test_col_major_scales_have_deepeps_strides(t: int) -> None:
 
 def test_knobs_are_declared_once_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert knobs.engram.num_ctas == 8
-    assert knobs.engram.kernel == "ilp"
+    assert knobs.engram.kernel == "auto"
     monkeypatch.setenv("EP_ENGRAM_KERNEL", "warp")
     assert knobs.engram.kernel == "warp"
     monkeypatch.setenv("EP_ENGRAM_KERNEL", "tma")
@@ -100,8 +101,16 @@ def test_cpu_ranks_cannot_use_gpu_placement_or_intranode() -> None:
     assert "CUDA" in str(intranode_unavailable_reason(None, False))  # type: ignore[arg-type]
 
 
+def test_auto_picks_the_measured_fastest_variant() -> None:
+    assert auto_variant("gpu", 2048) == auto_variant("host", 7168) == "warp"
+    assert auto_variant("gpu", 1024) == "warp"
+    assert auto_variant("gpu", 256) == auto_variant("gpu", 1023) == "tile"
+    assert auto_variant("host", 256) == "tile_sorted"
+    assert all(auto_variant(p, r) in VARIANTS for p in ("gpu", "host") for r in (16, 4096))
+
+
 def test_variants_are_the_knob_choices() -> None:
-    assert VARIANTS == knobs.KERNEL_CHOICES
+    assert ("auto", *VARIANTS) == knobs.KERNEL_CHOICES
     for variant in VARIANTS:
         spec = gather_spec(
             index64=False, row_bytes=256, num_sf_packs=0, sf_col_major=False, variant=variant

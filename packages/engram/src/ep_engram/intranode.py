@@ -18,7 +18,7 @@ import torch
 from ep_engram import knobs
 from ep_engram._collective import Meeting
 from ep_engram.backend import EngramBackend, TableConfig
-from ep_engram.kernels import build_gather, smem_of, threads_of
+from ep_engram.kernels import auto_variant, build_gather, smem_of, threads_of
 from ep_engram.layout import align, sf_col_stride
 from ep_engram.reference import out_of_range_error
 from ep_jit.hostwait import wait_event
@@ -109,6 +109,8 @@ class IntranodeBackend(EngramBackend):
         if items == 0:
             return None
         variant = knobs.engram.kernel
+        if variant == "auto":
+            variant = auto_variant(cfg.placement, cfg.row_bytes)
         # Column-major scales have a column stride of align(T, 4); with one column the two
         # layouts are the same bytes.
         col_major = sf_out is not None and sf_out.shape[1] > 1 and sf_out.stride(1) != 1

@@ -169,6 +169,22 @@ def _stages_of(variant: str, row_bytes: int) -> tuple[int, int]:
     return 1, 1
 
 
+def auto_variant(placement: str, row_bytes: int) -> str:
+    """The gather variant ``EP_ENGRAM_KERNEL=auto`` picks for a table.
+
+    From one H100's sweep (``python -m ep_engram.bench``, random ids over a 1 GiB table, 4 to 16
+    CTAs; docs/benchmarks.md): rows of 1 KiB or more go fastest with ``warp`` (GPU memory, 2 KiB
+    rows: 363 GB/s with 8 CTAs against ``ilp``'s 98; host memory: the PCIe limit from 4 CTAs);
+    smaller rows in GPU memory with ``tile`` (256 B: 257 GB/s with 8 CTAs against 88); smaller
+    rows in host memory with ``tile_sorted``, whose sort turns random reads of a large table into
+    nearby ones (256 B: 40 GB/s with 4 CTAs, the sort included, against 21 for every unsorted
+    kernel). The cut at 1 KiB lies between the measured 256 B and 2 KiB.
+    """
+    if row_bytes >= 1024:
+        return "warp"
+    return "tile_sorted" if placement == "host" else "tile"
+
+
 def threads_of(variant: str, unroll: int = 8) -> int:
     """Threads per CTA of a variant (``tile``: 1024, or 512 above 8 loads per thread, which
     would not fit the 64 registers a thread of 1024 has)."""

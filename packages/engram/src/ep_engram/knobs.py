@@ -19,8 +19,8 @@ __all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
 BACKEND_CHOICES = ("auto", "intranode", "reference")
 """Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
 
-KERNEL_CHOICES = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted")
-"""Gather kernel variants of the intranode backend."""
+KERNEL_CHOICES = ("auto", "ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted")
+"""Gather kernel variants of the intranode backend (``auto``: chosen per table)."""
 
 
 class EngramKnobs(KnobGroup):
@@ -39,9 +39,11 @@ class EngramKnobs(KnobGroup):
     )
     kernel = knob_choice(
         "EP_ENGRAM_KERNEL",
-        "ilp",
+        "auto",
         KERNEL_CHOICES,
-        "Intranode gather kernel: ilp (many 16-byte loads in flight per thread), warp (one row "
+        "Intranode gather kernel: auto (warp for rows of 1 KiB or more, else tile in GPU memory "
+        "and tile_sorted in host memory, the fastest of one H100's sweep), ilp (many 16-byte "
+        "loads in flight per thread), warp (one row "
         "per warp at a time), bulk (bulk asynchronous copies through shared memory), tile (ilp "
         "with rows resolved once per tile), ring / ring_bulk (a ring of bulk-loaded slots per "
         "warp, written out with 16-byte stores / bulk stores) or tile_sorted (tile over the ids "
