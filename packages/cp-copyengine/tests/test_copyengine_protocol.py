@@ -15,7 +15,7 @@ from cp_copyengine.copyengine import CopyEngineBackend
 from cp_copyengine.plan import Item, Transfer
 from ep_jit import streamops
 from ep_jit._cuda import driver
-from ep_jit.streamops import MemOp
+from ep_jit.streamops import decode_mem_ops
 
 BASE = 1 << 40  # rank p's data region at BASE * (p + 1); its signal region 1 MiB further
 SIG = 1 << 20
@@ -34,29 +34,6 @@ def _backend(rank: int, world: int, max_ops: int, log: list[Any]) -> CopyEngineB
     return be
 
 
-_OP = driver.CUstreamBatchMemOpType
-_WRITES = {_OP.CU_STREAM_MEM_OP_WRITE_VALUE_32: 32, _OP.CU_STREAM_MEM_OP_WRITE_VALUE_64: 64}
-_WAITS = {_OP.CU_STREAM_MEM_OP_WAIT_VALUE_32: 32, _OP.CU_STREAM_MEM_OP_WAIT_VALUE_64: 64}
-_CONDS = {
-    int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ): "geq",
-    int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ): "eq",
-}
-
-
-def _decode(params: list[Any]) -> list[MemOp]:
-    """The operations that ``cuStreamBatchMemOp`` parameters describe, values as of now."""
-    ops = []
-    for p in params:
-        if p.operation in _WRITES:
-            width, kind, t, cond = _WRITES[p.operation], "write", p.writeValue, "geq"
-        else:
-            width, kind, t = _WAITS[p.operation], "wait", p.waitValue
-            cond = _CONDS[int(t.flags)]
-        value = int(t.value) if width == 32 else int(t.value64)
-        ops.append(MemOp(kind, int(t.address), value, width, cond))
-    return ops
-
-
 class _RecordingDriver:
     """cuda-bindings' driver module, except that ``cuStreamBatchMemOp`` is recorded."""
 
@@ -68,7 +45,7 @@ class _RecordingDriver:
 
     def cuStreamBatchMemOp(self, stream: Any, count: int, params: list[Any], flags: int) -> Any:
         assert flags == 0 and count == len(params)
-        self.calls.append(("ops", _decode(params), stream))
+        self.calls.append(("ops", decode_mem_ops(params), stream))
         return (driver.CUresult.CUDA_SUCCESS,)
 
 

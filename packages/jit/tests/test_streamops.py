@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ep_jit.streamops import MemOp, MemOpBatch
+from ep_jit.streamops import MemOp, MemOpBatch, decode_mem_ops
 
 
 def test_mem_op_batch_keeps_set_values_in_the_driver_parameters() -> None:
@@ -30,3 +30,17 @@ def test_mem_op_batch_rejects_bad_input() -> None:
         batch.set_value(0, 1 << 32)
     with pytest.raises(IndexError):
         batch.set_value(1, 0)
+
+
+def test_decode_mem_ops_reads_back_what_a_batch_holds() -> None:
+    ops = [
+        MemOp.wait(0x1000, 7, cond="eq", width=64),
+        MemOp.write(0x2000, 1, width=64),
+        MemOp.write(0x3000, 5),
+        MemOp.wait(0x4000, 3, cond="and", flush=True),
+        MemOp.wait(0x5000, 9),
+    ]
+    batch = MemOpBatch(ops)
+    assert decode_mem_ops(batch._params) == ops
+    batch.set_value(2, 11)
+    assert decode_mem_ops(batch._params)[2] == MemOp.write(0x3000, 11)

@@ -12,26 +12,21 @@ import torch
 
 from ep_jit import streamops
 from ep_jit._cuda import driver
+from ep_jit.streamops import decode_mem_ops
 from pp_rdma import copy_engine
 from pp_rdma.copy_engine import CopyEnginePipe
 
 BASE = 1 << 40  # rank p's data region at BASE * (p + 1); its signal region 1 MiB further
 SIG = 1 << 20
 SLOT = 256
-_OP = driver.CUstreamBatchMemOpType
-_EQ = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
 
 
 def _decode(params: list[Any]) -> list[tuple[str, int, int]]:
-    """``(kind, address, value)`` of 64-bit operations, values as of now (equality waits)."""
+    """``(kind, address, value)`` of the 64-bit operations, values as of now (equality waits)."""
     out = []
-    for p in params:
-        if p.operation == _OP.CU_STREAM_MEM_OP_WRITE_VALUE_64:
-            out.append(("write", int(p.writeValue.address), int(p.writeValue.value64)))
-        else:
-            assert p.operation == _OP.CU_STREAM_MEM_OP_WAIT_VALUE_64
-            assert int(p.waitValue.flags) == _EQ
-            out.append(("wait_eq", int(p.waitValue.address), int(p.waitValue.value64)))
+    for op in decode_mem_ops(params):
+        assert op.width == 64 and (op.kind == "write" or op.cond == "eq"), op
+        out.append(("write" if op.kind == "write" else "wait_eq", op.address, op.value))
     return out
 
 

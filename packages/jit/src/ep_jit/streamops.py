@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ep_jit._cuda import check, cu_stream, current_stream_handle, driver, ensure_context
 
-__all__ = ["MemOp", "MemOpBatch", "batch_mem_ops", "wait_value", "write_value"]
+__all__ = ["MemOp", "MemOpBatch", "batch_mem_ops", "decode_mem_ops", "wait_value", "write_value"]
 
 _WAIT_FLAGS = {
     "geq": driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ,
@@ -192,6 +193,44 @@ class MemOpBatch:
             "cuStreamBatchMemOp",
             driver.cuStreamBatchMemOp(_stream(stream), len(self._params), self._params, 0),
         )
+
+
+_WRITE_WIDTHS = {
+    int(_OP.CU_STREAM_MEM_OP_WRITE_VALUE_32): 32,
+    int(_OP.CU_STREAM_MEM_OP_WRITE_VALUE_64): 64,
+}
+_WAIT_WIDTHS = {
+    int(_OP.CU_STREAM_MEM_OP_WAIT_VALUE_32): 32,
+    int(_OP.CU_STREAM_MEM_OP_WAIT_VALUE_64): 64,
+}
+_CONDS = {int(flag): name for name, flag in _WAIT_FLAGS.items()}
+
+
+def decode_mem_ops(params: Sequence[Any]) -> list[MemOp]:
+    """The operations that ``cuStreamBatchMemOp`` parameters describe, with their values now.
+
+    The inverse of :class:`MemOpBatch`'s parameters: tests of copy-engine protocols record the
+    driver calls instead of issuing them and read back what the driver would have seen.
+
+    Raises:
+        ValueError: A parameter that is not a 32/64-bit write or wait.
+    """
+    ops = []
+    for p in params:
+        kind = int(p.operation)
+        if kind in _WRITE_WIDTHS:
+            width, target, cond, flush = _WRITE_WIDTHS[kind], p.writeValue, "geq", False
+        elif kind in _WAIT_WIDTHS:
+            width, target = _WAIT_WIDTHS[kind], p.waitValue
+            flags = int(target.flags)
+            flush = bool(flags & _FLUSH)
+            cond = _CONDS[flags & ~_FLUSH]
+        else:
+            raise ValueError(f"not a write or wait operation: {p.operation}")
+        value = int(target.value) if width == 32 else int(target.value64)
+        op_kind = "write" if kind in _WRITE_WIDTHS else "wait"
+        ops.append(MemOp(op_kind, int(target.address), value, width, cond, flush))
+    return ops
 
 
 def batch_mem_ops(ops: Sequence[MemOp], *, stream: torch.cuda.Stream | None = None) -> None:
