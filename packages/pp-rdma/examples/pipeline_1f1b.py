@@ -14,10 +14,19 @@ the remaining backwards (1F1B). Gradients accumulate over the micro-batches and 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
+
+# Before the process group exists: torch.distributed.nn's functions take ``group=group.WORLD``
+# as a default argument, evaluated when the module is first imported. Imported after
+# init_process_group (the first optimizer imports torch._dynamo, which imports it), those
+# defaults keep the default group alive after destroy_process_group, and gloo then tears it down
+# during interpreter shutdown, at a different moment on every rank. Imported here they hold None.
+import torch.distributed.nn
 from torch import nn
 
 from ep_jit.knobs import torchrun_env
@@ -192,9 +201,21 @@ def main() -> int:
             print("pipeline_1f1b: OK" if all(flags) else "pipeline_1f1b: MISMATCH")
         # Leave together: no rank tears its connections down while another still uses them.
         dist.barrier()
-        return 0 if all(flags) else 1
+        ok = all(flags)
     finally:
+        world_group = weakref.ref(dist.group.WORLD)
         dist.destroy_process_group()
+    # destroy_process_group frees the group (its threads and connections) only when nothing
+    # else holds it; a group that outlives it is torn down at interpreter exit instead.
+    gc.collect()
+    if world_group() is not None:
+        print(
+            f"rank {rank}: the default process group is still referenced after "
+            "destroy_process_group",
+            file=sys.stderr,
+        )
+        return 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
