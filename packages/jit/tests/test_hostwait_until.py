@@ -36,3 +36,15 @@ def test_an_exception_of_the_predicate_propagates() -> None:
 
     with pytest.raises(ConnectionError, match="peer gone"):
         ep_jit.wait_until(broken, "x", timeout_s=5)
+
+
+def test_timeout_seconds_checks_the_argument() -> None:
+    from ep_jit.hostwait import timeout_seconds
+
+    assert timeout_seconds(5) == 5.0 and isinstance(timeout_seconds(5), float)
+    assert timeout_seconds(-1) == -1.0  # no limit
+    for bad in (True, "10", None):
+        with pytest.raises(TypeError, match="timeout_s must be a number of seconds"):
+            timeout_seconds(bad)
+    with pytest.raises(ValueError, match="got nan"):
+        timeout_seconds(float("nan"))

@@ -34,7 +34,7 @@ from cp_copyengine.plan import Item, Transfer
 from cp_copyengine.reduction import warm_up
 from ep_jit import knobs as jit_knobs
 from ep_jit.agreement import check_agreement, gather_checked
-from ep_jit.hostwait import wait_stream
+from ep_jit.hostwait import timeout_seconds, wait_stream
 from ep_jit.streams import get_comm_stream
 from ep_jit.topology import resolve_device
 
@@ -92,7 +92,7 @@ class CopyEngineBuffer(SessionAreaMixin):
         requested = backend
         try:
             if timeout_s is not None:
-                self.timeout_s = _check_timeout(timeout_s)
+                self.timeout_s = timeout_seconds(timeout_s)
             dev = resolve_device(device, what="CopyEngineBuffer")
             _check_int("num_max_session_bytes", num_max_session_bytes, 1, None)
             _check_int("num_max_ops_per_session", num_max_ops_per_session, 1, MAX_OPS_PER_SESSION)
@@ -377,12 +377,3 @@ def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
     if value < lo or (hi is not None and value > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def _check_timeout(value: object) -> float:
-    """``timeout_s`` as a float (``<= 0``: no limit), or a TypeError/ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"timeout_s must be a number of seconds or None, got {value!r}")
-    if value != value:  # NaN
-        raise ValueError("timeout_s must be a number of seconds, got nan")
-    return float(value)

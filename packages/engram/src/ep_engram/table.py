@@ -18,6 +18,7 @@ from ep_engram.backend import EngramBackend, FetchHook, TableConfig
 from ep_engram.factory import PRIMITIVE, PROVIDERS
 from ep_engram.layout import DTYPES, SF_DTYPES, empty_sf, num_sf_packs
 from ep_jit.agreement import check_agreement, gather_checked
+from ep_jit.hostwait import timeout_seconds
 from ep_jit.registry import get_backend, select_backend
 from ep_jit.topology import free_host_bytes, resolve_device
 
@@ -34,14 +35,6 @@ def _check_positive(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _check_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"timeout_s must be a number of seconds or None, got {value!r}")
-    if value != value:  # NaN
-        raise ValueError("timeout_s must be a number of seconds, got nan")
-    return float(value)
 
 
 class EngramTable:
@@ -93,7 +86,7 @@ class EngramTable:
         seconds = float(knobs.engram.timeout_s)
         try:
             if timeout_s is not None:
-                seconds = _check_timeout(timeout_s)
+                seconds = timeout_seconds(timeout_s)
             dev = resolve_device(device, what="EngramTable")
             _check_positive("num_entries_per_rank", num_entries_per_rank)
             _check_positive("hidden", hidden)

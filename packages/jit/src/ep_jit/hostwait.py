@@ -17,7 +17,21 @@ import torch
 from ep_jit import knobs
 from ep_jit.errors import HostTimeoutError
 
-__all__ = ["wait_device", "wait_event", "wait_stream", "wait_until"]
+__all__ = ["timeout_seconds", "wait_device", "wait_event", "wait_stream", "wait_until"]
+
+
+def timeout_seconds(value: object) -> float:
+    """A user's ``timeout_s`` argument as a float for these waits (``<= 0``: no limit).
+
+    Raises:
+        TypeError: Not a number (``bool`` included).
+        ValueError: NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout_s must be a number of seconds or None, got {value!r}")
+    if value != value:  # NaN
+        raise ValueError("timeout_s must be a number of seconds, got nan")
+    return float(value)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
