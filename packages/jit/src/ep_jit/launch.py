@@ -38,6 +38,13 @@ _STATIC_SMEM_LIMIT = 48 * 1024
 _SUCCESS = driver.CUresult.CUDA_SUCCESS
 
 
+def _stream_handle(stream: torch.cuda.Stream | int | None, device: int) -> int:
+    """The raw handle of a launch's ``stream`` argument (default: torch's current stream)."""
+    if stream is None:
+        return current_stream_handle(device)
+    return stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
+
+
 def _as_tuple(value: Any) -> Dim3:
     return value if isinstance(value, int) else tuple(value)
 
@@ -192,10 +199,7 @@ class Kernel:
         func = self._functions.get(device)
         if func is None or smem > _STATIC_SMEM_LIMIT:
             func = self._function(device, smem)
-        if stream is None:
-            handle = current_stream_handle(device)
-        else:
-            handle = stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
+        handle = _stream_handle(stream, device)
         if knobs.jit.debug:
             verbose(
                 "launch %s grid=%s block=%s smem=%d stream=%#x cluster=%s coop=%s",
@@ -220,15 +224,6 @@ class Kernel:
             check(
                 call, result, detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}"
             )
-
-    def _raise_launch(
-        self, err: int, call: str, g: tuple[int, ...], b: tuple[int, ...], smem: int
-    ) -> None:
-        check(
-            call,
-            driver.CUresult(err),
-            detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}",
-        )
 
     def bind(self, grid: Dim3, block: Dim3, *args: object, smem: int = 0) -> BoundLaunch:
         """Fixes a launch's shape and arguments; calling the result enqueues it again.
@@ -302,17 +297,15 @@ class BoundLaunch:
         """
         device = self.device
         ensure_context(device)
-        if stream is None:
-            handle = current_stream_handle(device)
-        else:
-            handle = stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else int(stream)
+        handle = _stream_handle(stream, device)
         g, b = self.grid, self.block
         result = driver.cuLaunchKernel(
             self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem,
             cu_stream(handle), self._params, 0,
         )  # fmt: skip
         if result[0] != _SUCCESS:
-            self.kernel._raise_launch(int(result[0]), "cuLaunchKernel", g, b, self.smem)
+            detail = f"kernel {self.kernel.spec.entry}, grid {g}, block {b}, smem {self.smem}"
+            check("cuLaunchKernel", result, detail=detail)
 
     def __repr__(self) -> str:
         """Kernel, shape and device."""
