@@ -20,6 +20,7 @@ __all__ = [
     "current_stream_handle",
     "driver",
     "ensure_context",
+    "stream_handle",
 ]
 
 _SUCCESS = driver.CUresult.CUDA_SUCCESS
@@ -114,6 +115,13 @@ def current_stream_handle(device: int | None = None) -> int:
     if _raw_stream is not None:
         return int(_raw_stream(current_device() if device is None else device))
     return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def stream_handle(stream: torch.cuda.Stream | None) -> int:
+    """The raw handle of ``stream`` (default: torch's current one), its device's primary
+    context made current on this thread (for the driver calls that follow)."""
+    ensure_context(torch.cuda.current_device() if stream is None else stream.device.index or 0)
+    return current_stream_handle() if stream is None else int(stream.cuda_stream)
 
 
 _cu_streams: dict[int, Any] = {}

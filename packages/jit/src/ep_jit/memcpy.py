@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ep_jit._cuda import check, cu_stream, current_stream_handle, driver, ensure_context
+from ep_jit._cuda import check, cu_stream, driver, stream_handle
 from ep_jit._log import logger
 
 __all__ = ["batch_copy_supported", "memcpy_batch"]
@@ -129,9 +129,7 @@ def memcpy_batch(
     todo = _check_copies(copies)
     if not todo:
         return "none"
-    device = torch.cuda.current_device() if stream is None else (stream.device.index or 0)
-    ensure_context(device)
-    raw = current_stream_handle() if stream is None else int(stream.cuda_stream)
+    raw = stream_handle(stream)
     stream_obj = cu_stream(raw)
     explicit = batched is True
     if explicit and not hasattr(driver, "cuMemcpyBatchAsync"):

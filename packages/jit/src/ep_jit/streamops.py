@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ep_jit._cuda import check, cu_stream, current_stream_handle, driver, ensure_context
+from ep_jit._cuda import check, cu_stream, driver, stream_handle
 
 __all__ = ["MemOp", "MemOpBatch", "batch_mem_ops", "decode_mem_ops", "wait_value", "write_value"]
 
@@ -48,9 +48,7 @@ def _check_width(width: int, value: int) -> None:
 
 
 def _stream(stream: torch.cuda.Stream | None) -> object:
-    ensure_context(torch.cuda.current_device() if stream is None else stream.device.index or 0)
-    raw = current_stream_handle() if stream is None else int(stream.cuda_stream)
-    return cu_stream(raw)
+    return cu_stream(stream_handle(stream))
 
 
 def _wait_flags(cond: str, flush: bool) -> int:
