@@ -24,9 +24,9 @@ __all__ = [
     "threads_of",
 ]
 
-VARIANTS = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted")
+VARIANTS = ("ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted", "wide")
 """Gather kernel variants (see ``<ep_engram/smxx_gather.cuh>``)."""
-UNROLLED = ("ilp", "tile", "tile_sorted")
+UNROLLED = ("ilp", "tile", "tile_sorted", "wide")
 """Variants that take ``unroll`` (16-byte loads in flight per thread)."""
 ILP_THREADS = 512
 """Threads per CTA of the ``ilp`` variant (registers hold ``unroll`` 16-byte chunks each)."""
@@ -190,6 +190,8 @@ def threads_of(variant: str, unroll: int = 8) -> int:
     would not fit the 64 registers a thread of 1024 has)."""
     if variant in ("tile", "tile_sorted"):
         return 1024 if unroll <= 8 else 512
+    if variant == "wide":
+        return 1024 if unroll <= 4 else 512
     return {
         "ilp": ILP_THREADS,
         "warp": WARP_THREADS,

@@ -19,7 +19,7 @@ __all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
 BACKEND_CHOICES = ("auto", "intranode", "reference")
 """Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
 
-KERNEL_CHOICES = ("auto", "ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted")
+KERNEL_CHOICES = ("auto", "ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted", "wide")
 """Gather kernel variants of the intranode backend (``auto``: chosen per table)."""
 
 

@@ -28,7 +28,13 @@
 //     written out: kRing writes it with 16-byte stores from shared memory (the slot is free again
 //     at once), kRingBulk with one bulk shared -> global copy per slot (the batch's rows are
 //     contiguous in the output). Zero rows are written into the slot, so a slot is always
-//     written out whole.
+//     written out whole. The ids of batch k + 1 are loaded while batch k is issued (their load
+//     latency is off the critical path).
+//   kWide (7): each warp copies groups of kGroupRows rows whose kUnroll * 32 16-byte chunks a
+//     lane loads all before it stores any (kUnroll chunks per lane in flight); the ids of the
+//     warp's next group are loaded while the current one is copied, each row's address is
+//     resolved once by one lane and passed by shuffle. Rows larger than kUnroll * 512 bytes take
+//     several groups' worth of chunks per row, one group of one row at a time.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -67,7 +73,16 @@ __device__ __forceinline__ const char* row_address(long long g, long long item, 
     return nullptr;
 }
 
-enum : int { kIlp = 0, kWarp = 1, kBulk = 2, kTile = 3, kRing = 4, kRingBulk = 5, kTileSorted = 6 };
+enum : int {
+    kIlp = 0,
+    kWarp = 1,
+    kBulk = 2,
+    kTile = 3,
+    kRing = 4,
+    kRingBulk = 5,
+    kTileSorted = 6,
+    kWide = 7,
+};
 
 // Like row_address, with 32-bit division when the ids fit (the common case: a 64-bit division
 // is a long instruction sequence, a 32-bit one a few).
@@ -325,10 +340,19 @@ __device__ __forceinline__ void ring_copy(const IndexT* indices, char* dst, long
             __syncwarp();
         }
     };
+    // This lane's id of batch k (-1 past the end), loaded one batch ahead.
+    auto load_id = [&](long long k) -> long long {
+        const long long item = batch_first(k) + lane;
+        return lane < kRowsPerStage && item < num_items ? static_cast<long long>(indices[item])
+                                                        : -1ll;
+    };
+    long long g_next = load_id(0);
     long long k = 0;
     for (;; ++k) {
         const long long item0 = batch_first(k);
         if (item0 >= num_items) break;
+        const long long g_here = g_next;
+        g_next = load_id(k + 1);
         const int s = static_cast<int>(k % kStages);
         unsigned char* slot = my_slots + static_cast<size_t>(s) * kSlotBytes;
         if constexpr (kBulkStore) {
@@ -340,8 +364,7 @@ __device__ __forceinline__ void ring_copy(const IndexT* indices, char* dst, long
         const long long item = item0 + lane;
         const char* src = nullptr;
         if (lane < kRowsPerStage && item < num_items) {
-            const long long g = static_cast<long long>(indices[item]);
-            src = row_address_fast<kRowBytes>(g, item, bases, entries, num_rows, error_pos);
+            src = row_address_fast<kRowBytes>(g_here, item, bases, entries, num_rows, error_pos);
             if (src == nullptr) {
                 const int4 zero = make_int4(0, 0, 0, 0);
                 unsigned char* row = slot + lane * kRowBytes;
@@ -359,6 +382,63 @@ __device__ __forceinline__ void ring_copy(const IndexT* indices, char* dst, long
     for (long long d = k > kAhead ? k - kAhead : 0; d < k; ++d) drain(d);
     if constexpr (kBulkStore) {
         if (lane == 0) ep_jit::tma_wait_all();
+    }
+}
+
+// The wide variant (see the file comment). No shared memory beyond the owners' bases.
+template <typename IndexT, int kRowBytes, int kUnroll>
+__device__ __forceinline__ void wide_copy(const IndexT* indices, char* dst, long long* error_pos,
+                                          const unsigned long long* bases, long long num_items,
+                                          long long entries, long long num_rows) {
+    constexpr int kChunks = kRowBytes / 16;
+    // Rows per group: what kUnroll chunks per lane cover, 1..32 (one resolving lane per row).
+    constexpr int kFit = 32 * kUnroll / kChunks;
+    constexpr int kGroupRows = kFit < 1 ? 1 : (kFit > 32 ? 32 : kFit);
+    constexpr int kGroupChunks = kGroupRows * kChunks;
+    // Chunks in flight per lane and step: all of a group, or kUnroll of a row larger than that.
+    constexpr int kStep = kGroupChunks < 32 * kUnroll ? (kGroupChunks + 31) / 32 : kUnroll;
+    const int lane = threadIdx.x % 32;
+    const long long warps = static_cast<long long>(gridDim.x) * (blockDim.x / 32);
+    const long long num_groups = (num_items + kGroupRows - 1) / kGroupRows;
+    auto load_id = [&](long long group) -> long long {
+        const long long item = group * kGroupRows + lane;
+        return group < num_groups && lane < kGroupRows && item < num_items
+                   ? static_cast<long long>(indices[item])
+                   : -1ll;
+    };
+    const int4 zero = make_int4(0, 0, 0, 0);
+    long long group = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    long long g_next = load_id(group);
+    for (; group < num_groups; group += warps) {
+        const long long g = g_next;
+        g_next = load_id(group + warps);
+        const long long first = group * kGroupRows;
+        const long long item = first + lane;
+        const char* mine = nullptr;
+        if (lane < kGroupRows && item < num_items)
+            mine = row_address_fast<kRowBytes>(g, item, bases, entries, num_rows, error_pos);
+        const long long rows_here = num_items - first < kGroupRows ? num_items - first : kGroupRows;
+        const int chunks = static_cast<int>(rows_here) * kChunks;
+        char* out = dst + first * kRowBytes;
+        for (int base = 0; base < chunks; base += 32 * kStep) {
+            int4 v[kStep];
+#pragma unroll
+            for (int u = 0; u < kStep; ++u) {
+                const int q = base + u * 32 + lane;
+                const int row = q / kChunks;
+                // Every lane takes part in the shuffle; lanes past the group read nothing.
+                const unsigned long long a = __shfl_sync(
+                    0xffffffffu, reinterpret_cast<unsigned long long>(mine), row < 32 ? row : 0);
+                v[u] = zero;
+                if (q < chunks && a != 0ull)
+                    v[u] = ld_nc_v4(reinterpret_cast<const char*>(a) + (q - row * kChunks) * 16);
+            }
+#pragma unroll
+            for (int u = 0; u < kStep; ++u) {
+                const int q = base + u * 32 + lane;
+                if (q < chunks) st_na_v4(out + q * 16ll, v[u]);
+            }
+        }
     }
 }
 
@@ -393,6 +473,9 @@ __device__ __forceinline__ void gather(const void* indices_raw, void* out, void*
     } else if constexpr (kVariant == kRing || kVariant == kRingBulk) {
         ring_copy<IndexT, kRowBytes, kStages, kRowsPerStage, kVariant == kRingBulk>(
             indices, dst, error_pos, s_rows, num_items, entries, num_rows);
+    } else if constexpr (kVariant == kWide) {
+        wide_copy<IndexT, kRowBytes, kUnroll>(indices, dst, error_pos, s_rows, num_items, entries,
+                                              num_rows);
     } else if constexpr (kVariant == kBulk) {
         bulk_copy<IndexT, kRowBytes, kStages, kRowsPerStage>(indices, dst, error_pos, s_rows,
                                                              num_items, entries, num_rows);
