@@ -10,6 +10,9 @@
 #   bash tools/gpu_harness.sh --no-bench --keep-going   # all GPU tests, not stopping at a failure
 #   options: --tests-timeout S (default 400, quick 240), --bench-timeout S (170, quick 150)
 #
+# NIXL: put a bundle from tools/nixl_bundle.py (made for the machine's Python) in .nixl/ and
+# carry .nixl; it is unpacked to /tmp/ep-nixl and put on PYTHONPATH.
+#
 # On 4x H200 every GPU test takes longer than one 10-minute call (about 330 s for the first 28
 # of 50, compilation included): run them in two calls with --tests-part 1/2 and 2/2 (contiguous
 # halves of the collected tests, in collection order). tests.log has one line per finished test,
@@ -64,6 +67,12 @@ PY="${PYTHON:-python3}"
 src_path=""
 for d in "$ROOT"/packages/*/src; do src_path="${src_path:+$src_path:}$d"; done
 export PYTHONPATH="$src_path${PYTHONPATH:+:$PYTHONPATH}"
+# NIXL (pp-rdma's cross-node backend) where the machine has no index to install it from: a
+# bundle made by tools/nixl_bundle.py for this machine's Python, carried in .nixl/.
+for b in "$ROOT"/.nixl/*.tar.xz; do
+    [[ -f $b ]] || continue
+    mkdir -p /tmp/ep-nixl && tar -xJf "$b" -C /tmp/ep-nixl && export PYTHONPATH="$PYTHONPATH:/tmp/ep-nixl"
+done
 export PYTHONUNBUFFERED=1
 # Never NVLink multicast on these machines.
 export NCCL_NVLS_ENABLE=0
