@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ep_engram.bucket import BucketGrouper, bucket_shift
 from ep_engram.kernels import build_gather, smem_of, threads_of
 from ep_engram.layout import sf_col_stride
 
@@ -115,13 +116,19 @@ def _launcher(
     )
     threads = threads_of(variant, unroll)
     smem = smem_of(variant, row_bytes)
+    groupers: dict[torch.device, BucketGrouper] = {}
 
     def launch(
         ctas: int, ids: torch.Tensor, out: torch.Tensor, err: torch.Tensor, bases: torch.Tensor
     ) -> None:
         order = None
         if variant == "tile_sorted":  # as the intranode backend does it, inside the timing
-            ids, order = torch.sort(ids)
+            num_rows = entries * bases.numel()
+            grouper = groupers.get(ids.device)
+            if grouper is None:
+                grouper = groupers[ids.device] = BucketGrouper(ids.device)
+            shift = bucket_shift(row_bytes, num_rows)
+            ids, order = grouper.arrange(ids, num_rows, shift, ctas)
         kernel.launch(
             ctas,
             threads,

@@ -6,11 +6,13 @@ segment for ``"gpu"``. FP8 scales always live in the owner's GPU segment (they a
 rows at most and are read 4 bytes at a time). A fetch is one kernel on the caller's current
 stream with ``num_ctas`` CTAs; no other rank takes part. The kernel writes out-of-range ids as
 zero rows and records the first such position; ``hook()`` waits for the fetch on the host and
-raises it (``EP_ENGRAM_CHECK_ERRORS``).
+raises it (``EP_ENGRAM_CHECK_ERRORS``). The ``tile_sorted`` gather first groups the ids by table
+page on the same CTAs (:mod:`ep_engram.bucket`; ``EP_ENGRAM_SORT``).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from ep_engram import knobs
 from ep_engram._collective import Meeting
 from ep_engram.backend import EngramBackend, TableConfig
+from ep_engram.bucket import BucketGrouper, bucket_shift
 from ep_engram.kernels import auto_variant, build_gather, smem_of, threads_of
 from ep_engram.layout import align, sf_col_stride
 from ep_engram.reference import out_of_range_error
@@ -27,6 +30,47 @@ from ep_jit.peer_memory import PeerMemory
 __all__ = ["IntranodeBackend"]
 
 _NO_ERROR = (1 << 63) - 1
+_ERROR_WORDS = 8  # hooks of one table that may be pending before a fetch allocates its own word
+
+
+class _ErrorWords:
+    """Pinned words and events that carry each fetch's error position to its hook.
+
+    A fetch takes a slot that no pending hook holds; its hook frees it once it has read the word.
+    When every slot is held, the fetch gets a word and an event of its own, so no hook's word is
+    ever overwritten. A hook dropped without being called frees its slot once its copy is done.
+
+    Args:
+        size: Slots kept (pinned int64 words and events).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.words = torch.empty(size, dtype=torch.int64, pin_memory=True)
+        self.events = [torch.cuda.Event() for _ in range(size)]
+        self.holders: list[weakref.ref[Callable[[], None]] | None] = [None] * size
+        self.next = 0
+
+    def take(self) -> tuple[torch.Tensor, torch.cuda.Event, int]:
+        """A free ``(word [1] int64 pinned, event, slot)``; slot ``-1``: allocated for this one."""
+        size = len(self.events)
+        for k in range(size):
+            i = (self.next + k) % size
+            holder = self.holders[i]
+            if holder is None or (holder() is None and self.events[i].query()):
+                self.holders[i] = None
+                self.next = (i + 1) % size
+                return self.words[i : i + 1], self.events[i], i
+        return torch.empty(1, dtype=torch.int64, pin_memory=True), torch.cuda.Event(), -1
+
+    def hold(self, slot: int, hook: Callable[[], None]) -> None:
+        """Marks ``slot`` as read by ``hook`` (until :meth:`free` or the hook's collection)."""
+        if slot >= 0:
+            self.holders[slot] = weakref.ref(hook)
+
+    def free(self, slot: int) -> None:
+        """The hook of ``slot`` has read its word."""
+        if slot >= 0:
+            self.holders[slot] = None
 
 
 class IntranodeBackend(EngramBackend):
@@ -62,6 +106,9 @@ class IntranodeBackend(EngramBackend):
             sf = [p + self.sf_offset for p in mem.peer_ptrs]
             self.sf_base = torch.tensor(sf, dtype=torch.int64, device=cfg.device)
             self.error_pos = torch.full((1,), _NO_ERROR, dtype=torch.int64, device=cfg.device)
+            self.grouper = BucketGrouper(cfg.device)
+            self.error_words = _ErrorWords(_ERROR_WORDS)
+        self.shift = bucket_shift(cfg.row_bytes, cfg.num_rows)
         self.sf_packs = 0
 
     @classmethod
@@ -124,16 +171,18 @@ class IntranodeBackend(EngramBackend):
         )
         flat = indices.contiguous()
         order = None
-        if variant == "tile_sorted":
-            # Nearby ids are then read together; the kernel writes each row to its position.
-            flat, order = torch.sort(flat.view(-1))
         threads = threads_of(variant, knobs.engram.unroll)
         check = knobs.engram.check_errors
+        ctas = max(1, num_ctas)
         with torch.cuda.device(cfg.device):
+            if variant == "tile_sorted":
+                # Ids of one table page are then read together; the kernel writes each row to
+                # its original position.
+                flat, order = self.grouper.arrange(flat.view(-1), cfg.num_rows, self.shift, ctas)
             if check:
                 self.error_pos.fill_(_NO_ERROR)
             kernel.launch(
-                max(1, num_ctas),
+                ctas,
                 threads,
                 flat,
                 out,
@@ -151,17 +200,20 @@ class IntranodeBackend(EngramBackend):
             )
             if not check:
                 return None
-            seen = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            words = self.error_words
+            seen, done, slot = words.take()
             seen.copy_(self.error_pos, non_blocking=True)
-            done = torch.cuda.Event()
             done.record()
 
         def finish() -> None:
+            # On a timeout the slot stays held: the copy into it may still land.
             wait_event(done, "EngramTable fetch (hook)", timeout_s=cfg.timeout_s)
             pos = int(seen[0])
+            words.free(slot)
             if pos != _NO_ERROR:
                 raise out_of_range_error(indices, pos, cfg.num_rows)
 
+        words.hold(slot, finish)
         return finish
 
     def destroy(self) -> None:

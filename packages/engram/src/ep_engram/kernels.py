@@ -253,4 +253,6 @@ def shipped_kernels() -> list[Any]:
                 unroll=16,
             )
         )
-    return specs
+    from ep_engram.bucket import shipped_bucket_kernels  # the grouping ahead of tile_sorted
+
+    return specs + shipped_bucket_kernels()

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from ep_jit.knobs import KnobGroup, knob_bool, knob_choice, knob_int
 
-__all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "EngramKnobs", "engram"]
+__all__ = ["BACKEND_CHOICES", "KERNEL_CHOICES", "SORT_CHOICES", "EngramKnobs", "engram"]
 
 BACKEND_CHOICES = ("auto", "intranode", "reference")
 """Values of ``EP_ENGRAM_BACKEND`` and of ``EngramTable(backend=...)``."""
 
 KERNEL_CHOICES = ("auto", "ilp", "warp", "bulk", "tile", "ring", "ring_bulk", "tile_sorted", "wide")
 """Gather kernel variants of the intranode backend (``auto``: chosen per table)."""
+
+SORT_CHOICES = ("bucket", "torch")
+"""Values of ``EP_ENGRAM_SORT``: how ``tile_sorted`` orders the ids before its gather."""
 
 
 class EngramKnobs(KnobGroup):
@@ -47,7 +50,14 @@ class EngramKnobs(KnobGroup):
         "per warp at a time), bulk (bulk asynchronous copies through shared memory), tile (ilp "
         "with rows resolved once per tile), ring / ring_bulk (a ring of bulk-loaded slots per "
         "warp, written out with 16-byte stores / bulk stores) or tile_sorted (tile over the ids "
-        "sorted first with torch.sort).",
+        "grouped by table page first, see EP_ENGRAM_SORT).",
+    )
+    sort = knob_choice(
+        "EP_ENGRAM_SORT",
+        "bucket",
+        SORT_CHOICES,
+        "How the tile_sorted gather orders the ids first: bucket (grouped by 2 MiB of table rows "
+        "with a counting sort on the gather's own CTAs) or torch (torch.sort, on every SM).",
     )
     unroll = knob_int(
         "EP_ENGRAM_UNROLL",
