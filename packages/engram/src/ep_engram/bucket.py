@@ -147,9 +147,10 @@ def grouping_error(
     if not torch.equal(torch.sort(cpu).values, torch.arange(n)):
         return "order is not a permutation"
     got = grouped.reshape(-1).cpu()
-    if not torch.equal(got, flat.cpu()[cpu]):
-        bad = int(torch.nonzero(got != flat.cpu()[cpu])[0])
-        return f"grouped[{bad}] = {int(got[bad])} but ids[order[{bad}]] = {int(flat[cpu[bad]])}"
+    want = flat.cpu()[cpu]
+    if not torch.equal(got, want):
+        bad = int(torch.nonzero(got != want)[0])
+        return f"grouped[{bad}] = {int(got[bad])} but ids[order[{bad}]] = {int(want[bad])}"
     b = buckets_of(got, num_rows, shift)
     if n > 1 and bool((b[1:] < b[:-1]).any()):
         at = int(torch.nonzero(b[1:] < b[:-1])[0])
