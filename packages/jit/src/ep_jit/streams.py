@@ -7,6 +7,10 @@ waits for the comm stream (synchronous use), or an :class:`EventOverlap` recorde
 stream is returned and the operands are kept alive (``record_stream``, or held by the event with
 ``EP_AVOID_RECORD_STREAM=1``). On CPU all of this is a no-op: calls complete before they return
 and events are empty. Importing this module initialises no CUDA context.
+
+:class:`CallOrder` adds a direct lane for one buffer's synchronous calls: a call with neither
+``previous_event`` nor ``async_with_compute_stream`` runs on the caller's current stream (no
+stream switch, no events, no ``record_stream``), ordered after the buffer's earlier calls.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ep_jit import knobs
 from ep_jit._cuda import current_device, current_stream_handle
 
 __all__ = [
+    "CallOrder",
     "EventHandle",
     "EventOverlap",
     "current_stream",
@@ -253,3 +258,97 @@ def _record(tensors: list[torch.Tensor], stream: torch.cuda.Stream) -> None:
         if key not in seen:
             seen.add(key)
             t.record_stream(stream)
+
+
+class CallOrder:
+    """Orders one buffer's calls after each other, with a direct lane for synchronous calls.
+
+    A call with ``previous_event=None`` and ``async_with_compute_stream=False`` on the current
+    CUDA device runs ``fn`` on the caller's current stream: its outputs belong to that stream
+    and the call returns an empty :class:`EventOverlap`, as a synchronous
+    :func:`run_on_comm_stream` does. Other calls take :func:`run_on_comm_stream`'s protocol.
+
+    The buffer's memory is reused by every call, so each call must run after the previous one's
+    work. The object remembers the stream that the last call's work is ordered on (the caller's
+    stream after a synchronous call, the comm stream after an asynchronous one). A call on that
+    same stream needs nothing more: the fast path is one comparison of raw stream handles. When
+    the stream differs, the new call's stream first waits for the remembered one (an event
+    recorded there now, so also covering work enqueued after the call), and the operands of the
+    call are recorded on the stream that uses them. While the current stream is being captured
+    into a CUDA graph that wait is left out: nothing runs during a capture, and a capture may
+    not wait for work outside it.
+
+    Not thread-safe: one buffer's calls come from one thread at a time.
+    """
+
+    def __init__(self) -> None:
+        self._after: int | None = None
+        """Raw handle of the stream the last call's work is ordered on (``None``: no call yet;
+        torch's default stream is handle 0)."""
+        self._after_stream: torch.cuda.Stream | None = None
+        self._event: torch.cuda.Event | None = None
+
+    def run(
+        self,
+        device: torch.device,
+        fn: Callable[[], T],
+        inputs: Iterable[Any],
+        outputs_of: Callable[[T], Iterable[Any]],
+        *,
+        previous_event: EventHandle | None,
+        async_with_compute_stream: bool,
+    ) -> tuple[T, EventOverlap]:
+        """Runs ``fn`` directly on the current stream or through :func:`run_on_comm_stream`.
+
+        Args: as :func:`run_on_comm_stream`.
+
+        Returns:
+            ``(fn's result, EventOverlap)``; the event is empty unless asynchronous on CUDA.
+        """
+        if device.type != "cuda":
+            return fn(), EventOverlap()
+        index = device.index
+        direct = previous_event is None and not async_with_compute_stream
+        if direct and index is not None and index == current_device():
+            if current_stream_handle(index) == self._after:
+                return fn(), EventOverlap()
+            compute = current_stream(index)
+            self._order_after_last(compute, inputs)
+            self._after, self._after_stream = compute.cuda_stream, compute
+            return fn(), EventOverlap()
+        comm = get_comm_stream(device)
+        fast = index is not None and index == current_device()
+        compute = current_stream(index) if fast else torch.cuda.current_stream(device)
+        if self._after not in (None, comm.cuda_stream) and (
+            previous_event is not None or self._after != compute.cuda_stream
+        ):
+            self._order_after_last(comm, inputs)
+        # Until the caller's stream has waited for the comm stream (not on an error, nor when
+        # asynchronous), the call's work is ordered on the comm stream only.
+        self._after, self._after_stream = comm.cuda_stream, comm
+        result = run_on_comm_stream(
+            device,
+            fn,
+            inputs,
+            outputs_of,
+            previous_event=previous_event,
+            async_with_compute_stream=async_with_compute_stream,
+        )
+        if not async_with_compute_stream:
+            self._after, self._after_stream = compute.cuda_stream, compute
+        return result
+
+    def _order_after_last(self, stream: torch.cuda.Stream, inputs: Iterable[Any]) -> None:
+        """``stream`` waits for the remembered stream's work so far (not while capturing)."""
+        last = self._after_stream
+        if last is None or last.cuda_stream == stream.cuda_stream:
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return
+        event = self._event
+        if event is None:
+            event = self._event = torch.cuda.Event()
+        event.record(last)
+        stream.wait_event(event)
+        # Operands made on the other stream (a handle's tensors) are now also used here.
+        _record(tensors_in(inputs), stream)
