@@ -30,6 +30,9 @@ def build_kernel(spec: Any) -> Any:
     return build(spec)
 
 
-def device_ptr(t: torch.Tensor | None) -> int:
-    """``t``'s device address, 0 for ``None`` (kernel-argument structs hold raw pointers)."""
-    return 0 if t is None else int(t.data_ptr())
+def device_ptr(t: torch.Tensor | int | None) -> int:
+    """``t``'s device address, 0 for ``None``, an int address as given (kernel-argument structs
+    hold raw pointers)."""
+    if t is None:
+        return 0
+    return t if type(t) is int else int(t.data_ptr())  # type: ignore[union-attr]

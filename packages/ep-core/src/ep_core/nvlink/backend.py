@@ -15,6 +15,7 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Any, NoReturn
 
 import torch
@@ -27,6 +28,7 @@ from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
 from ep_core.nvlink import ht
+from ep_core.nvlink._common import device_ptr
 from ep_core.nvlink.layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
 from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, tag_word
 from ep_core.validation import check_topk_idx_values
@@ -231,29 +233,48 @@ class NvlinkBackend:
         check = handle is None and do_cpu_sync and knobs.ep.check_inputs
         num_counts = r + 2 * el
         num_bad = ht.check_ctas(num_tokens) if check else 0
-        small = _small_outputs(
-            dev,
-            num_counts=num_counts,
-            num_bad=num_bad,
-            num_ranks=r,
-            max_chunks=self.sizing.max_chunks,
-            rows=rows,
-            fresh=(num_tokens, k) if handle is None else None,
-        )
-        block, counts, src_bad, bad, chunk_end, nchunks_t, out_meta = small[:7]
+        fresh = (num_tokens, k) if handle is None else None
+        max_chunks = self.sizing.max_chunks
         idx_copy: torch.Tensor | None = None
+        unaligned: torch.Tensor | None = None
         if handle is None:
-            ht.launch_check_topk(topk_idx, num_experts, counts, bad)
+            small = _small_outputs(
+                dev,
+                num_counts=num_counts,
+                num_bad=num_bad,
+                num_ranks=r,
+                max_chunks=max_chunks,
+                rows=rows,
+                fresh=fresh,
+            )
+            block, counts, src_bad, bad, chunk_end, nchunks_t, out_meta = small[:7]
+            ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, bad, num_bad)
             send_row, chunk_prefix, is_in, idx_copy = small[7:]
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
             ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
+            unaligned = counts[r : r + el]
         else:
-            send_row, is_in = handle.send_row, handle.is_token_in_rank
             state = handle.backend_state
             if not isinstance(state, _HtState):
                 raise ValueError("the handle was not made by the nvlink backend")
-            chunk_prefix = state.chunk_prefix
-            ht.launch_check_topk(topk_idx, num_experts, counts, None)
+            if handle.do_expand != do_expand:
+                raise ValueError("a cached dispatch must use the handle's do_expand")
+            send_row, chunk_prefix = handle.send_row, state.chunk_prefix
+            # A replay keeps the handle's counts and metadata: the kernels get addresses in
+            # one allocation, and only the parts the handle keeps (the chunk rows) become views.
+            offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
+            block = torch.empty(total, dtype=torch.int32, device=dev)
+            base = block.data_ptr()
+            counts = base
+            src_bad = base + 4 * num_counts
+            bad = None
+            chunk_end = block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1])
+            nchunks_t = block.as_strided((r,), (1,), offsets[2])
+            out_meta = base + 4 * offsets[3]
+            if do_expand:
+                out_meta = block.as_strided((rows, 2), (2, 1), offsets[3])
+                unaligned = block.as_strided((el,), (1,), r)
+            ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
         out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
@@ -282,6 +303,7 @@ class NvlinkBackend:
             counts=counts,
             src_bad=src_bad,
             topk_bad=bad,
+            num_topk_bad=num_bad,
             chunk_end=chunk_end,
             nchunks=nchunks_t,
             num_max_tokens=nmax,
@@ -289,8 +311,6 @@ class NvlinkBackend:
             expert_alignment=expert_alignment,
             num_sms=n_sms,
         )
-        unaligned = counts[r : r + el]
-
         exact_rows: int | None = None
         aligned_list: list[int] = []
         if handle is not None:
@@ -300,7 +320,7 @@ class NvlinkBackend:
         elif do_cpu_sync:
             # The one host synchronisation of this call: the counts and every rank's verdict
             # on its routing (each source's, as announced to this rank).
-            host = self._read_counts(block[: num_counts + r])
+            host = self._read_counts(block, num_counts + r)
             if self._error_code.value:
                 self.watchdog.check()
             if any(host[num_counts:]):
@@ -310,22 +330,25 @@ class NvlinkBackend:
             aligned_list = _aligned_from_psum(host[r + el : num_counts])
         num_rows = exact_rows if exact_rows is not None else rows
 
-        recv_x = out_x[:num_rows]
-        recv_sf = None if out_sf is None else out_sf[:num_rows]
-        recv_idx: torch.Tensor | None = out_idx[:num_rows]
-        recv_w = None if out_w is None else out_w[:num_rows]
+        # Worst-case outputs are returned whole (no slicing views).
+        whole = num_rows == rows
+        recv_x = out_x if whole else out_x[:num_rows]
+        recv_sf = None if out_sf is None else (out_sf if whole else out_sf[:num_rows])
+        recv_idx: torch.Tensor | None = out_idx if whole else out_idx[:num_rows]
+        recv_w = None if out_w is None else (out_w if whole else out_w[:num_rows])
         # A cached dispatch keeps its handle's metadata (the replay wrote the same).
-        meta = out_meta[:num_rows] if handle is None or do_expand else out_meta
+        meta = out_meta
+        if isinstance(meta, torch.Tensor) and not whole:
+            meta = meta[:num_rows]
         # Rows past the valid count are unspecified by contract; still give them the reference's
         # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
         # worst-case tensors stays in bounds. One small kernel, in place, no host sync.
         if exact_rows is None:
-            ht.launch_dispatch_tail(counts.data_ptr() + 4 * (r - 1), out_meta, out_idx, out_w)
+            ht.launch_dispatch_tail(device_ptr(counts) + 4 * (r - 1), out_meta, out_idx, out_w)
 
-        if handle is not None and handle.do_expand != do_expand:
-            raise ValueError("a cached dispatch must use the handle's do_expand")
         starts = None
         if do_expand:
+            assert unaligned is not None and isinstance(meta, torch.Tensor)
             aligned = align_up_tensor(unaligned.to(torch.int64), expert_alignment)
             starts = aligned.cumsum(0) - aligned
         if handle is not None:
@@ -345,7 +368,8 @@ class NvlinkBackend:
             recv_idx = None
 
         if handle is None:
-            assert idx_copy is not None
+            assert idx_copy is not None and isinstance(counts, torch.Tensor)
+            assert unaligned is not None and isinstance(meta, torch.Tensor)
             state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
             handle = EPHandle(
                 rank=self.rank,
@@ -513,17 +537,17 @@ class NvlinkBackend:
             x, topk_idx, topk_weights, handle, out, return_recv_hook=return_recv_hook
         )
 
-    def _read_counts(self, counts: torch.Tensor) -> list[int]:
-        """``counts`` as Python ints: copied into a pinned buffer, then the stream synchronised.
+    def _read_counts(self, block: torch.Tensor, n: int) -> list[int]:
+        """The first ``n`` words of ``block`` as Python ints: copied into a pinned buffer, then
+        the stream synchronised.
 
-        Cheaper on the host than ``counts.cpu()`` (no pageable staging copy); everything the
-        host does between the sync and the return of the dispatch adds to the call's latency.
+        Cheaper on the host than ``.cpu()`` (no pageable staging copy); everything the host does
+        between the sync and the return of the dispatch adds to the call's latency.
         """
-        n = counts.numel()
         host = self._host_counts.get(n)
         if host is None:
-            host = self._host_counts[n] = torch.empty(n, dtype=counts.dtype, pin_memory=True)
-        host.copy_(counts, non_blocking=True)
+            host = self._host_counts[n] = torch.empty(n, dtype=block.dtype, pin_memory=True)
+        host.copy_(block[:n], non_blocking=True)
         index = self.device.index
         stream = current_stream(torch.cuda.current_device() if index is None else index)
         self._counts_event.record(stream)
@@ -590,6 +614,26 @@ def _int32_offsets(sizes: list[int]) -> tuple[list[int], int]:
     return offsets, max(end, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _small_layout(
+    num_counts: int,
+    num_bad: int,
+    num_ranks: int,
+    max_chunks: int,
+    rows: int,
+    fresh: tuple[int, int] | None,
+) -> tuple[tuple[int, ...], int]:
+    """Offsets (int32 words) of the parts of a dispatch's small-output block and its length;
+    see :func:`_small_outputs` (computed once per shape: a call's host path)."""
+    r = num_ranks
+    parts = [num_counts + r + num_bad, r * max_chunks, r, rows * 2]
+    if fresh is not None:
+        t, k = fresh
+        parts += [t * r, (-(-t // CHUNK_TOKENS) + 1) * r, -(-t * r // 4), t * k * 2]
+    offsets, total = _int32_offsets(parts)
+    return tuple(offsets), total
+
+
 def _small_outputs(
     device: torch.device,
     *,
@@ -608,18 +652,15 @@ def _small_outputs(
     fresh dispatch of ``fresh = (T, k)``, the send rows, chunk prefixes, ``is_in`` (bool) and
     the handle's routing copy (int64); each part but the two verdicts starts on a 256-byte
     boundary. The rows (``out_x``, ...) are not part of it, so a caller can free them while it
-    keeps the handle.
+    keeps the handle. A cached dispatch takes the same block without ``fresh`` and makes views
+    only of the parts it keeps (:func:`_small_layout`'s offsets).
 
     Returns:
         ``[block, counts, source verdicts, check verdicts or None, chunk_end, nchunks,
         out_meta]`` and, when ``fresh``, ``send_row, chunk_prefix, is_in, topk_copy``.
     """
     r = num_ranks
-    parts = [num_counts + r + num_bad, r * max_chunks, r, rows * 2]
-    if fresh is not None:
-        t, k = fresh
-        parts += [t * r, (-(-t // CHUNK_TOKENS) + 1) * r, -(-t * r // 4), t * k * 2]
-    offsets, total = _int32_offsets(parts)
+    offsets, total = _small_layout(num_counts, num_bad, r, max_chunks, rows, fresh)
     block = torch.empty(total, dtype=torch.int32, device=device)
     out: list[Any] = [
         block,

@@ -411,8 +411,26 @@ class HtContext:
     trace_dispatch: torch.Tensor | None = None
     trace_combine: torch.Tensor | None = None
     arg_templates: dict[tuple[Any, ...], Any] = field(default_factory=dict)
-    """Kernel-argument structs with the fields that do not change between calls of one shape
-    filled in (see ``launch_dispatch``): a call copies one and sets its pointers."""
+    """Launches by shape (``_Launch``): a kernel-argument struct with the fields that do not
+    change between calls of one shape filled in once, whose other fields each call sets (see
+    ``launch_dispatch``)."""
+
+
+class _Launch:
+    """A launch of one shape: its argument struct (fixed fields filled once, the others set by
+    each call), grid, block and shared memory; ``seen``: the objects whose addresses the
+    struct holds from the last call, where a launcher skips setting them again."""
+
+    __slots__ = ("args", "block", "grid", "seen", "smem")
+
+    def __init__(
+        self, args: Any, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int
+    ) -> None:
+        self.args = args
+        self.grid = grid
+        self.block = block
+        self.smem = smem
+        self.seen: tuple[Any, ...] | None = None
 
 
 _configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
@@ -452,38 +470,41 @@ def launch_layout(
 def launch_check_topk(
     topk_idx: torch.Tensor,
     num_experts: int,
-    zero: torch.Tensor,
-    bad: torch.Tensor | None,
+    zero: torch.Tensor | int,
+    num_zero: int,
+    bad: torch.Tensor | int | None,
+    num_bad: int,
 ) -> None:
-    """Dispatch prologue on the current stream: zeroes ``zero`` (int32, contiguous) and, when
-    ``bad`` is given, writes ``check_ctas(T)`` verdict words into it (1: ``topk_idx`` has an id
-    outside ``[-1, num_experts)`` or a repeated expert in a row; see ``ht_check_topk``)."""
+    """Dispatch prologue on the current stream: zeroes ``num_zero`` int32 words at ``zero`` (a
+    tensor or a device address) and, when ``bad`` is given, writes ``num_bad = check_ctas(T)``
+    verdict words there (1: ``topk_idx`` has an id outside ``[-1, num_experts)`` or a repeated
+    expert in a row; see ``ht_check_topk``)."""
     num_tokens, k = topk_idx.shape
     key = ("check", k)
     found = _configured.get(key)
     if found is None:
         found = _configured[key] = (None, build_kernel(_check_spec(k)))
     found[1].launch(
-        (check_ctas(num_tokens) if bad is not None else 1, 1, 1),
+        (num_bad if bad is not None else 1, 1, 1),
         (CHECK_THREADS, 1, 1),
         topk_idx,
         num_tokens,
         num_experts,
         zero,
-        zero.numel(),
+        num_zero,
         bad,
     )
 
 
 def launch_dispatch_tail(
     valid_rows: torch.Tensor | int,
-    out_meta: torch.Tensor,
+    out_meta: torch.Tensor | int,
     out_idx: torch.Tensor,
     out_w: torch.Tensor | None,
 ) -> None:
     """Fills the rows of a dispatch's worst-case outputs past the valid count on the current
     stream: metadata and ids -1, weights 0. ``valid_rows``: the count, an int32 in device memory
-    (a tensor or its address), read by the kernel."""
+    (a tensor or its address), read by the kernel; ``out_meta`` a tensor or its address."""
     rows, k = out_idx.shape
     key = ("tail", k)
     found = _configured.get(key)
@@ -506,10 +527,11 @@ def launch_dispatch(
     out_sf: torch.Tensor | None,
     out_idx: torch.Tensor,
     out_w: torch.Tensor | None,
-    out_meta: torch.Tensor,
-    counts: torch.Tensor,
-    src_bad: torch.Tensor,
-    topk_bad: torch.Tensor | None,
+    out_meta: torch.Tensor | int,
+    counts: torch.Tensor | int,
+    src_bad: torch.Tensor | int,
+    topk_bad: torch.Tensor | int | None,
+    num_topk_bad: int,
     chunk_end: torch.Tensor,
     nchunks: torch.Tensor,
     num_max_tokens: int,
@@ -519,9 +541,11 @@ def launch_dispatch(
 ) -> None:
     """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs).
 
-    ``topk_bad``: the prologue's verdict words on ``topk_idx`` (``launch_check_topk``) or
-    ``None``; the kernel announces their OR to every peer with its token count, and writes
-    every source's verdict into ``src_bad`` (``[R]`` int32, 1 = that rank's ids were bad).
+    ``topk_bad``: the prologue's ``num_topk_bad`` verdict words on ``topk_idx``
+    (``launch_check_topk``) or ``None``; the kernel announces their OR to every peer with its
+    token count, and writes every source's verdict into ``src_bad`` (``[R]`` int32, 1 = that
+    rank's ids were bad). ``out_meta``, ``counts``, ``src_bad`` and ``topk_bad`` may be given
+    as device addresses.
     """
     r, k = ctx.num_ranks, topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
@@ -565,12 +589,15 @@ def launch_dispatch(
         t.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
         if len(ctx.arg_templates) > 64:
             ctx.arg_templates.clear()
-        template = ctx.arg_templates[tkey] = t
-    a = HtDispatchArgs.from_buffer_copy(template)
-    a.x, a.x_sf = device_ptr(x), device_ptr(x_scales)
-    a.topk_idx, a.topk_weights = device_ptr(topk_idx), device_ptr(topk_weights)
-    a.send_row, a.chunk_prefix = device_ptr(send_row), device_ptr(chunk_prefix)
-    a.out_x, a.out_sf, a.out_topk_idx = device_ptr(out_x), device_ptr(out_sf), device_ptr(out_idx)
+        shape = ((num_sms, 1, 1), (cfg.threads, 1, 1), cfg.smem_bytes(num_local_experts))
+        template = ctx.arg_templates[tkey] = _Launch(t, *shape)
+    # The launch copies the struct's bytes, so one struct per shape serves every call: each
+    # call overwrites every field that is not fixed for the shape.
+    a = template.args
+    a.x, a.x_sf = x.data_ptr(), device_ptr(x_scales)
+    a.topk_idx, a.topk_weights = topk_idx.data_ptr(), device_ptr(topk_weights)
+    a.send_row, a.chunk_prefix = send_row.data_ptr(), chunk_prefix.data_ptr()
+    a.out_x, a.out_sf, a.out_topk_idx = out_x.data_ptr(), device_ptr(out_sf), out_idx.data_ptr()
     a.out_topk_weights, a.out_src_meta = device_ptr(out_w), device_ptr(out_meta)
     a.out_counts, a.out_chunk_end, a.out_nchunks = (
         device_ptr(counts),
@@ -581,14 +608,8 @@ def launch_dispatch(
     a.sf_stride_p = 0 if x_scales is None else x_scales.stride(1)
     a.num_tokens = x.shape[0]
     a.topk_bad, a.out_src_bad = device_ptr(topk_bad), device_ptr(src_bad)
-    a.num_topk_bad = 0 if topk_bad is None else topk_bad.numel()
-    kernel.launch(
-        (num_sms, 1, 1),
-        (cfg.threads, 1, 1),
-        a,
-        smem=cfg.smem_bytes(num_local_experts),
-        cooperative=True,
-    )
+    a.num_topk_bad = 0 if topk_bad is None else num_topk_bad
+    kernel.launch(template.grid, template.block, a, smem=template.smem, cooperative=True)
 
 
 def launch_combine(
@@ -632,20 +653,22 @@ def launch_combine(
         t.num_push_ctas = cfg.num_push_ctas(num_sms) if cfg.split else 0
         if len(ctx.arg_templates) > 64:
             ctx.arg_templates.clear()
-        template = ctx.arg_templates[tkey] = t
-    a = HtCombineArgs.from_buffer_copy(template)
-    a.x, a.topk_weights, a.src_meta = device_ptr(x), device_ptr(weights), device_ptr(meta)
-    a.psum_rank = device_ptr(handle.psum_num_recv_tokens_per_rank)
-    a.chunk_end, a.nchunks = device_ptr(state.chunk_end), device_ptr(state.nchunks)
-    a.topk_idx, a.send_row = device_ptr(handle.topk_idx), device_ptr(handle.send_row)
+        shape = ((num_sms, 1, 1), (cfg.threads, 1, 1), cfg.smem_bytes())
+        template = ctx.arg_templates[tkey] = _Launch(t, *shape)
+    a = template.args  # as in launch_dispatch: every per-call field is set below
+    a.x, a.topk_weights, a.src_meta = x.data_ptr(), device_ptr(weights), meta.data_ptr()
+    # The handle's fields change only with the handle (and a cached dispatch's new chunk rows):
+    # set when the struct last saw other objects. The struct holds them, so they stay alive
+    # and no other object can take their identity.
+    last = template.seen
+    chunk_end, nchunks = state.chunk_end, state.nchunks
+    if last is None or last[0] is not handle or last[1] is not chunk_end or last[2] is not nchunks:
+        a.psum_rank = device_ptr(handle.psum_num_recv_tokens_per_rank)
+        a.chunk_end, a.nchunks = chunk_end.data_ptr(), nchunks.data_ptr()
+        a.topk_idx, a.send_row = handle.topk_idx.data_ptr(), handle.send_row.data_ptr()
+        a.num_tokens = handle.num_tokens
+        template.seen = (handle, chunk_end, nchunks)
     a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
     a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
-    a.out, a.out_weights = device_ptr(out), device_ptr(out_w)
-    a.num_tokens = handle.num_tokens
-    kernel.launch(
-        (num_sms, 1, 1),
-        (cfg.threads, 1, 1),
-        a,
-        smem=cfg.smem_bytes(),
-        cooperative=True,
-    )
+    a.out, a.out_weights = out.data_ptr(), device_ptr(out_w)
+    kernel.launch(template.grid, template.block, a, smem=template.smem, cooperative=True)
