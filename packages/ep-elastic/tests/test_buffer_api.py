@@ -419,6 +419,89 @@ def test_value_checks_left_to_a_backend_that_checks_on_device() -> None:
     assert seen == [True, False, True, False]
 
 
+def _memo_worker(info: Any) -> dict[str, int]:
+    # A call whose arguments look like the last accepted call's skips the checks; any other
+    # call is checked in full, and host value checks of a fresh topk_idx are never skipped.
+    from ep_elastic import _high_throughput
+
+    buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=4)
+    counts = {"x": 0, "combine_x": 0}
+    check_x, check_combine_x = _high_throughput.check_dispatch_x, _high_throughput.check_combine_x
+
+    def spy_x(*args: Any, **kwargs: Any) -> Any:
+        counts["x"] += 1
+        return check_x(*args, **kwargs)
+
+    def spy_combine_x(*args: Any, **kwargs: Any) -> Any:
+        counts["combine_x"] += 1
+        return check_combine_x(*args, **kwargs)
+
+    _high_throughput.check_dispatch_x = spy_x  # type: ignore[assignment]
+    _high_throughput.check_combine_x = spy_combine_x  # type: ignore[assignment]
+    try:
+        x = torch.randn(6, HIDDEN).to(torch.bfloat16)
+        idx = torch.arange(24).reshape(6, 4) % E
+        bad = idx.clone()
+        bad[2, 1] = E
+        # Host value checks (this backend does not check on the device): every call.
+        buf.dispatch(x, topk_idx=idx, num_experts=E)
+        _raises(
+            ValueError,
+            r"topk_idx\[2, 1\] = 8",
+            lambda: buf.dispatch(x, topk_idx=bad, num_experts=E),
+        )
+        assert counts["x"] == 2
+        buf.backend.checks_topk_idx_on_device = True  # type: ignore[attr-defined]
+        _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_experts=E)
+        recv, _, _, handle2, _ = buf.dispatch(x, topk_idx=idx, num_experts=E)
+        assert counts["x"] == 3  # the second call was like the first
+        # Another x: checked (and rejected) in full.
+        _raises(
+            ValueError,
+            "hidden size of x 96",
+            lambda: buf.dispatch(
+                torch.zeros(6, 96, dtype=torch.bfloat16), topk_idx=idx[:, :4], num_experts=E
+            ),
+        )
+        _raises(
+            ValueError,
+            "more than num_max_tokens_per_rank",
+            lambda: buf.dispatch(
+                torch.zeros(NMAX + 1, HIDDEN, dtype=torch.bfloat16), topk_idx=idx, num_experts=E
+            ),
+        )
+        # Cached dispatches: the second with the same handle skips the checks, not another's.
+        before = counts["x"]
+        out1 = buf.dispatch(x, handle=handle)[0]
+        out2 = buf.dispatch(x, handle=handle)[0]
+        buf.dispatch(x, handle=handle2)
+        assert counts["x"] == before + 2
+        assert torch.equal(out1, out2)  # type: ignore[arg-type]
+        _raises(
+            ValueError,
+            "x has 5 tokens but the handle's dispatch had 6",
+            lambda: buf.dispatch(x[:5].contiguous(), handle=handle2),
+        )
+        _raises(ValueError, "topk_idx must be None", lambda: buf.dispatch(x, idx, handle=handle2))
+        # Combine: the same.
+        assert isinstance(recv, torch.Tensor)
+        a = buf.combine(recv, handle2)[0]
+        b = buf.combine(recv, handle2)[0]
+        assert counts["combine_x"] == 1 and torch.equal(a, b)
+        _raises(ValueError, "rows", lambda: buf.combine(recv[:-1].contiguous(), handle2))
+        _raises(ValueError, "rows", lambda: buf.combine(recv[:-1].contiguous(), handle2))
+        assert counts["combine_x"] == 3
+    finally:
+        _high_throughput.check_dispatch_x = check_x  # type: ignore[assignment]
+        _high_throughput.check_combine_x = check_combine_x  # type: ignore[assignment]
+        buf.destroy()
+    return counts
+
+
+def test_repeated_calls_skip_the_checks_of_their_arguments() -> None:
+    run_ranks(1, _memo_worker, timeout_s=120, use_gpu=False)
+
+
 class _FakeTensor:
     """Enough of a tensor for the comm stream's bookkeeping: a base and a record log."""
 

@@ -27,6 +27,7 @@ from ep_elastic._compiled import register_buffer
 from ep_elastic.event import EventHandle, get_comm_stream
 from ep_jit._log import verbose
 from ep_jit.agreement import check_agreement, gather_checked
+from ep_jit.streams import CallOrder
 
 __all__ = ["BufferBase", "group_device"]
 
@@ -170,6 +171,12 @@ class BufferBase:
         # Results of per-call computations that depend only on the call's sizes.
         self._num_sms_cache: dict[tuple[int, int], int] = {}
         self._capacity_ok: set[tuple[int, int, int, bool]] = set()
+        # The high-throughput calls' stream order: synchronous calls run on the caller's stream.
+        self._call_order = CallOrder()
+        # The last accepted high-throughput calls: (handle, argument signature, checked values);
+        # a call with the same signature skips the checks (ep_elastic._high_throughput).
+        self._dispatch_memo: tuple[Any, ...] | None = None
+        self._combine_memo: tuple[Any, ...] | None = None
         # Names this buffer in the torch.compile custom ops (ep_elastic._compiled).
         self._op_key = register_buffer(self)
         if num_cpu_timeout_secs is None:
