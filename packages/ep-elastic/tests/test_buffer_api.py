@@ -626,3 +626,80 @@ def _bad_routing_on_one_rank_worker(info: Any) -> None:
 @pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
 def test_bad_routing_on_one_rank_raises_on_every_rank_nvlink(world_size: int, per_gpu: int) -> None:
     run_ranks(world_size, _bad_routing_on_one_rank_worker, timeout_s=180, ranks_per_gpu=per_gpu)
+
+
+def _stream_order_worker(info: Any) -> None:
+    # NVLink backend: synchronous calls run on the caller's stream, ordered after the buffer's
+    # previous call wherever it ran (an asynchronous one on the comm stream, a side stream);
+    # dispatch + combine captured in a CUDA graph after eager calls replay like eager calls.
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(23 + info.rank)
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+        return x, torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+
+    def expected(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # Each token comes back once from every rank holding one of its experts, unweighted.
+        hit = torch.zeros(NMAX, dtype=torch.float32, device=dev)
+        for r in range(info.world_size):
+            lo, hi = r * (e // info.world_size), (r + 1) * (e // info.world_size)
+            hit += ((idx >= lo) & (idx < hi)).any(dim=1).float()
+        return (x.float() * hit[:, None]).to(torch.bfloat16)
+
+    buf = ElasticBuffer(
+        info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=k, backend="nvlink",
+        device=dev,
+    )  # fmt: skip
+    main = torch.cuda.current_stream(dev)
+    x, idx = inputs()
+    recv, _, _, handle, event = buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
+    assert event.event is None
+    out, _, event = buf.combine(recv, handle)
+    assert event.event is None
+    # Asynchronous (comm stream), not waited for; then a cached dispatch on a side stream: it
+    # must run after the asynchronous call, which reuses the same buffer.
+    recv2, _, _, handle2, event2 = buf.dispatch(
+        x, topk_idx=idx, num_experts=e, do_cpu_sync=False, async_with_compute_stream=True
+    )
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        recv3 = buf.dispatch(x, handle=handle)[0]
+        out3 = buf.combine(recv3, handle)[0]  # type: ignore[arg-type]
+    event2.current_stream_wait()
+    main.wait_stream(side)
+    out2 = buf.combine(recv2, handle2)[0]  # type: ignore[arg-type]
+    torch.cuda.synchronize(dev)
+    want = expected(x, idx)
+    assert torch.equal(out, want) and torch.equal(out2, want) and torch.equal(out3, want)
+    assert torch.equal(recv3, recv)  # type: ignore[arg-type]
+
+    # CUDA graph: captured on torch's capture stream after the eager calls above.
+    xs, idxs = x.clone(), idx.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        got, _, _, got_handle, _ = buf.dispatch(xs, topk_idx=idxs, num_experts=e, do_cpu_sync=False)
+        got_out = buf.combine(got, got_handle)[0]  # type: ignore[arg-type]
+    for _ in range(3):
+        x, idx = inputs()
+        xs.copy_(x)
+        idxs.copy_(idx)
+        graph.replay()
+        eager, _, _, eager_handle, _ = buf.dispatch(
+            x, topk_idx=idx, num_experts=e, do_cpu_sync=False
+        )
+        eager_out = buf.combine(eager, eager_handle)[0]  # type: ignore[arg-type]
+        torch.cuda.synchronize(dev)
+        rows = int(eager_handle.psum_num_recv_tokens_per_rank[-1])
+        assert int(got_handle.psum_num_recv_tokens_per_rank[-1]) == rows
+        assert torch.equal(got[:rows], eager[:rows])  # type: ignore[index]
+        assert torch.equal(got_out, expected(x, idx)) and torch.equal(eager_out, got_out)
+    buf.destroy()
+
+
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((1, 2), dedicated=False))
+def test_sync_calls_run_on_the_callers_stream_in_order_nvlink(
+    world_size: int, per_gpu: int
+) -> None:
+    run_ranks(world_size, _stream_order_worker, timeout_s=180, ranks_per_gpu=per_gpu)
