@@ -6,6 +6,8 @@ compares every output with ``torch.equal``. Outputs are poisoned before the kern
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -589,7 +591,8 @@ def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fr
     # A dispatch's small outputs share one allocation: each part has its shape and dtype, is
     # contiguous, starts on 256 bytes (the per-source verdicts right after the counts, for the
     # one host read, and the check kernel's words right after them), and no two parts overlap.
-    from ep_core.nvlink.backend import _small_outputs
+    # The parts only kernels see before the host read come as addresses into the block.
+    from ep_core.nvlink.backend import _small_layout, _small_outputs
 
     el, max_chunks, nmax = 16, 70, 600
     num_counts, num_bad = ranks + 2 * el, 3 if fresh else 0
@@ -603,13 +606,15 @@ def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fr
         fresh=(tokens, topk) if fresh else None,
     )
     block, parts = out[0], out[1:]
-    expect = [
-        ((num_counts,), torch.int32),
-        ((ranks,), torch.int32),
-        ((num_bad,), torch.int32) if fresh else None,
+    base = block.data_ptr()
+    # (shape, dtype) of a view, or ("address", int32 words) of a part given by its address.
+    expect: list[Any] = [
+        ("address", num_counts),
+        ("address", ranks),
+        ("address", num_bad) if fresh else None,
         ((ranks, max_chunks), torch.int32),
         ((ranks,), torch.int32),
-        ((ranks * nmax, 2), torch.int32),
+        ("address", ranks * nmax * 2),
     ]
     if fresh:
         expect += [
@@ -624,15 +629,23 @@ def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fr
         if want is None:
             assert part is None
             continue
-        assert (tuple(part.shape), part.dtype) == want and part.is_contiguous()
-        first = part.storage_offset() * part.element_size()
-        size = part.numel() * part.element_size()
+        if want[0] == "address":
+            assert type(part) is int
+            first, size = part - base, 4 * want[1]
+        else:
+            assert (tuple(part.shape), part.dtype) == want and part.is_contiguous()
+            assert part.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+            first = part.storage_offset() * part.element_size()
+            size = part.numel() * part.element_size()
         adjacent = {1: 4 * num_counts, 2: 4 * (num_counts + ranks)}
         assert first % 256 == 0 or first == adjacent.get(i)
         assert first + size <= block.numel() * 4
         cover[first : first + size] += 1
-        assert part.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
     assert int(cover.max()) <= 1
+    # The metadata's address is the layout's part 3 (the views made after the host read).
+    key = (tokens, topk) if fresh else None
+    offsets, total = _small_layout(num_counts, num_bad, ranks, max_chunks, ranks * nmax, key)
+    assert parts[5] == base + 4 * offsets[3] and block.numel() == total
     if fresh:  # the routing copy holds int64 ids as written
         ids = torch.randint(-1, 64, (tokens, topk))
         parts[-1].copy_(ids)

@@ -28,7 +28,6 @@ from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
 from ep_core.nvlink import ht
-from ep_core.nvlink._common import device_ptr
 from ep_core.nvlink.layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
 from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, tag_word
 from ep_core.validation import check_topk_idx_values
@@ -252,7 +251,7 @@ class NvlinkBackend:
             send_row, chunk_prefix, is_in, idx_copy = small[7:]
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
             ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
-            unaligned = counts[r : r + el]
+            meta_offset = _small_layout(num_counts, num_bad, r, max_chunks, rows, fresh)[0][3]
         else:
             state = handle.backend_state
             if not isinstance(state, _HtState):
@@ -271,9 +270,7 @@ class NvlinkBackend:
             chunk_end = block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1])
             nchunks_t = block.as_strided((r,), (1,), offsets[2])
             out_meta = base + 4 * offsets[3]
-            if do_expand:
-                out_meta = block.as_strided((rows, 2), (2, 1), offsets[3])
-                unaligned = block.as_strided((el,), (1,), r)
+            meta_offset = offsets[3]
             ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
@@ -336,19 +333,22 @@ class NvlinkBackend:
         recv_sf = None if out_sf is None else (out_sf if whole else out_sf[:num_rows])
         recv_idx: torch.Tensor | None = out_idx if whole else out_idx[:num_rows]
         recv_w = None if out_w is None else (out_w if whole else out_w[:num_rows])
-        # A cached dispatch keeps its handle's metadata (the replay wrote the same).
-        meta = out_meta
-        if isinstance(meta, torch.Tensor) and not whole:
-            meta = meta[:num_rows]
+        # The metadata's view (with the valid rows): a fresh dispatch's handle keeps it, an
+        # expanded one reads it; a cached one keeps its handle's (the replay wrote the same).
+        meta: torch.Tensor | None = None
+        if handle is None or do_expand:
+            meta = block.as_strided((num_rows, 2), (2, 1), meta_offset)
+        if do_expand or handle is None:
+            unaligned = block.as_strided((el,), (1,), r)
         # Rows past the valid count are unspecified by contract; still give them the reference's
         # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
         # worst-case tensors stays in bounds. One small kernel, in place, no host sync.
         if exact_rows is None:
-            ht.launch_dispatch_tail(device_ptr(counts) + 4 * (r - 1), out_meta, out_idx, out_w)
+            ht.launch_dispatch_tail(counts + 4 * (r - 1), out_meta, out_idx, out_w)
 
         starts = None
         if do_expand:
-            assert unaligned is not None and isinstance(meta, torch.Tensor)
+            assert unaligned is not None and meta is not None
             aligned = align_up_tensor(unaligned.to(torch.int64), expert_alignment)
             starts = aligned.cumsum(0) - aligned
         if handle is not None:
@@ -358,7 +358,7 @@ class NvlinkBackend:
         else:
             num_expanded = worst_case_num_expanded_tokens(r, nmax, k, el, expert_alignment)
         if do_expand:
-            assert recv_idx is not None and starts is not None
+            assert recv_idx is not None and starts is not None and meta is not None
             # Rows past the valid count carry no lanes (their metadata is -1).
             local_idx = torch.where(meta[:, :1] >= 0, recv_idx, -1)
             recv_x, recv_sf, recv_w, expanded_row = expand_rows(
@@ -368,9 +368,9 @@ class NvlinkBackend:
             recv_idx = None
 
         if handle is None:
-            assert idx_copy is not None and isinstance(counts, torch.Tensor)
-            assert unaligned is not None and isinstance(meta, torch.Tensor)
-            state = _HtState(chunk_prefix, chunk_end, nchunks_t, counts, exact_rows)
+            assert idx_copy is not None and unaligned is not None and meta is not None
+            psum_rank = block.as_strided((r,), (1,), 0)
+            state = _HtState(chunk_prefix, chunk_end, nchunks_t, psum_rank, exact_rows)
             handle = EPHandle(
                 rank=self.rank,
                 num_ranks=r,
@@ -385,9 +385,11 @@ class NvlinkBackend:
                 num_recv_tokens=num_rows,
                 num_expanded_tokens=num_expanded,
                 num_recv_tokens_per_expert_list=aligned_list,
-                psum_num_recv_tokens_per_rank=counts[:r],
+                psum_num_recv_tokens_per_rank=psum_rank,
                 psum_num_recv_tokens_per_expert=(
-                    (starts + unaligned).to(torch.int32) if starts is not None else counts[r + el :]
+                    (starts + unaligned).to(torch.int32)
+                    if starts is not None
+                    else block.as_strided((el,), (1,), r + el)
                 ),
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=meta,
@@ -644,7 +646,7 @@ def _small_outputs(
     rows: int,
     fresh: tuple[int, int] | None,
 ) -> list[Any]:
-    """A dispatch's small outputs as views of one uninitialised allocation.
+    """A dispatch's small outputs in one uninitialised allocation.
 
     The counts, the per-source verdicts (``[R]``: 1 = that rank's ``topk_idx`` failed its check)
     and the check kernel's ``num_bad`` verdict words come first and adjacent (one
@@ -652,24 +654,27 @@ def _small_outputs(
     fresh dispatch of ``fresh = (T, k)``, the send rows, chunk prefixes, ``is_in`` (bool) and
     the handle's routing copy (int64); each part but the two verdicts starts on a 256-byte
     boundary. The rows (``out_x``, ...) are not part of it, so a caller can free them while it
-    keeps the handle. A cached dispatch takes the same block without ``fresh`` and makes views
-    only of the parts it keeps (:func:`_small_layout`'s offsets).
+    keeps the handle. The parts that only kernels see before the dispatch's host read (the
+    counts, the verdicts and the metadata, whose kept views have the read's sizes) are given as
+    device addresses, the others as views.
 
     Returns:
-        ``[block, counts, source verdicts, check verdicts or None, chunk_end, nchunks,
-        out_meta]`` and, when ``fresh``, ``send_row, chunk_prefix, is_in, topk_copy``.
+        ``[block, counts, source verdicts, check verdicts or None (addresses), chunk_end,
+        nchunks, out_meta (address)]`` and, when ``fresh``, the views ``send_row,
+        chunk_prefix, is_in, topk_copy``.
     """
     r = num_ranks
     offsets, total = _small_layout(num_counts, num_bad, r, max_chunks, rows, fresh)
     block = torch.empty(total, dtype=torch.int32, device=device)
+    base = block.data_ptr()
     out: list[Any] = [
         block,
-        block.as_strided((num_counts,), (1,), 0),
-        block.as_strided((r,), (1,), num_counts),
-        block.as_strided((num_bad,), (1,), num_counts + r) if num_bad else None,
+        base,
+        base + 4 * num_counts,
+        base + 4 * (num_counts + r) if num_bad else None,
         block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1]),
         block.as_strided((r,), (1,), offsets[2]),
-        block.as_strided((rows, 2), (2, 1), offsets[3]),
+        base + 4 * offsets[3],
     ]
     if fresh is not None:
         t, k = fresh
