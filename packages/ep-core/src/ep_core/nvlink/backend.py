@@ -52,6 +52,11 @@ class _HtState:
         self.nchunks = nchunks
         self.counts = counts
         self.exact_rows = exact_rows
+        self.zero_launch: Any = None
+        """A replay's prologue (zeroing the scratch counts), bound once
+        (``ht.bind_zero_counts``)."""
+        self.zero_for: tuple[Any, ...] | None = None
+        """What ``zero_launch`` was bound for: (routing tensor, (address, words, experts))."""
 
 
 class NvlinkBackend:
@@ -122,6 +127,11 @@ class NvlinkBackend:
         # Pinned landing buffers of the dispatch's counts (by length), read after the one host
         # synchronisation of a dispatch with do_cpu_sync.
         self._host_counts: dict[int, torch.Tensor] = {}
+        # Scratch of cached non-expanded dispatches, by (count words, rows): counts, verdicts
+        # and metadata that only their kernels read. The buffer's calls are ordered after each
+        # other (as its peer memory needs), so one scratch serves them all.
+        self._replay_scratch: dict[tuple[int, int], torch.Tensor] = {}
+        self._scratch_meta: dict[tuple[int, int], int] = {}
         self._counts_event = torch.cuda.Event()  # re-recorded by each read
         self._host_timeout_s = config.num_cpu_timeout_secs
         # Every rank's zeroed buffer is in place before any peer writes into it.
@@ -264,14 +274,27 @@ class NvlinkBackend:
             offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
             block = torch.empty(total, dtype=torch.int32, device=dev)
             base = block.data_ptr()
-            counts = base
-            src_bad = base + 4 * num_counts
             bad = None
             chunk_end = block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1])
             nchunks_t = block.as_strided((r,), (1,), offsets[2])
-            out_meta = base + 4 * offsets[3]
             meta_offset = offsets[3]
-            ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
+            scratch = None if do_expand else self._scratch(num_counts, rows)
+            if scratch is None:
+                # Expanded (its counts and metadata are read back), or no scratch yet during a
+                # CUDA graph capture: the call's own block.
+                counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
+                ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
+            else:
+                counts, src_bad, out_meta = scratch
+                # The prologue only zeroes the scratch counts: bound once per handle.
+                values = (counts, num_counts, num_experts)
+                last = state.zero_for
+                if last is None or last[0] is not topk_idx or last[1] != values:
+                    state.zero_launch = ht.bind_zero_counts(
+                        topk_idx, num_experts, counts, num_counts
+                    )
+                    state.zero_for = (topk_idx, values)
+                state.zero_launch()
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
         out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
@@ -538,6 +561,24 @@ class NvlinkBackend:
         return self._ll.combine(
             x, topk_idx, topk_weights, handle, out, return_recv_hook=return_recv_hook
         )
+
+    def _scratch(self, num_counts: int, rows: int) -> tuple[int, int, int] | None:
+        """Addresses of the replay scratch's counts, verdicts and metadata (``num_counts``
+        count words, ``rows`` rows); ``None`` when it must be made during a CUDA graph capture
+        (it would live in the graph's memory pool, freed with the graph)."""
+        key = (num_counts, rows)
+        t = self._replay_scratch.get(key)
+        if t is None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            # Kept until the backend goes (never freed while a call on another stream may
+            # still use it); one per size of the calls, a handful.
+            (_, meta), total = _int32_offsets([num_counts + self.num_ranks, rows * 2])
+            t = torch.empty(total, dtype=torch.int32, device=self.device)
+            self._replay_scratch[key] = t
+            self._scratch_meta[key] = meta
+        base = t.data_ptr()
+        return base, base + 4 * num_counts, base + 4 * self._scratch_meta[key]
 
     def _read_counts(self, block: torch.Tensor, n: int) -> list[int]:
         """The first ``n`` words of ``block`` as Python ints: copied into a pinned buffer, then

@@ -30,6 +30,7 @@ __all__ = [
     "SPLIT_MIN_SMS",
     "STAGES",
     "HtContext",
+    "bind_zero_counts",
     "check_ctas",
     "combine_config",
     "dispatch_config",
@@ -493,6 +494,27 @@ def launch_check_topk(
         zero,
         num_zero,
         bad,
+    )
+
+
+def bind_zero_counts(topk_idx: torch.Tensor, num_experts: int, zero: int, num_zero: int) -> Any:
+    """The dispatch prologue without verdicts (``launch_check_topk`` with ``bad=None``) bound
+    once (``ep_jit.BoundLaunch``): calling it zeroes ``num_zero`` int32 words at the device
+    address ``zero`` on the current stream. For replays whose routing and counts do not move."""
+    num_tokens, k = topk_idx.shape
+    key = ("check", k)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, build_kernel(_check_spec(k)))
+    return found[1].bind(
+        (1, 1, 1),
+        (CHECK_THREADS, 1, 1),
+        topk_idx,
+        num_tokens,
+        num_experts,
+        zero,
+        num_zero,
+        None,
     )
 
 
