@@ -1,0 +1,258 @@
+"""The NVLink backend's high-throughput host path on the CPU, its kernels replaced by fakes.
+
+The fakes see what the real launches would get (the argument structs, the addresses) and play
+a one-rank dispatch: they write the counts the kernels would write, straight into host memory
+at the addresses they are given. This checks the host bookkeeping (which allocation each part
+lives in, the views a handle keeps, what is bound once and what is set per call) without a GPU;
+the kernels themselves are checked against the reference on GPUs (test_nvlink_ht.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import pytest
+import torch
+
+from ep_core.nvlink import backend as backend_mod
+from ep_core.nvlink import ht
+from ep_core.nvlink.layout import NvlinkSizing, compute_layout
+
+NMAX, HIDDEN, TOPK, E = 24, 128, 2, 8
+
+
+def _words(address: int, n: int) -> Any:
+    return (ctypes.c_int32 * n).from_address(address)
+
+
+class _FakeKernel:
+    """Records launches; plays the prologue (zeroing) and a one-rank dispatch (counts)."""
+
+    def __init__(self, name: str, log: list[tuple[str, Any]]) -> None:
+        self.name, self.log = name, log
+
+    def launch(self, grid: Any, block: Any, *args: Any, **kwargs: Any) -> None:
+        self.log.append((self.name, args))
+        if self.name == "ep_ht_check_topk":
+            _, _, _, zero, num_zero, _ = args
+            address = zero if isinstance(zero, int) else zero.data_ptr()
+            ctypes.memset(address, 0, 4 * num_zero)
+        elif self.name == "ep_ht_dispatch":
+            a = args[0]
+            # One rank receives all its tokens: psum per source, counts per local expert,
+            # their inclusive prefix sums.
+            idx = _ROUTING[0]
+            counts = torch.bincount(idx[idx >= 0].flatten(), minlength=E).tolist()
+            words = _words(a.out_counts, 1 + 2 * E)
+            words[0] = a.num_tokens
+            total = 0
+            for i, c in enumerate(counts):
+                words[1 + i] += c
+                total += c
+                words[1 + E + i] = total
+            _words(a.out_src_bad, 1)[0] = 0
+            # Row o is token o (every token has an expert here): local ids and metadata.
+            t, k = idx.shape
+            ids = (ctypes.c_int64 * (t * k)).from_address(a.out_topk_idx)
+            meta = _words(a.out_src_meta, 2 * t)
+            for o in range(t):
+                for j in range(k):
+                    ids[o * k + j] = int(idx[o, j])
+                meta[2 * o], meta[2 * o + 1] = o, 0
+
+    def bind(self, grid: Any, block: Any, *args: Any, **kwargs: Any) -> Any:
+        self.log.append(("bind " + self.name, args))
+        return lambda: self.launch(grid, block, *args)
+
+
+_ROUTING: list[torch.Tensor] = []
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple[str, Any]]]:
+    log: list[tuple[str, Any]] = []
+    monkeypatch.setattr(ht, "build_kernel", lambda spec: _FakeKernel(spec.name, log))
+    monkeypatch.setattr(ht, "_configured", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    be = object.__new__(backend_mod.NvlinkBackend)
+    sizing = NvlinkSizing(num_ranks=1, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=TOPK)
+    layout, _ = compute_layout(sizing)
+    watchdog = type("W", (), {"record_ptr": 8, "timeout_ns": 1})()
+    peer_bases = torch.zeros(1, dtype=torch.int64)
+    code = ctypes.c_int32(0)
+    attrs = {
+        "rank": 0,
+        "num_ranks": 1,
+        "device": torch.device("cpu"),
+        "sizing": sizing,
+        "layout": layout,
+        "watchdog": watchdog,
+        "_error_code": code,
+        "_sm_count": 132,
+        "_destroyed": False,
+        "_host_counts": {},
+        "_replay_scratch": {},
+        "_scratch_meta": {},
+        "ht": ht.HtContext(
+            rank=0,
+            num_ranks=1,
+            sizing=sizing,
+            layout=layout,
+            peer_bases=peer_bases,
+            watchdog=watchdog,
+        ),
+    }
+    for name, value in attrs.items():
+        setattr(be, name, value)
+    be._read_counts = lambda block, n: block[:n].tolist()  # the host read, without CUDA
+    return be, log
+
+
+def _dispatch(be: Any, x: torch.Tensor, idx: torch.Tensor, **kw: Any) -> Any:
+    args = {
+        "num_experts": E,
+        "num_max_tokens_per_rank": NMAX,
+        "expert_alignment": 1,
+        "do_expand": False,
+        "do_cpu_sync": True,
+        "handle": None,
+        "num_sms": 4,
+    }
+    args.update(kw)
+    return be.dispatch(x, None, idx, None, **args)
+
+
+def _owner(address: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    for t in tensors:
+        start = t.untyped_storage().data_ptr()
+        if start <= address < start + t.untyped_storage().nbytes():
+            return t
+    raise AssertionError(f"address {address:#x} is in none of the tensors")
+
+
+def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]]) -> None:
+    be, log = fake
+    gen = torch.Generator().manual_seed(3)
+    t = 19
+    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
+    idx[4, 1] = -1
+    _ROUTING[:] = [idx]
+    want = torch.bincount(idx[idx >= 0].flatten(), minlength=E)
+
+    res = _dispatch(be, x, idx)
+    h = res.handle
+    names = [n for n, _ in log]
+    assert names == ["ep_ht_check_topk", "ep_ht_layout", "ep_ht_dispatch"]
+    # The handle's views of the small block hold what the kernels wrote there, sized by the
+    # host read.
+    assert h.num_recv_tokens == t and res.recv_x.shape == (t, HIDDEN)
+    assert h.psum_num_recv_tokens_per_rank.tolist() == [t]
+    assert torch.equal(h.num_unaligned_recv_tokens_per_expert, want.to(torch.int32))
+    assert torch.equal(h.psum_num_recv_tokens_per_expert, want.cumsum(0).to(torch.int32))
+    assert h.num_recv_tokens_per_expert_list == want.tolist()
+    assert h.recv_src_metadata.shape == (t, 2) and h.recv_src_metadata.is_contiguous()
+    assert h.topk_idx.shape == (t, TOPK) and h.send_row.shape == (t, 1)
+    block = h.psum_num_recv_tokens_per_rank
+    a = log[2][1][0]
+    small = [block, h.recv_src_metadata, h.backend_state.chunk_end]
+    # Every address the dispatch kernel writes lies in this call's allocations.
+    for field in ("out_counts", "out_src_bad", "out_src_meta", "out_chunk_end", "out_nchunks"):
+        assert _owner(getattr(a, field), small) is block, field
+    assert a.out_src_meta == h.recv_src_metadata.data_ptr()
+    assert a.out_counts == block.data_ptr() and a.topk_bad != 0 and a.num_topk_bad == 1
+    assert a.out_x == res.recv_x.data_ptr() and a.num_tokens == t
+
+    # Cached dispatches: the prologue is bound once per handle and writes the backend's scratch,
+    # which the dispatch kernel gets too; the handle's chunk rows are refreshed each call.
+    log.clear()
+    first = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    second = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    names = [n for n, _ in log]
+    assert names == [
+        "bind ep_ht_check_topk",
+        "ep_ht_check_topk",
+        "ep_ht_dispatch",
+        "ep_ht_check_topk",
+        "ep_ht_dispatch",
+    ]
+    (scratch,) = be._replay_scratch.values()
+    bound = log[0][1]
+    assert bound[3] == scratch.data_ptr() and bound[4] == 1 + 2 * E and bound[5] is None
+    for _, args in log[2::2]:
+        a = args[0]
+        assert a.out_counts == scratch.data_ptr() and a.topk_bad == 0
+        assert _owner(a.out_src_meta, [scratch]) is scratch
+        assert a.send_row == h.send_row.data_ptr() and a.topk_idx == h.topk_idx.data_ptr()
+    assert first.handle is h and second.handle is h
+    assert h.backend_state.chunk_end is second.handle.backend_state.chunk_end
+    assert log[4][1][0].out_chunk_end == h.backend_state.chunk_end.data_ptr()
+    assert first.recv_x.shape == (t, HIDDEN) and second.recv_topk_idx.shape == (t, TOPK)
+    assert torch.equal(h.psum_num_recv_tokens_per_rank, block) and int(block[0]) == t
+
+    # Another handle binds its own prologue.
+    log.clear()
+    other = _dispatch(be, x, idx).handle
+    _dispatch(be, x, other.topk_idx, handle=other, do_cpu_sync=False)
+    assert [n for n, _ in log].count("bind ep_ht_check_topk") == 1
+    assert other.backend_state.zero_for[0] is other.topk_idx
+
+
+def test_dispatch_without_sync_and_expanded_replay(fake: tuple[Any, list[Any]]) -> None:
+    be, log = fake
+    gen = torch.Generator().manual_seed(4)
+    t = 10
+    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
+    _ROUTING[:] = [idx]
+    # Without CPU sync: worst-case outputs returned whole, the tail kernel reads the count.
+    res = _dispatch(be, x, idx, do_cpu_sync=False)
+    assert res.recv_x.shape == (NMAX, HIDDEN) and res.recv_x._base is None
+    assert res.handle.recv_src_metadata.shape == (NMAX, 2)
+    tail = [args for name, args in log if name == "ep_ht_dispatch_tail"]
+    assert len(tail) == 1
+    assert tail[0][0] == res.handle.psum_num_recv_tokens_per_rank.data_ptr()
+    assert tail[0][1:3] == (NMAX, res.handle.recv_src_metadata.data_ptr())
+    # Expanded: the replay uses its own block (its counts and metadata are read back).
+    log.clear()
+    res = _dispatch(be, x, idx, do_expand=True)
+    h = res.handle
+    assert h.recv_src_metadata.shape == (t, 2 + TOPK)
+    log.clear()
+    again = _dispatch(be, x, h.topk_idx, handle=h, do_expand=True, do_cpu_sync=False)
+    assert [n for n, _ in log] == ["ep_ht_check_topk", "ep_ht_dispatch"]
+    assert not be._replay_scratch
+    assert again.recv_x.shape == res.recv_x.shape
+    with pytest.raises(ValueError, match="handle's do_expand"):
+        _dispatch(be, x, h.topk_idx, handle=h, do_expand=False, do_cpu_sync=False)
+
+
+def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, list[Any]]) -> None:
+    be, log = fake
+    gen = torch.Generator().manual_seed(5)
+    t = 12
+    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
+    _ROUTING[:] = [idx]
+    h1 = _dispatch(be, x, idx).handle
+    h2 = _dispatch(be, x, idx).handle
+    y = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
+    log.clear()
+    be.combine(y, h1, None, (), 4)
+    a = log[-1][1][0]
+    assert (a.topk_idx, a.send_row) == (h1.topk_idx.data_ptr(), h1.send_row.data_ptr())
+    assert a.chunk_end == h1.backend_state.chunk_end.data_ptr() and a.num_tokens == t
+    # Same struct, another handle: its fields are set; back to the first handle: set again.
+    be.combine(y, h2, None, (), 4)
+    assert log[-1][1][0] is a
+    assert a.topk_idx == h2.topk_idx.data_ptr()
+    assert a.psum_rank == h2.psum_num_recv_tokens_per_rank.data_ptr()
+    # A cached dispatch refreshes the handle's chunk rows: the next combine sees the new ones.
+    _dispatch(be, x, h2.topk_idx, handle=h2, do_cpu_sync=False)
+    out, _ = be.combine(y, h2, None, (), 4)
+    assert a.chunk_end == h2.backend_state.chunk_end.data_ptr()
+    assert a.nchunks == h2.backend_state.nchunks.data_ptr()
+    assert a.out == out.data_ptr() and a.x == y.data_ptr() and a.bias0 == 0
+    be.combine(y, h1, None, (), 4)
+    assert a.topk_idx == h1.topk_idx.data_ptr()
