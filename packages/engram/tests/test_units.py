@@ -102,9 +102,10 @@ def test_cpu_ranks_cannot_use_gpu_placement_or_intranode() -> None:
 
 
 def test_auto_picks_the_measured_fastest_variant() -> None:
-    assert auto_variant("gpu", 2048) == auto_variant("host", 7168) == "warp"
-    assert auto_variant("gpu", 1024) == "warp"
-    assert auto_variant("gpu", 256) == auto_variant("gpu", 1023) == "tile"
+    assert auto_variant("gpu", 2048) == auto_variant("host", 7168) == "ring"
+    assert auto_variant("gpu", 1024) == "ring"
+    assert auto_variant("gpu", 16384) == auto_variant("host", 65536) == "warp"  # beyond the ring
+    assert auto_variant("gpu", 256) == auto_variant("gpu", 1023) == "wide"
     assert auto_variant("host", 256) == "tile_sorted"
     assert all(auto_variant(p, r) in VARIANTS for p in ("gpu", "host") for r in (16, 4096))
 
@@ -181,8 +182,12 @@ def test_probe_id_patterns() -> None:
     assert int(pats["random"].max()) >= SMALL_FOOTPRINT_BYTES // 256  # spread over the table
 
 
-def test_probe_runs_every_pattern_memory_and_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The probe's bookkeeping on the CPU, with the kernel replaced by index_select.
+@pytest.mark.parametrize("placement", ["host", "gpu"])
+def test_probe_runs_every_pattern_memory_and_variant(
+    monkeypatch: pytest.MonkeyPatch, placement: str
+) -> None:
+    # The probe's bookkeeping on the CPU, with the kernel replaced by index_select; a GPU table
+    # has no pinned copy to compare with.
     import argparse
     import types
 
@@ -205,7 +210,9 @@ def test_probe_runs_every_pattern_memory_and_variant(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(_probe, "_pinned_copy", lambda rows: rows.clone())
     monkeypatch.setattr(_probe, "_device_pointer", lambda host: 0)
     backend = types.SimpleNamespace(
-        rows_base=torch.zeros(1, dtype=torch.int64), rows_view=lambda peer: stored
+        rows_base=torch.zeros(1, dtype=torch.int64),
+        rows_view=lambda peer: stored,
+        cfg=types.SimpleNamespace(placement=placement),
     )
     table = types.SimpleNamespace(
         device=torch.device("cpu"), num_entries_per_rank=entries, hidden=row // 2, _backend=backend
@@ -215,11 +222,13 @@ def test_probe_runs_every_pattern_memory_and_variant(monkeypatch: pytest.MonkeyP
         warmup=0,
     )  # fmt: skip
     kinds: list[tuple[str, int | None]] = []
-    _probe.probe_host(
+    _probe.probe_table(
         table, stored, args, "head", {}, lambda h, b, kind, c, s: kinds.append((kind, c))
     )
+    memories = 2 if placement == "host" else 1
     assert ("probe-index_select-sequential", None) in kinds
-    assert ("probe-pin-small-ilp4", 8) in kinds and ("probe-seg-sorted-ring", 2) in kinds
+    assert (("probe-pin-small-ilp4", 8) in kinds) == (placement == "host")
+    assert ("probe-seg-sorted-ring", 2) in kinds
     # patterns x (index_select + (ilp4, ilp8, ring) x memories x ctas)
-    assert len(kinds) == 4 * (1 + 3 * 2 * 2)
+    assert len(kinds) == 4 * (1 + 3 * memories * 2)
     assert ("probe-seg-random-ilp8", 8) in kinds and ("ilp", 8, 2) in launches

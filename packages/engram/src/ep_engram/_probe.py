@@ -1,4 +1,4 @@
-"""``python -m ep_engram.bench --probe``: what limits gathers from host memory.
+"""``python -m ep_engram.bench --probe``: what limits gathers.
 
 For a host-placement table the same gather kernels are launched directly (no ``fetch`` around
 them) on two copies of the rows: the ep-jit host segment (host-NUMA ``cuMemCreate`` memory
@@ -32,7 +32,7 @@ from ep_engram.bucket import BucketGrouper, bucket_shift
 from ep_engram.kernels import build_gather, smem_of, threads_of
 from ep_engram.layout import sf_col_stride
 
-__all__ = ["SMALL_FOOTPRINT_BYTES", "id_patterns", "probe_host"]
+__all__ = ["SMALL_FOOTPRINT_BYTES", "id_patterns", "probe_table"]
 
 SMALL_FOOTPRINT_BYTES = 64 << 20
 """Bytes of the table the ``small`` id pattern draws from."""
@@ -150,7 +150,7 @@ def _launcher(
     return launch
 
 
-def probe_host(
+def probe_table(
     table: Any,
     stored: torch.Tensor,
     args: argparse.Namespace,
@@ -158,10 +158,14 @@ def probe_host(
     base: dict[str, Any],
     record: Callable[[str, dict[str, Any], str, int | None, float], None],
 ) -> None:
-    """Runs the probe on a filled host-placement table (one rank); results go to ``record``.
+    """Runs the probe on a filled table (one rank); results go to ``record``.
+
+    On a GPU-placement table only the segment is probed (no pinned copy, no host facts): the
+    ``sequential`` pattern then gives each kernel's rate for one contiguous range, the ceiling of
+    its SMs for a copy.
 
     Args:
-        table: An intranode ``EngramTable`` with ``placement="host"`` on one rank.
+        table: An intranode ``EngramTable`` (``placement`` host or gpu) on one rank.
         stored: ``[E, row_bytes]`` uint8, the rows written into it (on the GPU).
         args: The bench's arguments (variants, probe_unrolls, probe_ctas, tokens, k, iters,
             warmup).
@@ -176,15 +180,19 @@ def probe_host(
     from ep_jit.testing import bench
 
     dev = table.device
-    for line in _host_facts(dev):
-        print(f"probe: {line}", flush=True)
+    host = table._backend.cfg.placement == "host"
+    if host:
+        for line in _host_facts(dev):
+            print(f"probe: {line}", flush=True)
     entries, row_bytes = table.num_entries_per_rank, table.hidden * 2
     n = args.tokens * args.k
-    seg = table._backend.rows_base  # [1] int64: this rank's host segment address
+    seg = table._backend.rows_base  # [1] int64: this rank's segment address
     mapped = table._backend.rows_view(0)
-    pinned = _pinned_copy(stored)
-    pin_base = torch.tensor([_device_pointer(pinned)], dtype=torch.int64, device=dev)
-    memories = {"seg": seg, "pin": pin_base}
+    memories = {"seg": seg}
+    pinned = None
+    if host:
+        pinned = _pinned_copy(stored)
+        memories["pin"] = torch.tensor([_device_pointer(pinned)], dtype=torch.int64, device=dev)
     patterns = id_patterns(n, entries, row_bytes, seed=n + row_bytes)
     timing = {"warmup": args.warmup, "iters": args.iters, "device": dev}
     out = torch.empty((n, row_bytes), dtype=torch.uint8, device=dev)

@@ -11,11 +11,13 @@ DeepEP's MPPS) and GB/s; ``--plot`` draws GB/s against CTAs (needs matplotlib).
     python -m ep_engram.bench --smoke                 # tiny, on CPU (reference backend only)
     python -m ep_engram.bench --placements host --row-bytes 256 --ctas 8 --probe --no-reference
 
-``--variants`` picks the kernels (``ilp``, ``warp``, ``bulk``, ``tile``, ``ring``, ``ring_bulk``;
-``--unrolls`` applies to ``ilp`` and ``tile``); after the table the bench prints which kernel
-meets which of the package's rate goals with how many CTAs (one CTA per SM). ``--probe`` adds,
-for host placement, the same kernels launched directly on the host segment and on a plain
-``torch`` pinned table, with random, sorted and small-footprint ids (see :mod:`ep_engram._probe`).
+``--variants`` picks the kernels (``ilp``, ``warp``, ``bulk``, ``tile``, ``ring``, ``ring_bulk``,
+``tile_sorted``, ``wide``; ``--unrolls`` applies to ``ilp``, ``tile``, ``tile_sorted`` and
+``wide``); after the table the bench prints which kernel meets which of the package's rate goals
+with how many CTAs (one CTA per SM). ``--probe`` adds the same kernels launched directly with
+random, sorted, small-footprint and sequential ids: for host placement on the host segment and on
+a plain ``torch`` pinned table, for GPU placement on the segment (sequential ids: the kernels'
+rate for one contiguous range). See :mod:`ep_engram._probe`.
 
 Every configuration is first checked bit for bit against ``index_select``. Times are the median
 of CUDA-event timings with the L2 flushed before each call (``ep_jit.testing.bench``); the hook's
@@ -65,8 +67,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--probe",
         action="store_true",
-        help="host placement: the kernels on the host segment vs a torch pinned table, with "
-        "random, sorted, small-footprint and sequential ids",
+        help="the kernels launched directly with random, sorted, small-footprint and sequential "
+        "ids (host placement: on the host segment and on a torch pinned table)",
     )
     p.add_argument("--probe-ctas", nargs="+", type=int, default=[8], help="CTAs of --probe")
     p.add_argument(
@@ -74,7 +76,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         type=int,
         default=[2, 8],
-        help="unrolls of --probe (ilp, tile, tile_sorted): fewer and more rows in flight per SM",
+        help="unrolls of --probe (unrolled variants): fewer and more rows in flight per SM",
     )
     p.add_argument(
         "--probe-row-bytes", nargs="+", type=int, default=[256], help="row sizes of --probe"
@@ -235,10 +237,10 @@ def _bench_table(
                     raise AssertionError(f"{head} {variant} ctas={ctas}: wrong rows")
                 stats = bench(functools.partial(table.fetch, idx, out=out, num_ctas=ctas), **timing)
                 record(head, base, name, ctas, stats.median)
-        if args.probe and placement == "host" and row_bytes in args.probe_row_bytes:
-            from ep_engram._probe import probe_host
+        if args.probe and row_bytes in args.probe_row_bytes:
+            from ep_engram._probe import probe_table
 
-            probe_host(table, stored, args, head, base, record)
+            probe_table(table, stored, args, head, base, record)
     table.destroy()
     del stored
     if info.device.type == "cuda":

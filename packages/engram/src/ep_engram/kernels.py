@@ -172,17 +172,23 @@ def _stages_of(variant: str, row_bytes: int) -> tuple[int, int]:
 def auto_variant(placement: str, row_bytes: int) -> str:
     """The gather variant ``EP_ENGRAM_KERNEL=auto`` picks for a table.
 
-    From one H100's sweep (``python -m ep_engram.bench``, random ids over a 1 GiB table, 4 to 16
-    CTAs; docs/benchmarks.md): rows of 1 KiB or more go fastest with ``warp`` (GPU memory, 2 KiB
-    rows: 363 GB/s with 8 CTAs against ``ilp``'s 98; host memory: the PCIe limit from 4 CTAs);
-    smaller rows in GPU memory with ``tile`` (256 B: 257 GB/s with 8 CTAs against 88); smaller
-    rows in host memory with ``tile_sorted``, whose sort turns random reads of a large table into
-    nearby ones (256 B: 40 GB/s with 4 CTAs, the sort included, against 21 for every unsorted
-    kernel). The cut at 1 KiB lies between the measured 256 B and 2 KiB.
+    From one H100's sweep (``python -m ep_engram.bench``, random ids over a 1 GiB table, 4 and 8
+    CTAs; docs/benchmarks.md): rows of 1 KiB or more go fastest with ``ring`` (GPU memory, 2 KiB
+    rows: 393 GB/s with 8 CTAs against ``warp``'s 363; host memory: the PCIe limit, 51 GB/s,
+    from 4 CTAs with every variant); smaller rows in GPU memory with ``wide`` (256 B: 294 GB/s
+    with 8 CTAs at unroll 4, 280 at 8, against ``tile``'s 256); smaller rows in host memory with
+    ``tile_sorted``, whose grouping turns random reads of a large table into nearby ones (256 B:
+    45 GB/s with 8 CTAs, the grouping included, against 21 for every ungrouped kernel). The cut
+    at 1 KiB lies between the measured 256 B and 2 KiB. Rows too large for the ring's slots in
+    shared memory (above 12 KiB) take ``warp`` (363 GB/s with 8 CTAs at 2 KiB).
     """
     if row_bytes >= 1024:
-        return "warp"
-    return "tile_sorted" if placement == "host" else "tile"
+        try:
+            ring_shape(row_bytes, bulk_store=False)
+        except ValueError:
+            return "warp"
+        return "ring"
+    return "tile_sorted" if placement == "host" else "wide"
 
 
 def threads_of(variant: str, unroll: int = 8) -> int:

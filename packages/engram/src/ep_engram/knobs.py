@@ -44,13 +44,14 @@ class EngramKnobs(KnobGroup):
         "EP_ENGRAM_KERNEL",
         "auto",
         KERNEL_CHOICES,
-        "Intranode gather kernel: auto (warp for rows of 1 KiB or more, else tile in GPU memory "
-        "and tile_sorted in host memory, the fastest of one H100's sweep), ilp (many 16-byte "
-        "loads in flight per thread), warp (one row "
-        "per warp at a time), bulk (bulk asynchronous copies through shared memory), tile (ilp "
-        "with rows resolved once per tile), ring / ring_bulk (a ring of bulk-loaded slots per "
-        "warp, written out with 16-byte stores / bulk stores) or tile_sorted (tile over the ids "
-        "grouped by table page first, see EP_ENGRAM_SORT).",
+        "Intranode gather kernel: auto (ring for rows of 1 KiB or more, warp above 12 KiB, else "
+        "wide in GPU memory and tile_sorted in host memory, the fastest of one H100's sweep), ilp "
+        "(many 16-byte loads in flight per thread), warp (one row per warp at a time), bulk "
+        "(bulk asynchronous copies through shared memory), tile (ilp with rows resolved once per "
+        "tile), ring / ring_bulk (a ring of bulk-loaded slots per warp, written out with 16-byte "
+        "stores / bulk stores), tile_sorted (tile over the ids grouped by table page first, see "
+        "EP_ENGRAM_SORT) or wide (groups of rows per warp, every chunk of a lane loaded before "
+        "any store).",
     )
     sort = knob_choice(
         "EP_ENGRAM_SORT",
@@ -62,7 +63,8 @@ class EngramKnobs(KnobGroup):
     unroll = knob_int(
         "EP_ENGRAM_UNROLL",
         8,
-        "16-byte loads each thread keeps in flight in the ilp and tile* gather kernels (1..16).",
+        "16-byte loads each thread keeps in flight in the ilp, tile* and wide gather kernels "
+        "(1..16).",
     )
     check_errors = knob_bool(
         "EP_ENGRAM_CHECK_ERRORS",
