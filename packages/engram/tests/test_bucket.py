@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ep_engram import knobs
 from ep_engram.bucket import (
     BUCKET_BYTES,
     MAX_BUCKETS,
@@ -118,15 +117,6 @@ def test_grouper_rejects_bad_ids() -> None:
         grouper.group(torch.zeros(4, dtype=torch.int64), 100, 3, 2)
     with pytest.raises(TypeError, match="1-D"):
         grouper.group(torch.zeros((2, 2), dtype=torch.int64), 100, 3, 2)
-
-
-def test_sort_knob(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert knobs.engram.sort == "bucket"
-    monkeypatch.setenv("EP_ENGRAM_SORT", "torch")
-    assert knobs.engram.sort == "torch"
-    monkeypatch.setenv("EP_ENGRAM_SORT", "radix")
-    with pytest.raises(ValueError, match="EP_ENGRAM_SORT"):
-        _ = knobs.engram.sort
 
 
 def test_specs_and_shipped_kernels() -> None:

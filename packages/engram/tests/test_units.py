@@ -50,6 +50,12 @@ def test_knobs_are_declared_once_with_defaults(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("EP_ENGRAM_KERNEL", "tma")
     with pytest.raises(ValueError, match="EP_ENGRAM_KERNEL"):
         _ = knobs.engram.kernel
+    assert knobs.engram.sort == "bucket"
+    monkeypatch.setenv("EP_ENGRAM_SORT", "torch")
+    assert knobs.engram.sort == "torch"
+    monkeypatch.setenv("EP_ENGRAM_SORT", "radix")
+    with pytest.raises(ValueError, match="EP_ENGRAM_SORT"):
+        _ = knobs.engram.sort
 
 
 def test_backends_are_registered() -> None:
