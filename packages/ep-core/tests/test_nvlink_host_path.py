@@ -144,7 +144,8 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     res = _dispatch(be, x, idx)
     h = res.handle
     names = [n for n, _ in log]
-    assert names == ["ep_ht_check_topk", "ep_ht_layout", "ep_ht_dispatch"]
+    # The dispatch kernel's launch is bound at its first call (its struct passed by address).
+    assert names == ["ep_ht_check_topk", "ep_ht_layout", "bind ep_ht_dispatch", "ep_ht_dispatch"]
     # The handle's views of the small block hold what the kernels wrote there, sized by the
     # host read.
     assert h.num_recv_tokens == t and res.recv_x.shape == (t, HIDDEN)
@@ -155,7 +156,8 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     assert h.recv_src_metadata.shape == (t, 2) and h.recv_src_metadata.is_contiguous()
     assert h.topk_idx.shape == (t, TOPK) and h.send_row.shape == (t, 1)
     block = h.psum_num_recv_tokens_per_rank
-    a = log[2][1][0]
+    a = log[3][1][0]
+    assert log[2][1][0] is a
     small = [block, h.recv_src_metadata, h.backend_state.chunk_end]
     # Every address the dispatch kernel writes lies in this call's allocations.
     for field in ("out_counts", "out_src_bad", "out_src_meta", "out_chunk_end", "out_nchunks"):
@@ -253,6 +255,8 @@ def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, lis
     out, _ = be.combine(y, h2, None, (), 4)
     assert a.chunk_end == h2.backend_state.chunk_end.data_ptr()
     assert a.nchunks == h2.backend_state.nchunks.data_ptr()
+    # One bound launch served every combine of this shape.
+    assert [n for n, _ in log].count("bind ep_ht_combine") == 1
     assert a.out == out.data_ptr() and a.x == y.data_ptr() and a.bias0 == 0
     be.combine(y, h1, None, (), 4)
     assert a.topk_idx == h1.topk_idx.data_ptr()

@@ -191,6 +191,33 @@ def test_bound_launch_matches_launch(jit_cache: Path) -> None:
 
 
 @pytest.mark.gpu
+def test_bound_launch_with_attributes_sees_struct_changes(jit_cache: Path) -> None:
+    # Cooperative and cluster launches bound once (cuLaunchKernelEx); the by-value struct is
+    # read at each call, so changing its fields in place changes what the next call passes.
+    kernel = ep_jit.build(toy_axpy_spec(2))
+    n = 4096
+    x = torch.randn(n, device="cuda")
+    y = torch.randn(n, device="cuda")
+    for kwargs in ({"cooperative": True}, {"cluster": (2, 1, 1)}):
+        out = torch.full_like(x, float("nan"))
+        args = AxpyArgs(1.0, 0, n)
+        bound = kernel.bind(8, 128, out, x, y, 0, args, **kwargs)
+        assert ("cooperative" in repr(bound)) == ("cooperative" in kwargs)
+        bound()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, _reference(x, y, 2, 1.0, 0), msg=f"bind {kwargs}")
+        args.alpha, args.n = 0.5, n // 2
+        out.fill_(float("nan"))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        bound(side)  # a second stream: its own launch configuration
+        side.synchronize()
+        want = _reference(x, y, 2, 0.5, 0)
+        torch.testing.assert_close(out[: n // 2], want[: n // 2], msg=f"bind {kwargs}")
+        assert torch.isnan(out[n // 2 :]).all()
+
+
+@pytest.mark.gpu
 def test_launch_and_bound_launch_agree_and_name_refusals(jit_cache: Path) -> None:
     kernel = ep_jit.build(toy_axpy_spec(2))
     n = 3000

@@ -225,21 +225,35 @@ class Kernel:
                 call, result, detail=f"kernel {self.spec.entry}, grid {g}, block {b}, smem {smem}"
             )
 
-    def bind(self, grid: Dim3, block: Dim3, *args: object, smem: int = 0) -> BoundLaunch:
+    def bind(
+        self,
+        grid: Dim3,
+        block: Dim3,
+        *args: object,
+        smem: int = 0,
+        cluster: Dim3 | None = None,
+        cooperative: bool = False,
+    ) -> BoundLaunch:
         """Fixes a launch's shape and arguments; calling the result enqueues it again.
 
         The arguments are checked and packed once, here; each call of the returned
         :class:`BoundLaunch` only looks up the stream and calls the driver, for repeated launches
         whose pointers and scalars do not change (polling, barriers, persistent buffers). Tensors
-        passed here are kept alive by the bound launch. The current device is the one it
-        launches on.
+        passed here are kept alive by the bound launch. A by-value struct (``ctypes.Structure``)
+        is passed by its address: fields changed between calls are what the next call passes,
+        so a kernel taking one struct can be bound once and fed new pointers per call. The
+        current device is the one it launches on.
+
+        Args:
+            grid, block, args, smem, cluster, cooperative: As :meth:`launch`.
 
         Raises:
             TypeError, ValueError: As :meth:`launch`.
         """
-        if isinstance(grid, list) or isinstance(block, list):
+        if isinstance(grid, list) or isinstance(block, list) or isinstance(cluster, list):
             grid, block = _as_tuple(grid), _as_tuple(block)
-        g, b, _ = self._check_shape(grid, block, smem, None)
+            cluster = None if cluster is None else _as_tuple(cluster)
+        g, b, clus = self._check_shape(grid, block, smem, cluster)
         storage = _Storage(self._packer.kinds)
         params = self._packer.pack(args, storage)
         if self._kernel is None:
@@ -247,7 +261,9 @@ class Kernel:
         device = current_device()
         ensure_context(device)
         func = self._function(device, smem)
-        return BoundLaunch(self, func, device, g, b, smem, params, (storage, args))
+        return BoundLaunch(
+            self, func, device, g, b, smem, params, (storage, args), clus, bool(cooperative)
+        )
 
     def _check_shape(
         self, grid: Dim3, block: Dim3, smem: int, cluster: Dim3 | None
@@ -279,15 +295,22 @@ class BoundLaunch:
         smem: int,
         params: int,
         keepalive: object,
+        cluster: tuple[int, int, int] | None = None,
+        cooperative: bool = False,
     ) -> None:
         self.kernel = kernel
         self.device = device
         self.grid = grid
         self.block = block
         self.smem = smem
+        self.cluster = cluster
+        self.cooperative = cooperative
         self._func = func
         self._params = params
         self._keepalive = keepalive
+        # Launches with attributes go through cuLaunchKernelEx: its config per stream handle.
+        self._extended = cluster is not None or cooperative
+        self._configs: dict[int, Any] = {}
 
     def __call__(self, stream: torch.cuda.Stream | int | None = None) -> None:
         """Enqueues the launch on ``stream`` (default: the current torch stream); asynchronous.
@@ -299,19 +322,33 @@ class BoundLaunch:
         ensure_context(device)
         handle = _stream_handle(stream, device)
         g, b = self.grid, self.block
-        result = driver.cuLaunchKernel(
-            self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem,
-            cu_stream(handle), self._params, 0,
-        )  # fmt: skip
+        if self._extended:
+            cfg = self._configs.get(handle)
+            if cfg is None:
+                if len(self._configs) > 64:
+                    self._configs.clear()
+                cfg = self._configs[handle] = self.kernel._config(
+                    g, b, self.smem, handle, self.cluster, self.cooperative
+                )
+            result = driver.cuLaunchKernelEx(cfg, self._func, self._params, 0)
+            call = "cuLaunchKernelEx"
+        else:
+            result = driver.cuLaunchKernel(
+                self._func, g[0], g[1], g[2], b[0], b[1], b[2], self.smem,
+                cu_stream(handle), self._params, 0,
+            )  # fmt: skip
+            call = "cuLaunchKernel"
         if result[0] != _SUCCESS:
             detail = f"kernel {self.kernel.spec.entry}, grid {g}, block {b}, smem {self.smem}"
-            check("cuLaunchKernel", result, detail=detail)
+            check(call, result, detail=detail)
 
     def __repr__(self) -> str:
         """Kernel, shape and device."""
+        extra = f", cluster={self.cluster}" if self.cluster is not None else ""
+        extra += ", cooperative" if self.cooperative else ""
         return (
             f"BoundLaunch({self.kernel.spec.entry}, grid={self.grid}, block={self.block}, "
-            f"smem={self.smem}, device={self.device})"
+            f"smem={self.smem}, device={self.device}{extra})"
         )
 
 

@@ -422,7 +422,7 @@ class _Launch:
     each call), grid, block and shared memory; ``seen``: the objects whose addresses the
     struct holds from the last call, where a launcher skips setting them again."""
 
-    __slots__ = ("args", "block", "grid", "seen", "smem")
+    __slots__ = ("args", "block", "bound", "grid", "seen", "smem")
 
     def __init__(
         self, args: Any, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int
@@ -432,6 +432,18 @@ class _Launch:
         self.block = block
         self.smem = smem
         self.seen: tuple[Any, ...] | None = None
+        self.bound: Any = None  # the kernel's BoundLaunch of ``args`` (made at the first call)
+
+    def launch(self, kernel: Any) -> None:
+        """Enqueues ``kernel`` (cooperative) with the struct as it is now, on the current
+        stream. The launch is bound once: it passes the struct by address, so every call sees
+        the fields its launcher has just set, without packing arguments again."""
+        bound = self.bound
+        if bound is None:
+            bound = self.bound = kernel.bind(
+                self.grid, self.block, self.args, smem=self.smem, cooperative=True
+            )
+        bound()
 
 
 _configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
@@ -631,7 +643,7 @@ def launch_dispatch(
     a.num_tokens = x.shape[0]
     a.topk_bad, a.out_src_bad = device_ptr(topk_bad), device_ptr(src_bad)
     a.num_topk_bad = 0 if topk_bad is None else num_topk_bad
-    kernel.launch(template.grid, template.block, a, smem=template.smem, cooperative=True)
+    template.launch(kernel)
 
 
 def launch_combine(
@@ -693,4 +705,4 @@ def launch_combine(
     a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
     a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
     a.out, a.out_weights = out.data_ptr(), device_ptr(out_w)
-    kernel.launch(template.grid, template.block, a, smem=template.smem, cooperative=True)
+    template.launch(kernel)
