@@ -1,7 +1,7 @@
 """Host time of ElasticBuffer calls outside their kernels, on one GPU with 1 or more ranks.
 
     python tools/host_path.py [--ranks 1] [--tokens 512] [--hidden 7168] [--topk 8] [--experts 64]
-                              [--calls 200] [--profile] [--json out.json]
+                              [--calls 200] [--profile] [--phases] [--json out.json]
 
 For each call kind (dispatch with CPU sync, cached dispatch, combine) it prints, per call:
   wall    host time from entering the call until it returns (the queue drained before each call;
@@ -9,8 +9,14 @@ For each call kind (dispatch with CPU sync, cached dispatch, combine) it prints,
   kernel  GPU time of the call's kernels (torch profiler, summed per call);
   host    wall minus kernel for calls that wait for their kernels, else wall: the time the call
           costs the host beyond the GPU work;
-  allocs  CUDA caching-allocator allocations per call (torch.cuda.memory_stats).
+  allocs  CUDA caching-allocator allocations per call (torch.cuda.memory_stats);
+  loop    host time per call of calls made back to back without waiting in between (the host
+          running ahead of the GPU, as in a training step; for the dispatch with CPU sync it
+          includes the kernels).
 With --profile, rank 0 also prints the functions with the most own time (cProfile) per kind.
+With --phases (NVLink backend), rank 0 also prints, for the dispatch with CPU sync, when each
+step returned, median microseconds from the call's start: the kernel launches, the count read's
+copy enqueued, its wait done, and the call's return.
 Ranks beyond one share the GPU (gloo group), so their kernel times include time slicing.
 """
 
@@ -58,6 +64,63 @@ def _wall_us(fn: Callable[[], object], calls: int, group: dist.ProcessGroup) -> 
         samples.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
     return samples
+
+
+def _loop_us(fn: Callable[[], object], calls: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def _phases(buf: ElasticBuffer, fn: Callable[[], object], calls: int) -> dict[str, float]:
+    """Median return time of each step of ``fn`` after its start (NVLink backend), in us."""
+    from ep_core.nvlink import ht
+
+    marks: list[tuple[str, float]] = []
+    patched: list[tuple[Any, str, Any]] = []
+
+    def mark_after(owner: Any, name: str, label: str) -> None:
+        orig = getattr(owner, name)
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            out = orig(*a, **k)
+            marks.append((label, time.perf_counter()))
+            return out
+
+        patched.append((owner, name, orig))
+        setattr(owner, name, wrapped)
+
+    backend: Any = buf.backend  # the NVLink backend (its count read is wrapped)
+    for name in ("launch_check_topk", "launch_layout", "launch_dispatch"):
+        mark_after(ht, name, name[len("launch_") :] + " launched")
+    read = backend._read_counts
+
+    def read_counts(block: torch.Tensor, n: int) -> Any:
+        marks.append(("count read called", time.perf_counter()))
+        out = read(block, n)
+        marks.append(("count read done", time.perf_counter()))
+        return out
+
+    backend._read_counts = read_counts
+    samples: dict[str, list[float]] = {}
+    try:
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            marks.clear()
+            t0 = time.perf_counter()
+            fn()
+            marks.append(("returned", time.perf_counter()))
+            for label, t in marks:
+                samples.setdefault(label, []).append((t - t0) * 1e6)
+    finally:
+        del backend._read_counts
+        for owner, name, orig in patched:
+            setattr(owner, name, orig)
+    return {label: statistics.median(v) for label, v in samples.items()}
 
 
 def _allocs(fn: Callable[[], object], calls: int) -> float:
@@ -121,7 +184,10 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> dict[str, Any]:
             "kernel_us": kernel,
             "host_us": med - kernel if waits else med,
             "allocs": _allocs(fn, min(calls, 20)),
+            "loop_us": _loop_us(fn, calls),
         }
+        if opts["phases"] and rank == 0 and waits and buf.backend_name == "nvlink":
+            entry["phases_us"] = _phases(buf, fn, min(calls, 50))
         if opts["profile"] and rank == 0:
             entry["profile"] = _hot(fn, min(calls, 100))
         result["kinds"][name] = entry
@@ -138,6 +204,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--phases", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     opts = vars(args)
@@ -149,12 +216,19 @@ def main() -> None:
         f"GPU, {first['backend']} backend, T={args.tokens} H={args.hidden} k={args.topk} "
         f"E={args.experts}, {args.calls} calls"
     )
-    print(f"  {'call':22s} {'wall us':>9s} {'kernel us':>10s} {'host us':>9s} {'allocs':>7s}")
+    print(
+        f"  {'call':22s} {'wall us':>9s} {'kernel us':>10s} {'host us':>9s} {'allocs':>7s} "
+        f"{'loop us':>8s}"
+    )
     for name, entry in first["kinds"].items():
         print(
             f"  {name:22s} {entry['wall_us']:9.1f} {entry['kernel_us']:10.1f} "
-            f"{entry['host_us']:9.1f} {entry['allocs']:7.1f}"
+            f"{entry['host_us']:9.1f} {entry['allocs']:7.1f} {entry['loop_us']:8.1f}"
         )
+    for name, entry in first["kinds"].items():
+        if "phases_us" in entry:
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in entry["phases_us"].items())
+            print(f"  {name} phases (us from the start): {steps}")
     for name, entry in first["kinds"].items():
         if "profile" in entry:
             print(f"--- {name}: functions by own time (rank 0) ---")
