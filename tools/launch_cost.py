@@ -7,6 +7,8 @@ Prints the median microseconds of host time per launch over batches of ``--batch
 on torch's default stream and on a side stream, for:
   launch          ep_jit.Kernel.launch (cuda-bindings' cuLaunchKernel)
   bound           a BoundLaunch (Kernel.bind: arguments packed once) called again
+  coop:launch     Kernel.launch(..., cooperative=True) (cuLaunchKernelEx with its attribute)
+  coop:bound      a cooperative BoundLaunch (its cuLaunchKernelEx configuration cached)
   torch-add       torch.add(x, x, out=out), torch's own launch path, for scale
   cuda-core       cuda.core.launch of the same code (where cuda.core is installed), on a twin
                   kernel whose arguments are all scalars and pointers (cuda.core passes no
@@ -176,13 +178,25 @@ def main() -> None:
         print(f"plain twin: not built ({type(exc).__name__}: {exc})")
         plain = None
     pargs = (out, x, x, 0, 1.0, 256)
-    checked = ("launch", "bound", "twin:launch", "twin:bound", "twin:cuda-core")
+    checked = (
+        "launch",
+        "bound",
+        "coop:launch",
+        "coop:bound",
+        "twin:launch",
+        "twin:bound",
+        "twin:cuda-core",
+    )
     variants: list[_Variant] = []
     for where, stream in (("default", torch.cuda.default_stream()), ("side", side)):
         with torch.cuda.stream(stream):
             fns: dict[str, Callable[[], object]] = {
                 "launch": lambda: kernel.launch(1, 256, *kargs),
                 "bound": kernel.bind(1, 256, *kargs),
+                # Cooperative launches (cuLaunchKernelEx with its attribute), as ep-core's
+                # high-throughput dispatch and combine kernels are launched.
+                "coop:launch": lambda: kernel.launch(1, 256, *kargs, cooperative=True),
+                "coop:bound": kernel.bind(1, 256, *kargs, cooperative=True),
                 "torch-add": lambda: torch.add(x, x, out=out),
             }
             if plain is not None:
