@@ -136,17 +136,23 @@ def _case(
     _eq("recv_src_metadata", f.handle.recv_src_metadata, r.handle.recv_src_metadata)
     _eq("handle topk_idx", f.handle.topk_idx, idx)
     if not do_cpu_sync and not do_expand:
-        # Worst-case outputs: the rows past the valid count hold -1 ids and 0 weights.
+        # Worst-case outputs: the rows past the valid count hold -1 ids, 0 weights and zero
+        # rows and scales, as the reference's (the whole tensors are equal).
         assert rows is not None
         assert bool((f.recv_topk_idx[rows:] == -1).all()), "ids past the valid rows"
         if f.recv_topk_weights is not None:
             assert bool((f.recv_topk_weights[rows:] == 0).all()), "weights past the valid rows"
+        _eq("recv_x (all rows)", f.recv_x, r.recv_x)
+        _eq("recv_x_scales (all rows)", f.recv_x_scales, r.recv_x_scales)
+        assert not bool(f.recv_x[rows:].view(torch.uint8).any()), "data past the valid rows"
 
     # Cached dispatch replays the same placement.
     if not do_expand:
         kw2 = dict(kw, do_cpu_sync=False, handle=f.handle)
         f2 = fast.dispatch(x, scales, f.handle.topk_idx, w, **kw2)
         _eq("cached recv_x", f2.recv_x, f.recv_x, rows)
+        if not do_cpu_sync:
+            _eq("cached recv_x (all rows)", f2.recv_x, f.recv_x)
 
     # Combine: expert outputs from the received bf16 rows (fresh values).
     m = f.recv_x.shape[0]

@@ -363,11 +363,11 @@ class NvlinkBackend:
             meta = block.as_strided((num_rows, 2), (2, 1), meta_offset)
         if do_expand or handle is None:
             unaligned = block.as_strided((el,), (1,), r)
-        # Rows past the valid count are unspecified by contract; still give them the reference's
-        # harmless values (-1 ids and metadata, 0 weights) so code that indexes with the whole
-        # worst-case tensors stays in bounds. One small kernel, in place, no host sync.
+        # Rows past the valid count get the reference's values (zero rows and scales, -1 ids
+        # and metadata, 0 weights), so code that uses the whole worst-case tensors stays in
+        # bounds and finite. One small kernel, in place, no host sync.
         if exact_rows is None:
-            ht.launch_dispatch_tail(counts + 4 * (r - 1), out_meta, out_idx, out_w)
+            ht.launch_dispatch_tail(counts + 4 * (r - 1), out_meta, out_idx, out_w, out_x, out_sf)
 
         starts = None
         if do_expand:

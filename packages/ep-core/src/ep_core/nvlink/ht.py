@@ -274,6 +274,10 @@ def _tail_spec(num_topk: int) -> Any:
             "int32_t* meta",
             "int64_t* topk_idx",
             "float* topk_weights",
+            "void* x",
+            "int64_t x_row_bytes",
+            "void* x_sf",
+            "int64_t sf_row_bytes",
         ],
         constants={"kTopk": num_topk},
         launch_bounds=(TAIL_THREADS, 1),
@@ -535,17 +539,36 @@ def launch_dispatch_tail(
     out_meta: torch.Tensor | int,
     out_idx: torch.Tensor,
     out_w: torch.Tensor | None,
+    out_x: torch.Tensor | None = None,
+    out_sf: torch.Tensor | None = None,
 ) -> None:
     """Fills the rows of a dispatch's worst-case outputs past the valid count on the current
-    stream: metadata and ids -1, weights 0. ``valid_rows``: the count, an int32 in device memory
-    (a tensor or its address), read by the kernel; ``out_meta`` a tensor or its address."""
+    stream: metadata and ids -1, weights 0, received rows and scales zero (as the reference
+    backend). ``valid_rows``: the count, an int32 in device memory (a tensor or its address),
+    read by the kernel; ``out_meta`` a tensor or its address; ``out_x`` and ``out_sf``
+    contiguous ``[rows, ...]`` or ``None``."""
     rows, k = out_idx.shape
     key = ("tail", k)
     found = _configured.get(key)
     if found is None:
         found = _configured[key] = (None, build_kernel(_tail_spec(k)))
-    ctas = max(1, min(TAIL_MAX_CTAS, -(-rows * k // TAIL_THREADS)))
-    found[1].launch((ctas, 1, 1), (TAIL_THREADS, 1, 1), valid_rows, rows, out_meta, out_idx, out_w)
+    x_bytes = 0 if out_x is None else out_x.shape[1] * out_x.element_size()
+    sf_bytes = 0 if out_sf is None else out_sf.shape[1] * out_sf.element_size()
+    work = max(rows * k, rows * x_bytes // 16)
+    ctas = max(1, min(TAIL_MAX_CTAS, -(-work // TAIL_THREADS)))
+    found[1].launch(
+        (ctas, 1, 1),
+        (TAIL_THREADS, 1, 1),
+        valid_rows,
+        rows,
+        out_meta,
+        out_idx,
+        out_w,
+        out_x,
+        x_bytes,
+        out_sf,
+        sf_bytes,
+    )
 
 
 def launch_dispatch(

@@ -234,14 +234,37 @@ __device__ __forceinline__ void ht_check_topk(const int64_t* __restrict__ topk_i
     if (threadIdx.x == 0) bad[blockIdx.x] = found != 0 ? 1 : 0;
 }
 
+// Zeroes bytes [begin, end) of `base` with grid-stride stores: 16 bytes at a time where `base`,
+// `begin` and `end` allow it, else 4 or 1.
+__device__ __forceinline__ void zero_byte_range(void* base, int64_t begin, int64_t end,
+                                                int64_t first, int64_t stride) {
+    auto* p = static_cast<char*>(base);
+    const auto addr = reinterpret_cast<uintptr_t>(p);
+    if (addr % 16 == 0 && begin % 16 == 0 && end % 16 == 0) {
+        const int4 zero = make_int4(0, 0, 0, 0);
+        for (int64_t i = begin / 16 + first; i < end / 16; i += stride)
+            reinterpret_cast<int4*>(p)[i] = zero;
+    } else if (addr % 4 == 0 && begin % 4 == 0 && end % 4 == 0) {
+        for (int64_t i = begin / 4 + first; i < end / 4; i += stride)
+            reinterpret_cast<int32_t*>(p)[i] = 0;
+    } else {
+        for (int64_t i = begin + first; i < end; i += stride) p[i] = 0;
+    }
+}
+
 // Rows of a dispatch without CPU sync past the valid count (*valid_rows, read on the device) up to
-// `rows`: metadata and top-k ids -1, weights 0 (weights may be null), so code that indexes with
-// the worst-case outputs stays in bounds. Grid-stride loops, one per output, each coalesced.
+// `rows`: metadata and top-k ids -1, weights 0 (weights may be null), the received rows and their
+// scales zero (scales may be null), as the reference backend gives them: code that indexes with
+// the worst-case outputs stays in bounds, and an expert applied to every row sees finite zeros
+// (uninitialised memory may hold NaN, which zero gradients do not cancel in a weight gradient).
+// Grid-stride loops, one per output, each coalesced.
 template <int kTopk>
 __device__ __forceinline__ void ht_dispatch_tail(const int32_t* __restrict__ valid_rows,
                                                  int64_t rows, int32_t* __restrict__ meta,
                                                  int64_t* __restrict__ topk_idx,
-                                                 float* __restrict__ topk_weights) {
+                                                 float* __restrict__ topk_weights, void* x,
+                                                 int64_t x_row_bytes, void* x_sf,
+                                                 int64_t sf_row_bytes) {
     const int64_t valid = *valid_rows;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
     const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -249,6 +272,9 @@ __device__ __forceinline__ void ht_dispatch_tail(const int32_t* __restrict__ val
     for (int64_t i = valid * kTopk + first; i < rows * kTopk; i += stride) topk_idx[i] = -1;
     if (topk_weights != nullptr)
         for (int64_t i = valid * kTopk + first; i < rows * kTopk; i += stride) topk_weights[i] = 0.0f;
+    if (x != nullptr) zero_byte_range(x, valid * x_row_bytes, rows * x_row_bytes, first, stride);
+    if (x_sf != nullptr)
+        zero_byte_range(x_sf, valid * sf_row_bytes, rows * sf_row_bytes, first, stride);
 }
 
 // Called by every CTA at its very end (after __syncthreads). The last CTA to finish publishes the
