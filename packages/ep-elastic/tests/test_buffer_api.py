@@ -389,17 +389,17 @@ def test_buffer_debug_goes_through_logging() -> None:
 def _value_check_worker(info: Any) -> list[bool]:
     # A backend that checks topk_idx's values on the device (in the one read of a dispatch with
     # CPU sync) spares the buffer the host checks there, and only there.
-    from ep_elastic import _high_throughput
+    from ep_elastic import _dispatch_checks
 
     buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=4)
     seen: list[bool] = []
-    original = _high_throughput.check_topk_idx
+    original = _dispatch_checks.check_topk_idx
 
     def spy(*args: Any, values: bool = True, **kwargs: Any) -> torch.Tensor:
         seen.append(values)
         return original(*args, values=values, **kwargs)
 
-    _high_throughput.check_topk_idx = spy  # type: ignore[assignment]
+    _dispatch_checks.check_topk_idx = spy  # type: ignore[assignment]
     try:
         x = torch.zeros(6, HIDDEN, dtype=torch.bfloat16)
         idx = torch.arange(24).reshape(6, 4) % E
@@ -409,7 +409,7 @@ def _value_check_worker(info: Any) -> list[bool]:
         buf.dispatch(x, topk_idx=idx, num_experts=E, do_cpu_sync=False)
         buf.dispatch(x, topk_idx=idx, num_experts=E)  # do_cpu_sync=None: a sync dispatch
     finally:
-        _high_throughput.check_topk_idx = original  # type: ignore[assignment]
+        _dispatch_checks.check_topk_idx = original  # type: ignore[assignment]
         buf.destroy()
     return seen
 
@@ -422,11 +422,11 @@ def test_value_checks_left_to_a_backend_that_checks_on_device() -> None:
 def _memo_worker(info: Any) -> dict[str, int]:
     # A call whose arguments look like the last accepted call's skips the checks; any other
     # call is checked in full, and host value checks of a fresh topk_idx are never skipped.
-    from ep_elastic import _high_throughput
+    from ep_elastic import _dispatch_checks, _high_throughput
 
     buf = ElasticBuffer(info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=4)
     counts = {"x": 0, "combine_x": 0}
-    check_x, check_combine_x = _high_throughput.check_dispatch_x, _high_throughput.check_combine_x
+    check_x, check_combine_x = _dispatch_checks.check_dispatch_x, _high_throughput.check_combine_x
 
     def spy_x(*args: Any, **kwargs: Any) -> Any:
         counts["x"] += 1
@@ -436,7 +436,7 @@ def _memo_worker(info: Any) -> dict[str, int]:
         counts["combine_x"] += 1
         return check_combine_x(*args, **kwargs)
 
-    _high_throughput.check_dispatch_x = spy_x  # type: ignore[assignment]
+    _dispatch_checks.check_dispatch_x = spy_x  # type: ignore[assignment]
     _high_throughput.check_combine_x = spy_combine_x  # type: ignore[assignment]
     try:
         x = torch.randn(6, HIDDEN).to(torch.bfloat16)
@@ -492,7 +492,7 @@ def _memo_worker(info: Any) -> dict[str, int]:
         _raises(ValueError, "rows", lambda: buf.combine(recv[:-1].contiguous(), handle2))
         assert counts["combine_x"] == 3
     finally:
-        _high_throughput.check_dispatch_x = check_x  # type: ignore[assignment]
+        _dispatch_checks.check_dispatch_x = check_x  # type: ignore[assignment]
         _high_throughput.check_combine_x = check_combine_x  # type: ignore[assignment]
         buf.destroy()
     return counts
