@@ -9,6 +9,7 @@ import torch
 
 import ep_engram
 from ep_engram import knobs
+from ep_engram.bucket import shipped_bucket_kernels
 from ep_engram.factory import PRIMITIVE, PROVIDERS
 from ep_engram.kernels import (
     VARIANTS,
@@ -91,7 +92,8 @@ def test_gather_kernels_compile_for_sm90a(tmp_path: Path, monkeypatch: pytest.Mo
     # the rest (7168-byte rows with column-major scales, 16 loads per thread).
     chosen = [s for s in shipped_kernels() if "_i32_r256_" in s.name]
     assert len(chosen) == len(VARIANTS)
-    for spec in chosen:
+    # And the id grouping of tile_sorted.
+    for spec in [*chosen, *shipped_bucket_kernels()]:
         try:
             entry = ep_jit.compile_spec(spec, arch="90a")
         except ep_jit.JitCompileError as exc:

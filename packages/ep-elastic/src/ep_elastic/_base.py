@@ -22,6 +22,7 @@ from ep_core.validation import (
     check_low_latency_shape,
     check_num_experts,
     check_positive_int,
+    check_tensor,
 )
 from ep_elastic._compiled import register_buffer
 from ep_elastic.event import EventHandle, get_comm_stream
@@ -338,6 +339,17 @@ class BufferBase:
         if sms is None:
             sms = self._num_sms_cache[key] = self.get_theoretical_num_sms(num_experts, num_topk)
         return sms
+
+    def _check_recv_stats(self, stats: torch.Tensor | None, num_experts: int) -> None:
+        """``cumulative_local_expert_recv_stats`` of a dispatch: ``None`` or ``[El]`` int32."""
+        if stats is not None:
+            check_tensor(
+                "cumulative_local_expert_recv_stats",
+                stats,
+                dtypes=(torch.int32,),
+                shape=(num_experts // self.num_ranks,),
+                device=self.device,
+            )
 
     def _check_capacity(self, num_max_tokens: int, hidden: int, num_topk: int, fp8: bool) -> None:
         key = (num_max_tokens, hidden, num_topk, fp8)

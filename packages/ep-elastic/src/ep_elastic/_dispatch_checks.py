@@ -12,7 +12,6 @@ from ep_core.validation import (
     check_expert_alignment,
     check_num_experts,
     check_positive_int,
-    check_tensor,
     check_topk_idx,
     check_topk_weights,
 )
@@ -148,14 +147,7 @@ class DispatchChecksMixin(BufferBase):
                 )
             if topk_weights is not None:
                 check_topk_weights(topk_weights, idx)
-            if stats is not None:
-                check_tensor(
-                    "cumulative_local_expert_recv_stats",
-                    stats,
-                    dtypes=(torch.int32,),
-                    shape=(num_experts // self.num_ranks,),
-                    device=self.device,
-                )
+            self._check_recv_stats(stats, num_experts)
             k = idx.shape[1]
             self._check_capacity(nmax, hidden, k, checked_scales is not None)
             if num_sms == 0:

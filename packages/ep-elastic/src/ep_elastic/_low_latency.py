@@ -156,14 +156,7 @@ class LowLatencyMixin(BufferBase):
                 self.num_ranks, nmax, hidden, num_experts, int(topk_idx.shape[1])
             )
             stats = cumulative_local_expert_recv_stats
-            if stats is not None:
-                check_tensor(
-                    "cumulative_local_expert_recv_stats",
-                    stats,
-                    dtypes=(torch.int32,),
-                    shape=(num_experts // self.num_ranks,),
-                    device=self.device,
-                )
+            self._check_recv_stats(stats, num_experts)
             self._check_low_latency_capacity(nmax, hidden, num_experts, int(topk_idx.shape[1]))
             _check_hook_args(async_finish, return_recv_hook)
         except (ValueError, TypeError) as exc:

@@ -356,12 +356,12 @@ class NvlinkBackend:
         recv_sf = None if out_sf is None else (out_sf if whole else out_sf[:num_rows])
         recv_idx: torch.Tensor | None = out_idx if whole else out_idx[:num_rows]
         recv_w = None if out_w is None else (out_w if whole else out_w[:num_rows])
-        # The metadata's view (with the valid rows): a fresh dispatch's handle keeps it, an
-        # expanded one reads it; a cached one keeps its handle's (the replay wrote the same).
+        # The views of the metadata (with the valid rows) and of the per-expert counts: a fresh
+        # dispatch's handle keeps them, an expanded one reads them; a cached one keeps its
+        # handle's (the replay wrote the same).
         meta: torch.Tensor | None = None
         if handle is None or do_expand:
             meta = block.as_strided((num_rows, 2), (2, 1), meta_offset)
-        if do_expand or handle is None:
             unaligned = block.as_strided((el,), (1,), r)
         # Rows past the valid count get the reference's values (zero rows and scales, -1 ids
         # and metadata, 0 weights), so code that uses the whole worst-case tensors stays in

@@ -484,6 +484,15 @@ def launch_layout(
     )
 
 
+def _check_kernel(num_topk: int) -> Any:
+    """The dispatch prologue's kernel for ``num_topk`` (built once)."""
+    key = ("check", num_topk)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, build_kernel(_check_spec(num_topk)))
+    return found[1]
+
+
 def launch_check_topk(
     topk_idx: torch.Tensor,
     num_experts: int,
@@ -497,11 +506,7 @@ def launch_check_topk(
     verdict words there (1: ``topk_idx`` has an id outside ``[-1, num_experts)`` or a repeated
     expert in a row; see ``ht_check_topk``)."""
     num_tokens, k = topk_idx.shape
-    key = ("check", k)
-    found = _configured.get(key)
-    if found is None:
-        found = _configured[key] = (None, build_kernel(_check_spec(k)))
-    found[1].launch(
+    _check_kernel(k).launch(
         (num_bad if bad is not None else 1, 1, 1),
         (CHECK_THREADS, 1, 1),
         topk_idx,
@@ -518,11 +523,7 @@ def bind_zero_counts(topk_idx: torch.Tensor, num_experts: int, zero: int, num_ze
     once (``ep_jit.BoundLaunch``): calling it zeroes ``num_zero`` int32 words at the device
     address ``zero`` on the current stream. For replays whose routing and counts do not move."""
     num_tokens, k = topk_idx.shape
-    key = ("check", k)
-    found = _configured.get(key)
-    if found is None:
-        found = _configured[key] = (None, build_kernel(_check_spec(k)))
-    return found[1].bind(
+    return _check_kernel(k).bind(
         (1, 1, 1),
         (CHECK_THREADS, 1, 1),
         topk_idx,
