@@ -136,6 +136,39 @@ def _timeout_worker(info: RankInfo) -> None:
     again.destroy()
 
 
+def _peer_abort_worker(info: RankInfo) -> None:
+    """A rank that gives up on an op (``signal_abort``) stops its peers' waits at once: their
+    kernel records it and ``DeviceWatchdog.check`` raises ``JitPeerAbortError`` naming it."""
+    import time
+
+    from ep_jit.kernels import barrier_spec, barrier_threads
+
+    world, rank, last = info.world_size, info.rank, info.world_size - 1
+    mem = PeerMemory(info.group, 1 << 20, timeout_s=60.0)
+    kernel = ep_jit.build(barrier_spec(world))
+    # Word 0 of every rank's segment is its abort word; words from 4096 on are a barrier of the
+    # test's own that rank `last` never enters.
+    mem.tensor(0, (2048,), torch.int32).zero_()
+    mem.barrier()
+    mem.synchronize()
+    watchdog = ep_jit.DeviceWatchdog({7: "test:abandoned barrier"}, rank=rank, timeout_s=60.0)
+    ctx = watchdog.context()
+    ctx.abort = mem.peer_ptrs[rank]
+    start = time.monotonic()
+    if rank == last:
+        ep_jit.signal_abort(mem.peer_ptrs, rank)
+    else:
+        kernel.launch(1, barrier_threads(world), mem.peer_ptrs_dev, 4096, rank, ctx, 7)
+        torch.cuda.synchronize()
+        with pytest.raises(ep_jit.JitPeerAbortError, match=f"rank {last} gave up") as err:
+            watchdog.check()
+        assert (err.value.peer, err.value.rank) == (last, rank)
+    assert mem.tensor(0, (1,), torch.int32).item() == ep_jit.watchdog.ABORT_BY_RANK + last
+    assert time.monotonic() - start < 20, "the abort did not stop the wait (60 s timeout)"
+    dist.barrier(group=info.group)
+    mem.destroy()
+
+
 def _disagree_worker(info: RankInfo) -> None:
     """Sizes that differ across ranks fail on every rank; the group stays usable."""
     with pytest.raises(ValueError, match="nbytes differs across ranks"):
@@ -192,6 +225,11 @@ def test_peer_memory_cycles_do_not_leak(world_size: int, per_gpu: int, jit_cache
 @pytest.mark.parametrize(("world_size", "per_gpu"), SHARED)
 def test_peer_memory_barrier_timeout(world_size: int, per_gpu: int, jit_cache: Path) -> None:
     run_ranks(world_size, _timeout_worker, ranks_per_gpu=per_gpu)
+
+
+@pytest.mark.parametrize(("world_size", "per_gpu"), SHARED)
+def test_signal_abort_stops_the_peers_waits(world_size: int, per_gpu: int) -> None:
+    run_ranks(world_size, _peer_abort_worker, ranks_per_gpu=per_gpu, timeout_s=120)
 
 
 @pytest.mark.parametrize(("world_size", "per_gpu"), SHARED)

@@ -22,6 +22,7 @@ from ep_jit.errors import HostTimeoutError as HostTimeoutError
 from ep_jit.errors import JitCompileError as JitCompileError
 from ep_jit.errors import JitError as JitError
 from ep_jit.errors import JitLaunchError as JitLaunchError
+from ep_jit.errors import JitPeerAbortError as JitPeerAbortError
 from ep_jit.errors import JitPtxasCheckError as JitPtxasCheckError
 from ep_jit.errors import JitTimeoutError as JitTimeoutError
 from ep_jit.hostwait import wait_device as wait_device
@@ -59,6 +60,7 @@ from ep_jit.topology import Topology as Topology
 from ep_jit.topology import topology as topology
 from ep_jit.watchdog import DeviceWatchdog as DeviceWatchdog
 from ep_jit.watchdog import WaitContext as WaitContext
+from ep_jit.watchdog import signal_abort as signal_abort
 
 __all__ = [
     "BackendSpec",
@@ -73,6 +75,7 @@ __all__ = [
     "JitCompileError",
     "JitError",
     "JitLaunchError",
+    "JitPeerAbortError",
     "JitPtxasCheckError",
     "JitTimeoutError",
     "Kernel",
@@ -104,6 +107,7 @@ __all__ = [
     "resolve_arch",
     "run_on_comm_stream",
     "select_backend",
+    "signal_abort",
     "topology",
     "unregister_include_root",
     "wait_device",

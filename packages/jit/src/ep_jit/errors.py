@@ -2,7 +2,8 @@
 
 ``JitError`` is the base. ``JitCompileError`` carries everything needed to reproduce a failed
 compile; ``JitLaunchError`` names the driver error; ``JitTimeoutError`` turns a device-side
-watchdog report (a peer that never signalled) into a Python exception.
+watchdog report (a peer that never signalled) into a Python exception; ``JitPeerAbortError`` is
+the report of a rank that gave up on an op from its host (``ep_jit.signal_abort``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __all__ = [
     "JitCompileError",
     "JitError",
     "JitLaunchError",
+    "JitPeerAbortError",
     "JitPtxasCheckError",
     "JitTimeoutError",
 ]
@@ -103,6 +105,27 @@ class JitTimeoutError(JitError):
         super().__init__(
             f"GPU timeout on rank {rank} in stage {stage!r} waiting for {who}: "
             f"observed {observed}, expected {expected} (block {block}, thread {thread})"
+        )
+
+
+class JitPeerAbortError(JitError):
+    """A rank gave up on a collective op from its host, and a kernel of this rank saw it.
+
+    The rank wrote its abort value into the peers' abort words (``ep_jit.signal_abort``); every
+    kernel sharing such a word unwinds and the first one records it. The op's results are not
+    valid, and the abort word stays set until the host resets it.
+
+    Attributes:
+        peer: The rank that gave up.
+        rank: The rank whose kernel saw it.
+    """
+
+    def __init__(self, peer: int, rank: int) -> None:
+        """Stores the fields of the device record; see the class attributes."""
+        self.peer = peer
+        self.rank = rank
+        super().__init__(
+            f"rank {peer} gave up on a collective op (its kernels on rank {rank} stopped)"
         )
 
 

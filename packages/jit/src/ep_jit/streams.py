@@ -288,6 +288,11 @@ class CallOrder:
         self._after_stream: torch.cuda.Stream | None = None
         self._event: torch.cuda.Event | None = None
 
+    @property
+    def last_stream(self) -> torch.cuda.Stream | None:
+        """The stream the last call's work is ordered on (``None`` before any CUDA call)."""
+        return self._after_stream
+
     def run(
         self,
         device: torch.device,

@@ -24,12 +24,27 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ep_jit.errors import JitTimeoutError
+from ep_jit.errors import JitPeerAbortError, JitTimeoutError
+from ep_jit.hostwait import wait_event
+from ep_jit.streamops import write_value
 
-__all__ = ["ERROR_TIMEOUT", "DeviceWatchdog", "WaitContext"]
+__all__ = [
+    "ABORT_BY_RANK",
+    "ERROR_PEER_ABORT",
+    "ERROR_TIMEOUT",
+    "DeviceWatchdog",
+    "WaitContext",
+    "signal_abort",
+]
 
 ERROR_TIMEOUT = 1
 """``ep_jit::kErrorTimeout``."""
+
+ERROR_PEER_ABORT = 2
+"""``ep_jit::kErrorPeerAbort``: a rank gave up on the op (the record's ``peer``)."""
+
+ABORT_BY_RANK = 0x10000
+"""``ep_jit::kAbortByRank``: an abort word holding ``ABORT_BY_RANK + r`` says rank ``r`` gave up."""
 
 _RECORD_WORDS = 8  # 64 bytes as int64; field offsets mirror smxx_timeout.cuh
 
@@ -129,10 +144,14 @@ class DeviceWatchdog:
 
         Raises:
             JitTimeoutError: A wait timed out; names the stage, the peer and the values.
+            JitPeerAbortError: A kernel saw that a rank gave up on its op
+                (:func:`signal_abort`); names that rank.
         """
         code, stage, peer, rank, block, thread, observed, expected = self._fields()
         if code == 0:
             return
+        if code == ERROR_PEER_ABORT:
+            raise JitPeerAbortError(peer, rank) from cause
         name = self.stages.get(stage, f"stage {stage}")
         if code != ERROR_TIMEOUT:
             name = f"{name} (error code {code})"
@@ -142,3 +161,42 @@ class DeviceWatchdog:
         """Clears the record and the abort word (the latter on the current stream, async)."""
         self._record.zero_()
         self._abort.zero_()
+
+
+def signal_abort(
+    abort_words: Sequence[int],
+    rank: int,
+    *,
+    stream: torch.cuda.Stream | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Tells the kernels sharing each abort word that rank ``rank`` gave up on their op.
+
+    Writes ``ABORT_BY_RANK + rank`` into every word of ``abort_words`` (device addresses of the
+    32-bit abort words of ``ep_jit::WaitContext``, the peers' included, e.g. through peer-mapped
+    memory) on ``stream``, after the work already queued there, and waits for the writes (a
+    rank that raises right after must not leave before they land). Every wait of a kernel that
+    shares one of those words then returns false, the first thread that sees it records
+    ``ERROR_PEER_ABORT`` naming ``rank`` in its :class:`DeviceWatchdog` record, and
+    :meth:`DeviceWatchdog.check` raises :class:`~ep_jit.JitPeerAbortError`. A word that
+    already holds a failure keeps it. The words stay set until their hosts reset them.
+
+    Args:
+        abort_words: Device addresses of the abort words.
+        rank: The rank giving up (``0 <= rank < 0xFFFF``).
+        stream: Stream to order the writes on (default: the current stream).
+        timeout_s: Limit of the wait for the writes; default ``EP_JIT_HOST_TIMEOUT_S``.
+
+    Raises:
+        ValueError: ``rank`` out of range.
+        HostTimeoutError: The writes did not complete in time (earlier work on ``stream``
+            never finished).
+    """
+    if not 0 <= rank < 0xFFFF:
+        raise ValueError(f"rank must be in [0, 65535), got {rank}")
+    s = torch.cuda.current_stream() if stream is None else stream
+    for address in abort_words:
+        write_value(address, ABORT_BY_RANK + rank, stream=s)
+    done = torch.cuda.Event()
+    done.record(s)
+    wait_event(done, what=f"rank {rank}'s abort signal to its peers", timeout_s=timeout_s)

@@ -11,6 +11,11 @@
 // returns false (the kernel unwinds) or traps (the context dies, the host sees a launch failure
 // and reads the record). DeviceWatchdog.check() turns the record into a JitTimeoutError naming
 // the stage and the peer. Times come from the GPU's nanosecond timer (%globaltimer).
+//
+// A rank may also give up on an op from the host (it rejected its input, so its kernels will
+// never take part): it writes kAbortByRank + its rank into the abort words of its peers
+// (ep_jit.signal_abort). Their kernels unwind as after a timeout, and the first thread that sees
+// such a value records kErrorPeerAbort naming that rank, so the host raises instead of waiting.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -22,7 +27,12 @@ namespace ep_jit {
 enum ErrorCode : int32_t {
   kErrorNone = 0,
   kErrorTimeout = 1,
+  kErrorPeerAbort = 2,  // a rank gave up on the op: `peer` names it
 };
+
+// Abort word values: 0 none; 1 a kernel sharing the word recorded a failure; kAbortByRank + r:
+// rank r gave up on the op from its host. Shared with ep_jit/watchdog.py.
+constexpr uint32_t kAbortByRank = 0x10000u;
 
 // Layout shared with ep_jit/watchdog.py (eight 64-bit words).
 struct ErrorRecord {
@@ -48,9 +58,29 @@ struct WaitContext {
 };
 static_assert(sizeof(WaitContext) == 32, "WaitContext layout is shared with Python");
 
-// Whether any thread sharing the abort word recorded a failure (lets every wait bail out).
+// Records that rank `word - kAbortByRank` gave up on the op, unless a failure is recorded
+// already. Threads that see the abort at once write the same values, so no claim is needed.
+__device__ __noinline__ void note_peer_abort(ErrorRecord* record, int32_t rank, uint32_t word) {
+  if (record == nullptr || ld_volatile(reinterpret_cast<const uint32_t*>(&record->code)) != 0)
+    return;
+  record->stage = -1;
+  record->peer = static_cast<int32_t>(word - kAbortByRank);
+  record->rank = rank;
+  record->block = static_cast<int32_t>(blockIdx.x);
+  record->thread = static_cast<int32_t>(threadIdx.x);
+  record->observed = word;
+  record->expected = 0;
+  __threadfence_system();
+  st_release_sys(&record->code, static_cast<int32_t>(kErrorPeerAbort));
+}
+
+// Whether the op was aborted: a thread sharing the abort word recorded a failure, or a rank gave
+// up on the op (then recorded here, see note_peer_abort). Lets every wait bail out.
 __device__ __forceinline__ bool aborted(const WaitContext& ctx) {
-  return ld_volatile(ctx.abort) != 0;
+  const uint32_t word = ld_volatile(ctx.abort);
+  if (word == 0) return false;
+  if (word >= kAbortByRank) note_peer_abort(ctx.record, ctx.rank, word);
+  return true;
 }
 
 __device__ __forceinline__ bool timed_out(const WaitContext& ctx, uint64_t start) {
