@@ -91,6 +91,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple[str, Any]]]:
         "_error_code": code,
         "_sm_count": 132,
         "_destroyed": False,
+        "_gave_up": False,
+        "_ll": None,
         "_host_counts": {},
         "_replay_scratch": {},
         "_scratch_meta": {},
@@ -260,3 +262,40 @@ def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, lis
     assert a.out == out.data_ptr() and a.x == y.data_ptr() and a.bias0 == 0
     be.combine(y, h1, None, (), 4)
     assert a.topk_idx == h1.topk_idx.data_ptr()
+
+
+def test_a_rank_that_rejects_its_input_stops_every_rank(
+    fake: tuple[Any, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # abort_call writes this rank's abort value into every rank's abort word of the buffer (the
+    # control block's u32 at byte 12); later calls raise naming this rank. A peer whose kernel
+    # recorded another rank's abort raises ValueError naming that rank, on every later call.
+    import ep_jit
+
+    be, _ = fake
+    signals: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(
+        ep_jit, "signal_abort", lambda words, rank, **kw: signals.append((words, rank))
+    )
+    be.sym = type("S", (), {"peer_ptrs": [1 << 20, 2 << 20]})()
+    be._host_timeout_s = 5.0
+    be.abort_call(torch.device("cpu"))
+    ctrl = be.layout.ctrl
+    assert signals == [([(1 << 20) + ctrl + 12, (2 << 20) + ctrl + 12], 0)]
+    be.abort_call(torch.device("cpu"))  # once only
+    assert len(signals) == 1
+    x = torch.zeros(4, HIDDEN, dtype=torch.bfloat16)
+    idx = torch.zeros(4, TOPK, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"rank 0 \(this rank\) rejected its input"):
+        _dispatch(be, x, idx)
+
+    be._gave_up = False
+    be._error_code.value = 2
+
+    def check() -> None:
+        raise ep_jit.JitPeerAbortError(1, 0)
+
+    be.watchdog.check = check
+    for _ in range(2):
+        with pytest.raises(ValueError, match="rank 1 rejected its input to a collective call"):
+            _dispatch(be, x, idx)

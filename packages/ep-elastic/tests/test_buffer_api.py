@@ -703,3 +703,79 @@ def test_sync_calls_run_on_the_callers_stream_in_order_nvlink(
     world_size: int, per_gpu: int
 ) -> None:
     run_ranks(world_size, _stream_order_worker, timeout_s=180, ranks_per_gpu=per_gpu)
+
+
+def _rejected_input_worker(info: Any, call: str) -> None:
+    # NVLink backend: rank 1 rejects its own input to one collective call (a float32 x). Its host
+    # writes its abort value into every rank's abort words, so rank 0's kernels of that call stop
+    # at once instead of waiting num_gpu_timeout_secs (60 s here) for rank 1, and every rank
+    # raises ValueError naming rank 1: rank 0 in the call itself for a dispatch with CPU sync,
+    # else at its next call. The buffer then serves no more calls, on any rank.
+    import time
+
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(31 + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    wrong = x.float() if info.rank == 1 else x
+    ll = call == "low_latency_dispatch"
+    buf = ElasticBuffer(
+        info.group,
+        num_max_tokens_per_rank=0 if ll else NMAX,
+        hidden=HIDDEN,
+        num_topk=k,
+        backend="nvlink",
+        device=dev,
+        num_gpu_timeout_secs=60,
+        low_latency_mode=ll,
+        num_max_dispatch_tokens_per_rank=NMAX if ll else 0,
+        num_experts=e if ll else 0,
+    )
+    peer = r"rank 1 rejected its input to a collective call of this buffer"
+    start = time.monotonic()
+    if call == "dispatch":
+        with pytest.raises((ValueError, TypeError), match=None if info.rank == 1 else peer):
+            buf.dispatch(wrong, topk_idx=idx, num_experts=e, do_cpu_sync=True)
+    else:
+        if call == "combine":
+            recv, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
+            torch.cuda.synchronize(dev)
+            start = time.monotonic()
+            rows = recv.float() if info.rank == 1 else recv  # type: ignore[union-attr]
+
+            def failing() -> object:
+                return buf.combine(rows, handle)
+        else:
+
+            def failing() -> object:
+                return buf.low_latency_dispatch(wrong, idx, NMAX, e, use_fp8=False)
+
+        if info.rank == 1:
+            with pytest.raises((ValueError, TypeError)):
+                failing()
+        else:
+            failing()  # returns; its kernels stop when they see rank 1's abort
+            torch.cuda.synchronize(dev)
+    # The next call raises on every rank (rank 0 names rank 1; rank 1 names itself).
+    with pytest.raises(ValueError, match=peer if info.rank == 0 else "rank 1 \\(this rank\\)"):
+        if ll:
+            buf.low_latency_dispatch(x, idx, NMAX, e, use_fp8=False)
+        else:
+            buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, f"rank {info.rank} took {elapsed:.1f} s to raise"
+    buf.destroy()
+
+
+@pytest.mark.parametrize("call", ["dispatch", "combine", "low_latency_dispatch"])
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
+def test_rejected_input_on_one_rank_stops_every_rank_nvlink(
+    world_size: int, per_gpu: int, call: str
+) -> None:
+    run_ranks(
+        world_size,
+        _rejected_input_worker,
+        call,
+        timeout_s=120,
+        ranks_per_gpu=per_gpu,
+    )

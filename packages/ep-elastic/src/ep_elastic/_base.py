@@ -3,6 +3,7 @@ ranks, backend choice, sizing, lifetime, barrier, streams and events."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, NoReturn
 
@@ -405,7 +406,10 @@ class BufferBase:
         if abort is None or self._destroyed:
             raise error
         try:
-            abort(self.device)
+            # After this buffer's earlier work, wherever it was ordered (kernel backends).
+            last = self._call_order.last_stream
+            with torch.cuda.stream(last) if last is not None else contextlib.nullcontext():
+                abort(self.device)
         finally:
             raise error  # this rank's own error wins over a failed abort
 

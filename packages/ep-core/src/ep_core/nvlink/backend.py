@@ -138,6 +138,8 @@ class NvlinkBackend:
         self.sym.settle(self._host_timeout_s)
         self._ll: LowLatencyEngine | None = None
         self._destroyed = False
+        self._gave_up = False
+        """This rank rejected its input to a call and told its peers (:meth:`abort_call`)."""
         # Declared low-latency use: the engine (a collective allocation) and its kernels for the
         # declared hidden/num_topk are built here, so no low-latency call allocates, compiles or
         # synchronises (the first one can be captured in a CUDA graph).
@@ -184,8 +186,48 @@ class NvlinkBackend:
     def _check(self) -> None:
         if self._destroyed:
             raise RuntimeError("NvlinkBackend was destroyed")
-        if self._error_code.value:
+        if self._gave_up:
+            raise ValueError(
+                f"rank {self.rank} (this rank) rejected its input to an earlier call of this "
+                "buffer and stopped every rank's kernels of that call; the buffer serves no more "
+                "calls: build a new one"
+            )
+        ll = self._ll
+        if self._error_code.value or (ll is not None and ll.failed):
+            self._raise_recorded()
+
+    def _raise_recorded(self) -> None:
+        """Raises what a kernel of this buffer recorded: a timeout (``ep_jit.JitTimeoutError``),
+        or ``ValueError`` naming the rank that rejected its input to a call (:meth:`abort_call`).
+        """
+        try:
             self.watchdog.check()
+            if self._ll is not None:
+                self._ll.check_error()
+        except ep_jit.JitPeerAbortError as exc:
+            raise ValueError(_peer_abort_message(exc.peer)) from exc
+
+    def abort_call(self, device: torch.device) -> None:
+        """Stops every rank's kernels of the current call: this rank rejected its input.
+
+        Writes this rank's abort value into the abort word of every rank's buffer (high-throughput
+        control block and, when it exists, the low-latency engine's) on the current stream, after
+        this rank's earlier work, and waits for the writes (``ep_jit.signal_abort``). The peers'
+        kernels of this call (or of their next call, if they are not in it yet) unwind instead of
+        waiting for this rank until ``num_gpu_timeout_secs``, and their hosts raise
+        ``ValueError`` naming this rank: in the call itself for a dispatch with CPU sync, else
+        at their next call. The buffer serves no more calls on any rank. While the current
+        stream is being captured into a CUDA graph nothing is written (nothing runs during a
+        capture; the caller's capture fails with its error).
+        """
+        del device  # the buffer's own
+        if self._destroyed or self._gave_up or torch.cuda.is_current_stream_capturing():
+            return
+        self._gave_up = True
+        words = [base + self.layout.ctrl + _CTRL_ABORT_OFFSET for base in self.sym.peer_ptrs]
+        if self._ll is not None:
+            words += self._ll.abort_words()
+        ep_jit.signal_abort(words, self.rank, timeout_s=self._host_timeout_s)
 
     def _check_shape(self, hidden: int, topk: int, nmax: int) -> None:
         if hidden > self.sizing.hidden:
@@ -342,7 +384,7 @@ class NvlinkBackend:
             # on its routing (each source's, as announced to this rank).
             host = self._read_counts(block, num_counts + r)
             if self._error_code.value:
-                self.watchdog.check()
+                self._raise_recorded()
             if any(host[num_counts:]):
                 bad_ranks = [s for s in range(r) if host[num_counts + s]]
                 _raise_bad_routing(self.rank, bad_ranks, topk_idx, num_experts)
@@ -641,6 +683,20 @@ class NvlinkBackend:
             self._ll.destroy()
             self._ll = None
         self.sym.destroy()
+
+
+_CTRL_ABORT_OFFSET = 12
+"""Byte offset of the abort word in the control block (``ep_core::Ctrl``: u64 epoch, u32
+finish counter, u32 abort)."""
+
+
+def _peer_abort_message(peer: int) -> str:
+    """What a rank raises once its kernels saw that ``peer`` rejected its input to a call."""
+    return (
+        f"rank {peer} rejected its input to a collective call of this buffer (see its error); "
+        "every rank's kernels of that call stopped, so its results are not valid, and the "
+        "buffer serves no more calls: build a new one"
+    )
 
 
 _INT32_ALIGN = 64

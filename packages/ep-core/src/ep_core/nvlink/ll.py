@@ -497,6 +497,7 @@ class LowLatencyEngine:
             LL_STAGES, rank=rank, timeout_s=max(num_gpu_timeout_secs, 0.0), device=device
         )
         self.timeout_ns = self._watchdog.timeout_ns
+        self._error_code = ctypes.c_int32.from_address(self._watchdog.record_ptr)
         self.layout = compute_ll_layout(
             num_ranks,
             num_ctas,
@@ -573,11 +574,21 @@ class LowLatencyEngine:
         )
 
     def check_error(self) -> None:
-        """Raises ``ep_jit.JitTimeoutError`` if a kernel recorded a timeout (reads host memory).
+        """Raises ``ep_jit.JitTimeoutError`` if a kernel recorded a timeout, or
+        ``ep_jit.JitPeerAbortError`` if one saw a rank give up on its op (reads host memory).
 
         Call after synchronising with the kernels' stream to see their latest state.
         """
         self._watchdog.check()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a kernel recorded a failure (one read of pinned host memory)."""
+        return self._error_code.value != 0
+
+    def abort_words(self) -> list[int]:
+        """Device addresses of every rank's abort word of this engine (``ep_jit.signal_abort``)."""
+        return [base + self.layout.off_abort for base in self.sym.peer_ptrs]
 
     def _check_alive(self) -> None:
         if self._destroyed:

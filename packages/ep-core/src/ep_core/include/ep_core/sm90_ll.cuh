@@ -208,7 +208,7 @@ __device__ __forceinline__ bool prologue(const LlArgs& a, Env& env) {
     env.ctx =
         WaitContext{reinterpret_cast<ErrorRecord*>(a.error), abort_flag, a.timeout_ns, env.me, 0};
     if (tid == 0) {
-        s_stop = ld_volatile(abort_flag) != 0 ? 1 : 0;
+        s_stop = aborted(env.ctx) ? 1 : 0;  // records a peer's abort for the host
         const auto* word =
             (kPhase & kPhaseSend)
                 ? reinterpret_cast<const uint64_t*>(env.local + a.off_cta_epoch) + blockIdx.x
