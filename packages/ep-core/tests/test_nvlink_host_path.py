@@ -169,7 +169,9 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     assert a.out_x == res.recv_x.data_ptr() and a.num_tokens == t
 
     # Cached dispatches: the prologue is bound once per handle and writes the backend's scratch,
-    # which the dispatch kernel gets too; the handle's chunk rows are refreshed each call.
+    # which the dispatch kernel gets too; the chunk rows are rewritten into the handle's own
+    # tensors (no allocation besides the received rows).
+    chunk_end, nchunks = h.backend_state.chunk_end, h.backend_state.nchunks
     log.clear()
     first = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
     second = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
@@ -190,8 +192,10 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
         assert _owner(a.out_src_meta, [scratch]) is scratch
         assert a.send_row == h.send_row.data_ptr() and a.topk_idx == h.topk_idx.data_ptr()
     assert first.handle is h and second.handle is h
-    assert h.backend_state.chunk_end is second.handle.backend_state.chunk_end
-    assert log[4][1][0].out_chunk_end == h.backend_state.chunk_end.data_ptr()
+    assert h.backend_state.chunk_end is chunk_end and h.backend_state.nchunks is nchunks
+    for _, args in log[2::2]:
+        assert args[0].out_chunk_end == chunk_end.data_ptr()
+        assert args[0].out_nchunks == nchunks.data_ptr()
     assert first.recv_x.shape == (t, HIDDEN) and second.recv_topk_idx.shape == (t, TOPK)
     assert torch.equal(h.psum_num_recv_tokens_per_rank, block) and int(block[0]) == t
 

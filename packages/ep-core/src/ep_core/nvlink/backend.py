@@ -311,22 +311,26 @@ class NvlinkBackend:
             if handle.do_expand != do_expand:
                 raise ValueError("a cached dispatch must use the handle's do_expand")
             send_row, chunk_prefix = handle.send_row, state.chunk_prefix
-            # A replay keeps the handle's counts and metadata: the kernels get addresses in
-            # one allocation, and only the parts the handle keeps (the chunk rows) become views.
-            offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
-            block = torch.empty(total, dtype=torch.int32, device=dev)
-            base = block.data_ptr()
             bad = None
-            chunk_end = block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1])
-            nchunks_t = block.as_strided((r,), (1,), offsets[2])
-            meta_offset = offsets[3]
             scratch = None if do_expand else self._scratch(num_counts, rows)
             if scratch is None:
                 # Expanded (its counts and metadata are read back), or no scratch yet during a
-                # CUDA graph capture: the call's own block.
+                # CUDA graph capture: the call's own block; only the parts the handle keeps
+                # (the chunk rows) become views.
+                offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
+                block = torch.empty(total, dtype=torch.int32, device=dev)
+                base = block.data_ptr()
+                chunk_end = block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1])
+                nchunks_t = block.as_strided((r,), (1,), offsets[2])
+                meta_offset = offsets[3]
                 counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
                 ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
             else:
+                # No allocation: counts, verdicts and metadata go to the scratch, and the chunk
+                # rows (the same as the handle's dispatch wrote) into the handle's own tensors,
+                # which only this buffer's kernels read, in call order.
+                block, meta_offset = None, 0
+                chunk_end, nchunks_t = state.chunk_end, state.nchunks
                 counts, src_bad, out_meta = scratch
                 # The prologue only zeroes the scratch counts: bound once per handle.
                 values = (counts, num_counts, num_experts)
