@@ -295,6 +295,8 @@ def test_a_rank_that_rejects_its_input_stops_every_rank(
 
     be._gave_up = False
     be._error_code.value = 2
+    record = ep_jit.watchdog.ErrorRecord(2, -1, 1, 0, 0, 0, ep_jit.watchdog.ABORT_BY_RANK + 1, 0)
+    be.watchdog.read_record = lambda: record
 
     def check() -> None:
         raise ep_jit.JitPeerAbortError(1, 0)
@@ -303,3 +305,27 @@ def test_a_rank_that_rejects_its_input_stops_every_rank(
     for _ in range(2):
         with pytest.raises(ValueError, match="rank 1 rejected its input to a collective call"):
             _dispatch(be, x, idx)
+
+    # A dispatch kernel found that rank 1 called with another signature (kErrorArgumentsDiffer).
+    be._error_code.value = ht.ERROR_ARGUMENTS_DIFFER
+    record = ep_jit.watchdog.ErrorRecord(3, 1, 1, 0, 0, 0, 0x1234, 0x0567)
+    with pytest.raises(
+        ValueError, match=r"rank 1 called with other arguments than rank 0 \(one of"
+    ):
+        _dispatch(be, x, idx)
+
+
+def test_dispatch_signature_covers_the_arguments_ranks_must_share() -> None:
+    base = (4, torch.bfloat16, 2 * HIDDEN, None, 0, TOPK, NMAX, True)
+    sig = ht.dispatch_signature(*base)
+    assert 0 <= sig < 1 << 15 and ht.dispatch_signature(*base) == sig
+    # Each argument changes it (for these values; a digest of 15 bits may collide elsewhere).
+    changed = [
+        (8,), (4, torch.float8_e4m3fn), (4, torch.bfloat16, HIDDEN),
+        (4, torch.bfloat16, 2 * HIDDEN, torch.float32, 1),
+    ]  # fmt: skip
+    for head in changed:
+        assert ht.dispatch_signature(*head, *base[len(head) :]) != sig, head
+    assert ht.dispatch_signature(*base[:5], TOPK + 1, NMAX, True) != sig
+    assert ht.dispatch_signature(*base[:6], NMAX + 1, True) != sig
+    assert ht.dispatch_signature(*base[:7], False) != sig

@@ -779,3 +779,37 @@ def test_rejected_input_on_one_rank_stops_every_rank_nvlink(
         timeout_s=120,
         ranks_per_gpu=per_gpu,
     )
+
+
+def _arguments_differ_worker(info: Any, what: str) -> None:
+    # NVLink backend, dispatch with CPU sync: rank 1 passes arguments that are valid on their
+    # own but differ from rank 0's (num_experts, or the hidden size). Each rank announces a
+    # signature of its arguments with its token count; every rank finds a peer's signature
+    # different from its own, stops its kernels and raises ValueError, in the call and after.
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(41 + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    num_experts = e
+    if info.rank == 1:
+        if what == "num_experts":
+            num_experts = 2 * e
+        else:
+            x = x[:, : HIDDEN // 2].contiguous()
+    buf = ElasticBuffer(
+        info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=k, backend="nvlink",
+        device=dev, num_gpu_timeout_secs=60,
+    )  # fmt: skip
+    differ = r"dispatch configuration must agree on every rank: rank \d called with other arguments"
+    for _ in range(2):
+        with pytest.raises(ValueError, match=differ):
+            buf.dispatch(x, topk_idx=idx, num_experts=num_experts, do_cpu_sync=True)
+    buf.destroy()
+
+
+@pytest.mark.parametrize("what", ["num_experts", "hidden"])
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
+def test_dispatch_arguments_that_differ_raise_on_every_rank_nvlink(
+    world_size: int, per_gpu: int, what: str
+) -> None:
+    run_ranks(world_size, _arguments_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,7 @@ __all__ = [
     "ERROR_PEER_ABORT",
     "ERROR_TIMEOUT",
     "DeviceWatchdog",
+    "ErrorRecord",
     "WaitContext",
     "signal_abort",
 ]
@@ -47,6 +49,19 @@ ABORT_BY_RANK = 0x10000
 """``ep_jit::kAbortByRank``: an abort word holding ``ABORT_BY_RANK + r`` says rank ``r`` gave up."""
 
 _RECORD_WORDS = 8  # 64 bytes as int64; field offsets mirror smxx_timeout.cuh
+
+
+class ErrorRecord(NamedTuple):
+    """The fields of ``ep_jit::ErrorRecord`` (:meth:`DeviceWatchdog.read_record`)."""
+
+    code: int
+    stage: int
+    peer: int
+    rank: int
+    block: int
+    thread: int
+    observed: int
+    expected: int
 
 
 class WaitContext(ctypes.Structure):
@@ -124,16 +139,21 @@ class DeviceWatchdog:
             reserved=0,
         )
 
-    def _fields(self) -> tuple[int, int, int, int, int, int, int, int]:
+    def read_record(self) -> ErrorRecord:
+        """The record's fields as they are now (reads host memory; does not synchronise).
+
+        ``code`` 0: nothing recorded. Kernels may record codes of their own (above
+        ``ERROR_PEER_ABORT``), which their callers read here before :meth:`check`.
+        """
         raw = bytes(ctypes.string_at(self._record.data_ptr(), 64))
         i32 = [int.from_bytes(raw[i : i + 4], "little", signed=True) for i in range(0, 24, 4)]
         i64 = [int.from_bytes(raw[i : i + 8], "little", signed=True) for i in (24, 32)]
-        return (*i32, *i64)  # type: ignore[return-value]
+        return ErrorRecord(*i32, *i64)
 
     @property
     def failed(self) -> bool:
         """Whether a kernel recorded a failure (reads host memory; does not synchronise)."""
-        return self._fields()[0] != 0
+        return self.read_record().code != 0
 
     def check(self, cause: BaseException | None = None) -> None:
         """Raises if a failure was recorded. Call after synchronising with the kernel's stream.
@@ -147,7 +167,7 @@ class DeviceWatchdog:
             JitPeerAbortError: A kernel saw that a rank gave up on its op
                 (:func:`signal_abort`); names that rank.
         """
-        code, stage, peer, rank, block, thread, observed, expected = self._fields()
+        code, stage, peer, rank, block, thread, observed, expected = self.read_record()
         if code == 0:
             return
         if code == ERROR_PEER_ABORT:

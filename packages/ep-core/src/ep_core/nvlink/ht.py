@@ -8,6 +8,8 @@ so that one CTA fills one SM's shared memory.
 
 from __future__ import annotations
 
+import functools
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,8 @@ from ep_core.nvlink.layout import (
 __all__ = [
     "CHECK_MAX_CTAS",
     "DEFAULT_NUM_SMS",
+    "ERROR_ARGUMENTS_DIFFER",
+    "SIGNATURE_ARGUMENTS",
     "SPLIT_MIN_SMS",
     "STAGES",
     "HtContext",
@@ -34,6 +38,7 @@ __all__ = [
     "check_ctas",
     "combine_config",
     "dispatch_config",
+    "dispatch_signature",
     "launch_check_topk",
     "launch_combine",
     "launch_dispatch",
@@ -667,7 +672,51 @@ def launch_dispatch(
     a.num_tokens = x.shape[0]
     a.topk_bad, a.out_src_bad = device_ptr(topk_bad), device_ptr(src_bad)
     a.num_topk_bad = 0 if topk_bad is None else num_topk_bad
+    a.signature = dispatch_signature(
+        num_local_experts,
+        x.dtype,
+        row_bytes,
+        None if x_scales is None else x_scales.dtype,
+        num_sf,
+        k,
+        num_max_tokens,
+        topk_weights is not None,
+    )
     template.launch(kernel)
+
+
+SIGNATURE_ARGUMENTS = (
+    "num_experts, hidden size, x dtype, FP8 scales (dtype and columns), num_topk, "
+    "num_max_tokens_per_rank, topk_weights given or not"
+)
+"""What a dispatch's signature covers (named in the error when ranks' signatures differ)."""
+
+
+@functools.lru_cache(maxsize=256)
+def dispatch_signature(
+    num_local_experts: int,
+    x_dtype: torch.dtype,
+    row_bytes: int,
+    sf_dtype: torch.dtype | None,
+    num_sf: int,
+    num_topk: int,
+    num_max_tokens: int,
+    has_weights: bool,
+) -> int:
+    """A dispatch's call signature: a 15-bit digest of the arguments every rank must share
+    (:data:`SIGNATURE_ARGUMENTS`). Each rank announces it to every peer with its token count;
+    a receiver whose own differs records ``kErrorArgumentsDiffer`` (``ERROR_ARGUMENTS_DIFFER``).
+    Two different argument sets share a digest with probability 2^-15."""
+    text = repr(
+        (num_local_experts, str(x_dtype), row_bytes, str(sf_dtype), num_sf, num_topk,
+         num_max_tokens, has_weights)
+    )  # fmt: skip
+    return zlib.crc32(text.encode()) & 0x7FFF
+
+
+ERROR_ARGUMENTS_DIFFER = 3
+"""``ep_core::kErrorArgumentsDiffer``: the record's ``peer`` dispatched with another signature
+(``observed``) than this rank (``expected``)."""
 
 
 def launch_combine(

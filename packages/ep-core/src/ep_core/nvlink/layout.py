@@ -162,6 +162,7 @@ class HtDispatchArgs(ctypes.Structure):
         ("topk_bad", ctypes.c_uint64),
         ("num_topk_bad", ctypes.c_int64),
         ("out_src_bad", ctypes.c_uint64),
+        ("signature", ctypes.c_int64),
     ]
 
 

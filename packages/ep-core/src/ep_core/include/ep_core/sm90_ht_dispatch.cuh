@@ -61,10 +61,11 @@ struct HtDispatchArgs {
     const int32_t* topk_bad;  // [num_topk_bad] the prologue's verdicts on topk_idx, or null
     int64_t num_topk_bad;     // <= 32
     int32_t* out_src_bad;     // [R] per source: 1 if its topk_idx failed its prologue's check
+    int64_t signature;        // [0, 2^15): digest of the call's arguments every rank must share
 };
-// Passed by value from the ctypes mirror HtDispatchArgs (ep_core/nvlink/layout.py): 39 8-byte
+// Passed by value from the ctypes mirror HtDispatchArgs (ep_core/nvlink/layout.py): 40 8-byte
 // fields (SymLayout counts 9), checked there too.
-static_assert(sizeof(HtDispatchArgs) == 39 * 8, "HtDispatchArgs and its ctypes mirror differ");
+static_assert(sizeof(HtDispatchArgs) == 40 * 8, "HtDispatchArgs and its ctypes mirror differ");
 
 enum DispatchStage : int {
     kStageDispatchInfo = 1,
@@ -213,8 +214,20 @@ struct HtDispatch {
         if (kTokens && !wait_tag(ctx, info + 1, tag, &v1, kStageDispatchInfo, lane)) return false;
         cnt = static_cast<int>(static_cast<uint32_t>(v0));
         const auto low = static_cast<uint32_t>(v1);
-        ntok = static_cast<int>(low & ~kInfoBadRouting);
+        ntok = static_cast<int>(low & kInfoTokensMask);
         bad = (low & kInfoBadRouting) != 0 ? 1 : 0;
+        if (kTokens) {
+            // The source called with other arguments: nothing it sent can be read as this
+            // rank's layout. Recorded (and every CTA of this rank aborted); its peers find the
+            // same difference in their own info words, so every rank reports it.
+            const uint32_t sig = (low >> kInfoSignatureShift) & kInfoSignatureMask;
+            if (sig != static_cast<uint32_t>(a.signature)) {
+                record_error(ctx, kErrorArgumentsDiffer, kStageDispatchInfo, lane, sig,
+                             a.signature);
+                cnt = ntok = bad = 0;
+                return false;
+            }
+        }
         return true;
     }
 
@@ -526,8 +539,10 @@ struct HtDispatch {
                 auto* info_words = reinterpret_cast<uint64_t*>(peer_ptr(
                                        a.peer_bases, lane, a.lay.region[parity] + a.lay.info)) +
                                    me * 2;
-                st_release_sys(info_words + 1,
-                               make_tagged(tag, static_cast<uint32_t>(a.num_tokens) | bad_bit));
+                const uint32_t low =
+                    static_cast<uint32_t>(a.num_tokens) |
+                    (static_cast<uint32_t>(a.signature) << kInfoSignatureShift) | bad_bit;
+                st_release_sys(info_words + 1, make_tagged(tag, low));
                 st_release_sys(info_words, make_tagged(tag, static_cast<uint32_t>(
                                                                 a.chunk_prefix[nchunks * kRanks + lane])));
             }

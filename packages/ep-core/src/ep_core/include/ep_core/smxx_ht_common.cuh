@@ -24,7 +24,8 @@ struct SymLayout {
     int64_t region[2];  // base of the two alternating regions
     // Offsets relative to a region base:
     int64_t info;     // [R][2] u64: (tag, rows sent to me), (tag, tokens of the sender |
-                      // kInfoBadRouting when its topk_idx failed the dispatch's check)
+                      // its call signature << 16 | kInfoBadRouting when its topk_idx failed
+                      // the dispatch's check)
     int64_t dflag;    // [R][Cmax] u64: dispatch chunk done, low half = row end
     int64_t drstart;  // [R][Cmax] i32: dispatch chunk row start
     int64_t cflag;    // [R][Cmax] u64: combine chunk done
@@ -32,10 +33,18 @@ struct SymLayout {
                       // combine rows (bf16 data | weights); never live in the same op
 };
 
-// Bit of the low half of a dispatch's second info word (the sender's token count, < 2^31):
-// the sender's prologue (ht_check_topk) found a bad id in its topk_idx. Every receiver
-// copies it into its per-source verdicts, so the one host read of every rank sees it.
+// The low half of a dispatch's second info word: the sender's token count (< 2^16), its call
+// signature (15 bits: a digest of the arguments every rank must agree on, from the host) and
+// kInfoBadRouting: the sender's prologue (ht_check_topk) found a bad id in its topk_idx. Every
+// receiver copies that bit into its per-source verdicts, so the one host read of every rank
+// sees it; a receiver whose own signature differs records kErrorArgumentsDiffer.
 constexpr uint32_t kInfoBadRouting = 1u << 31;
+constexpr uint32_t kInfoTokensMask = 0xFFFFu;
+constexpr int kInfoSignatureShift = 16;
+constexpr uint32_t kInfoSignatureMask = 0x7FFFu;
+// Error code (ep_jit::ErrorRecord::code) of a dispatch whose peer called with other arguments:
+// peer = that source, observed = its signature, expected = this rank's.
+constexpr int32_t kErrorArgumentsDiffer = 3;
 
 struct Ctrl {
     uint64_t epoch;
