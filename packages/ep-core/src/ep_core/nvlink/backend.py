@@ -52,11 +52,6 @@ class _HtState:
         self.nchunks = nchunks
         self.counts = counts
         self.exact_rows = exact_rows
-        self.zero_launch: Any = None
-        """A replay's prologue (zeroing the scratch counts), bound once
-        (``ht.bind_zero_counts``)."""
-        self.zero_for: tuple[Any, ...] | None = None
-        """What ``zero_launch`` was bound for: (routing tensor, (address, words, experts))."""
 
 
 class NvlinkBackend:
@@ -335,21 +330,13 @@ class NvlinkBackend:
                 counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
                 ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
             else:
-                # No allocation: counts, verdicts and metadata go to the scratch, and the chunk
-                # rows (the same as the handle's dispatch wrote) into the handle's own tensors,
-                # which only this buffer's kernels read, in call order.
+                # No allocation and no prologue: the source counts, verdicts and metadata go to
+                # the scratch, the per-expert counts (nobody reads them) are not made, and the
+                # chunk rows (the same as the handle's dispatch wrote) go into the handle's own
+                # tensors, which only this buffer's kernels read, in call order.
                 block, meta_offset = None, 0
                 chunk_end, nchunks_t = state.chunk_end, state.nchunks
                 counts, src_bad, out_meta = scratch
-                # The prologue only zeroes the scratch counts: bound once per handle.
-                values = (counts, num_counts, num_experts)
-                last = state.zero_for
-                if last is None or last[0] is not topk_idx or last[1] != values:
-                    state.zero_launch = ht.bind_zero_counts(
-                        topk_idx, num_experts, counts, num_counts
-                    )
-                    state.zero_for = (topk_idx, values)
-                state.zero_launch()
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
         out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
@@ -385,6 +372,7 @@ class NvlinkBackend:
             num_local_experts=el,
             expert_alignment=expert_alignment,
             num_sms=n_sms,
+            count_experts=block is not None,
         )
         exact_rows: int | None = None
         aligned_list: list[int] = []

@@ -34,7 +34,6 @@ __all__ = [
     "SPLIT_MIN_SMS",
     "STAGES",
     "HtContext",
-    "bind_zero_counts",
     "check_ctas",
     "combine_config",
     "dispatch_config",
@@ -523,23 +522,6 @@ def launch_check_topk(
     )
 
 
-def bind_zero_counts(topk_idx: torch.Tensor, num_experts: int, zero: int, num_zero: int) -> Any:
-    """The dispatch prologue without verdicts (``launch_check_topk`` with ``bad=None``) bound
-    once (``ep_jit.BoundLaunch``): calling it zeroes ``num_zero`` int32 words at the device
-    address ``zero`` on the current stream. For replays whose routing and counts do not move."""
-    num_tokens, k = topk_idx.shape
-    return _check_kernel(k).bind(
-        (1, 1, 1),
-        (CHECK_THREADS, 1, 1),
-        topk_idx,
-        num_tokens,
-        num_experts,
-        zero,
-        num_zero,
-        None,
-    )
-
-
 def launch_dispatch_tail(
     valid_rows: torch.Tensor | int,
     out_meta: torch.Tensor | int,
@@ -601,8 +583,13 @@ def launch_dispatch(
     num_local_experts: int,
     expert_alignment: int,
     num_sms: int,
+    count_experts: bool = True,
 ) -> None:
     """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs).
+
+    ``counts``: ``[R psum per source | El counts | El aligned psum]``; the per-expert counts are
+    added to what is there (zeroed by ``launch_check_topk``), unless ``count_experts`` is false:
+    then neither they nor their prefix sums are written (a replay whose counts nobody reads).
 
     ``topk_bad``: the prologue's ``num_topk_bad`` verdict words on ``topk_idx``
     (``launch_check_topk``) or ``None``; the kernel announces their OR to every peer with its
@@ -682,6 +669,7 @@ def launch_dispatch(
         num_max_tokens,
         topk_weights is not None,
     )
+    a.count_experts = count_experts
     template.launch(kernel)
 
 

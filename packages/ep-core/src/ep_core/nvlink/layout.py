@@ -163,6 +163,7 @@ class HtDispatchArgs(ctypes.Structure):
         ("num_topk_bad", ctypes.c_int64),
         ("out_src_bad", ctypes.c_uint64),
         ("signature", ctypes.c_int64),
+        ("count_experts", ctypes.c_int64),
     ]
 
 

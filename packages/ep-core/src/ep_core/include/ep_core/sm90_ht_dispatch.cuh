@@ -62,10 +62,12 @@ struct HtDispatchArgs {
     int64_t num_topk_bad;     // <= 32
     int32_t* out_src_bad;     // [R] per source: 1 if its topk_idx failed its prologue's check
     int64_t signature;        // [0, 2^15): digest of the call's arguments every rank must share
+    int64_t count_experts;    // 0: out_counts' per-expert counts and their prefix sums are not
+                              // written (a replay whose counts nobody reads: no zeroing needed)
 };
-// Passed by value from the ctypes mirror HtDispatchArgs (ep_core/nvlink/layout.py): 40 8-byte
-// fields (SymLayout counts 9), checked there too.
-static_assert(sizeof(HtDispatchArgs) == 40 * 8, "HtDispatchArgs and its ctypes mirror differ");
+// Passed by value from the ctypes mirror HtDispatchArgs (ep_core/nvlink/layout.py): 41 8-byte
+// fields (SymLayout counts 9).
+static_assert(sizeof(HtDispatchArgs) == 41 * 8, "HtDispatchArgs and its ctypes mirror differ");
 
 enum DispatchStage : int {
     kStageDispatchInfo = 1,
@@ -587,8 +589,9 @@ struct HtDispatch {
         if (lane == 0) tma_wait_all();
         ht_trace(a.trace, 2);
         __syncthreads();
-        for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x)
-            if (counts[i] != 0) atomicAdd(&a.out_counts[kRanks + i], counts[i]);
+        if (a.count_experts)
+            for (int64_t i = threadIdx.x; i < a.num_local_experts; i += blockDim.x)
+                if (counts[i] != 0) atomicAdd(&a.out_counts[kRanks + i], counts[i]);
         __syncthreads();
         // The last CTA publishes the op. Warp 0 computes the aligned inclusive prefix sum of
         // the per-expert counts 32 experts at a time (a serial loop of dependent atomics cost
@@ -599,7 +602,7 @@ struct HtDispatch {
                 wait_all_started<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, kStageDispatchArrive);
             }
             __syncwarp();
-            const int64_t el = a.num_local_experts;
+            const int64_t el = a.count_experts ? a.num_local_experts : 0;
             int32_t carry = 0;
             for (int64_t base = 0; base < el; base += 32) {
                 const int64_t i = base + lane;
