@@ -13,9 +13,7 @@ import torch
 from cp_copyengine import copyengine
 from cp_copyengine.copyengine import CopyEngineBackend
 from cp_copyengine.plan import Item, Transfer
-from ep_jit import streamops
-from ep_jit._cuda import driver
-from ep_jit.streamops import decode_mem_ops
+from ep_jit.testing import record_stream_ops
 
 BASE = 1 << 40  # rank p's data region at BASE * (p + 1); its signal region 1 MiB further
 SIG = 1 << 20
@@ -34,21 +32,6 @@ def _backend(rank: int, world: int, max_ops: int, log: list[Any]) -> CopyEngineB
     return be
 
 
-class _RecordingDriver:
-    """cuda-bindings' driver module, except that ``cuStreamBatchMemOp`` is recorded."""
-
-    def __init__(self, calls: list[Any]) -> None:
-        self.calls = calls
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(driver, name)
-
-    def cuStreamBatchMemOp(self, stream: Any, count: int, params: list[Any], flags: int) -> Any:
-        assert flags == 0 and count == len(params)
-        self.calls.append(("ops", decode_mem_ops(params), stream))
-        return (driver.CUresult.CUDA_SUCCESS,)
-
-
 @pytest.fixture
 def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
@@ -57,8 +40,7 @@ def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         "memcpy_batch",
         lambda copies, stream, batched: calls.append(("copy", copies, stream)) or "x",
     )
-    monkeypatch.setattr(streamops, "driver", _RecordingDriver(calls))
-    monkeypatch.setattr(streamops, "_stream", lambda stream: stream)
+    record_stream_ops(monkeypatch, calls)
     return calls
 
 

@@ -243,3 +243,24 @@ def test_a_rank_that_cannot_join_restarts_the_job_once(caplog: pytest.LogCapture
         run_ranks(2, _all_reduce_worker, 1, backend="no_such_backend", timeout_s=60)
     restarts = [r for r in caplog.records if "starting the job again" in r.getMessage()]
     assert len(restarts) == 1
+
+
+def test_stream_ops_are_recorded_not_issued(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What ep_jit.streamops would hand the driver, read back as MemOps, with the caller's
+    # stream object passed through; no GPU needed.
+    from ep_jit import streamops
+    from ep_jit.streamops import MemOp
+    from ep_jit.testing import record_stream_ops
+
+    calls: list[object] = []
+    record_stream_ops(monkeypatch, calls)
+    stream = object()
+    streamops.write_value(0x1000, 7, width=32, stream=stream)  # type: ignore[arg-type]
+    streamops.write_value(0x2000, 1 << 40, width=64, stream=stream)  # type: ignore[arg-type]
+    ops = [MemOp.write(0x3000, 5, 64), MemOp.wait(0x4000, 9, cond="eq", width=64)]
+    streamops.batch_mem_ops(ops, stream=stream)  # type: ignore[arg-type]
+    assert calls == [
+        ("ops", [MemOp.write(0x1000, 7, 32)], stream),
+        ("ops", [MemOp.write(0x2000, 1 << 40, 64)], stream),
+        ("ops", ops, stream),
+    ]

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from ep_jit import streamops
-from ep_jit._cuda import driver
-from ep_jit.streamops import decode_mem_ops
+from ep_jit.streamops import MemOp
+from ep_jit.testing import record_stream_ops
 from pp_rdma import copy_engine
 from pp_rdma.copy_engine import CopyEnginePipe
 
@@ -21,39 +20,19 @@ SIG = 1 << 20
 SLOT = 256
 
 
-def _decode(params: list[Any]) -> list[tuple[str, int, int]]:
-    """``(kind, address, value)`` of the 64-bit operations, values as of now (equality waits)."""
+def _entry(ops: list[MemOp], stream: Any) -> tuple[str, list[tuple[str, int, int]]]:
+    """``("ops", [(kind, address, value)])`` of the 64-bit operations (equality waits)."""
     out = []
-    for op in decode_mem_ops(params):
+    for op in ops:
         assert op.width == 64 and (op.kind == "write" or op.cond == "eq"), op
         out.append(("write" if op.kind == "write" else "wait_eq", op.address, op.value))
-    return out
-
-
-class _RecordingDriver:
-    """cuda-bindings' driver module, except that the stream memory operations are recorded."""
-
-    def __init__(self, calls: list[Any]) -> None:
-        self.calls = calls
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(driver, name)
-
-    def cuStreamBatchMemOp(self, stream: Any, count: int, params: list[Any], flags: int) -> Any:
-        assert flags == 0 and count == len(params)
-        self.calls.append(("ops", _decode(params)))
-        return (driver.CUresult.CUDA_SUCCESS,)
-
-    def cuStreamWriteValue64(self, stream: Any, address: int, value: int, flags: int) -> Any:
-        self.calls.append(("ops", [("write", int(address), int(value))]))
-        return (driver.CUresult.CUDA_SUCCESS,)
+    return ("ops", out)
 
 
 @pytest.fixture
 def log(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
-    monkeypatch.setattr(streamops, "driver", _RecordingDriver(calls))
-    monkeypatch.setattr(streamops, "_stream", lambda stream: stream)
+    record_stream_ops(monkeypatch, calls, _entry)
     monkeypatch.setattr(
         copy_engine, "memcpy_batch", lambda copies: calls.append(("copy", list(copies)))
     )

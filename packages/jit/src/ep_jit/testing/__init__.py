@@ -4,7 +4,8 @@
 rank started by torchrun; ``bench`` times a callable with CUDA events (or perf_counter on CPU)
 and ``capture_graph`` captures one in a CUDA graph. For collective calls, ``start_line`` makes
 every rank start together and ``time_steps`` / ``kernel_times`` time steps on all ranks and
-report the slowest rank (``RankTiming``).
+report the slowest rank (``RankTiming``). ``record_stream_ops`` records the stream memory
+operations of ``ep_jit.streamops`` instead of issuing them (CPU tests of copy-engine protocols).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ep_jit.testing._launcher import run_ranks as run_ranks
 from ep_jit.testing._peer_pattern import peer_pattern as peer_pattern
 from ep_jit.testing._peer_pattern import peer_write_spec as peer_write_spec
 from ep_jit.testing._placements import gpu_placements as gpu_placements
+from ep_jit.testing._stream_ops import StreamOpRecorder as StreamOpRecorder
+from ep_jit.testing._stream_ops import record_stream_ops as record_stream_ops
 
 __all__ = [
     "L2_FLUSH_BYTES",
@@ -35,6 +38,7 @@ __all__ = [
     "RankFailedError",
     "RankInfo",
     "RankTiming",
+    "StreamOpRecorder",
     "allgather_floats",
     "bench",
     "capture_graph",
@@ -43,6 +47,7 @@ __all__ = [
     "peer_pattern",
     "peer_write_spec",
     "per_call_kernel_us",
+    "record_stream_ops",
     "run_from_env",
     "run_ranks",
     "start_line",
