@@ -307,7 +307,8 @@ class NvlinkBackend:
             send_row, chunk_prefix, is_in, idx_copy = small[7:]
             # The handle's copy of the routing is written by the layout kernel (no copy kernel).
             ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
-            meta_offset = _small_layout(num_counts, num_bad, r, max_chunks, rows, fresh)[0][3]
+            # In int32 words from the block's start, where the counts are.
+            meta_offset = (out_meta - counts) // 4
         else:
             state = handle.backend_state
             if not isinstance(state, _HtState):
