@@ -45,18 +45,17 @@ def test_col_major_scales_have_deepeps_strides(t: int) -> None:
 
 def test_knobs_are_declared_once_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert knobs.engram.num_ctas == 8
-    assert knobs.engram.kernel == "auto"
-    monkeypatch.setenv("EP_ENGRAM_KERNEL", "warp")
-    assert knobs.engram.kernel == "warp"
-    monkeypatch.setenv("EP_ENGRAM_KERNEL", "tma")
-    with pytest.raises(ValueError, match="EP_ENGRAM_KERNEL"):
-        _ = knobs.engram.kernel
-    assert knobs.engram.sort == "bucket"
-    monkeypatch.setenv("EP_ENGRAM_SORT", "torch")
-    assert knobs.engram.sort == "torch"
-    monkeypatch.setenv("EP_ENGRAM_SORT", "radix")
-    with pytest.raises(ValueError, match="EP_ENGRAM_SORT"):
-        _ = knobs.engram.sort
+    # (knob, variable, default, another valid choice, an invalid one)
+    for name, env, default, valid, invalid in (
+        ("kernel", "EP_ENGRAM_KERNEL", "auto", "warp", "tma"),
+        ("sort", "EP_ENGRAM_SORT", "bucket", "torch", "radix"),
+    ):
+        assert getattr(knobs.engram, name) == default
+        monkeypatch.setenv(env, valid)
+        assert getattr(knobs.engram, name) == valid
+        monkeypatch.setenv(env, invalid)
+        with pytest.raises(ValueError, match=env):
+            getattr(knobs.engram, name)
 
 
 def test_backends_are_registered() -> None:

@@ -125,6 +125,15 @@ def _dispatch(be: Any, x: torch.Tensor, idx: torch.Tensor, **kw: Any) -> Any:
     return be.dispatch(x, None, idx, None, **args)
 
 
+def _inputs(seed: int, t: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """Random rows and routing of ``t`` tokens; the fake dispatch kernel plays this routing."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
+    _ROUTING[:] = [idx]
+    return gen, x, idx
+
+
 def _owner(address: int, tensors: list[torch.Tensor]) -> torch.Tensor:
     for t in tensors:
         start = t.untyped_storage().data_ptr()
@@ -135,12 +144,9 @@ def _owner(address: int, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]]) -> None:
     be, log = fake
-    gen = torch.Generator().manual_seed(3)
     t = 19
-    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
-    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
-    idx[4, 1] = -1
-    _ROUTING[:] = [idx]
+    _, x, idx = _inputs(3, t)
+    idx[4, 1] = -1  # in place: the fake kernel plays it too
     want = torch.bincount(idx[idx >= 0].flatten(), minlength=E)
 
     res = _dispatch(be, x, idx)
@@ -192,11 +198,8 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
 
 def test_dispatch_without_sync_and_expanded_replay(fake: tuple[Any, list[Any]]) -> None:
     be, log = fake
-    gen = torch.Generator().manual_seed(4)
     t = 10
-    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
-    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
-    _ROUTING[:] = [idx]
+    _, x, idx = _inputs(4, t)
     # Without CPU sync: worst-case outputs returned whole, the tail kernel reads the count.
     res = _dispatch(be, x, idx, do_cpu_sync=False)
     assert res.recv_x.shape == (NMAX, HIDDEN) and res.recv_x._base is None
@@ -221,11 +224,8 @@ def test_dispatch_without_sync_and_expanded_replay(fake: tuple[Any, list[Any]]) 
 
 def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, list[Any]]) -> None:
     be, log = fake
-    gen = torch.Generator().manual_seed(5)
     t = 12
-    x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)
-    idx = torch.rand(t, E, generator=gen).topk(TOPK, dim=1).indices
-    _ROUTING[:] = [idx]
+    gen, x, idx = _inputs(5, t)
     h1 = _dispatch(be, x, idx).handle
     h2 = _dispatch(be, x, idx).handle
     y = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16)

@@ -27,6 +27,12 @@ def toy(jit_cache: Path) -> ep_jit.Kernel:
     return ep_jit.build(toy_axpy_spec(2))
 
 
+def _axpy(n_terms: int, n: int) -> tuple[ep_jit.Kernel, torch.Tensor, torch.Tensor]:
+    """The toy axpy kernel of ``n_terms`` terms and two random CUDA vectors of ``n`` floats."""
+    kernel = ep_jit.build(toy_axpy_spec(n_terms))
+    return kernel, torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+
+
 def test_wrong_argument_count(toy: ep_jit.Kernel) -> None:
     with pytest.raises(TypeError, match=r"takes 5 arguments \(out, x, y, offset, args\), got 2"):
         toy.launch(1, 32, 0, 0)
@@ -85,10 +91,8 @@ def test_toy_kernel_matches_torch(jit_cache: Path, compiler: str) -> None:
 
 @pytest.mark.gpu
 def test_launch_options(jit_cache: Path) -> None:
-    kernel = ep_jit.build(toy_axpy_spec(2))
     n = 4096
-    x = torch.randn(n, device="cuda")
-    y = torch.randn(n, device="cuda")
+    kernel, x, y = _axpy(2, n)
     expected = _reference(x, y, 2, 1.0, 0)
     side = torch.cuda.Stream()
     variants = [
@@ -133,10 +137,8 @@ def test_driver_errors_are_named(jit_cache: Path) -> None:
 
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_replay(jit_cache: Path) -> None:
-    kernel = ep_jit.build(toy_axpy_spec(4))
     n = 10_000
-    x = torch.randn(n, device="cuda")
-    y = torch.randn(n, device="cuda")
+    kernel, x, y = _axpy(4, n)
     out = torch.empty_like(x)
     kernel.launch(40, 256, out, x, y, 1, AxpyArgs(1.0, 0, n))  # loads outside the capture
     torch.cuda.synchronize()
@@ -162,10 +164,8 @@ def test_importing_initialises_and_compiles_nothing() -> None:
 
 @pytest.mark.gpu
 def test_bound_launch_matches_launch(jit_cache: Path) -> None:
-    kernel = ep_jit.build(toy_axpy_spec(2))
     n = 5000
-    x = torch.randn(n, device="cuda")
-    y = torch.randn(n, device="cuda")
+    kernel, x, y = _axpy(2, n)
     out = torch.full_like(x, float("nan"))
     bound = kernel.bind(20, 256, out, x, y, 3, AxpyArgs(0.25, 0, n))
     bound()
@@ -194,10 +194,8 @@ def test_bound_launch_matches_launch(jit_cache: Path) -> None:
 def test_bound_launch_with_attributes_sees_struct_changes(jit_cache: Path) -> None:
     # Cooperative and cluster launches bound once (cuLaunchKernelEx); the by-value struct is
     # read at each call, so changing its fields in place changes what the next call passes.
-    kernel = ep_jit.build(toy_axpy_spec(2))
     n = 4096
-    x = torch.randn(n, device="cuda")
-    y = torch.randn(n, device="cuda")
+    kernel, x, y = _axpy(2, n)
     for kwargs in ({"cooperative": True}, {"cluster": (2, 1, 1)}):
         out = torch.full_like(x, float("nan"))
         args = AxpyArgs(1.0, 0, n)
@@ -219,10 +217,8 @@ def test_bound_launch_with_attributes_sees_struct_changes(jit_cache: Path) -> No
 
 @pytest.mark.gpu
 def test_launch_and_bound_launch_agree_and_name_refusals(jit_cache: Path) -> None:
-    kernel = ep_jit.build(toy_axpy_spec(2))
     n = 3000
-    x = torch.randn(n, device="cuda")
-    y = torch.randn(n, device="cuda")
+    kernel, x, y = _axpy(2, n)
     out = torch.full_like(x, float("nan"))
     kernel.launch(12, 256, out, x, y, 1, AxpyArgs(1.5, 0, n))
     bound_out = torch.full_like(x, float("nan"))
