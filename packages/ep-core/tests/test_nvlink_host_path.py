@@ -249,6 +249,12 @@ def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, lis
     assert a.out == out.data_ptr() and a.x == y.data_ptr() and a.bias0 == 0
     be.combine(y, h1, None, (), 4)
     assert a.topk_idx == h1.topk_idx.data_ptr()
+    # The signature it announces says combine, and whether weights travel.
+    el = E // be.num_ranks
+    assert a.signature == ht.combine_signature(el, HIDDEN, TOPK, NMAX, False)
+    w = torch.rand(h1.num_recv_tokens, TOPK, generator=gen)
+    be.combine(y, h1, w, (), 4)
+    assert a.signature == ht.combine_signature(el, HIDDEN, TOPK, NMAX, True)
 
 
 def test_a_rank_that_rejects_its_input_stops_every_rank(
@@ -296,6 +302,20 @@ def test_a_rank_that_rejects_its_input_stops_every_rank(
         ValueError, match=r"rank 1 called with other arguments than rank 0 \(one of"
     ):
         _dispatch(be, x, idx)
+    # Found in the arrive words at the start of an op (stage 4: dispatch, 13: combine): another
+    # kind of op, or a combine with other arguments.
+    sig_c, sig_d = ht.combine_signature(4, HIDDEN, TOPK, NMAX, False), 0x0456
+    record = ep_jit.watchdog.ErrorRecord(3, 4, 1, 0, 0, 0, 7 << 16 | sig_c, 7 << 16 | sig_d)
+    with pytest.raises(ValueError, match="rank 1 called combine while rank 0 called dispatch"):
+        _dispatch(be, x, idx)
+    other = ht.combine_signature(4, HIDDEN // 2, TOPK, NMAX, False)
+    record = ep_jit.watchdog.ErrorRecord(3, 13, 1, 0, 0, 0, 9 << 16 | other, 9 << 16 | sig_c)
+    with pytest.raises(
+        ValueError,
+        match=r"combine configuration must agree on every rank: rank 1 called with other "
+        r"arguments than rank 0 \(one of hidden size of x",
+    ):
+        _dispatch(be, x, idx)
 
 
 def test_dispatch_signature_covers_the_arguments_ranks_must_share() -> None:
@@ -312,3 +332,17 @@ def test_dispatch_signature_covers_the_arguments_ranks_must_share() -> None:
     assert ht.dispatch_signature(*base[:5], TOPK + 1, NMAX, True) != sig
     assert ht.dispatch_signature(*base[:6], NMAX + 1, True) != sig
     assert ht.dispatch_signature(*base[:7], False) != sig
+
+
+def test_combine_signature_marks_a_combine_and_covers_its_arguments() -> None:
+    base = (4, HIDDEN, TOPK, NMAX, False)
+    sig = ht.combine_signature(*base)
+    assert sig & ht.SIGNATURE_COMBINE and sig < 1 << 16
+    # A dispatch's never has the combine bit.
+    assert not ht.dispatch_signature(4, torch.bfloat16, 2 * HIDDEN, None, 0, TOPK, NMAX, False) & (
+        ht.SIGNATURE_COMBINE
+    )
+    for i, changed in enumerate((8, HIDDEN // 2, TOPK + 1, NMAX + 1, True)):
+        args = list(base)
+        args[i] = changed
+        assert ht.combine_signature(*args) != sig, args

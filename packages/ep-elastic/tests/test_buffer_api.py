@@ -813,3 +813,55 @@ def test_dispatch_arguments_that_differ_raise_on_every_rank_nvlink(
     world_size: int, per_gpu: int, what: str
 ) -> None:
     run_ranks(world_size, _arguments_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu)
+
+
+def _calls_differ_worker(info: Any, what: str) -> None:
+    # NVLink backend, after one agreed dispatch: rank 1 combines with a narrower x
+    # ("combine_hidden") or sends weights back that rank 0 does not ("combine_weights"), or
+    # calls combine while rank 0 calls a dispatch ("kind"). Each rank announces its call's kind
+    # and signature with the start of the op and compares its peers' with its own: every rank
+    # stops that op's kernels, and raises ValueError at its next call (and the one after).
+    import time
+
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(51 + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    w = torch.rand(NMAX, k, generator=gen).to(dev)
+    buf = ElasticBuffer(
+        info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=k, backend="nvlink",
+        device=dev, num_gpu_timeout_secs=60,
+    )  # fmt: skip
+    recv, _, recv_w, handle, _ = buf.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_experts=e, do_cpu_sync=True
+    )
+    assert isinstance(recv, torch.Tensor)
+    torch.cuda.synchronize(dev)
+    start = time.monotonic()
+    if what == "kind" and info.rank == 0:
+        buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=False)
+    elif what == "combine_hidden" and info.rank == 1:
+        buf.combine(recv[:, : HIDDEN // 2].contiguous(), handle)
+    elif what == "combine_weights" and info.rank == 1:
+        buf.combine(recv, handle, topk_weights=recv_w)
+    else:
+        buf.combine(recv, handle)
+    torch.cuda.synchronize(dev)
+    if what == "kind":
+        pattern = r"rank \d called (combine|dispatch) while rank \d called (dispatch|combine)"
+    else:
+        pattern = r"combine configuration must agree on every rank: rank \d called with other"
+    for _ in range(2):
+        with pytest.raises(ValueError, match=pattern):
+            buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, f"rank {info.rank} took {elapsed:.1f} s to raise"
+    buf.destroy()
+
+
+@pytest.mark.parametrize("what", ["combine_hidden", "combine_weights", "kind"])
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
+def test_calls_that_differ_raise_on_every_rank_nvlink(
+    world_size: int, per_gpu: int, what: str
+) -> None:
+    run_ranks(world_size, _calls_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu)

@@ -194,15 +194,16 @@ class NvlinkBackend:
     def _raise_recorded(self) -> None:
         """Raises what a kernel of this buffer recorded: a timeout (``ep_jit.JitTimeoutError``),
         or ``ValueError`` naming the rank that rejected its input to a call (:meth:`abort_call`)
-        or that dispatched with other arguments than this rank.
+        or that called with other arguments than this rank, or made another kind of call.
         """
         rec = self.watchdog.read_record()
         if rec.code == ht.ERROR_ARGUMENTS_DIFFER:
+            what = ht.describe_disagreement(
+                rec.rank, rec.peer, rec.stage, rec.observed, rec.expected
+            )
             raise ValueError(
-                f"dispatch configuration must agree on every rank: rank {rec.peer} called with "
-                f"other arguments than rank {rec.rank} (one of {ht.SIGNATURE_ARGUMENTS}; "
-                f"signatures {rec.observed:#06x} and {rec.expected:#06x}); no rank's result is "
-                "valid, and the buffer serves no more calls: build a new one"
+                f"{what}; no rank's result is valid, and the buffer serves no more calls: "
+                "build a new one"
             )
         try:
             self.watchdog.check()

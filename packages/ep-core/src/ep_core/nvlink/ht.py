@@ -28,15 +28,20 @@ from ep_core.nvlink.layout import (
 
 __all__ = [
     "CHECK_MAX_CTAS",
+    "COMBINE_SIGNATURE_ARGUMENTS",
     "DEFAULT_NUM_SMS",
     "ERROR_ARGUMENTS_DIFFER",
     "SIGNATURE_ARGUMENTS",
+    "SIGNATURE_COMBINE",
     "SPLIT_MIN_SMS",
     "STAGES",
+    "STAGE_DISPATCH_INFO",
     "HtContext",
     "check_ctas",
     "combine_config",
+    "combine_signature",
     "dispatch_config",
+    "describe_disagreement",
     "dispatch_signature",
     "launch_check_topk",
     "launch_combine",
@@ -430,7 +435,7 @@ class _Launch:
     each call), grid, block and shared memory; ``seen``: the objects whose addresses the
     struct holds from the last call, where a launcher skips setting them again."""
 
-    __slots__ = ("args", "block", "bound", "grid", "seen", "smem")
+    __slots__ = ("args", "block", "bound", "grid", "seen", "signatures", "smem")
 
     def __init__(
         self, args: Any, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int
@@ -441,6 +446,7 @@ class _Launch:
         self.smem = smem
         self.seen: tuple[Any, ...] | None = None
         self.bound: Any = None  # the kernel's BoundLaunch of ``args`` (made at the first call)
+        self.signatures: tuple[int, ...] = ()  # a combine's, without and with weights
 
     def launch(self, kernel: Any) -> None:
         """Enqueues ``kernel`` (cooperative) with the struct as it is now, on the current
@@ -702,9 +708,63 @@ def dispatch_signature(
     return zlib.crc32(text.encode()) & 0x7FFF
 
 
+COMBINE_SIGNATURE_ARGUMENTS = (
+    "hidden size of x, topk_weights given or not, and the handles' num_topk, num_experts and "
+    "num_max_tokens_per_rank"
+)
+"""What a combine's signature covers (named in the error when ranks' signatures differ)."""
+
+SIGNATURE_COMBINE = 0x8000
+"""Bit of a call signature that marks a combine (``ep_core::kSignatureCombine``); a dispatch's
+signature has it clear, so ranks in different kinds of op never agree."""
+
+
+@functools.lru_cache(maxsize=256)
+def combine_signature(
+    num_local_experts: int, hidden: int, num_topk: int, num_max_tokens: int, has_weights: bool
+) -> int:
+    """A combine's call signature: :data:`SIGNATURE_COMBINE` plus a 15-bit digest of what
+    every rank must share (:data:`COMBINE_SIGNATURE_ARGUMENTS`). Each rank announces it with
+    the start of the op; a rank that finds another in a peer's announcement records
+    ``kErrorArgumentsDiffer`` (``ERROR_ARGUMENTS_DIFFER``)."""
+    text = repr(("combine", num_local_experts, hidden, num_topk, num_max_tokens, has_weights))
+    return SIGNATURE_COMBINE | (zlib.crc32(text.encode()) & 0x7FFF)
+
+
 ERROR_ARGUMENTS_DIFFER = 3
-"""``ep_core::kErrorArgumentsDiffer``: the record's ``peer`` dispatched with another signature
-(``observed``) than this rank (``expected``)."""
+"""``ep_core::kErrorArgumentsDiffer``: the record's ``peer`` called with another signature
+than this rank, or is in another kind of op. At :data:`STAGE_DISPATCH_INFO` ``observed`` and
+``expected`` are the two dispatch signatures; at the arrive stages they are the two arrive words
+(``op number << 16 | signature``, see :func:`describe_disagreement`)."""
+
+STAGE_DISPATCH_INFO = 1
+"""``kStageDispatchInfo``: where a dispatch's receivers compare its signature with each
+source's (before they read anything the source sent)."""
+
+
+def describe_disagreement(rank: int, peer: int, stage: int, observed: int, expected: int) -> str:
+    """The message of an ``ERROR_ARGUMENTS_DIFFER`` record: which ranks disagree, and on what."""
+    if stage != STAGE_DISPATCH_INFO:
+        # Arrive words: the op number above bit 16, the signature below.
+        seen, mine = observed & 0xFFFF, expected & 0xFFFF
+        kind_seen = "combine" if seen & SIGNATURE_COMBINE else "dispatch"
+        kind_mine = "combine" if mine & SIGNATURE_COMBINE else "dispatch"
+        if kind_seen != kind_mine:
+            return (
+                f"every rank must make the same sequence of dispatch and combine calls on this "
+                f"buffer: rank {peer} called {kind_seen} while rank {rank} called {kind_mine} "
+                f"(high-throughput call {expected >> 16} of the buffer)"
+            )
+        observed, expected = seen, mine
+        kind = kind_mine
+    else:
+        kind = "dispatch"
+    covered = COMBINE_SIGNATURE_ARGUMENTS if kind == "combine" else SIGNATURE_ARGUMENTS
+    return (
+        f"{kind} configuration must agree on every rank: rank {peer} called with other "
+        f"arguments than rank {rank} (one of {covered}; signatures {observed:#06x} and "
+        f"{expected:#06x})"
+    )
 
 
 def launch_combine(
@@ -750,7 +810,11 @@ def launch_combine(
             ctx.arg_templates.clear()
         shape = ((num_sms, 1, 1), (cfg.threads, 1, 1), cfg.smem_bytes())
         template = ctx.arg_templates[tkey] = _Launch(t, *shape)
+        template.signatures = tuple(
+            combine_signature(el, hidden, k, nmax, weighted) for weighted in (False, True)
+        )
     a = template.args  # as in launch_dispatch: every per-call field is set below
+    a.signature = template.signatures[weights is not None]
     a.x, a.topk_weights, a.src_meta = x.data_ptr(), device_ptr(weights), meta.data_ptr()
     # The handle's fields change only with the handle (and a cached dispatch's new chunk rows):
     # set when the struct last saw other objects. The struct holds them, so they stay alive

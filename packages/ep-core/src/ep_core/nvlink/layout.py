@@ -194,4 +194,5 @@ class HtCombineArgs(ctypes.Structure):
         ("lay", SymLayout),
         ("trace", ctypes.c_void_p),
         ("num_push_ctas", ctypes.c_int64),
+        ("signature", ctypes.c_int64),
     ]

@@ -42,6 +42,7 @@ struct HtCombineArgs {
     SymLayout lay;
     uint64_t* trace;        // null, or the developer trace (ht_trace)
     int64_t num_push_ctas;  // kSplit: CTAs [0, n) push, the others reduce
+    int64_t signature;      // kSignatureCombine | 15-bit digest (ht.combine_signature)
 };
 
 enum CombineStage : int {
@@ -341,7 +342,8 @@ struct HtCombine {
 
         ht_trace(a.trace, 0);
         if (blockIdx.x == 0 && warp == 0) {
-            announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
+            const auto sig = static_cast<uint32_t>(a.signature);
+            announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, sig, lane);
             if (tag_refresh_epoch(epoch)) {
                 // Words no reader of this op waits on (kTagRefreshPeriod): this rank's dispatch
                 // words, and its combine flags past the last chunk of each source (all of them
@@ -355,6 +357,9 @@ struct HtCombine {
                                  d == me ? 0 : a.nchunks[d], a.max_chunks, tag);
                 }
             }
+            // Every peer is in a combine with this rank's signature (else every CTA unwinds).
+            check_peers_agree<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, sig, lane,
+                                      kStageCombineArrive);
         }
         const int npush = static_cast<int>(a.num_push_ctas);
         const bool push_cta = !kSplit || static_cast<int>(blockIdx.x) < npush;

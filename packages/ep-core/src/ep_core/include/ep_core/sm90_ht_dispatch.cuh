@@ -535,7 +535,8 @@ struct HtDispatch {
             int bad = 0;
             for (int64_t i = lane; i < a.num_topk_bad; i += 32) bad |= a.topk_bad[i];
             const uint32_t bad_bit = __any_sync(0xffffffffu, bad != 0) ? kInfoBadRouting : 0u;
-            announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, lane);
+            const auto sig = static_cast<uint32_t>(a.signature) & kInfoSignatureMask;
+            announce_start<kRanks>(a.peer_bases, a.lay, me, epoch, sig, lane);
             if (lane < kRanks) {
                 const int64_t nchunks = (a.num_tokens + kChunk - 1) / kChunk;
                 auto* info_words = reinterpret_cast<uint64_t*>(peer_ptr(
@@ -561,6 +562,9 @@ struct HtDispatch {
                                  0, a.max_chunks, tag);
                 }
             }
+            // Every peer is in a dispatch with this rank's signature (else every CTA unwinds).
+            check_peers_agree<kRanks>(ctx, a.peer_bases, a.lay, me, epoch, sig, lane,
+                                      kStageDispatchArrive);
         }
         // Role of this warp; CTA-level indices count only the CTAs of that role.
         const int nsend = static_cast<int>(a.num_send_ctas);

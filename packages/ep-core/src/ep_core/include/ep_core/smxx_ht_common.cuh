@@ -9,6 +9,10 @@
 //   peer writes at the start of the same op, so when op e runs, every peer has finished op e - 2 and
 //   region e % 2 is free again.
 // * Flags are 64-bit words tagged with (uint32)e in the high half: no reset is ever needed.
+// * Each op announces (e << 16) | its call signature in the peers' arrive words; one warp compares
+//   every peer's with its own at the start of the op (check_peers_agree), so ranks that are in
+//   different kinds of op, or that called the same op with other arguments, stop and report it
+//   instead of waiting for flags that never come.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -20,7 +24,7 @@ namespace ep_core {
 // Byte offsets inside one rank's symmetric buffer. Computed on the host (ep_core/nvlink_layout.py).
 struct SymLayout {
     int64_t ctrl;       // u64 epoch, u32 finish counter, u32 abort flag
-    int64_t arrive;     // [R] u64: op number each peer has started
+    int64_t arrive;     // [R] u64: (op number << 16) | call signature each peer has started
     int64_t region[2];  // base of the two alternating regions
     // Offsets relative to a region base:
     int64_t info;     // [R][2] u64: (tag, rows sent to me), (tag, tokens of the sender |
@@ -42,8 +46,9 @@ constexpr uint32_t kInfoBadRouting = 1u << 31;
 constexpr uint32_t kInfoTokensMask = 0xFFFFu;
 constexpr int kInfoSignatureShift = 16;
 constexpr uint32_t kInfoSignatureMask = 0x7FFFu;
-// Error code (ep_jit::ErrorRecord::code) of a dispatch whose peer called with other arguments:
-// peer = that source, observed = its signature, expected = this rank's.
+// Error code (ep_jit::ErrorRecord::code) of an op whose peer called with other arguments, or is
+// in another kind of op: peer = that rank; at stage kStageDispatchInfo observed = its dispatch
+// signature and expected = this rank's, at the arrive stages the arrive words (check_peers_agree).
 constexpr int32_t kErrorArgumentsDiffer = 3;
 
 struct Ctrl {
@@ -298,13 +303,24 @@ __device__ __forceinline__ bool finish_cta(Ctrl* ctrl) {
     return last;
 }
 
+// A call signature (16 bits, from the host): kSignatureCombine for a combine, and a 15-bit digest
+// of the arguments every rank must share (ht.dispatch_signature / ht.combine_signature).
+constexpr uint32_t kSignatureCombine = 0x8000u;
+constexpr int kArriveShift = 16;
+
+// The arrive word of op `epoch` with call signature `sig`: ordered by op number first, so "peer
+// has started op e" is still one comparison (>= arrive_word(e, 0)).
+__device__ __forceinline__ uint64_t arrive_word(uint64_t epoch, uint32_t sig) {
+    return (epoch << kArriveShift) | (sig & 0xFFFFu);
+}
+
 // Each rank announces the start of op `epoch` to every peer (thread lanes 0..R-1 of one warp).
 template <int kRanks>
 __device__ __forceinline__ void announce_start(const uint64_t* peer_bases, const SymLayout& lay,
-                                               int rank, uint64_t epoch, int lane) {
+                                               int rank, uint64_t epoch, uint32_t sig, int lane) {
     if (lane < kRanks) {
         auto* p = reinterpret_cast<uint64_t*>(peer_ptr(peer_bases, lane, lay.arrive)) + rank;
-        st_release_sys(p, epoch);
+        st_release_sys(p, arrive_word(epoch, sig));
     }
 }
 
@@ -315,8 +331,37 @@ __device__ __forceinline__ bool wait_all_started(const WaitContext& ctx, const u
                                                  int stage) {
     const auto* arrive = reinterpret_cast<const uint64_t*>(peer_ptr(peer_bases, rank, lay.arrive));
     for (int s = 0; s < kRanks; ++s)
-        if (!wait_geq(ctx, arrive + s, epoch, stage, s)) return false;
+        if (!wait_geq(ctx, arrive + s, arrive_word(epoch, 0), stage, s)) return false;
     return true;
+}
+
+// Lane s < kRanks (s != rank) of one warp, right after announce_start: waits until peer s has
+// started op `epoch` and compares the kind and signature it announced with this rank's. A
+// difference is recorded (kErrorArgumentsDiffer, observed = the peer's arrive word, expected =
+// this rank's) and aborts every CTA of this rank; the peer finds the same difference in this
+// rank's word, so every rank of the op reports it. A peer already past op `epoch` compared this
+// rank's word before it went on (it cannot finish the op without this rank), so it is skipped.
+// Warp-wide; false after a difference, a timeout or an abort.
+template <int kRanks>
+__device__ __forceinline__ bool check_peers_agree(const WaitContext& ctx,
+                                                  const uint64_t* peer_bases, const SymLayout& lay,
+                                                  int rank, uint64_t epoch, uint32_t sig, int lane,
+                                                  int stage) {
+    bool ok = true;
+    if (lane < kRanks && lane != rank) {
+        const auto* word =
+            reinterpret_cast<const uint64_t*>(peer_ptr(peer_bases, rank, lay.arrive)) + lane;
+        const uint64_t mine = arrive_word(epoch, sig);
+        const uint64_t first = arrive_word(epoch, 0);
+        uint64_t v = 0;
+        ok = spin_acquire(ctx, word, [first](uint64_t x) { return x >= first; }, v, stage, lane);
+        if (ok && (v >> kArriveShift) == epoch && v != mine) {
+            record_error(ctx, kErrorArgumentsDiffer, stage, lane, static_cast<int64_t>(v),
+                         static_cast<int64_t>(mine));
+            ok = false;
+        }
+    }
+    return __all_sync(0xffffffffu, ok);
 }
 
 }  // namespace ep_core
