@@ -123,6 +123,7 @@ def _host_only_engine(monkeypatch: pytest.MonkeyPatch, launched: list[tuple[str,
     )
     eng._watchdog = DeviceWatchdog(nvlink_ll.LL_STAGES, rank=0, timeout_s=1.0, device="cpu")
     eng.timeout_ns = eng._watchdog.timeout_ns
+    eng._error_code = ctypes.c_int32.from_address(eng._watchdog.record_ptr)
     eng.layout = nvlink_ll.compute_ll_layout(r, 4, nmax, num_experts // r, hidden, k)
     eng._peer_bases = torch.zeros(r, dtype=torch.int64)
     eng._seq, eng._pending, eng._calls, eng._destroyed = 0, set(), [0, 0], False
@@ -134,6 +135,53 @@ def _host_only_engine(monkeypatch: pytest.MonkeyPatch, launched: list[tuple[str,
     monkeypatch.setattr(eng, "_launch", fake_launch)
     monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
     return eng
+
+
+def test_calls_carry_their_signature_and_a_difference_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ep_core.nvlink import ll as nvlink_ll
+
+    eng = _host_only_engine(monkeypatch, [])
+    sigs: list[int] = []
+    monkeypatch.setattr(eng, "_launch", lambda spec, args, smem: sigs.append(int(args.signature)))
+    x = torch.zeros(5, 256, dtype=torch.bfloat16)
+    idx = torch.zeros(5, 4, dtype=torch.int64)
+    opts = {"num_max_dispatch_tokens_per_rank": 8, "num_experts": 8}
+    res, _ = eng.dispatch(x, idx, use_fp8=False, **opts)
+    eng.dispatch(x, idx, use_fp8=True, **opts)
+    eng.combine(torch.zeros(4, 16, 256, dtype=torch.bfloat16), idx, torch.ones(5, 4), res.handle)
+    assert sigs == [
+        nvlink_ll.dispatch_signature(8, 256, 4, 8, "bf16"),
+        nvlink_ll.dispatch_signature(8, 256, 4, 8, "fp8"),
+        nvlink_ll.combine_signature(8, 256, 4, 8),
+    ]
+    assert sigs[0] != sigs[1] and sigs[0] < 1 << 15 and sigs[2] & nvlink_ll.SIGNATURE_COMBINE
+    for i, changed in enumerate((16, 512, 8, 16)):
+        args = [8, 256, 4, 8]
+        args[i] = changed
+        assert nvlink_ll.combine_signature(*args) != sigs[2], args
+        assert nvlink_ll.dispatch_signature(*args, "bf16") != sigs[0], args
+    # A kernel recorded that rank 1 wrote a combine's signature where this rank's dispatch read
+    # its token count: ValueError naming both kinds, at this call and the next.
+    record = ctypes.cast(eng._watchdog.record_ptr, ctypes.POINTER(ctypes.c_int32 * 16)).contents
+    record[0], record[1], record[2], record[3] = nvlink_ll.ERROR_ARGUMENTS_DIFFER, 22, 1, 0
+    observed = ctypes.c_int64.from_address(eng._watchdog.record_ptr + 24)
+    expected = ctypes.c_int64.from_address(eng._watchdog.record_ptr + 32)
+    observed.value, expected.value = sigs[2], sigs[0]
+    for _ in range(2):
+        with pytest.raises(
+            ValueError,
+            match="rank 1 called low_latency_combine while rank 0 called low_latency_dispatch",
+        ):
+            eng.dispatch(x, idx, use_fp8=False, **opts)
+    observed.value = sigs[1]
+    with pytest.raises(
+        ValueError,
+        match=r"low_latency_dispatch configuration must agree on every rank: rank 1 called with "
+        r"other arguments than rank 0 \(one of num_experts",
+    ):
+        eng.dispatch(x, idx, use_fp8=False, **opts)
 
 
 def test_host_logic_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -797,6 +845,7 @@ def test_prepare_builds_and_binds_every_kernel_of_a_shape(monkeypatch: pytest.Mo
     eng = ll.LowLatencyEngine.__new__(ll.LowLatencyEngine)
     eng._destroyed = False
     eng._watchdog = type("W", (), {"check": lambda self: None})()
+    eng._error_code = ctypes.c_int32(0)
     eng.num_ranks, eng.num_topk, eng.hidden = 4, 8, 2048
     eng.num_max_tokens, eng.num_experts, eng.num_ctas = 64, 32, 16
     eng.device = torch.device("cuda", 0)

@@ -865,3 +865,51 @@ def test_calls_that_differ_raise_on_every_rank_nvlink(
     world_size: int, per_gpu: int, what: str
 ) -> None:
     run_ranks(world_size, _calls_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu)
+
+
+def _low_latency_calls_differ_worker(info: Any, what: str) -> None:
+    # NVLink backend, low latency, after one agreed dispatch: rank 1 dispatches FP8 while rank 0
+    # dispatches BF16 ("fp8"), or rank 1 combines while rank 0 dispatches ("kind"). Every op
+    # writes its signature where a dispatch writes its token count, and every reader compares it
+    # with its own: both ranks stop the op and raise at their next call (and the one after).
+    import time
+
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(61 + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    w = torch.rand(NMAX, k, generator=gen).to(dev)
+    buf = ElasticBuffer(
+        info.group, num_max_tokens_per_rank=0, hidden=HIDDEN, num_topk=k, backend="nvlink",
+        device=dev, num_gpu_timeout_secs=60, low_latency_mode=True,
+        num_max_dispatch_tokens_per_rank=NMAX, num_experts=e,
+    )  # fmt: skip
+    recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, NMAX, e, use_fp8=False)
+    assert isinstance(recv, torch.Tensor)
+    torch.cuda.synchronize(dev)
+    start = time.monotonic()
+    if what == "kind" and info.rank == 1:
+        buf.low_latency_combine(recv, idx, w, handle)
+    else:
+        buf.low_latency_dispatch(x, idx, NMAX, e, use_fp8=what == "fp8" and info.rank == 1)
+    torch.cuda.synchronize(dev)
+    if what == "kind":
+        pattern = r"rank \d called low_latency_(combine|dispatch) while rank \d called"
+    else:
+        pattern = r"low_latency_dispatch configuration must agree on every rank: rank \d called"
+    for _ in range(2):
+        with pytest.raises(ValueError, match=pattern):
+            buf.low_latency_dispatch(x, idx, NMAX, e, use_fp8=False)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, f"rank {info.rank} took {elapsed:.1f} s to raise"
+    buf.destroy()
+
+
+@pytest.mark.parametrize("what", ["fp8", "kind"])
+@pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((2,)))
+def test_low_latency_calls_that_differ_raise_on_every_rank_nvlink(
+    world_size: int, per_gpu: int, what: str
+) -> None:
+    run_ranks(
+        world_size, _low_latency_calls_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu
+    )

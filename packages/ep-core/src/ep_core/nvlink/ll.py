@@ -29,6 +29,8 @@ afterwards.
 from __future__ import annotations
 
 import ctypes
+import functools
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,15 +46,22 @@ from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.regions import RegionPlan, double_buffered
 
 __all__ = [
+    "COMBINE_SIGNATURE_ARGUMENTS",
+    "DISPATCH_SIGNATURE_ARGUMENTS",
+    "ERROR_ARGUMENTS_DIFFER",
     "LL_STAGES",
+    "SIGNATURE_COMBINE",
     "TRACE_NAMES",
     "TRACE_POINTS",
     "LlArgs",
     "LlLayout",
     "LowLatencyEngine",
     "NvlinkLowLatencyState",
+    "combine_signature",
     "combine_smem_bytes",
     "compute_ll_layout",
+    "describe_disagreement",
+    "dispatch_signature",
     "dispatch_smem_bytes",
     "ll_combine_spec",
     "ll_dispatch_spec",
@@ -172,6 +181,7 @@ class LlArgs(ctypes.Structure):
         ("r_cw", ctypes.c_int64),
         ("r_stage", ctypes.c_int64),
         ("trace", ctypes.c_uint64),
+        ("signature", ctypes.c_int64),
     ]
 
 
@@ -304,6 +314,65 @@ def _fmt(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
     if use_ue8m0:
         return "ue8m0"
     return "fp8_pow2" if round_scale else "fp8"
+
+
+SIGNATURE_COMBINE = 0x8000
+"""Bit of a low-latency call signature that marks a combine (``ep_core::kLlSignatureCombine``)."""
+
+DISPATCH_SIGNATURE_ARGUMENTS = (
+    "num_experts, hidden size, num_topk, num_max_dispatch_tokens_per_rank, and the FP8 format "
+    "(use_fp8, round_scale, use_ue8m0)"
+)
+"""What a low-latency dispatch's signature covers."""
+
+COMBINE_SIGNATURE_ARGUMENTS = (
+    "hidden size of x, and the handles' num_experts, num_topk and num_max_dispatch_tokens_per_rank"
+)
+"""What a low-latency combine's signature covers."""
+
+ERROR_ARGUMENTS_DIFFER = 3
+"""``ep_core::kErrorLlArgumentsDiffer``: the record's ``peer`` wrote another signature
+(``observed``) than this rank's (``expected``) into its token word of the same op."""
+
+
+def _digest(fields: tuple[Any, ...]) -> int:
+    return zlib.crc32(repr(fields).encode()) & 0x7FFF
+
+
+@functools.lru_cache(maxsize=256)
+def dispatch_signature(num_experts: int, hidden: int, num_topk: int, nmax: int, fmt: str) -> int:
+    """A low-latency dispatch's call signature (15 bits; :data:`DISPATCH_SIGNATURE_ARGUMENTS`).
+    Written beside the token count every rank reads from every source; a rank that reads
+    another records ``kErrorLlArgumentsDiffer``. Two different argument sets share a signature
+    with probability 2^-15."""
+    return _digest(("ll-dispatch", num_experts, hidden, num_topk, nmax, fmt))
+
+
+@functools.lru_cache(maxsize=256)
+def combine_signature(num_experts: int, hidden: int, num_topk: int, nmax: int) -> int:
+    """A low-latency combine's call signature: :data:`SIGNATURE_COMBINE` plus a 15-bit digest
+    of :data:`COMBINE_SIGNATURE_ARGUMENTS`, written where a dispatch writes its token count, so
+    ranks in different kinds of op never agree."""
+    return SIGNATURE_COMBINE | _digest(("ll-combine", num_experts, hidden, num_topk, nmax))
+
+
+def describe_disagreement(rank: int, peer: int, observed: int, expected: int) -> str:
+    """The message of an ``ERROR_ARGUMENTS_DIFFER`` record of the low-latency kernels."""
+    kind_seen = "combine" if observed & SIGNATURE_COMBINE else "dispatch"
+    kind_mine = "combine" if expected & SIGNATURE_COMBINE else "dispatch"
+    if kind_seen != kind_mine:
+        return (
+            "every rank must make the same sequence of low-latency dispatch and combine calls "
+            f"on this buffer: rank {peer} called low_latency_{kind_seen} while rank {rank} "
+            f"called low_latency_{kind_mine}"
+        )
+    combine = kind_mine == "combine"
+    covered = COMBINE_SIGNATURE_ARGUMENTS if combine else DISPATCH_SIGNATURE_ARGUMENTS
+    return (
+        f"low_latency_{kind_mine} configuration must agree on every rank: rank {peer} called "
+        f"with other arguments than rank {rank} (one of {covered}; signatures {observed:#06x} "
+        f"and {expected:#06x})"
+    )
 
 
 def ll_dispatch_spec(num_ranks: int, num_topk: int, hidden: int, fmt: str, phase: int) -> Any:
@@ -574,11 +643,22 @@ class LowLatencyEngine:
         )
 
     def check_error(self) -> None:
-        """Raises ``ep_jit.JitTimeoutError`` if a kernel recorded a timeout, or
-        ``ep_jit.JitPeerAbortError`` if one saw a rank give up on its op (reads host memory).
+        """Raises ``ep_jit.JitTimeoutError`` if a kernel recorded a timeout,
+        ``ep_jit.JitPeerAbortError`` if one saw a rank give up on its op, or ``ValueError`` if
+        one found a peer in another kind of op or called with other arguments (reads host
+        memory).
 
         Call after synchronising with the kernels' stream to see their latest state.
         """
+        if not self._error_code.value:
+            return
+        rec = self._watchdog.read_record()
+        if rec.code == ERROR_ARGUMENTS_DIFFER:
+            raise ValueError(
+                describe_disagreement(rec.rank, rec.peer, rec.observed, rec.expected)
+                + "; no rank's result is valid, and the buffer serves no more calls: build a "
+                "new one"
+            )
         self._watchdog.check()
 
     @property
@@ -745,6 +825,7 @@ class LowLatencyEngine:
         a.cmap, a.recv_ntok = device_ptr(cmap), device_ptr(recv_ntok)
         a.num_tokens, a.num_experts, a.num_local_experts = num_tokens, num_experts, el
         a.num_max_tokens = nmax
+        a.signature = dispatch_signature(num_experts, hidden, k, nmax, fmt)
         smem = dispatch_smem_bytes(r, num_tokens, num_experts)
 
         # The closure keeps the inputs alive until the receive kernel is enqueued.
@@ -852,6 +933,7 @@ class LowLatencyEngine:
         )
         a.num_tokens, a.num_experts, a.num_local_experts = num_tokens, handle.num_experts, el
         a.num_max_tokens = nmax
+        a.signature = combine_signature(handle.num_experts, hidden, k, nmax)
         smem = combine_smem_bytes(r)
 
         # The closure keeps the inputs alive until the receive kernel is enqueued.

@@ -90,13 +90,14 @@ struct LlArgs {
     int64_t off_pend;           // [num CTAs] u64: epoch of this CTA's fused op not released yet
     int64_t region[2];          // bases of the two alternating regions
     int64_t r_cnt;              // [R][buf El] u64 (epoch << 32) | count
-    int64_t r_ntok;             // [R] u64 (epoch << 32) | T of the source
+    int64_t r_ntok;             // [R] u64 (epoch << 32) | signature << 16 | T of the source
     int64_t r_done;             // [R][num CTAs] u64 epoch: rows/partials of a source CTA complete
     int64_t r_meta;             // [R][buf Nmax][k] int32
     int64_t r_cmask;            // [R][buf Nmax] u64 (epoch << 32) | combine lanes on this rank
     int64_t r_cw;               // [R][buf Nmax][buf k] u64 (epoch << 32) | float32 bits of a weight
     int64_t r_stage;            // [R][buf Nmax][row_bytes] staged rows / combine partials
     uint64_t trace;             // 0, or [num CTAs][kTracePoints] u64 %globaltimer (developer trace)
+    int64_t signature;          // the call's 16-bit signature (kLlSignatureCombine for a combine)
 };
 
 enum LlStage : int {
@@ -106,6 +107,15 @@ enum LlStage : int {
     kStageLlWeights = 24,
     kStageLlPartials = 25,
 };
+
+// Call signatures of the low-latency ops (16 bits, from the host: ll.dispatch_signature /
+// ll.combine_signature): kLlSignatureCombine marks a combine, the other 15 bits digest what every
+// rank must share. Each op writes its signature into the upper half of the low word of r_ntok at
+// every rank (the dispatch beside its token count, the combine alone); a reader whose own differs
+// records kErrorLlArgumentsDiffer (observed = the peer's signature, expected = this rank's), and
+// every CTA of the rank unwinds; the peer finds the same difference.
+constexpr uint32_t kLlSignatureCombine = 0x8000u;
+constexpr int32_t kErrorLlArgumentsDiffer = 3;
 
 namespace ll {
 
@@ -191,6 +201,17 @@ __device__ __forceinline__ bool warp_wait_lanes(const Env& env, const uint64_t* 
     const bool ok = flag == nullptr || wait_geq(env.ctx, flag, target, stage, peer);
     __syncwarp();
     return __all_sync(kFull, ok);
+}
+
+// Whether the signature peer `peer` wrote beside its token count (the upper half of `low`, the
+// low word of its r_ntok word of this op) is this op's; else records the difference (every CTA of
+// this rank then unwinds) and returns false.
+__device__ __forceinline__ bool signature_agrees(const LlArgs& a, const Env& env, int peer,
+                                                 uint32_t low, int stage) {
+    const uint32_t seen = low >> 16, mine = static_cast<uint32_t>(a.signature) & 0xFFFFu;
+    if (seen == mine) return true;
+    record_error(env.ctx, kErrorLlArgumentsDiffer, stage, peer, seen, mine);
+    return false;
 }
 
 // Prologue shared by every kernel: abort check and epoch (send kernels pass the release gate per
@@ -341,8 +362,8 @@ __device__ __forceinline__ void source_offsets(int me, const int* ntok, int* spo
 // In a refresh op (tag_refresh_epoch, see kTagRefreshPeriod in smxx_ptx.cuh): this rank's
 // tagged words at every rank that no reader of this op waits on get this op's tag, so no word
 // ever keeps a tag that is 2^32 ops old. A dispatch refreshes the combine's masks and weights
-// and the count words past this call's experts; a combine refreshes the dispatch's count and
-// token words, its masks past this call's tokens and its weight words past this call's tokens
+// and the count words past this call's experts; a combine refreshes the dispatch's count
+// words (it writes the token words itself, with its signature), its masks past this call's tokens and its weight words past this call's tokens
 // or top-k (send_weights gives the lanes not routed to a rank their tag). Words that the op
 // itself writes are left alone. Called by warps that passed the release gate.
 template <int kRanks, int kTopk, int kKind>
@@ -361,8 +382,6 @@ __device__ __forceinline__ void refresh_words(const LlArgs& a, const Env& env, i
             refresh_tags(cw, 0, nbuf * kbuf, tag, gw, nw);
         } else {
             refresh_tags(cnt, 0, elbuf, tag, gw, nw);
-            refresh_tags(reinterpret_cast<uint64_t*>(reg + a.r_ntok), env.me, env.me + 1, tag,
-                         gw, nw);
             refresh_tags(mask, T, nbuf, tag, gw, nw);
             refresh_tags(cw, T * kbuf, nbuf * kbuf, tag, gw, nw);
             // Top-k lanes [k, kbuf) of the call's tokens.
@@ -588,7 +607,8 @@ struct Dispatch {
         }
         if (ok && blockIdx.x == 0 && ttid < kRanks) {
             auto* word = reinterpret_cast<uint64_t*>(env.region(a, ttid) + a.r_ntok) + env.me;
-            st_relaxed_sys(word, tagged(env.epoch, static_cast<uint32_t>(T)));
+            st_relaxed_sys(word, tagged(env.epoch, (static_cast<uint32_t>(a.signature) << 16) |
+                                                       static_cast<uint32_t>(T)));
         }
 
         // Lane table of token t (written by CTA t % nc) at every rank.
@@ -692,9 +712,20 @@ struct Dispatch {
         const auto* cnt_words = reinterpret_cast<const uint64_t*>(reg + a.r_cnt);
         const int ncnt = kRanks * El;
         const auto* ntok_words = reinterpret_cast<const uint64_t*>(reg + a.r_ntok);
-        uint64_t ntv = gtid < kRanks ? ld_relaxed_sys(ntok_words + gtid) : 0;  // with the counts
-        constexpr int kBatch = 8;
         bool stop = false;
+        if (gtid < kRanks) {
+            // Source gtid's token count and signature, before its counts: a source in another
+            // kind of op, or called with other arguments, writes no counts this rank could wait
+            // for.
+            uint64_t ntv = ld_relaxed_sys(ntok_words + gtid);
+            if (static_cast<uint32_t>(ntv >> 32) != tag &&
+                !wait_tag(env.ctx, ntok_words + gtid, tag, &ntv, kStageLlCounts, gtid))
+                stop = true;
+            if (!stop && !signature_agrees(a, env, gtid, static_cast<uint32_t>(ntv), kStageLlCounts))
+                stop = true;
+            sntok[gtid] = stop ? 0 : static_cast<int>(static_cast<uint32_t>(ntv) & 0xFFFFu);
+        }
+        constexpr int kBatch = 8;
         for (int base = gtid; base < ncnt; base += kBatch * nthreads) {
             uint64_t v[kBatch];
 #pragma unroll
@@ -719,12 +750,6 @@ struct Dispatch {
                     stop = true;
                 sbase[i] = static_cast<int>(static_cast<uint32_t>(v[q]));
             }
-        }
-        if (gtid < kRanks) {
-            if (static_cast<uint32_t>(ntv >> 32) != tag &&
-                !wait_tag(env.ctx, ntok_words + gtid, tag, &ntv, kStageLlCounts, gtid))
-                stop = true;
-            sntok[gtid] = static_cast<int>(static_cast<uint32_t>(ntv));
         }
         if (stop) s_stop_word() = 1;
         sync();
@@ -1002,6 +1027,10 @@ struct Combine {
         const auto* topk = reinterpret_cast<const int64_t*>(a.topk_idx);
         const auto* weights = reinterpret_cast<const float*>(a.topk_weights);
         const bool ok = warp_gate<kRanks>(a, env);
+        // This op's signature, at every rank (where a dispatch writes its token count).
+        if (ok && blockIdx.x == 0 && warp == 0 && lane < kRanks)
+            st_relaxed_sys(reinterpret_cast<uint64_t*>(env.region(a, lane) + a.r_ntok) + env.me,
+                           tagged(env.epoch, static_cast<uint32_t>(a.signature) << 16));
         // A refresh op (kTagRefreshPeriod) also gives its tag to the weight words of the lanes
         // not routed to a rank.
         const bool refresh = tag_refresh_epoch(env.epoch);
@@ -1040,6 +1069,14 @@ struct Combine {
         int* spoff = reinterpret_cast<int*>(smem + kNumWarps * 2 * kSlotBytes);
         int* sntok = spoff + kRanks + 1;
         if (tid < kRanks) sntok[tid] = reinterpret_cast<const int32_t*>(a.recv_ntok)[tid];
+        // Every source is in a combine with this rank's signature (its send_weights wrote it):
+        // else recorded, and every wait below sees the abort.
+        if (tid < kRanks && tid != env.me) {
+            const auto* word = reinterpret_cast<const uint64_t*>(env.my_region(a) + a.r_ntok) + tid;
+            uint64_t v = 0;
+            if (wait_tag(env.ctx, word, static_cast<uint32_t>(env.epoch), &v, kStageLlWeights, tid))
+                signature_agrees(a, env, tid, static_cast<uint32_t>(v), kStageLlWeights);
+        }
         __syncthreads();
         if (tid == 0) source_offsets<kRanks, kNumChunks>(env.me, sntok, spoff);
         __syncthreads();
