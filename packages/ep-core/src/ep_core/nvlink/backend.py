@@ -663,10 +663,11 @@ class NvlinkBackend:
         lay = self.layout
         with torch.cuda.device(self.device):
             self.sym.settle()
-            # Ctrl: u64 epoch, u32 finish counter, u32 abort; arrive: [R] u64.
+            # Ctrl: u64 epoch, u32 finish counter, u32 abort; arrive: [R] u64, the op number
+            # above bit 16 (its signature below: none here).
             self.sym.tensor(lay.ctrl, (1,), torch.int64).fill_(last_epoch)
             self.sym.tensor(lay.ctrl + 8, (1,), torch.int32).zero_()
-            self.sym.tensor(lay.arrive, (self.num_ranks,), torch.int64).fill_(last_epoch)
+            self.sym.tensor(lay.arrive, (self.num_ranks,), torch.int64).fill_(last_epoch << 16)
             # Tagged words of each region as the last op of its parity left them.
             r, cmax = self.num_ranks, self.sizing.max_chunks
             for p, base in enumerate((lay.region0, lay.region1)):
