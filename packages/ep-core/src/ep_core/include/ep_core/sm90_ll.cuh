@@ -1069,9 +1069,10 @@ struct Combine {
         int* spoff = reinterpret_cast<int*>(smem + kNumWarps * 2 * kSlotBytes);
         int* sntok = spoff + kRanks + 1;
         if (tid < kRanks) sntok[tid] = reinterpret_cast<const int32_t*>(a.recv_ntok)[tid];
-        // Every source is in a combine with this rank's signature (its send_weights wrote it):
-        // else recorded, and every wait below sees the abort.
-        if (tid < kRanks && tid != env.me) {
+        // CTA 0: every source is in a combine with this rank's signature (its send_weights wrote
+        // it); else recorded, and every wait of every CTA sees the abort. The other CTAs do not
+        // wait for it (their items wait for the sources' masks anyway).
+        if (blockIdx.x == 0 && tid < kRanks && tid != env.me) {
             const auto* word = reinterpret_cast<const uint64_t*>(env.my_region(a) + a.r_ntok) + tid;
             uint64_t v = 0;
             if (wait_tag(env.ctx, word, static_cast<uint32_t>(env.epoch), &v, kStageLlWeights, tid))
