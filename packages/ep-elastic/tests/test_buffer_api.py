@@ -815,6 +815,29 @@ def test_dispatch_arguments_that_differ_raise_on_every_rank_nvlink(
     run_ranks(world_size, _arguments_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu)
 
 
+def _agreement_inputs(info: Any, seed: int) -> tuple[int, int, torch.Tensor, torch.Tensor, Any]:
+    """``(E, k, x, topk_idx, topk_weights)`` of one rank for the agreement tests below."""
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(seed + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    return e, k, x, idx, torch.rand(NMAX, k, generator=gen).to(dev)
+
+
+def _every_next_call_raises(
+    info: Any, buf: ElasticBuffer, call: Callable[[], object], pattern: str, start: float
+) -> None:
+    """The next two calls raise ``pattern``, within 30 s of ``start``; then destroys ``buf``."""
+    import time
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, f"rank {info.rank} took {elapsed:.1f} s to raise"
+    buf.destroy()
+
+
 def _calls_differ_worker(info: Any, what: str) -> None:
     # NVLink backend, after one agreed dispatch: rank 1 combines with a narrower x
     # ("combine_hidden") or sends weights back that rank 0 does not ("combine_weights"), or
@@ -823,11 +846,8 @@ def _calls_differ_worker(info: Any, what: str) -> None:
     # stops that op's kernels, and raises ValueError at its next call (and the one after).
     import time
 
-    dev, e, k = info.device, 4 * info.world_size, 4
-    gen = torch.Generator().manual_seed(51 + info.rank)
-    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
-    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
-    w = torch.rand(NMAX, k, generator=gen).to(dev)
+    dev = info.device
+    e, k, x, idx, w = _agreement_inputs(info, 51)
     buf = ElasticBuffer(
         info.group, num_max_tokens_per_rank=NMAX, hidden=HIDDEN, num_topk=k, backend="nvlink",
         device=dev, num_gpu_timeout_secs=60,
@@ -851,12 +871,13 @@ def _calls_differ_worker(info: Any, what: str) -> None:
         pattern = r"rank \d called (combine|dispatch) while rank \d called (dispatch|combine)"
     else:
         pattern = r"combine configuration must agree on every rank: rank \d called with other"
-    for _ in range(2):
-        with pytest.raises(ValueError, match=pattern):
-            buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True)
-    elapsed = time.monotonic() - start
-    assert elapsed < 30, f"rank {info.rank} took {elapsed:.1f} s to raise"
-    buf.destroy()
+    _every_next_call_raises(
+        info,
+        buf,
+        lambda: buf.dispatch(x, topk_idx=idx, num_experts=e, do_cpu_sync=True),
+        pattern,
+        start,
+    )
 
 
 @pytest.mark.parametrize("what", ["combine_hidden", "combine_weights", "kind"])
@@ -874,11 +895,8 @@ def _low_latency_calls_differ_worker(info: Any, what: str) -> None:
     # with its own: both ranks stop the op and raise at their next call (and the one after).
     import time
 
-    dev, e, k = info.device, 4 * info.world_size, 4
-    gen = torch.Generator().manual_seed(61 + info.rank)
-    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
-    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
-    w = torch.rand(NMAX, k, generator=gen).to(dev)
+    dev = info.device
+    e, k, x, idx, w = _agreement_inputs(info, 61)
     buf = ElasticBuffer(
         info.group, num_max_tokens_per_rank=0, hidden=HIDDEN, num_topk=k, backend="nvlink",
         device=dev, num_gpu_timeout_secs=60, low_latency_mode=True,
@@ -897,12 +915,13 @@ def _low_latency_calls_differ_worker(info: Any, what: str) -> None:
         pattern = r"rank \d called low_latency_(combine|dispatch) while rank \d called"
     else:
         pattern = r"low_latency_dispatch configuration must agree on every rank: rank \d called"
-    for _ in range(2):
-        with pytest.raises(ValueError, match=pattern):
-            buf.low_latency_dispatch(x, idx, NMAX, e, use_fp8=False)
-    elapsed = time.monotonic() - start
-    assert elapsed < 30, f"rank {info.rank} took {elapsed:.1f} s to raise"
-    buf.destroy()
+    _every_next_call_raises(
+        info,
+        buf,
+        lambda: buf.low_latency_dispatch(x, idx, NMAX, e, use_fp8=False),
+        pattern,
+        start,
+    )
 
 
 @pytest.mark.parametrize("what", ["fp8", "kind"])
