@@ -9,13 +9,19 @@ so that one CTA fills one SM's shared memory.
 from __future__ import annotations
 
 import functools
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ep_core.nvlink._common import build_kernel, device_ptr, register_include_root
+from ep_core.nvlink._common import (
+    SIGNATURE_COMBINE,
+    build_kernel,
+    describe_signatures,
+    device_ptr,
+    register_include_root,
+    signature_digest,
+)
 from ep_core.nvlink.layout import (
     CHUNK_TOKENS,
     HtCombineArgs,
@@ -701,11 +707,10 @@ def dispatch_signature(
     (:data:`SIGNATURE_ARGUMENTS`). Each rank announces it to every peer with its token count;
     a receiver whose own differs records ``kErrorArgumentsDiffer`` (``ERROR_ARGUMENTS_DIFFER``).
     Two different argument sets share a digest with probability 2^-15."""
-    text = repr(
+    return signature_digest(
         (num_local_experts, str(x_dtype), row_bytes, str(sf_dtype), num_sf, num_topk,
          num_max_tokens, has_weights)
     )  # fmt: skip
-    return zlib.crc32(text.encode()) & 0x7FFF
 
 
 COMBINE_SIGNATURE_ARGUMENTS = (
@@ -713,10 +718,6 @@ COMBINE_SIGNATURE_ARGUMENTS = (
     "num_max_tokens_per_rank"
 )
 """What a combine's signature covers (named in the error when ranks' signatures differ)."""
-
-SIGNATURE_COMBINE = 0x8000
-"""Bit of a call signature that marks a combine (``ep_core::kSignatureCombine``); a dispatch's
-signature has it clear, so ranks in different kinds of op never agree."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -727,8 +728,8 @@ def combine_signature(
     every rank must share (:data:`COMBINE_SIGNATURE_ARGUMENTS`). Each rank announces it with
     the start of the op; a rank that finds another in a peer's announcement records
     ``kErrorArgumentsDiffer`` (``ERROR_ARGUMENTS_DIFFER``)."""
-    text = repr(("combine", num_local_experts, hidden, num_topk, num_max_tokens, has_weights))
-    return SIGNATURE_COMBINE | (zlib.crc32(text.encode()) & 0x7FFF)
+    fields = ("combine", num_local_experts, hidden, num_topk, num_max_tokens, has_weights)
+    return SIGNATURE_COMBINE | signature_digest(fields)
 
 
 ERROR_ARGUMENTS_DIFFER = 3
@@ -744,26 +745,18 @@ source's (before they read anything the source sent)."""
 
 def describe_disagreement(rank: int, peer: int, stage: int, observed: int, expected: int) -> str:
     """The message of an ``ERROR_ARGUMENTS_DIFFER`` record: which ranks disagree, and on what."""
-    if stage != STAGE_DISPATCH_INFO:
-        # Arrive words: the op number above bit 16, the signature below.
-        seen, mine = observed & 0xFFFF, expected & 0xFFFF
-        kind_seen = "combine" if seen & SIGNATURE_COMBINE else "dispatch"
-        kind_mine = "combine" if mine & SIGNATURE_COMBINE else "dispatch"
-        if kind_seen != kind_mine:
-            return (
-                f"every rank must make the same sequence of dispatch and combine calls on this "
-                f"buffer: rank {peer} called {kind_seen} while rank {rank} called {kind_mine} "
-                f"(high-throughput call {expected >> 16} of the buffer)"
-            )
-        observed, expected = seen, mine
-        kind = kind_mine
-    else:
-        kind = "dispatch"
-    covered = COMBINE_SIGNATURE_ARGUMENTS if kind == "combine" else SIGNATURE_ARGUMENTS
-    return (
-        f"{kind} configuration must agree on every rank: rank {peer} called with other "
-        f"arguments than rank {rank} (one of {covered}; signatures {observed:#06x} and "
-        f"{expected:#06x})"
+    covered = {"dispatch": SIGNATURE_ARGUMENTS, "combine": COMBINE_SIGNATURE_ARGUMENTS}
+    if stage == STAGE_DISPATCH_INFO:  # two dispatch signatures
+        return describe_signatures(rank, peer, observed, expected, family="", covered=covered)
+    # Arrive words: the op number above bit 16, the signature below.
+    return describe_signatures(
+        rank,
+        peer,
+        observed & 0xFFFF,
+        expected & 0xFFFF,
+        family="",
+        covered=covered,
+        where=f" (high-throughput call {expected >> 16} of the buffer)",
     )
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,14 @@ import torch.distributed as dist
 import ep_jit
 from ep_core.backend import LowLatencyDispatchResult
 from ep_core.handle import LowLatencyHandle
-from ep_core.nvlink._common import build_kernel, device_ptr, register_include_root
+from ep_core.nvlink._common import (
+    SIGNATURE_COMBINE,
+    build_kernel,
+    describe_signatures,
+    device_ptr,
+    register_include_root,
+    signature_digest,
+)
 from ep_jit.agreement import check_agreement, gather_checked
 from ep_jit.regions import RegionPlan, double_buffered
 
@@ -316,9 +322,6 @@ def _fmt(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> str:
     return "fp8_pow2" if round_scale else "fp8"
 
 
-SIGNATURE_COMBINE = 0x8000
-"""Bit of a low-latency call signature that marks a combine (``ep_core::kLlSignatureCombine``)."""
-
 DISPATCH_SIGNATURE_ARGUMENTS = (
     "num_experts, hidden size, num_topk, num_max_dispatch_tokens_per_rank, and the FP8 format "
     "(use_fp8, round_scale, use_ue8m0)"
@@ -335,17 +338,13 @@ ERROR_ARGUMENTS_DIFFER = 3
 (``observed``) than this rank's (``expected``) into its token word of the same op."""
 
 
-def _digest(fields: tuple[Any, ...]) -> int:
-    return zlib.crc32(repr(fields).encode()) & 0x7FFF
-
-
 @functools.lru_cache(maxsize=256)
 def dispatch_signature(num_experts: int, hidden: int, num_topk: int, nmax: int, fmt: str) -> int:
     """A low-latency dispatch's call signature (15 bits; :data:`DISPATCH_SIGNATURE_ARGUMENTS`).
     Written beside the token count every rank reads from every source; a rank that reads
     another records ``kErrorLlArgumentsDiffer``. Two different argument sets share a signature
     with probability 2^-15."""
-    return _digest(("ll-dispatch", num_experts, hidden, num_topk, nmax, fmt))
+    return signature_digest(("ll-dispatch", num_experts, hidden, num_topk, nmax, fmt))
 
 
 @functools.lru_cache(maxsize=256)
@@ -353,25 +352,14 @@ def combine_signature(num_experts: int, hidden: int, num_topk: int, nmax: int) -
     """A low-latency combine's call signature: :data:`SIGNATURE_COMBINE` plus a 15-bit digest
     of :data:`COMBINE_SIGNATURE_ARGUMENTS`, written where a dispatch writes its token count, so
     ranks in different kinds of op never agree."""
-    return SIGNATURE_COMBINE | _digest(("ll-combine", num_experts, hidden, num_topk, nmax))
+    return SIGNATURE_COMBINE | signature_digest(("ll-combine", num_experts, hidden, num_topk, nmax))
 
 
 def describe_disagreement(rank: int, peer: int, observed: int, expected: int) -> str:
     """The message of an ``ERROR_ARGUMENTS_DIFFER`` record of the low-latency kernels."""
-    kind_seen = "combine" if observed & SIGNATURE_COMBINE else "dispatch"
-    kind_mine = "combine" if expected & SIGNATURE_COMBINE else "dispatch"
-    if kind_seen != kind_mine:
-        return (
-            "every rank must make the same sequence of low-latency dispatch and combine calls "
-            f"on this buffer: rank {peer} called low_latency_{kind_seen} while rank {rank} "
-            f"called low_latency_{kind_mine}"
-        )
-    combine = kind_mine == "combine"
-    covered = COMBINE_SIGNATURE_ARGUMENTS if combine else DISPATCH_SIGNATURE_ARGUMENTS
-    return (
-        f"low_latency_{kind_mine} configuration must agree on every rank: rank {peer} called "
-        f"with other arguments than rank {rank} (one of {covered}; signatures {observed:#06x} "
-        f"and {expected:#06x})"
+    covered = {"dispatch": DISPATCH_SIGNATURE_ARGUMENTS, "combine": COMBINE_SIGNATURE_ARGUMENTS}
+    return describe_signatures(
+        rank, peer, observed, expected, family="low_latency_", covered=covered
     )
 
 
