@@ -362,10 +362,10 @@ __device__ __forceinline__ void source_offsets(int me, const int* ntok, int* spo
 // In a refresh op (tag_refresh_epoch, see kTagRefreshPeriod in smxx_ptx.cuh): this rank's
 // tagged words at every rank that no reader of this op waits on get this op's tag, so no word
 // ever keeps a tag that is 2^32 ops old. A dispatch refreshes the combine's masks and weights
-// and the count words past this call's experts; a combine refreshes the dispatch's count
-// words (it writes the token words itself, with its signature), its masks past this call's tokens and its weight words past this call's tokens
-// or top-k (send_weights gives the lanes not routed to a rank their tag). Words that the op
-// itself writes are left alone. Called by warps that passed the release gate.
+// and the count words past this call's experts; a combine refreshes the dispatch's count words
+// (it writes the token words itself, with its signature), its masks past this call's tokens and
+// its weight words past this call's tokens or top-k (send_weights gives the lanes not routed to a
+// rank their tag). Words that the op itself writes are left alone. Called by warps that passed the release gate.
 template <int kRanks, int kTopk, int kKind>
 __device__ __forceinline__ void refresh_words(const LlArgs& a, const Env& env, int gw, int nw) {
     const int64_t nbuf = a.buf_max_tokens, kbuf = a.buf_topk, elbuf = a.buf_local_experts;
@@ -718,12 +718,12 @@ struct Dispatch {
             // kind of op, or called with other arguments, writes no counts this rank could wait
             // for.
             uint64_t ntv = ld_relaxed_sys(ntok_words + gtid);
-            if (static_cast<uint32_t>(ntv >> 32) != tag &&
-                !wait_tag(env.ctx, ntok_words + gtid, tag, &ntv, kStageLlCounts, gtid))
-                stop = true;
-            if (!stop && !signature_agrees(a, env, gtid, static_cast<uint32_t>(ntv), kStageLlCounts))
-                stop = true;
-            sntok[gtid] = stop ? 0 : static_cast<int>(static_cast<uint32_t>(ntv) & 0xFFFFu);
+            bool ok = static_cast<uint32_t>(ntv >> 32) == tag ||
+                      wait_tag(env.ctx, ntok_words + gtid, tag, &ntv, kStageLlCounts, gtid);
+            const auto low = static_cast<uint32_t>(ntv);
+            ok = ok && signature_agrees(a, env, gtid, low, kStageLlCounts);
+            stop = !ok;
+            sntok[gtid] = ok ? static_cast<int>(low & 0xFFFFu) : 0;
         }
         constexpr int kBatch = 8;
         for (int base = gtid; base < ncnt; base += kBatch * nthreads) {
