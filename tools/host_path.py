@@ -95,7 +95,7 @@ def _phases(buf: ElasticBuffer, fn: Callable[[], object], calls: int) -> dict[st
         setattr(owner, name, wrapped)
 
     backend: Any = buf.backend  # the NVLink backend (its count read is wrapped)
-    for name in ("launch_check_topk", "launch_layout", "launch_dispatch"):
+    for name in ("launch_layout", "launch_dispatch"):
         mark_after(ht, name, name[len("launch_") :] + " launched")
     read = backend._read_counts
 

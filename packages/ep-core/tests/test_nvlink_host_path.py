@@ -34,8 +34,9 @@ class _FakeKernel:
 
     def launch(self, grid: Any, block: Any, *args: Any, **kwargs: Any) -> None:
         self.log.append((self.name, args))
-        if self.name == "ep_ht_check_topk":
-            _, _, _, zero, num_zero, _ = args
+        zeroed = {"ep_ht_layout": args[8:10], "ep_ht_zero": args[:2]}.get(self.name)
+        if zeroed is not None and zeroed[1]:
+            zero, num_zero = zeroed
             address = zero if isinstance(zero, int) else zero.data_ptr()
             ctypes.memset(address, 0, 4 * num_zero)
         elif self.name == "ep_ht_dispatch":
@@ -153,7 +154,7 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     h = res.handle
     names = [n for n, _ in log]
     # The dispatch kernel's launch is bound at its first call (its struct passed by address).
-    assert names == ["ep_ht_check_topk", "ep_ht_layout", "bind ep_ht_dispatch", "ep_ht_dispatch"]
+    assert names == ["ep_ht_layout", "bind ep_ht_dispatch", "ep_ht_dispatch"]
     # The handle's views of the small block hold what the kernels wrote there, sized by the
     # host read.
     assert h.num_recv_tokens == t and res.recv_x.shape == (t, HIDDEN)
@@ -164,14 +165,19 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     assert h.recv_src_metadata.shape == (t, 2) and h.recv_src_metadata.is_contiguous()
     assert h.topk_idx.shape == (t, TOPK) and h.send_row.shape == (t, 1)
     block = h.psum_num_recv_tokens_per_rank
-    a = log[3][1][0]
-    assert log[2][1][0] is a
+    a = log[2][1][0]
+    assert log[1][1][0] is a
     small = [block, h.recv_src_metadata, h.backend_state.chunk_end]
     # Every address the dispatch kernel writes lies in this call's allocations.
     for field in ("out_counts", "out_src_bad", "out_src_meta", "out_chunk_end", "out_nchunks"):
         assert _owner(getattr(a, field), small) is block, field
     assert a.out_src_meta == h.recv_src_metadata.data_ptr()
     assert a.out_counts == block.data_ptr() and a.topk_bad != 0 and a.num_topk_bad == 1
+    # The one prologue launch zeroes the counts and writes the verdict the dispatch reads.
+    prologue = log[0][1]
+    assert prologue[6] is h.topk_idx
+    assert prologue[7:] == (E, block.data_ptr(), 1 + 2 * E, a.topk_bad)
+    assert _owner(a.topk_bad, small) is block
     assert a.out_x == res.recv_x.data_ptr() and a.num_tokens == t
 
     # Cached dispatches: no prologue and no allocation besides the received rows. The dispatch
@@ -215,7 +221,7 @@ def test_dispatch_without_sync_and_expanded_replay(fake: tuple[Any, list[Any]]) 
     assert h.recv_src_metadata.shape == (t, 2 + TOPK)
     log.clear()
     again = _dispatch(be, x, h.topk_idx, handle=h, do_expand=True, do_cpu_sync=False)
-    assert [n for n, _ in log] == ["ep_ht_check_topk", "ep_ht_dispatch"]
+    assert [n for n, _ in log] == ["ep_ht_zero", "ep_ht_dispatch"]
     assert not be._replay_scratch
     assert again.recv_x.shape == res.recv_x.shape
     with pytest.raises(ValueError, match="handle's do_expand"):

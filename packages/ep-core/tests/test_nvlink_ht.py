@@ -477,7 +477,7 @@ def _bad_routing_worker(info: RankInfo) -> None:
         "num_sms": 24,
     }
     out_of_range = good.clone()
-    out_of_range[300, TOPK - 1] = ne  # a token of the second CTA of the check kernel
+    out_of_range[300, TOPK - 1] = ne
     below = good.clone()
     below[0, 0] = -2
     dup = good.clone()
@@ -527,6 +527,19 @@ def _bad_routing_worker(info: RankInfo) -> None:
     assert empty.recv_x.shape[1] == HIDDEN
     fast.destroy()
     ref.destroy()
+    # More tokens than one check CTA covers (1024): the last rank's bad id is in the third.
+    t = 2 * 1024 + 52
+    wide = NvlinkBackend.from_config(info.group, _config(info, t, 256, TOPK))
+    idx = _routing(gen, t, ne, TOPK, "masked", info.rank, n).to(info.device)
+    if info.rank == last:
+        idx[t - 1, 0] = ne
+        pattern = rf"topk_idx\[{t - 1}, 0\] = {ne} is outside"
+    else:
+        pattern = rf"^dispatch: rank {last} passed invalid topk_idx"
+    xw = torch.randn(t, 256, generator=gen).to(torch.bfloat16).to(info.device)
+    with pytest.raises(ValueError, match=pattern):
+        wide.dispatch(xw, None, idx, None, **dict(kw, num_max_tokens_per_rank=t))
+    wide.destroy()
 
 
 @pytest.mark.parametrize(("world_size", "per_gpu"), gpu_placements((1, 2, 4)))

@@ -304,10 +304,24 @@ class NvlinkBackend:
                 fresh=fresh,
             )
             block, counts, src_bad, bad, chunk_end, nchunks_t, out_meta = small[:7]
-            ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, bad, num_bad)
             send_row, chunk_prefix, is_in, idx_copy = small[7:]
-            # The handle's copy of the routing is written by the layout kernel (no copy kernel).
-            ht.launch_layout(r, k, topk_idx, el, send_row, is_in, chunk_prefix, idx_copy)
+            # One prologue launch: the layout, the handle's copy of the routing, the zeroed
+            # counters and the routing's verdicts.
+            ht.launch_layout(
+                r,
+                k,
+                topk_idx,
+                el,
+                send_row,
+                is_in,
+                chunk_prefix,
+                idx_copy,
+                num_experts=num_experts,
+                zero=counts,
+                num_zero=num_counts,
+                bad=bad,
+                num_bad=num_bad,
+            )
             # In int32 words from the block's start, where the counts are.
             meta_offset = (out_meta - counts) // 4
         else:
@@ -330,7 +344,7 @@ class NvlinkBackend:
                 nchunks_t = block.as_strided((r,), (1,), offsets[2])
                 meta_offset = offsets[3]
                 counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
-                ht.launch_check_topk(topk_idx, num_experts, counts, num_counts, None, 0)
+                ht.launch_zero(counts, num_counts)
             else:
                 # No allocation and no prologue: the source counts, verdicts and metadata go to
                 # the scratch, the per-expert counts (nobody reads them) are not made, and the

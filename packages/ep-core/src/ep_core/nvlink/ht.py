@@ -49,11 +49,11 @@ __all__ = [
     "describe_disagreement",
     "dispatch_config",
     "dispatch_signature",
-    "launch_check_topk",
     "launch_combine",
     "launch_dispatch",
     "launch_dispatch_tail",
     "launch_layout",
+    "launch_zero",
     "shipped_kernels",
     "use_split",
     "use_split_combine",
@@ -266,6 +266,10 @@ def _layout_spec(num_ranks: int, num_topk: int) -> Any:
             "bool* is_in",
             "int32_t* chunk_prefix",
             "int64_t* topk_copy",
+            "int64_t num_experts",
+            "int32_t* zero",
+            "int64_t num_zero",
+            "int32_t* bad",
         ],
         constants={"kRanks": num_ranks, "kTopk": num_topk, "kChunk": CHUNK_TOKENS},
         launch_bounds=(LAYOUT_THREADS, 1),
@@ -299,36 +303,30 @@ def _tail_spec(num_topk: int) -> Any:
     )
 
 
-CHECK_THREADS = 256
-"""Threads per CTA of the dispatch prologue (``kCheckThreads``)."""
-
 CHECK_MAX_CTAS = 32
-"""Most CTAs of the dispatch prologue: one verdict word per CTA, which one warp of the dispatch
-kernel reads (one word per lane)."""
+"""Most check CTAs of the dispatch prologue (``ht_layout``): one verdict word per CTA, which one
+warp of the dispatch kernel reads (one word per lane)."""
 
 
 def check_ctas(num_tokens: int) -> int:
-    """CTAs of the dispatch prologue for ``num_tokens`` tokens (one thread per token)."""
-    return max(1, min(CHECK_MAX_CTAS, -(-num_tokens // CHECK_THREADS)))
+    """Check CTAs of the dispatch prologue for ``num_tokens`` tokens (one thread per token, in
+    CTAs of ``LAYOUT_THREADS``)."""
+    return max(1, min(CHECK_MAX_CTAS, -(-num_tokens // LAYOUT_THREADS)))
 
 
-def _check_spec(num_topk: int) -> Any:
+ZERO_THREADS = 256
+"""Threads of the counter-zeroing kernel (``kZeroThreads``)."""
+
+
+def _zero_spec() -> Any:
     from ep_jit import KernelSpec
 
     return KernelSpec(
-        name="ep_ht_check_topk",
+        name="ep_ht_zero",
         includes=["ep_core/smxx_ht_common.cuh"],
-        template="ep_core::ht_check_topk",
-        params=[
-            "const int64_t* topk_idx",
-            "int64_t num_tokens",
-            "int64_t num_experts",
-            "int32_t* zero",
-            "int64_t num_zero",
-            "int32_t* bad",
-        ],
-        constants={"kTopk": num_topk},
-        launch_bounds=(CHECK_THREADS, 1),
+        template="ep_core::ht_zero_words",
+        params=["int32_t* zero", "int64_t num_zero"],
+        launch_bounds=(ZERO_THREADS, 1),
     )
 
 
@@ -386,7 +384,7 @@ def shipped_kernels() -> list[Any]:
     High-throughput kernels only; ``ep_core.nvlink.shipped_kernels`` adds the low-latency ones.
     """
     register_include_root()
-    specs = [_layout_spec(4, 8), _tail_spec(8), _check_spec(8), _check_spec(32)]
+    specs = [_layout_spec(4, 8), _layout_spec(4, 16), _tail_spec(8), _zero_spec()]
     for row_bytes, num_sf in ((7168, 56), (14336, 0), (5760, 0)):
         cfg = dispatch_config(dispatch_payload_bytes(row_bytes, num_sf, 8), 4, 64)
         specs.append(_dispatch_spec(4, 8, row_bytes, num_sf, cfg))
@@ -479,16 +477,26 @@ def launch_layout(
     is_in: torch.Tensor,
     chunk_prefix: torch.Tensor,
     topk_copy: torch.Tensor | None = None,
+    *,
+    num_experts: int = 0,
+    zero: torch.Tensor | int | None = None,
+    num_zero: int = 0,
+    bad: torch.Tensor | int | None = None,
+    num_bad: int = 0,
 ) -> None:
-    """Routing layout kernel on the current stream (grid = ranks, ``LAYOUT_THREADS`` threads);
-    also copies ``topk_idx`` into ``topk_copy`` when given (same shape, contiguous)."""
+    """A fresh dispatch's prologue on the current stream, one launch (``LAYOUT_THREADS``
+    threads per CTA): the routing layout (one CTA per rank); a copy of ``topk_idx`` into
+    ``topk_copy`` when given (same shape, contiguous); ``num_zero`` int32 words zeroed at
+    ``zero`` (a tensor or a device address); and, when ``bad`` is given, ``num_bad =
+    check_ctas(T)`` verdict words written there (1: ``topk_idx`` has an id outside
+    ``[-1, num_experts)`` or a repeated expert in a row), by CTAs beside the layout's."""
     key = ("layout", num_ranks, num_topk)
     found = _configured.get(key)
     if found is None:
         found = _configured[key] = (None, build_kernel(_layout_spec(num_ranks, num_topk)))
-    kernel = found[1]
-    kernel.launch(
-        (num_ranks, 1, 1),
+    extra = num_bad if bad is not None else (1 if num_zero else 0)
+    found[1].launch(
+        (num_ranks + extra, 1, 1),
         (LAYOUT_THREADS, 1, 1),
         topk_idx,
         topk_idx.shape[0],
@@ -497,41 +505,21 @@ def launch_layout(
         is_in,
         chunk_prefix,
         topk_copy,
-    )
-
-
-def _check_kernel(num_topk: int) -> Any:
-    """The dispatch prologue's kernel for ``num_topk`` (built once)."""
-    key = ("check", num_topk)
-    found = _configured.get(key)
-    if found is None:
-        found = _configured[key] = (None, build_kernel(_check_spec(num_topk)))
-    return found[1]
-
-
-def launch_check_topk(
-    topk_idx: torch.Tensor,
-    num_experts: int,
-    zero: torch.Tensor | int,
-    num_zero: int,
-    bad: torch.Tensor | int | None,
-    num_bad: int,
-) -> None:
-    """Dispatch prologue on the current stream: zeroes ``num_zero`` int32 words at ``zero`` (a
-    tensor or a device address) and, when ``bad`` is given, writes ``num_bad = check_ctas(T)``
-    verdict words there (1: ``topk_idx`` has an id outside ``[-1, num_experts)`` or a repeated
-    expert in a row; see ``ht_check_topk``)."""
-    num_tokens, k = topk_idx.shape
-    _check_kernel(k).launch(
-        (num_bad if bad is not None else 1, 1, 1),
-        (CHECK_THREADS, 1, 1),
-        topk_idx,
-        num_tokens,
         num_experts,
         zero,
         num_zero,
         bad,
     )
+
+
+def launch_zero(zero: torch.Tensor | int, num_zero: int) -> None:
+    """Zeroes ``num_zero`` int32 words at ``zero`` (a tensor or a device address) on the current
+    stream: the counters of a dispatch that has no prologue (a cached one that reads them)."""
+    key = ("zero",)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, build_kernel(_zero_spec()))
+    found[1].launch((1, 1, 1), (ZERO_THREADS, 1, 1), zero, num_zero)
 
 
 def launch_dispatch_tail(
@@ -600,11 +588,11 @@ def launch_dispatch(
     """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs).
 
     ``counts``: ``[R psum per source | El counts | El aligned psum]``; the per-expert counts are
-    added to what is there (zeroed by ``launch_check_topk``), unless ``count_experts`` is false:
+    added to what is there (zeroed by the prologue), unless ``count_experts`` is false:
     then neither they nor their prefix sums are written (a replay whose counts nobody reads).
 
     ``topk_bad``: the prologue's ``num_topk_bad`` verdict words on ``topk_idx``
-    (``launch_check_topk``) or ``None``; the kernel announces their OR to every peer with its
+    (``launch_layout``) or ``None``; the kernel announces their OR to every peer with its
     token count, and writes every source's verdict into ``src_bad`` (``[R]`` int32, 1 = that
     rank's ids were bad). ``out_meta``, ``counts``, ``src_bad`` and ``topk_bad`` may be given
     as device addresses.

@@ -39,9 +39,9 @@ struct SymLayout {
 
 // The low half of a dispatch's second info word: the sender's token count (< 2^16), its call
 // signature (15 bits: a digest of the arguments every rank must agree on, from the host) and
-// kInfoBadRouting: the sender's prologue (ht_check_topk) found a bad id in its topk_idx. Every
-// receiver copies that bit into its per-source verdicts, so the one host read of every rank
-// sees it; a receiver whose own signature differs records kErrorArgumentsDiffer.
+// kInfoBadRouting: the sender's prologue (the check CTAs of ht_layout) found a bad id in its
+// topk_idx. Every receiver copies that bit into its per-source verdicts, so the one host read of
+// every rank sees it; a receiver whose own signature differs records kErrorArgumentsDiffer.
 constexpr uint32_t kInfoBadRouting = 1u << 31;
 constexpr uint32_t kInfoTokensMask = 0xFFFFu;
 constexpr int kInfoSignatureShift = 16;
@@ -130,7 +130,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* smem_warp, int* 
     return warp_base + x - v;
 }
 
-// Routing layout, one CTA per destination rank d (grid = R, block = kLayoutThreads):
+// Routing layout of destination rank d, by one CTA of kLayoutThreads threads (ht_layout):
 //   send_row[t][d]     row of token t inside d's region for this source, -1 if not sent
 //   is_in[t][d]        token t goes to d
 //   chunk_prefix[c][d] rows sent to d by tokens before chunk c (c = 0 .. nchunks)
@@ -144,15 +144,15 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* smem_warp, int* 
 constexpr int kLayoutThreads = 1024;
 
 template <int kRanks, int kTopk, int kChunk>
-__device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, int64_t num_tokens,
-                                          int64_t num_local_experts, int32_t* __restrict__ send_row,
-                                          bool* __restrict__ is_in,
-                                          int32_t* __restrict__ chunk_prefix,
-                                          int64_t* __restrict__ topk_copy) {
+__device__ __forceinline__ void layout_of_rank(int d, const int64_t* __restrict__ topk_idx,
+                                               int64_t num_tokens, int64_t num_local_experts,
+                                               int32_t* __restrict__ send_row,
+                                               bool* __restrict__ is_in,
+                                               int32_t* __restrict__ chunk_prefix,
+                                               int64_t* __restrict__ topk_copy) {
     __shared__ int warp_sums[32];
     __shared__ __align__(16) uint8_t hits[kLayoutThreads * kTopk];
     const int tid = threadIdx.x;
-    const int d = blockIdx.x;
     const int64_t lo = d * num_local_experts, hi = lo + num_local_experts;
     const int64_t num_ids = num_tokens * kTopk;
     int64_t ids[kTopk];
@@ -208,44 +208,79 @@ __device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, 
     }
 }
 
-// Prologue of a dispatch, grid = ht_check_ctas(T) CTAs of kCheckThreads threads:
-//   zero[0, num_zero)  zeroed by CTA 0 (the counters the dispatch kernel adds into), so the host
-//                      allocates them without a fill
-//   bad[b]             (bad not null) CTA b's verdict on its tokens: 1 if an id is outside
-//                      [-1, num_experts) or a row names one expert twice, else 0; written
-//                      unconditionally, so it needs no zeroing. The dispatch kernel ORs these
-//                      words into the token-count word it announces to every peer
-//                      (kInfoBadRouting); each rank's host reads every source's verdict with its
-//                      counts (one device-to-host read) and the bad rank names the first bad
-//                      entry from the ids themselves.
-// One thread per token (grid-stride): its kTopk ids in registers, range test and pairwise test.
-constexpr int kCheckThreads = 256;
-
+// Whether token row `ids` (kTopk ids) names an id outside [-1, num_experts) or one expert twice.
+// Up to 8 ids are held in registers; longer rows compare against reloads (L1 hits), so the
+// 1024-thread prologue keeps its registers for any top-k.
 template <int kTopk>
-__device__ __forceinline__ void ht_check_topk(const int64_t* __restrict__ topk_idx,
-                                              int64_t num_tokens, int64_t num_experts,
-                                              int32_t* __restrict__ zero, int64_t num_zero,
-                                              int32_t* __restrict__ bad) {
-    if (blockIdx.x == 0)
+__device__ __forceinline__ bool token_ids_bad(const int64_t* __restrict__ ids,
+                                              int64_t num_experts) {
+    bool bad = false;
+    if constexpr (kTopk <= 8) {
+        int64_t v[kTopk];
+#pragma unroll
+        for (int m = 0; m < kTopk; ++m) v[m] = __ldg(ids + m);
+#pragma unroll
+        for (int m = 0; m < kTopk; ++m) {
+            bad |= v[m] < -1 || v[m] >= num_experts;
+#pragma unroll
+            for (int j = 0; j < m; ++j) bad |= v[m] >= 0 && v[j] == v[m];
+        }
+    } else {
+        for (int m = 0; m < kTopk; ++m) {
+            const int64_t v = __ldg(ids + m);
+            bad |= v < -1 || v >= num_experts;
+            for (int j = 0; v >= 0 && j < m; ++j) bad |= __ldg(ids + j) == v;
+        }
+    }
+    return bad;
+}
+
+// Prologue of a fresh dispatch, one launch (grid = kRanks + C CTAs of kLayoutThreads threads):
+//   CTAs [0, kRanks)   the routing layout of destination rank blockIdx.x (layout_of_rank)
+//   CTA kRanks         also zeroes zero[0, num_zero) (the counters the dispatch kernel adds
+//                      into), so the host allocates them without a fill
+//   CTAs kRanks + b    (bad not null, b < C) the verdict bad[b] on tokens b, b + C, ... (one
+//                      per thread): 1 if an id is outside [-1, num_experts) or a row names one
+//                      expert twice, else 0; written unconditionally (no zeroing needed). The
+//                      dispatch kernel ORs these words into the token-count word it announces
+//                      to every peer (kInfoBadRouting); each rank's host reads every source's
+//                      verdict with its counts (one device-to-host read) and the bad rank names
+//                      the first bad entry from the ids themselves.
+// Without bad, C = 1 (zeroing only). The layout and check CTAs run side by side: the check costs
+// no launch of its own.
+template <int kRanks, int kTopk, int kChunk>
+__device__ __forceinline__ void ht_layout(const int64_t* __restrict__ topk_idx, int64_t num_tokens,
+                                          int64_t num_local_experts, int32_t* __restrict__ send_row,
+                                          bool* __restrict__ is_in,
+                                          int32_t* __restrict__ chunk_prefix,
+                                          int64_t* __restrict__ topk_copy, int64_t num_experts,
+                                          int32_t* __restrict__ zero, int64_t num_zero,
+                                          int32_t* __restrict__ bad) {
+    const int cta = static_cast<int>(blockIdx.x);
+    if (cta < kRanks) {
+        layout_of_rank<kRanks, kTopk, kChunk>(cta, topk_idx, num_tokens, num_local_experts,
+                                              send_row, is_in, chunk_prefix, topk_copy);
+        return;
+    }
+    const int b = cta - kRanks, nb = static_cast<int>(gridDim.x) - kRanks;
+    if (b == 0)
         for (int64_t i = threadIdx.x; i < num_zero; i += blockDim.x) zero[i] = 0;
     if (bad == nullptr) return;
     int found = 0;
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tokens;
-         t += stride) {
-        int64_t ids[kTopk];
-#pragma unroll
-        for (int m = 0; m < kTopk; ++m) ids[m] = __ldg(topk_idx + t * kTopk + m);
-#pragma unroll
-        for (int m = 0; m < kTopk; ++m) {
-            if (ids[m] < -1 || ids[m] >= num_experts) found = 1;
-#pragma unroll
-            for (int j = 0; j < m; ++j)
-                if (ids[m] >= 0 && ids[j] == ids[m]) found = 1;
-        }
-    }
+    const int64_t stride = static_cast<int64_t>(nb) * blockDim.x;
+    for (int64_t t = static_cast<int64_t>(b) * blockDim.x + threadIdx.x; t < num_tokens;
+         t += stride)
+        found |= token_ids_bad<kTopk>(topk_idx + t * kTopk, num_experts) ? 1 : 0;
     found = __syncthreads_or(found);
-    if (threadIdx.x == 0) bad[blockIdx.x] = found != 0 ? 1 : 0;
+    if (threadIdx.x == 0) bad[b] = found != 0 ? 1 : 0;
+}
+
+// Zeroes zero[0, num_zero) (one CTA of kZeroThreads threads): the counters of a cached dispatch
+// that reads its counts back (no layout to fold this into).
+constexpr int kZeroThreads = 256;
+
+__device__ __forceinline__ void ht_zero_words(int32_t* __restrict__ zero, int64_t num_zero) {
+    for (int64_t i = threadIdx.x; i < num_zero; i += blockDim.x) zero[i] = 0;
 }
 
 // Zeroes bytes [begin, end) of `base` with grid-stride stores: 16 bytes at a time where `base`,
