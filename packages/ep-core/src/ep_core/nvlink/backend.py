@@ -390,6 +390,15 @@ class NvlinkBackend:
             num_sms=n_sms,
             count_experts=block is not None,
         )
+        # A fresh dispatch's views whose sizes do not depend on the counts, made while its
+        # kernels run (before the host read waits for them): host work hidden behind GPU time.
+        psum_rank: torch.Tensor | None = None
+        psum_expert: torch.Tensor | None = None
+        if handle is None:
+            psum_rank = block.as_strided((r,), (1,), 0)
+            unaligned = block.as_strided((el,), (1,), r)
+            if not do_expand:
+                psum_expert = block.as_strided((el,), (1,), r + el)
         exact_rows: int | None = None
         aligned_list: list[int] = []
         if handle is not None:
@@ -421,7 +430,8 @@ class NvlinkBackend:
         meta: torch.Tensor | None = None
         if handle is None or do_expand:
             meta = block.as_strided((num_rows, 2), (2, 1), meta_offset)
-            unaligned = block.as_strided((el,), (1,), r)
+            if unaligned is None:
+                unaligned = block.as_strided((el,), (1,), r)
         # Rows past the valid count get the reference's values (zero rows and scales, -1 ids
         # and metadata, 0 weights), so code that uses the whole worst-case tensors stays in
         # bounds and finite. One small kernel, in place, no host sync.
@@ -451,7 +461,10 @@ class NvlinkBackend:
 
         if handle is None:
             assert idx_copy is not None and unaligned is not None and meta is not None
-            psum_rank = block.as_strided((r,), (1,), 0)
+            assert psum_rank is not None
+            if psum_expert is None:  # expanded: the aligned starts plus the counts
+                assert starts is not None
+                psum_expert = (starts + unaligned).to(torch.int32)
             state = _HtState(chunk_prefix, chunk_end, nchunks_t, psum_rank, exact_rows)
             handle = EPHandle(
                 rank=self.rank,
@@ -468,11 +481,7 @@ class NvlinkBackend:
                 num_expanded_tokens=num_expanded,
                 num_recv_tokens_per_expert_list=aligned_list,
                 psum_num_recv_tokens_per_rank=psum_rank,
-                psum_num_recv_tokens_per_expert=(
-                    (starts + unaligned).to(torch.int32)
-                    if starts is not None
-                    else block.as_strided((el,), (1,), r + el)
-                ),
+                psum_num_recv_tokens_per_expert=psum_expert,
                 num_unaligned_recv_tokens_per_expert=unaligned,
                 recv_src_metadata=meta,
                 backend_state=state,
