@@ -468,6 +468,16 @@ _configured: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 """Launch configuration and kernel per shape, so a call builds no spec (host overhead)."""
 
 
+def _plain_kernel(make_spec: Any, *args: int) -> Any:
+    """The kernel of ``make_spec(*args)`` for a launcher with no launch configuration to choose,
+    built at its first use (kept in ``_configured`` by spec function and arguments)."""
+    key = (make_spec, *args)
+    found = _configured.get(key)
+    if found is None:
+        found = _configured[key] = (None, build_kernel(make_spec(*args)))
+    return found[1]
+
+
 def launch_layout(
     num_ranks: int,
     num_topk: int,
@@ -490,12 +500,8 @@ def launch_layout(
     ``zero`` (a tensor or a device address); and, when ``bad`` is given, ``num_bad =
     check_ctas(T)`` verdict words written there (1: ``topk_idx`` has an id outside
     ``[-1, num_experts)`` or a repeated expert in a row), by CTAs beside the layout's."""
-    key = ("layout", num_ranks, num_topk)
-    found = _configured.get(key)
-    if found is None:
-        found = _configured[key] = (None, build_kernel(_layout_spec(num_ranks, num_topk)))
     extra = num_bad if bad is not None else (1 if num_zero else 0)
-    found[1].launch(
+    _plain_kernel(_layout_spec, num_ranks, num_topk).launch(
         (num_ranks + extra, 1, 1),
         (LAYOUT_THREADS, 1, 1),
         topk_idx,
@@ -515,11 +521,7 @@ def launch_layout(
 def launch_zero(zero: torch.Tensor | int, num_zero: int) -> None:
     """Zeroes ``num_zero`` int32 words at ``zero`` (a tensor or a device address) on the current
     stream: the counters of a dispatch that has no prologue (a cached one that reads them)."""
-    key = ("zero",)
-    found = _configured.get(key)
-    if found is None:
-        found = _configured[key] = (None, build_kernel(_zero_spec()))
-    found[1].launch((1, 1, 1), (ZERO_THREADS, 1, 1), zero, num_zero)
+    _plain_kernel(_zero_spec).launch((1, 1, 1), (ZERO_THREADS, 1, 1), zero, num_zero)
 
 
 def launch_dispatch_tail(
@@ -536,15 +538,12 @@ def launch_dispatch_tail(
     read by the kernel; ``out_meta`` a tensor or its address; ``out_x`` and ``out_sf``
     contiguous ``[rows, ...]`` or ``None``."""
     rows, k = out_idx.shape
-    key = ("tail", k)
-    found = _configured.get(key)
-    if found is None:
-        found = _configured[key] = (None, build_kernel(_tail_spec(k)))
+    kernel = _plain_kernel(_tail_spec, k)
     x_bytes = 0 if out_x is None else out_x.shape[1] * out_x.element_size()
     sf_bytes = 0 if out_sf is None else out_sf.shape[1] * out_sf.element_size()
     work = max(rows * k, rows * x_bytes // 16)
     ctas = max(1, min(TAIL_MAX_CTAS, -(-work // TAIL_THREADS)))
-    found[1].launch(
+    kernel.launch(
         (ctas, 1, 1),
         (TAIL_THREADS, 1, 1),
         valid_rows,
