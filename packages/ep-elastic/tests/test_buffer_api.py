@@ -705,6 +705,15 @@ def test_sync_calls_run_on_the_callers_stream_in_order_nvlink(
     run_ranks(world_size, _stream_order_worker, timeout_s=180, ranks_per_gpu=per_gpu)
 
 
+def _agreement_inputs(info: Any, seed: int) -> tuple[int, int, torch.Tensor, torch.Tensor, Any]:
+    """``(E, k, x, topk_idx, topk_weights)`` of one rank for the failing-together tests below."""
+    dev, e, k = info.device, 4 * info.world_size, 4
+    gen = torch.Generator().manual_seed(seed + info.rank)
+    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
+    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    return e, k, x, idx, torch.rand(NMAX, k, generator=gen).to(dev)
+
+
 def _rejected_input_worker(info: Any, call: str) -> None:
     # NVLink backend: rank 1 rejects its own input to one collective call (a float32 x). Its host
     # writes its abort value into every rank's abort words, so rank 0's kernels of that call stop
@@ -713,10 +722,8 @@ def _rejected_input_worker(info: Any, call: str) -> None:
     # else at its next call. The buffer then serves no more calls, on any rank.
     import time
 
-    dev, e, k = info.device, 4 * info.world_size, 4
-    gen = torch.Generator().manual_seed(31 + info.rank)
-    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
-    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    dev = info.device
+    e, k, x, idx, _ = _agreement_inputs(info, 31)
     wrong = x.float() if info.rank == 1 else x
     ll = call == "low_latency_dispatch"
     buf = ElasticBuffer(
@@ -786,10 +793,8 @@ def _arguments_differ_worker(info: Any, what: str) -> None:
     # own but differ from rank 0's (num_experts, or the hidden size). Each rank announces a
     # signature of its arguments with its token count; every rank finds a peer's signature
     # different from its own, stops its kernels and raises ValueError, in the call and after.
-    dev, e, k = info.device, 4 * info.world_size, 4
-    gen = torch.Generator().manual_seed(41 + info.rank)
-    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
-    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
+    dev = info.device
+    e, k, x, idx, _ = _agreement_inputs(info, 41)
     num_experts = e
     if info.rank == 1:
         if what == "num_experts":
@@ -813,15 +818,6 @@ def test_dispatch_arguments_that_differ_raise_on_every_rank_nvlink(
     world_size: int, per_gpu: int, what: str
 ) -> None:
     run_ranks(world_size, _arguments_differ_worker, what, timeout_s=120, ranks_per_gpu=per_gpu)
-
-
-def _agreement_inputs(info: Any, seed: int) -> tuple[int, int, torch.Tensor, torch.Tensor, Any]:
-    """``(E, k, x, topk_idx, topk_weights)`` of one rank for the agreement tests below."""
-    dev, e, k = info.device, 4 * info.world_size, 4
-    gen = torch.Generator().manual_seed(seed + info.rank)
-    x = torch.randn(NMAX, HIDDEN, generator=gen).to(torch.bfloat16).to(dev)
-    idx = torch.rand(NMAX, e, generator=gen).topk(k, dim=1).indices.to(dev)
-    return e, k, x, idx, torch.rand(NMAX, k, generator=gen).to(dev)
 
 
 def _every_next_call_raises(
