@@ -174,9 +174,13 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     assert a.out_src_meta == h.recv_src_metadata.data_ptr()
     assert a.out_counts == block.data_ptr() and a.topk_bad != 0 and a.num_topk_bad == 1
     # The one prologue launch zeroes the counts and writes the verdict the dispatch reads.
+    # It gets addresses of the parts the handle keeps as views (made after the launches).
     prologue = log[0][1]
-    assert prologue[6] is h.topk_idx
+    kept = (h.send_row, h.is_token_in_rank, h.backend_state.chunk_prefix, h.topk_idx)
+    assert prologue[3:7] == tuple(v.data_ptr() for v in kept)
     assert prologue[7:] == (E, block.data_ptr(), 1 + 2 * E, a.topk_bad)
+    state = h.backend_state
+    assert a.send_row == h.send_row.data_ptr() and a.out_chunk_end == state.chunk_end.data_ptr()
     assert _owner(a.topk_bad, small) is block
     assert a.out_x == res.recv_x.data_ptr() and a.num_tokens == t
 

@@ -6,8 +6,6 @@ compares every output with ``torch.equal``. Outputs are poisoned before the kern
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -607,68 +605,65 @@ def test_int32_block_offsets() -> None:
     [(0, 1, 8, True), (512, 1, 8, True), (7, 4, 3, True), (513, 8, 32, True), (100, 2, 4, False)],
 )
 def test_small_outputs_are_disjoint_views(tokens: int, ranks: int, topk: int, fresh: bool) -> None:
-    # A dispatch's small outputs share one allocation: each part has its shape and dtype, is
-    # contiguous, starts on 256 bytes (the per-source verdicts right after the counts, for the
-    # one host read, and the check kernel's words right after them), and no two parts overlap.
-    # The parts only kernels see before the host read come as addresses into the block.
-    from ep_core.nvlink.backend import _small_layout, _small_outputs
+    # A dispatch's small outputs share one allocation: each part starts on 256 bytes (the
+    # per-source verdicts right after the counts, for the one host read, and the prologue's
+    # words right after them), and no two parts overlap. The kernels get addresses; the views a
+    # handle keeps have their shape and dtype, are contiguous and lie where the addresses point.
+    from ep_core.nvlink.backend import _small_layout, _small_outputs, _small_views
 
     el, max_chunks, nmax = 16, 70, 600
     num_counts, num_bad = ranks + 2 * el, 3 if fresh else 0
-    out = _small_outputs(
+    key = (tokens, topk) if fresh else None
+    block, offsets, bad, at = _small_outputs(
         torch.device("cpu"),
         num_counts=num_counts,
         num_bad=num_bad,
         num_ranks=ranks,
         max_chunks=max_chunks,
         rows=ranks * nmax,
-        fresh=(tokens, topk) if fresh else None,
+        fresh=key,
     )
-    block, parts = out[0], out[1:]
     base = block.data_ptr()
-    # (shape, dtype) of a view, or ("address", int32 words) of a part given by its address.
-    expect: list[Any] = [
-        ("address", num_counts),
-        ("address", ranks),
-        ("address", num_bad) if fresh else None,
-        ((ranks, max_chunks), torch.int32),
-        ((ranks,), torch.int32),
-        ("address", ranks * nmax * 2),
-    ]
+    assert (offsets, block.numel()) == _small_layout(
+        num_counts, num_bad, ranks, max_chunks, ranks * nmax, key
+    )
+    # int32 words of each part, in the order of the addresses, then the prologue's verdicts.
+    words = [num_counts, ranks, ranks * max_chunks, ranks, ranks * nmax * 2]
     if fresh:
-        expect += [
-            ((tokens, ranks), torch.int32),
-            ((-(-tokens // 8) + 1, ranks), torch.int32),
-            ((tokens, ranks), torch.bool),
-            ((tokens, topk), torch.int64),
-        ]
-    assert len(parts) == len(expect)
+        chunks = -(-tokens // 8) + 1
+        words += [tokens * ranks, chunks * ranks, -(-tokens * ranks // 4), tokens * topk * 2]
+    assert len(at) == len(words) and all(type(p) is int for p in at)
+    parts = [*zip(at, words, strict=True)]
+    if fresh:
+        parts.append((bad, num_bad))
+    else:
+        assert bad is None
     cover = torch.zeros(block.numel() * 4, dtype=torch.int32)
-    for i, (part, want) in enumerate(zip(parts, expect, strict=True)):
-        if want is None:
-            assert part is None
-            continue
-        if want[0] == "address":
-            assert type(part) is int
-            first, size = part - base, 4 * want[1]
-        else:
-            assert (tuple(part.shape), part.dtype) == want and part.is_contiguous()
-            assert part.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
-            first = part.storage_offset() * part.element_size()
-            size = part.numel() * part.element_size()
-        adjacent = {1: 4 * num_counts, 2: 4 * (num_counts + ranks)}
+    for i, (address, n) in enumerate(parts):
+        first, size = address - base, 4 * n
+        adjacent = {1: 4 * num_counts, len(words): 4 * (num_counts + ranks)}
         assert first % 256 == 0 or first == adjacent.get(i)
         assert first + size <= block.numel() * 4
         cover[first : first + size] += 1
     assert int(cover.max()) <= 1
-    # The metadata's address is the layout's part 3 (the views made after the host read).
-    key = (tokens, topk) if fresh else None
-    offsets, total = _small_layout(num_counts, num_bad, ranks, max_chunks, ranks * nmax, key)
-    assert parts[5] == base + 4 * offsets[3] and block.numel() == total
+    # The views the handle keeps: (shape, dtype) and where each starts.
+    views = _small_views(block, offsets, ranks, max_chunks, key)
+    expect = [((ranks, max_chunks), torch.int32, at[2]), ((ranks,), torch.int32, at[3])]
+    if fresh:
+        expect += [
+            ((tokens, ranks), torch.int32, at[5]),
+            ((-(-tokens // 8) + 1, ranks), torch.int32, at[6]),
+            ((tokens, ranks), torch.bool, at[7]),
+            ((tokens, topk), torch.int64, at[8]),
+        ]
+    assert len(views) == len(expect)
+    for v, (shape, dtype, address) in zip(views, expect, strict=True):
+        assert (tuple(v.shape), v.dtype) == (shape, dtype) and v.is_contiguous()
+        assert v.numel() == 0 or v.data_ptr() == address  # torch gives 0 for empty tensors
     if fresh:  # the routing copy holds int64 ids as written
         ids = torch.randint(-1, 64, (tokens, topk))
-        parts[-1].copy_(ids)
-        assert torch.equal(parts[-1], ids)
+        views[-1].copy_(ids)
+        assert torch.equal(views[-1], ids)
 
 
 def test_aligned_counts_from_prefix_sums() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -294,7 +294,7 @@ class NvlinkBackend:
         idx_copy: torch.Tensor | None = None
         unaligned: torch.Tensor | None = None
         if handle is None:
-            small = _small_outputs(
+            block, offsets, bad, at = _small_outputs(
                 dev,
                 num_counts=num_counts,
                 num_bad=num_bad,
@@ -303,8 +303,9 @@ class NvlinkBackend:
                 rows=rows,
                 fresh=fresh,
             )
-            block, counts, src_bad, bad, chunk_end, nchunks_t, out_meta = small[:7]
-            send_row, chunk_prefix, is_in, idx_copy = small[7:]
+            # The kernels get addresses; the views the handle keeps are made once they run.
+            counts, src_bad, end_at, nchunks_at, out_meta, row_at, prefix_at, in_at, copy_at = at
+            rows_at: tuple[torch.Tensor | int, ...] = (row_at, prefix_at, end_at, nchunks_at)
             # One prologue launch: the layout, the handle's copy of the routing, the zeroed
             # counters and the routing's verdicts.
             ht.launch_layout(
@@ -312,25 +313,23 @@ class NvlinkBackend:
                 k,
                 topk_idx,
                 el,
-                send_row,
-                is_in,
-                chunk_prefix,
-                idx_copy,
+                row_at,
+                in_at,
+                prefix_at,
+                copy_at,
                 num_experts=num_experts,
                 zero=counts,
                 num_zero=num_counts,
                 bad=bad,
                 num_bad=num_bad,
             )
-            # In int32 words from the block's start, where the counts are.
-            meta_offset = (out_meta - counts) // 4
+            meta_offset = offsets[3]  # int32 words from the block's start
         else:
             state = handle.backend_state
             if not isinstance(state, _HtState):
                 raise ValueError("the handle was not made by the nvlink backend")
             if handle.do_expand != do_expand:
                 raise ValueError("a cached dispatch must use the handle's do_expand")
-            send_row, chunk_prefix = handle.send_row, state.chunk_prefix
             bad = None
             scratch = None if do_expand else self._scratch(num_counts, rows)
             if scratch is None:
@@ -340,8 +339,7 @@ class NvlinkBackend:
                 offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
                 block = torch.empty(total, dtype=torch.int32, device=dev)
                 base = block.data_ptr()
-                chunk_end = block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1])
-                nchunks_t = block.as_strided((r,), (1,), offsets[2])
+                chunk_end, nchunks_t = _small_views(block, offsets, r, max_chunks, None)
                 meta_offset = offsets[3]
                 counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
                 ht.launch_zero(counts, num_counts)
@@ -353,6 +351,7 @@ class NvlinkBackend:
                 block, meta_offset = None, 0
                 chunk_end, nchunks_t = state.chunk_end, state.nchunks
                 counts, src_bad, out_meta = scratch
+            rows_at = (handle.send_row, state.chunk_prefix, chunk_end, nchunks_t)
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
         out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
@@ -371,8 +370,8 @@ class NvlinkBackend:
             x_scales=x_scales,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
-            send_row=send_row,
-            chunk_prefix=chunk_prefix,
+            send_row=rows_at[0],
+            chunk_prefix=rows_at[1],
             out_x=out_x,
             out_sf=out_sf,
             out_idx=out_idx,
@@ -382,8 +381,8 @@ class NvlinkBackend:
             src_bad=src_bad,
             topk_bad=bad,
             num_topk_bad=num_bad,
-            chunk_end=chunk_end,
-            nchunks=nchunks_t,
+            chunk_end=rows_at[2],
+            nchunks=rows_at[3],
             num_max_tokens=nmax,
             num_local_experts=el,
             expert_alignment=expert_alignment,
@@ -395,6 +394,10 @@ class NvlinkBackend:
         psum_rank: torch.Tensor | None = None
         psum_expert: torch.Tensor | None = None
         if handle is None:
+            assert block is not None
+            chunk_end, nchunks_t, send_row, chunk_prefix, is_in, idx_copy = _small_views(
+                block, offsets, r, max_chunks, fresh
+            )
             psum_rank = block.as_strided((r,), (1,), 0)
             unaligned = block.as_strided((el,), (1,), r)
             if not do_expand:
@@ -408,6 +411,7 @@ class NvlinkBackend:
         elif do_cpu_sync:
             # The one host synchronisation of this call: the counts and every rank's verdict
             # on its routing (each source's, as announced to this rank).
+            assert block is not None
             host = self._read_counts(block, num_counts + r)
             if self._error_code.value:
                 self._raise_recorded()
@@ -429,6 +433,7 @@ class NvlinkBackend:
         # handle's (the replay wrote the same).
         meta: torch.Tensor | None = None
         if handle is None or do_expand:
+            assert block is not None  # a cached expanded dispatch has its own
             meta = block.as_strided((num_rows, 2), (2, 1), meta_offset)
             if unaligned is None:
                 unaligned = block.as_strided((el,), (1,), r)
@@ -769,36 +774,48 @@ def _small_outputs(
     max_chunks: int,
     rows: int,
     fresh: tuple[int, int] | None,
-) -> list[Any]:
-    """A dispatch's small outputs in one uninitialised allocation.
+) -> tuple[torch.Tensor, tuple[int, ...], int | None, tuple[int, ...]]:
+    """A dispatch's small outputs in one uninitialised allocation, as device addresses.
 
     The counts, the per-source verdicts (``[R]``: 1 = that rank's ``topk_idx`` failed its check)
-    and the check kernel's ``num_bad`` verdict words come first and adjacent (one
-    device-to-host read takes the first two), then the chunk ends, the metadata and, for a
+    and the prologue's ``num_bad`` verdict words come first and adjacent (one device-to-host
+    read takes the first two), then the chunk ends, the chunk counts, the metadata and, for a
     fresh dispatch of ``fresh = (T, k)``, the send rows, chunk prefixes, ``is_in`` (bool) and
     the handle's routing copy (int64); each part but the two verdicts starts on a 256-byte
     boundary. The rows (``out_x``, ...) are not part of it, so a caller can free them while it
-    keeps the handle. The parts that only kernels see before the dispatch's host read (the
-    counts, the verdicts and the metadata, whose kept views have the read's sizes) are given as
-    device addresses, the others as views.
+    keeps the handle. The kernels take addresses; the views a caller keeps are made by
+    :func:`_small_views` once the kernels are launched (while they run).
 
     Returns:
-        ``[block, counts, source verdicts, check verdicts or None (addresses), chunk_end,
-        nchunks, out_meta (address)]`` and, when ``fresh``, the views ``send_row,
-        chunk_prefix, is_in, topk_copy``.
+        ``(block, offsets, check verdicts' address or None, addresses)``: the offsets of
+        :func:`_small_layout`, and the addresses of the counts, the source verdicts, the chunk
+        ends, the chunk counts and the metadata, followed, when ``fresh``, by those of the send
+        rows, the chunk prefixes, ``is_in`` and the routing copy.
     """
     r = num_ranks
     offsets, total = _small_layout(num_counts, num_bad, r, max_chunks, rows, fresh)
     block = torch.empty(total, dtype=torch.int32, device=device)
     base = block.data_ptr()
-    out: list[Any] = [
-        block,
-        base,
-        base + 4 * num_counts,
-        base + 4 * (num_counts + r) if num_bad else None,
+    bad = base + 4 * (num_counts + r) if num_bad else None
+    at = (base, base + 4 * num_counts, *(base + 4 * o for o in offsets[1:]))
+    return block, offsets, bad, at
+
+
+def _small_views(
+    block: torch.Tensor,
+    offsets: tuple[int, ...],
+    num_ranks: int,
+    max_chunks: int,
+    fresh: tuple[int, int] | None,
+) -> list[torch.Tensor]:
+    """The views of a dispatch's small-output block (``offsets`` from :func:`_small_layout`)
+    that a handle keeps: ``chunk_end [R, max_chunks]``, ``nchunks [R]`` and, when ``fresh =
+    (T, k)``, ``send_row [T, R]``, ``chunk_prefix [ceil(T / CHUNK_TOKENS) + 1, R]``, ``is_in
+    [T, R]`` (bool) and the routing copy ``[T, k]`` (int64)."""
+    r = num_ranks
+    out = [
         block.as_strided((r, max_chunks), (max_chunks, 1), offsets[1]),
         block.as_strided((r,), (1,), offsets[2]),
-        base + 4 * offsets[3],
     ]
     if fresh is not None:
         t, k = fresh

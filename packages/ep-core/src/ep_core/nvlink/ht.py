@@ -483,10 +483,10 @@ def launch_layout(
     num_topk: int,
     topk_idx: torch.Tensor,
     num_local_experts: int,
-    send_row: torch.Tensor,
-    is_in: torch.Tensor,
-    chunk_prefix: torch.Tensor,
-    topk_copy: torch.Tensor | None = None,
+    send_row: torch.Tensor | int,
+    is_in: torch.Tensor | int,
+    chunk_prefix: torch.Tensor | int,
+    topk_copy: torch.Tensor | int | None = None,
     *,
     num_experts: int = 0,
     zero: torch.Tensor | int | None = None,
@@ -495,8 +495,9 @@ def launch_layout(
     num_bad: int = 0,
 ) -> None:
     """A fresh dispatch's prologue on the current stream, one launch (``LAYOUT_THREADS``
-    threads per CTA): the routing layout (one CTA per rank); a copy of ``topk_idx`` into
-    ``topk_copy`` when given (same shape, contiguous); ``num_zero`` int32 words zeroed at
+    threads per CTA): the routing layout (one CTA per rank; its outputs given as tensors or
+    device addresses); a copy of ``topk_idx`` into ``topk_copy`` when given (same shape,
+    contiguous); ``num_zero`` int32 words zeroed at
     ``zero`` (a tensor or a device address); and, when ``bad`` is given, ``num_bad =
     check_ctas(T)`` verdict words written there (1: ``topk_idx`` has an id outside
     ``[-1, num_experts)`` or a repeated expert in a row), by CTAs beside the layout's."""
@@ -565,8 +566,8 @@ def launch_dispatch(
     x_scales: torch.Tensor | None,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor | None,
-    send_row: torch.Tensor,
-    chunk_prefix: torch.Tensor,
+    send_row: torch.Tensor | int,
+    chunk_prefix: torch.Tensor | int,
     out_x: torch.Tensor,
     out_sf: torch.Tensor | None,
     out_idx: torch.Tensor,
@@ -576,8 +577,8 @@ def launch_dispatch(
     src_bad: torch.Tensor | int,
     topk_bad: torch.Tensor | int | None,
     num_topk_bad: int,
-    chunk_end: torch.Tensor,
-    nchunks: torch.Tensor,
+    chunk_end: torch.Tensor | int,
+    nchunks: torch.Tensor | int,
     num_max_tokens: int,
     num_local_experts: int,
     expert_alignment: int,
@@ -645,7 +646,7 @@ def launch_dispatch(
     a = template.args
     a.x, a.x_sf = x.data_ptr(), device_ptr(x_scales)
     a.topk_idx, a.topk_weights = topk_idx.data_ptr(), device_ptr(topk_weights)
-    a.send_row, a.chunk_prefix = send_row.data_ptr(), chunk_prefix.data_ptr()
+    a.send_row, a.chunk_prefix = device_ptr(send_row), device_ptr(chunk_prefix)
     a.out_x, a.out_sf, a.out_topk_idx = out_x.data_ptr(), device_ptr(out_sf), out_idx.data_ptr()
     a.out_topk_weights, a.out_src_meta = device_ptr(out_w), device_ptr(out_meta)
     a.out_counts, a.out_chunk_end, a.out_nchunks = (
