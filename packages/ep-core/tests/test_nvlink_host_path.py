@@ -123,7 +123,8 @@ def _dispatch(be: Any, x: torch.Tensor, idx: torch.Tensor, **kw: Any) -> Any:
         "num_sms": 4,
     }
     args.update(kw)
-    return be.dispatch(x, None, idx, None, **args)
+    weights = args.pop("topk_weights", None)
+    return be.dispatch(x, None, idx, weights, **args)
 
 
 def _inputs(seed: int, t: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
@@ -204,6 +205,70 @@ def test_fresh_and_cached_dispatch_host_bookkeeping(fake: tuple[Any, list[Any]])
     assert h.backend_state.chunk_end is chunk_end and h.backend_state.nchunks is nchunks
     assert first.recv_x.shape == (t, HIDDEN) and second.recv_topk_idx.shape == (t, TOPK)
     assert torch.equal(h.psum_num_recv_tokens_per_rank, block) and int(block[0]) == t
+
+
+def test_cached_dispatch_plan_is_kept_per_handle_and_shape(fake: tuple[Any, list[Any]]) -> None:
+    be, log = fake
+    t = 16
+    gen, x, idx = _inputs(6, t)
+    h = _dispatch(be, x, idx).handle
+    other = _dispatch(be, x, idx).handle
+    log.clear()
+    first = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    key, plan = h.backend_state.replay
+    a = log[-1][1][0]
+    (scratch,) = be._replay_scratch.values()
+    assert a.out_counts == scratch.data_ptr() and a.count_experts == 0 and a.topk_bad == 0
+    assert a.send_row == h.send_row.data_ptr() and first.recv_x.shape == (t, HIDDEN)
+    # The next call of the shape takes the same plan.
+    _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    assert h.backend_state.replay[1] is plan
+    # A fresh dispatch of the same shape shares the launch struct and writes all of it: the
+    # next replay writes its fixed fields again.
+    _dispatch(be, x, idx)
+    assert a.count_experts == 1 and a.send_row != h.send_row.data_ptr()
+    again = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    assert a.count_experts == 0 and a.send_row == h.send_row.data_ptr()
+    assert a.out_counts == scratch.data_ptr() and a.num_tokens == t
+    assert a.out_chunk_end == h.backend_state.chunk_end.data_ptr()
+    assert a.out_x == again.recv_x.data_ptr() and a.topk_weights == 0
+    # Another handle's replay of the same shape: its own plan, its own layout in the struct.
+    _dispatch(be, x, other.topk_idx, handle=other, do_cpu_sync=False)
+    assert a.send_row == other.send_row.data_ptr() and other.backend_state.replay[1] is not plan
+    # Weights change the shape: a new plan that sets them, and the signature says so.
+    w = torch.rand(t, TOPK, generator=gen)
+    weighted = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False, topk_weights=w)
+    assert h.backend_state.replay[1] is not plan
+    assert a.topk_weights == w.data_ptr()
+    assert a.out_topk_weights == weighted.recv_topk_weights.data_ptr()
+    assert weighted.recv_topk_weights.shape == (t, TOPK)
+    el = E // be.num_ranks
+    assert a.signature == ht.dispatch_signature(
+        el, x.dtype, HIDDEN * 2, None, 0, TOPK, NMAX, True
+    )
+    # Back to no weights: the plan clears them.
+    _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    assert a.topk_weights == 0 and a.out_topk_weights == 0
+    names = [n for n, _ in log]
+    assert "ep_ht_zero" not in names and names.count("bind ep_ht_dispatch") <= 1
+
+
+def test_cached_dispatch_of_a_handle_without_sync_fills_the_tail(
+    fake: tuple[Any, list[Any]],
+) -> None:
+    be, log = fake
+    t = 9
+    _, x, idx = _inputs(7, t)
+    h = _dispatch(be, x, idx, do_cpu_sync=False).handle
+    log.clear()
+    res = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    assert [n for n, _ in log] == ["ep_ht_dispatch", "ep_ht_dispatch_tail"]
+    (scratch,) = be._replay_scratch.values()
+    tail = log[-1][1]
+    a = log[0][1][0]
+    # The tail reads the received total from the scratch's counts and fills worst-case rows.
+    assert tail[0] == scratch.data_ptr() + 4 * (be.num_ranks - 1) and tail[2] == a.out_src_meta
+    assert res.recv_x.shape == (NMAX, HIDDEN) and tail[3] is res.recv_topk_idx
 
 
 def test_dispatch_without_sync_and_expanded_replay(fake: tuple[Any, list[Any]]) -> None:

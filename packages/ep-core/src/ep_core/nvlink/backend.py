@@ -52,6 +52,8 @@ class _HtState:
         self.nchunks = nchunks
         self.counts = counts
         self.exact_rows = exact_rows
+        self.replay: tuple[tuple, ht.DispatchReplay] | None = None
+        """The last cached dispatch's plan and the shape it is for (see ``_replay``)."""
 
 
 class NvlinkBackend:
@@ -275,6 +277,20 @@ class NvlinkBackend:
     ) -> DispatchResult:
         """See :meth:`ep_core.backend.EPBackend.dispatch`; runs on the current stream."""
         self._check()
+        if handle is not None and not do_expand:
+            plan = self._replay(
+                handle,
+                x,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                num_experts,
+                num_max_tokens_per_rank,
+                expert_alignment,
+                num_sms,
+            )
+            if plan is not None:
+                return DispatchResult(*plan(x, x_scales, topk_idx, topk_weights), handle)
         r, nmax = self.num_ranks, num_max_tokens_per_rank
         num_tokens, hidden = x.shape
         k = topk_idx.shape[1]
@@ -331,26 +347,16 @@ class NvlinkBackend:
             if handle.do_expand != do_expand:
                 raise ValueError("a cached dispatch must use the handle's do_expand")
             bad = None
-            scratch = None if do_expand else self._scratch(num_counts, rows)
-            if scratch is None:
-                # Expanded (its counts and metadata are read back), or no scratch yet during a
-                # CUDA graph capture: the call's own block; only the parts the handle keeps
-                # (the chunk rows) become views.
-                offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
-                block = torch.empty(total, dtype=torch.int32, device=dev)
-                base = block.data_ptr()
-                chunk_end, nchunks_t = _small_views(block, offsets, r, max_chunks, None)
-                meta_offset = offsets[3]
-                counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
-                ht.launch_zero(counts, num_counts)
-            else:
-                # No allocation and no prologue: the source counts, verdicts and metadata go to
-                # the scratch, the per-expert counts (nobody reads them) are not made, and the
-                # chunk rows (the same as the handle's dispatch wrote) go into the handle's own
-                # tensors, which only this buffer's kernels read, in call order.
-                block, meta_offset = None, 0
-                chunk_end, nchunks_t = state.chunk_end, state.nchunks
-                counts, src_bad, out_meta = scratch
+            # Expanded (its counts and metadata are read back), or no replay scratch yet during
+            # a CUDA graph capture (other cached dispatches take ``_replay``'s plan): the call's
+            # own block; only the parts the handle keeps (the chunk rows) become views.
+            offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
+            block = torch.empty(total, dtype=torch.int32, device=dev)
+            base = block.data_ptr()
+            chunk_end, nchunks_t = _small_views(block, offsets, r, max_chunks, None)
+            meta_offset = offsets[3]
+            counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
+            ht.launch_zero(counts, num_counts)
             rows_at = (handle.send_row, state.chunk_prefix, chunk_end, nchunks_t)
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
@@ -387,7 +393,6 @@ class NvlinkBackend:
             num_local_experts=el,
             expert_alignment=expert_alignment,
             num_sms=n_sms,
-            count_experts=block is not None,
         )
         # A fresh dispatch's views whose sizes do not depend on the counts, made while its
         # kernels run (before the host read waits for them): host work hidden behind GPU time.
@@ -496,6 +501,7 @@ class NvlinkBackend:
             prev = handle.backend_state
             assert isinstance(prev, _HtState)
             prev.chunk_end, prev.nchunks = chunk_end, nchunks_t
+            prev.replay = None  # its plan wrote the chunk rows into the tensors replaced here
         return DispatchResult(recv_x, recv_sf, recv_idx, recv_w, handle)
 
     def combine(
@@ -634,6 +640,71 @@ class NvlinkBackend:
         return self._ll.combine(
             x, topk_idx, topk_weights, handle, out, return_recv_hook=return_recv_hook
         )
+
+    def _replay(
+        self,
+        handle: EPHandle,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+        num_experts: int,
+        nmax: int,
+        expert_alignment: int,
+        num_sms: int,
+    ) -> ht.DispatchReplay | None:
+        """The plan of a cached dispatch (not expanded) of this handle and shape: the last one
+        if the shape is the same, else a new one; ``None`` while the replay scratch cannot be
+        made (a CUDA graph capture before any cached dispatch of this size).
+
+        A plan sends the source counts, verdicts and metadata to the backend's replay scratch
+        (no allocation, no prologue), makes no per-expert counts (nobody reads them), and
+        writes the chunk rows (the same as the handle's dispatch wrote) into the handle's own
+        tensors, which only this buffer's kernels read, in call order.
+        """
+        state = handle.backend_state
+        if not isinstance(state, _HtState):
+            raise ValueError("the handle was not made by the nvlink backend")
+        if handle.do_expand:
+            raise ValueError("a cached dispatch must use the handle's do_expand")
+        scales = None if x_scales is None else (x_scales.shape, x_scales.stride(), x_scales.dtype)
+        key = (
+            x.shape,
+            x.dtype,
+            scales,
+            topk_idx.shape,
+            topk_weights is None,
+            num_experts,
+            nmax,
+            expert_alignment,
+            num_sms,
+        )
+        found = state.replay
+        if found is not None and found[0] == key:
+            return found[1]
+        r, k = self.num_ranks, topk_idx.shape[1]
+        self._check_shape(x.shape[1], k, nmax)
+        n_sms = self._num_sms(num_sms)
+        el = num_experts // r
+        scratch = self._scratch(r + 2 * el, r * nmax)
+        if scratch is None:
+            return None
+        plan = ht.DispatchReplay(
+            self.ht,
+            x=x,
+            x_scales=x_scales,
+            num_topk=k,
+            weighted=topk_weights is not None,
+            layout=(handle.send_row, state.chunk_prefix, state.chunk_end, state.nchunks),
+            scratch=scratch,
+            num_rows=state.exact_rows,
+            num_local_experts=el,
+            num_max_tokens=nmax,
+            expert_alignment=expert_alignment,
+            num_sms=n_sms,
+        )
+        state.replay = (key, plan)
+        return plan
 
     def _scratch(self, num_counts: int, rows: int) -> tuple[int, int, int] | None:
         """Addresses of the replay scratch's counts, verdicts and metadata (``num_counts``

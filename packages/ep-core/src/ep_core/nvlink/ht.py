@@ -42,6 +42,7 @@ __all__ = [
     "SPLIT_MIN_SMS",
     "STAGES",
     "STAGE_DISPATCH_INFO",
+    "DispatchReplay",
     "HtContext",
     "check_ctas",
     "combine_config",
@@ -436,8 +437,9 @@ class HtContext:
 
 class _Launch:
     """A launch of one shape: its argument struct (fixed fields filled once, the others set by
-    each call), grid, block and shared memory; ``seen``: the objects whose addresses the
-    struct holds from the last call, where a launcher skips setting them again."""
+    each call), grid, block and shared memory; ``seen``: what set the struct's per-handle
+    fields last (a combine's handle and chunk rows, a :class:`DispatchReplay`), where a
+    launcher skips setting them again; ``None`` after a launcher that sets every field."""
 
     __slots__ = ("args", "block", "bound", "grid", "seen", "signatures", "smem")
 
@@ -448,7 +450,7 @@ class _Launch:
         self.grid = grid
         self.block = block
         self.smem = smem
-        self.seen: tuple[Any, ...] | None = None
+        self.seen: Any = None
         self.bound: Any = None  # the kernel's BoundLaunch of ``args`` (made at the first call)
         self.signatures: tuple[int, ...] = ()  # a combine's, without and with weights
 
@@ -559,6 +561,64 @@ def launch_dispatch_tail(
     )
 
 
+def _dispatch_launch(
+    ctx: HtContext,
+    num_topk: int,
+    row_bytes: int,
+    num_sf: int,
+    num_local_experts: int,
+    num_max_tokens: int,
+    expert_alignment: int,
+    num_sms: int,
+) -> tuple[_Launch, Any]:
+    """The dispatch kernel of this shape and its launch (the struct's fixed fields filled in),
+    made at the first call of the shape."""
+    r = ctx.num_ranks
+    splittable = use_split(num_sms)
+    key = (
+        "dispatch",
+        r,
+        num_topk,
+        row_bytes,
+        num_sf,
+        num_local_experts,
+        ctx.dispatch_override,
+        splittable,
+    )
+    found = _configured.get(key)
+    if found is None:
+        payload = dispatch_payload_bytes(row_bytes, num_sf, num_topk)
+        if ctx.dispatch_override is not None:
+            cfg = DispatchConfig.from_override(ctx.dispatch_override, payload, r)
+        else:
+            cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
+        spec = _dispatch_spec(r, num_topk, row_bytes, num_sf, cfg)
+        found = _configured[key] = (cfg, build_kernel(spec))
+    cfg, kernel = found
+    # The fields fixed for this shape, buffer and launch come from a template made once.
+    tkey = (key, num_max_tokens, expert_alignment, num_sms, device_ptr(ctx.trace_dispatch))
+    template = ctx.arg_templates.get(tkey)
+    if template is None:
+        t = HtDispatchArgs()
+        t.peer_bases = device_ptr(ctx.peer_bases)
+        t.error = ctx.watchdog.record_ptr
+        t.num_max_tokens = num_max_tokens
+        t.num_local_experts, t.max_chunks = num_local_experts, ctx.sizing.max_chunks
+        t.expert_alignment, t.timeout_ns, t.rank = (
+            expert_alignment,
+            ctx.watchdog.timeout_ns,
+            ctx.rank,
+        )
+        t.lay = ctx.layout
+        t.trace = device_ptr(ctx.trace_dispatch) or None
+        t.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
+        if len(ctx.arg_templates) > 64:
+            ctx.arg_templates.clear()
+        shape = ((num_sms, 1, 1), (cfg.threads, 1, 1), cfg.smem_bytes(num_local_experts))
+        template = ctx.arg_templates[tkey] = _Launch(t, *shape)
+    return template, kernel
+
+
 def launch_dispatch(
     ctx: HtContext,
     *,
@@ -597,50 +657,12 @@ def launch_dispatch(
     rank's ids were bad). ``out_meta``, ``counts``, ``src_bad`` and ``topk_bad`` may be given
     as device addresses.
     """
-    r, k = ctx.num_ranks, topk_idx.shape[1]
+    k = topk_idx.shape[1]
     row_bytes = x.shape[1] * x.element_size()
     num_sf = 0 if x_scales is None else x_scales.shape[1]
-    splittable = use_split(num_sms)
-    key = (
-        "dispatch",
-        r,
-        k,
-        row_bytes,
-        num_sf,
-        num_local_experts,
-        ctx.dispatch_override,
-        splittable,
+    template, kernel = _dispatch_launch(
+        ctx, k, row_bytes, num_sf, num_local_experts, num_max_tokens, expert_alignment, num_sms
     )
-    found = _configured.get(key)
-    if found is None:
-        payload = dispatch_payload_bytes(row_bytes, num_sf, k)
-        if ctx.dispatch_override is not None:
-            cfg = DispatchConfig.from_override(ctx.dispatch_override, payload, r)
-        else:
-            cfg = dispatch_config(payload, r, num_local_experts, split=splittable)
-        found = _configured[key] = (cfg, build_kernel(_dispatch_spec(r, k, row_bytes, num_sf, cfg)))
-    cfg, kernel = found
-    # The fields fixed for this shape, buffer and launch come from a template made once.
-    tkey = (key, num_max_tokens, expert_alignment, num_sms, device_ptr(ctx.trace_dispatch))
-    template = ctx.arg_templates.get(tkey)
-    if template is None:
-        t = HtDispatchArgs()
-        t.peer_bases = device_ptr(ctx.peer_bases)
-        t.error = ctx.watchdog.record_ptr
-        t.num_max_tokens = num_max_tokens
-        t.num_local_experts, t.max_chunks = num_local_experts, ctx.sizing.max_chunks
-        t.expert_alignment, t.timeout_ns, t.rank = (
-            expert_alignment,
-            ctx.watchdog.timeout_ns,
-            ctx.rank,
-        )
-        t.lay = ctx.layout
-        t.trace = device_ptr(ctx.trace_dispatch) or None
-        t.num_send_ctas = cfg.num_send_ctas(num_sms) if cfg.split else 0
-        if len(ctx.arg_templates) > 64:
-            ctx.arg_templates.clear()
-        shape = ((num_sms, 1, 1), (cfg.threads, 1, 1), cfg.smem_bytes(num_local_experts))
-        template = ctx.arg_templates[tkey] = _Launch(t, *shape)
     # The launch copies the struct's bytes, so one struct per shape serves every call: each
     # call overwrites every field that is not fixed for the shape.
     a = template.args
@@ -670,7 +692,136 @@ def launch_dispatch(
         topk_weights is not None,
     )
     a.count_experts = count_experts
+    template.seen = None  # every field written: a replay plan writes its fixed ones again
     template.launch(kernel)
+
+
+class DispatchReplay:
+    """A cached dispatch of one handle and one input shape, prepared at its first call.
+
+    The launch struct's fields that stay the same from call to call (the handle's layout, the
+    replay scratch's addresses, the token count, the signature, the absent operands) are
+    written when another call used the struct last; a call allocates the received rows, sets
+    the input and output addresses and makes the bound launch. ``num_rows``: the handle's
+    exact received rows (the outputs are views of that many rows), or ``None`` for a handle
+    made without CPU sync (worst-case rows, whose tail a second kernel fills).
+    """
+
+    __slots__ = (
+        "device", "fixed", "hidden", "kernel", "num_rows", "num_topk", "rows", "scale_cols",
+        "scale_dtype", "tail_at", "template", "x_dtype",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        ctx: HtContext,
+        *,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        num_topk: int,
+        weighted: bool,
+        layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        scratch: tuple[int, int, int],
+        num_rows: int | None,
+        num_local_experts: int,
+        num_max_tokens: int,
+        expert_alignment: int,
+        num_sms: int,
+    ) -> None:
+        row_bytes = x.shape[1] * x.element_size()
+        num_sf = 0 if x_scales is None else x_scales.shape[1]
+        self.template, self.kernel = _dispatch_launch(
+            ctx,
+            num_topk,
+            row_bytes,
+            num_sf,
+            num_local_experts,
+            num_max_tokens,
+            expert_alignment,
+            num_sms,
+        )
+        self.device = x.device
+        self.rows = ctx.num_ranks * num_max_tokens
+        self.hidden, self.x_dtype, self.num_topk = x.shape[1], x.dtype, num_topk
+        self.scale_cols = num_sf
+        self.scale_dtype = None if x_scales is None else x_scales.dtype
+        self.num_rows = num_rows
+        send_row, chunk_prefix, chunk_end, nchunks = layout
+        counts, src_bad, meta = scratch
+        # The source count of the last rank is the received total (the tail kernel's bound).
+        self.tail_at = (counts + 4 * (ctx.num_ranks - 1), meta)
+        signature = dispatch_signature(
+            num_local_experts,
+            x.dtype,
+            row_bytes,
+            self.scale_dtype,
+            num_sf,
+            num_topk,
+            num_max_tokens,
+            weighted,
+        )
+        # The layout's tensors are the handle's, which holds this plan: they outlive it.
+        self.fixed = (
+            ("send_row", send_row.data_ptr()),
+            ("chunk_prefix", chunk_prefix.data_ptr()),
+            ("out_chunk_end", chunk_end.data_ptr()),
+            ("out_nchunks", nchunks.data_ptr()),
+            ("out_counts", counts),
+            ("out_src_bad", src_bad),
+            ("out_src_meta", meta),
+            ("topk_bad", 0),
+            ("num_topk_bad", 0),
+            ("count_experts", 0),
+            ("num_tokens", x.shape[0]),
+            ("signature", signature),
+            ("sf_stride_t", 0 if x_scales is None else x_scales.stride(0)),
+            ("sf_stride_p", 0 if x_scales is None else x_scales.stride(1)),
+            ("x_sf", 0),
+            ("out_sf", 0),
+            ("topk_weights", 0),
+            ("out_topk_weights", 0),
+        )
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Enqueues the dispatch on the current stream; returns ``(recv_x, recv_x_scales,
+        recv_topk_idx, recv_topk_weights)`` (operands of the shape the plan was made for)."""
+        template = self.template
+        a = template.args
+        if template.seen is not self:
+            for name, value in self.fixed:
+                setattr(a, name, value)
+            template.seen = self
+        dev, rows, k = self.device, self.rows, self.num_topk
+        out_x = torch.empty((rows, self.hidden), dtype=self.x_dtype, device=dev)
+        out_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
+        a.x, a.out_x = x.data_ptr(), out_x.data_ptr()
+        a.topk_idx, a.out_topk_idx = topk_idx.data_ptr(), out_idx.data_ptr()
+        out_sf = out_w = None
+        if x_scales is not None:
+            out_sf = torch.empty((rows, self.scale_cols), dtype=self.scale_dtype, device=dev)
+            a.x_sf, a.out_sf = x_scales.data_ptr(), out_sf.data_ptr()
+        if topk_weights is not None:
+            out_w = torch.empty((rows, k), dtype=torch.float32, device=dev)
+            a.topk_weights, a.out_topk_weights = topk_weights.data_ptr(), out_w.data_ptr()
+        template.launch(self.kernel)
+        n = self.num_rows
+        if n is None:
+            launch_dispatch_tail(self.tail_at[0], self.tail_at[1], out_idx, out_w, out_x, out_sf)
+            return out_x, out_sf, out_idx, out_w
+        if n == rows:
+            return out_x, out_sf, out_idx, out_w
+        return (
+            out_x[:n],
+            None if out_sf is None else out_sf[:n],
+            out_idx[:n],
+            None if out_w is None else out_w[:n],
+        )
 
 
 SIGNATURE_ARGUMENTS = (
