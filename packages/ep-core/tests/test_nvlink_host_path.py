@@ -215,7 +215,7 @@ def test_cached_dispatch_plan_is_kept_per_handle_and_shape(fake: tuple[Any, list
     other = _dispatch(be, x, idx).handle
     log.clear()
     first = _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
-    key, plan = h.backend_state.replay
+    _, plan = h.backend_state.replay
     a = log[-1][1][0]
     (scratch,) = be._replay_scratch.values()
     assert a.out_counts == scratch.data_ptr() and a.count_experts == 0 and a.topk_bad == 0
@@ -243,9 +243,7 @@ def test_cached_dispatch_plan_is_kept_per_handle_and_shape(fake: tuple[Any, list
     assert a.out_topk_weights == weighted.recv_topk_weights.data_ptr()
     assert weighted.recv_topk_weights.shape == (t, TOPK)
     el = E // be.num_ranks
-    assert a.signature == ht.dispatch_signature(
-        el, x.dtype, HIDDEN * 2, None, 0, TOPK, NMAX, True
-    )
+    assert a.signature == ht.dispatch_signature(el, x.dtype, HIDDEN * 2, None, 0, TOPK, NMAX, True)
     # Back to no weights: the plan clears them.
     _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
     assert a.topk_weights == 0 and a.out_topk_weights == 0
@@ -328,8 +326,19 @@ def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, lis
     el = E // be.num_ranks
     assert a.signature == ht.combine_signature(el, HIDDEN, TOPK, NMAX, False)
     w = torch.rand(h1.num_recv_tokens, TOPK, generator=gen)
-    be.combine(y, h1, w, (), 4)
+    plan = h1.backend_state.combine[1]
+    out, out_w = be.combine(y, h1, w, (), 4)
     assert a.signature == ht.combine_signature(el, HIDDEN, TOPK, NMAX, True)
+    assert a.topk_weights == w.data_ptr() and a.out_weights == out_w.data_ptr()
+    # Each handle keeps its plan per shape; weights change the shape: another plan, and back
+    # without weights the struct loses them again.
+    assert h1.backend_state.combine[1] is not plan and h2.backend_state.combine is not None
+    be.combine(y, h1, None, (), 4)
+    assert a.topk_weights == 0 and a.out_weights == 0
+    assert a.signature == ht.combine_signature(el, HIDDEN, TOPK, NMAX, False)
+    again = h1.backend_state.combine[1]
+    be.combine(y, h1, None, (), 4)
+    assert h1.backend_state.combine[1] is again and a.topk_idx == h1.topk_idx.data_ptr()
 
 
 def test_a_rank_that_rejects_its_input_stops_every_rank(

@@ -54,6 +54,8 @@ class _HtState:
         self.exact_rows = exact_rows
         self.replay: tuple[tuple, ht.DispatchReplay] | None = None
         """The last cached dispatch's plan and the shape it is for (see ``_replay``)."""
+        self.combine: tuple[tuple, ht.CombinePlan] | None = None
+        """The last combine's plan and the shape it is for."""
 
 
 class NvlinkBackend:
@@ -501,7 +503,8 @@ class NvlinkBackend:
             prev = handle.backend_state
             assert isinstance(prev, _HtState)
             prev.chunk_end, prev.nchunks = chunk_end, nchunks_t
-            prev.replay = None  # its plan wrote the chunk rows into the tensors replaced here
+            # The plans hold the addresses of the chunk rows replaced here.
+            prev.replay = prev.combine = None
         return DispatchResult(recv_x, recv_sf, recv_idx, recv_w, handle)
 
     def combine(
@@ -517,36 +520,26 @@ class NvlinkBackend:
         state = handle.backend_state
         if not isinstance(state, _HtState):
             raise ValueError("the handle was not made by the nvlink backend")
-        hidden = x.shape[1]
-        k = handle.num_topk
-        self._check_shape(hidden, k, handle.num_max_tokens_per_rank)
-        n_sms = self._num_sms(num_sms if num_sms > 0 else handle.num_sms)
         weights = topk_weights
         meta = handle.recv_src_metadata
         if handle.do_expand:
-            x, weights = reduce_expanded_rows(x, topk_weights, meta, k)
-        if meta.shape[1] != 2:  # expanded handles carry the lane map after the two columns
-            meta = meta[:, :2].contiguous()
+            x, weights = reduce_expanded_rows(x, topk_weights, meta, handle.num_topk)
+            meta = meta[:, :2].contiguous()  # the lane map follows the two columns
         if x.shape[0] < meta.shape[0]:
             raise ValueError(f"combine x has {x.shape[0]} rows, the handle needs {meta.shape[0]}")
-        num_tokens = handle.num_tokens
-        out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self.device)
-        out_w = None
-        if weights is not None:
-            out_w = torch.empty((num_tokens, k), dtype=torch.float32, device=self.device)
-        ht.launch_combine(
-            self.ht,
-            x=x.contiguous(),
-            weights=None if weights is None else weights.contiguous(),
-            meta=meta,
-            state=state,
-            handle=handle,
-            bias=bias,
-            out=out,
-            out_w=out_w,
-            num_sms=n_sms,
-        )
-        return out, out_w
+        key = (x.shape[1], weights is None, num_sms)
+        found = state.combine
+        if found is not None and found[0] == key:
+            plan = found[1]
+        else:
+            hidden = x.shape[1]
+            self._check_shape(hidden, handle.num_topk, handle.num_max_tokens_per_rank)
+            n_sms = self._num_sms(num_sms if num_sms > 0 else handle.num_sms)
+            plan = ht.CombinePlan(
+                self.ht, handle, state, hidden=hidden, weighted=weights is not None, num_sms=n_sms
+            )
+            state.combine = (key, plan)
+        return plan(x.contiguous(), None if weights is None else weights.contiguous(), meta, bias)
 
     # ---- low-latency ------------------------------------------------------------------------
     def _new_ll_engine(self, nmax: int, hidden: int, num_experts: int, k: int) -> LowLatencyEngine:

@@ -42,6 +42,7 @@ __all__ = [
     "SPLIT_MIN_SMS",
     "STAGES",
     "STAGE_DISPATCH_INFO",
+    "CombinePlan",
     "DispatchReplay",
     "HtContext",
     "check_ctas",
@@ -50,7 +51,6 @@ __all__ = [
     "describe_disagreement",
     "dispatch_config",
     "dispatch_signature",
-    "launch_combine",
     "launch_dispatch",
     "launch_dispatch_tail",
     "launch_layout",
@@ -899,21 +899,12 @@ def describe_disagreement(rank: int, peer: int, stage: int, observed: int, expec
     )
 
 
-def launch_combine(
-    ctx: HtContext,
-    *,
-    x: torch.Tensor,
-    weights: torch.Tensor | None,
-    meta: torch.Tensor,
-    state: Any,
-    handle: Any,
-    bias: tuple[torch.Tensor, ...],
-    out: torch.Tensor,
-    out_w: torch.Tensor | None,
-    num_sms: int,
-) -> None:
-    """Combine kernel on the current stream (cooperative, ``num_sms`` CTAs)."""
-    r, k, hidden = ctx.num_ranks, handle.num_topk, x.shape[1]
+def _combine_launch(
+    ctx: HtContext, num_topk: int, hidden: int, num_sms: int, num_max_tokens: int, el: int
+) -> tuple[_Launch, Any]:
+    """The combine kernel of this shape and its launch (the struct's fixed fields filled in,
+    the signatures without and with weights), made at the first call of the shape."""
+    r, k = ctx.num_ranks, num_topk
     splittable = use_split_combine(num_sms, r)
     key = ("combine", r, k, hidden, ctx.combine_override, splittable)
     found = _configured.get(key)
@@ -925,14 +916,13 @@ def launch_combine(
             cfg = combine_config(payload, split=splittable)
         found = _configured[key] = (cfg, build_kernel(_combine_spec(r, k, hidden, cfg)))
     cfg, kernel = found
-    nmax, el = handle.num_max_tokens_per_rank, handle.num_local_experts
-    tkey = (key, nmax, el, num_sms, device_ptr(ctx.trace_combine))
+    tkey = (key, num_max_tokens, el, num_sms, device_ptr(ctx.trace_combine))
     template = ctx.arg_templates.get(tkey)
     if template is None:
         t = HtCombineArgs()
         t.peer_bases = device_ptr(ctx.peer_bases)
         t.error = ctx.watchdog.record_ptr
-        t.num_max_tokens = nmax
+        t.num_max_tokens = num_max_tokens
         t.num_local_experts, t.max_chunks = el, ctx.sizing.max_chunks
         t.timeout_ns, t.rank = ctx.watchdog.timeout_ns, ctx.rank
         t.lay = ctx.layout
@@ -943,23 +933,64 @@ def launch_combine(
         shape = ((num_sms, 1, 1), (cfg.threads, 1, 1), cfg.smem_bytes())
         template = ctx.arg_templates[tkey] = _Launch(t, *shape)
         template.signatures = tuple(
-            combine_signature(el, hidden, k, nmax, weighted) for weighted in (False, True)
+            combine_signature(el, hidden, k, num_max_tokens, weighted) for weighted in (False, True)
         )
-    a = template.args  # as in launch_dispatch: every per-call field is set below
-    a.signature = template.signatures[weights is not None]
-    a.x, a.topk_weights, a.src_meta = x.data_ptr(), device_ptr(weights), meta.data_ptr()
-    # The handle's fields change only with the handle (and a cached dispatch's new chunk rows):
-    # set when the struct last saw other objects. The struct holds them, so they stay alive
-    # and no other object can take their identity.
-    last = template.seen
-    chunk_end, nchunks = state.chunk_end, state.nchunks
-    if last is None or last[0] is not handle or last[1] is not chunk_end or last[2] is not nchunks:
-        a.psum_rank = device_ptr(handle.psum_num_recv_tokens_per_rank)
-        a.chunk_end, a.nchunks = chunk_end.data_ptr(), nchunks.data_ptr()
-        a.topk_idx, a.send_row = handle.topk_idx.data_ptr(), handle.send_row.data_ptr()
-        a.num_tokens = handle.num_tokens
-        template.seen = (handle, chunk_end, nchunks)
-    a.bias0 = device_ptr(bias[0]) if len(bias) > 0 else 0
-    a.bias1 = device_ptr(bias[1]) if len(bias) > 1 else 0
-    a.out, a.out_weights = out.data_ptr(), device_ptr(out_w)
-    template.launch(kernel)
+    return template, kernel
+
+
+class CombinePlan:
+    """A combine of one handle and one shape, prepared at its first call.
+
+    The launch struct's fields that come from the handle (its layout, chunk rows and token
+    count) and the shape (the signature, absent weights) are written when another call used
+    the struct last; a call allocates the outputs, sets the operand addresses and makes the
+    bound launch. The handle's tensors are held by the handle, which holds this plan.
+    """
+
+    __slots__ = ("device", "fixed", "hidden", "kernel", "num_tokens", "num_topk", "template")
+
+    def __init__(
+        self, ctx: HtContext, handle: Any, state: Any, *, hidden: int, weighted: bool, num_sms: int
+    ) -> None:
+        nmax, el = handle.num_max_tokens_per_rank, handle.num_local_experts
+        self.num_topk, self.hidden = handle.num_topk, hidden
+        self.template, self.kernel = _combine_launch(ctx, self.num_topk, hidden, num_sms, nmax, el)
+        self.device = handle.topk_idx.device
+        self.num_tokens = handle.num_tokens
+        fixed = [
+            ("signature", self.template.signatures[weighted]),
+            ("psum_rank", device_ptr(handle.psum_num_recv_tokens_per_rank)),
+            ("chunk_end", state.chunk_end.data_ptr()),
+            ("nchunks", state.nchunks.data_ptr()),
+            ("topk_idx", handle.topk_idx.data_ptr()),
+            ("send_row", handle.send_row.data_ptr()),
+            ("num_tokens", self.num_tokens),
+        ]
+        if not weighted:
+            fixed += [("topk_weights", 0), ("out_weights", 0)]
+        self.fixed = tuple(fixed)
+
+    def __call__(
+        self, x: torch.Tensor, weights: torch.Tensor | None, meta: torch.Tensor, bias: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Enqueues the combine on the current stream (``x`` and ``weights`` contiguous,
+        ``meta`` the ``[M, 2]`` metadata); returns ``(out [T, H] bf16, out_w [T, k] or
+        None)``."""
+        template = self.template
+        a = template.args
+        if template.seen is not self:
+            for name, value in self.fixed:
+                setattr(a, name, value)
+            template.seen = self
+        out = torch.empty((self.num_tokens, self.hidden), dtype=torch.bfloat16, device=self.device)
+        a.x, a.src_meta, a.out = x.data_ptr(), meta.data_ptr(), out.data_ptr()
+        out_w = None
+        if weights is not None:
+            out_w = torch.empty(
+                (self.num_tokens, self.num_topk), dtype=torch.float32, device=self.device
+            )
+            a.topk_weights, a.out_weights = weights.data_ptr(), out_w.data_ptr()
+        a.bias0 = bias[0].data_ptr() if len(bias) > 0 else 0
+        a.bias1 = bias[1].data_ptr() if len(bias) > 1 else 0
+        template.launch(self.kernel)
+        return out, out_w
