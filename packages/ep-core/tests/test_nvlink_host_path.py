@@ -249,6 +249,12 @@ def test_cached_dispatch_plan_is_kept_per_handle_and_shape(fake: tuple[Any, list
     assert a.topk_weights == 0 and a.out_topk_weights == 0
     names = [n for n, _ in log]
     assert "ep_ht_zero" not in names and names.count("bind ep_ht_dispatch") <= 1
+    # A developer override of the launch shape (benchmark sweeps) makes another plan.
+    last = h.backend_state.replay[1]
+    be.ht.dispatch_override = (4, 4, 2, 2)
+    _dispatch(be, x, h.topk_idx, handle=h, do_cpu_sync=False)
+    assert h.backend_state.replay[1].template is not last.template
+    be.ht.dispatch_override = None
 
 
 def test_cached_dispatch_of_a_handle_without_sync_fills_the_tail(
@@ -339,6 +345,12 @@ def test_combine_sets_handle_fields_when_the_handle_changes(fake: tuple[Any, lis
     again = h1.backend_state.combine[1]
     be.combine(y, h1, None, (), 4)
     assert h1.backend_state.combine[1] is again and a.topk_idx == h1.topk_idx.data_ptr()
+    # A developer override of the launch shape (benchmark sweeps) makes another plan.
+    be.ht.combine_override = (4, 16, 4, 1)
+    be.combine(y, h1, None, (), 4)
+    assert h1.backend_state.combine[1] is not again
+    assert h1.backend_state.combine[1].template is not again.template
+    be.ht.combine_override = None
 
 
 def test_a_rank_that_rejects_its_input_stops_every_rank(

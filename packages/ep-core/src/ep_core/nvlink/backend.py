@@ -527,7 +527,15 @@ class NvlinkBackend:
             meta = meta[:, :2].contiguous()  # the lane map follows the two columns
         if x.shape[0] < meta.shape[0]:
             raise ValueError(f"combine x has {x.shape[0]} rows, the handle needs {meta.shape[0]}")
-        key = (x.shape[1], weights is None, num_sms)
+        # The developer overrides (benchmarks) pick another launch: part of the key.
+        ctx = self.ht
+        key = (
+            x.shape[1],
+            weights is None,
+            num_sms,
+            ctx.combine_override,
+            ctx.trace_combine is not None and ctx.trace_combine.data_ptr(),
+        )
         found = state.combine
         if found is not None and found[0] == key:
             plan = found[1]
@@ -536,7 +544,7 @@ class NvlinkBackend:
             self._check_shape(hidden, handle.num_topk, handle.num_max_tokens_per_rank)
             n_sms = self._num_sms(num_sms if num_sms > 0 else handle.num_sms)
             plan = ht.CombinePlan(
-                self.ht, handle, state, hidden=hidden, weighted=weights is not None, num_sms=n_sms
+                ctx, handle, state, hidden=hidden, weighted=weights is not None, num_sms=n_sms
             )
             state.combine = (key, plan)
         return plan(x.contiguous(), None if weights is None else weights.contiguous(), meta, bias)
@@ -671,6 +679,8 @@ class NvlinkBackend:
             nmax,
             expert_alignment,
             num_sms,
+            self.ht.dispatch_override,
+            self.ht.trace_dispatch is not None and self.ht.trace_dispatch.data_ptr(),
         )
         found = state.replay
         if found is not None and found[0] == key:
