@@ -28,6 +28,7 @@ from ep_core.expand import expand_rows, reduce_expanded_rows
 from ep_core.handle import EPHandle, LowLatencyHandle
 from ep_core.layout import align_up_tensor, worst_case_num_expanded_tokens
 from ep_core.nvlink import ht
+from ep_core.nvlink._common import device_ptr
 from ep_core.nvlink.layout import CHUNK_TOKENS, NvlinkSizing, compute_layout
 from ep_core.nvlink.ll import LowLatencyEngine, last_op_of_parity, tag_word
 from ep_core.validation import check_topk_idx_values
@@ -56,6 +57,14 @@ class _HtState:
         """The last cached dispatch's plan and the shape it is for (see ``_replay``)."""
         self.combine: tuple[tuple, ht.CombinePlan] | None = None
         """The last combine's plan and the shape it is for."""
+
+
+def _ht_state(handle: EPHandle) -> _HtState:
+    """The backend part of a high-throughput handle made by this backend."""
+    state = handle.backend_state
+    if not isinstance(state, _HtState):
+        raise ValueError("the handle was not made by the nvlink backend")
+    return state
 
 
 class NvlinkBackend:
@@ -279,20 +288,26 @@ class NvlinkBackend:
     ) -> DispatchResult:
         """See :meth:`ep_core.backend.EPBackend.dispatch`; runs on the current stream."""
         self._check()
-        if handle is not None and not do_expand:
-            plan = self._replay(
-                handle,
-                x,
-                x_scales,
-                topk_idx,
-                topk_weights,
-                num_experts,
-                num_max_tokens_per_rank,
-                expert_alignment,
-                num_sms,
-            )
-            if plan is not None:
-                return DispatchResult(*plan(x, x_scales, topk_idx, topk_weights), handle)
+        state: _HtState | None = None
+        if handle is not None:
+            state = _ht_state(handle)
+            if handle.do_expand != do_expand:
+                raise ValueError("a cached dispatch must use the handle's do_expand")
+            if not do_expand:
+                plan = self._replay(
+                    handle,
+                    state,
+                    x,
+                    x_scales,
+                    topk_idx,
+                    topk_weights,
+                    num_experts,
+                    num_max_tokens_per_rank,
+                    expert_alignment,
+                    num_sms,
+                )
+                if plan is not None:
+                    return DispatchResult(*plan(x, x_scales, topk_idx, topk_weights), handle)
         r, nmax = self.num_ranks, num_max_tokens_per_rank
         num_tokens, hidden = x.shape
         k = topk_idx.shape[1]
@@ -311,19 +326,25 @@ class NvlinkBackend:
         max_chunks = self.sizing.max_chunks
         idx_copy: torch.Tensor | None = None
         unaligned: torch.Tensor | None = None
+        # The kernels get addresses; the views of the block that are kept are made once they
+        # run. A cached dispatch gets here when expanded (its counts and metadata are read
+        # back) or with no replay scratch yet during a CUDA graph capture (the others take
+        # ``_replay``'s plan): it has its own block too.
+        block, offsets, bad, at = _small_outputs(
+            dev,
+            num_counts=num_counts,
+            num_bad=num_bad,
+            num_ranks=r,
+            max_chunks=max_chunks,
+            rows=rows,
+            fresh=fresh,
+        )
+        counts, src_bad, end_at, nchunks_at, out_meta = at[:5]
+        meta_offset = offsets[3]  # int32 words from the block's start
+        row_at: torch.Tensor | int
+        prefix_at: torch.Tensor | int
         if handle is None:
-            block, offsets, bad, at = _small_outputs(
-                dev,
-                num_counts=num_counts,
-                num_bad=num_bad,
-                num_ranks=r,
-                max_chunks=max_chunks,
-                rows=rows,
-                fresh=fresh,
-            )
-            # The kernels get addresses; the views the handle keeps are made once they run.
-            counts, src_bad, end_at, nchunks_at, out_meta, row_at, prefix_at, in_at, copy_at = at
-            rows_at: tuple[torch.Tensor | int, ...] = (row_at, prefix_at, end_at, nchunks_at)
+            row_at, prefix_at, in_at, copy_at = at[5:]
             # One prologue launch: the layout, the handle's copy of the routing, the zeroed
             # counters and the routing's verdicts.
             ht.launch_layout(
@@ -341,25 +362,10 @@ class NvlinkBackend:
                 bad=bad,
                 num_bad=num_bad,
             )
-            meta_offset = offsets[3]  # int32 words from the block's start
         else:
-            state = handle.backend_state
-            if not isinstance(state, _HtState):
-                raise ValueError("the handle was not made by the nvlink backend")
-            if handle.do_expand != do_expand:
-                raise ValueError("a cached dispatch must use the handle's do_expand")
-            bad = None
-            # Expanded (its counts and metadata are read back), or no replay scratch yet during
-            # a CUDA graph capture (other cached dispatches take ``_replay``'s plan): the call's
-            # own block; only the parts the handle keeps (the chunk rows) become views.
-            offsets, total = _small_layout(num_counts, 0, r, max_chunks, rows, None)
-            block = torch.empty(total, dtype=torch.int32, device=dev)
-            base = block.data_ptr()
-            chunk_end, nchunks_t = _small_views(block, offsets, r, max_chunks, None)
-            meta_offset = offsets[3]
-            counts, src_bad, out_meta = base, base + 4 * num_counts, base + 4 * offsets[3]
+            assert state is not None
+            row_at, prefix_at = handle.send_row, state.chunk_prefix
             ht.launch_zero(counts, num_counts)
-            rows_at = (handle.send_row, state.chunk_prefix, chunk_end, nchunks_t)
 
         scale_cols = 0 if x_scales is None else x_scales.shape[1]
         out_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
@@ -378,8 +384,8 @@ class NvlinkBackend:
             x_scales=x_scales,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
-            send_row=rows_at[0],
-            chunk_prefix=rows_at[1],
+            send_row=row_at,
+            chunk_prefix=prefix_at,
             out_x=out_x,
             out_sf=out_sf,
             out_idx=out_idx,
@@ -389,8 +395,8 @@ class NvlinkBackend:
             src_bad=src_bad,
             topk_bad=bad,
             num_topk_bad=num_bad,
-            chunk_end=rows_at[2],
-            nchunks=rows_at[3],
+            chunk_end=end_at,
+            nchunks=nchunks_at,
             num_max_tokens=nmax,
             num_local_experts=el,
             expert_alignment=expert_alignment,
@@ -400,25 +406,21 @@ class NvlinkBackend:
         # kernels run (before the host read waits for them): host work hidden behind GPU time.
         psum_rank: torch.Tensor | None = None
         psum_expert: torch.Tensor | None = None
+        views = _small_views(block, offsets, r, max_chunks, fresh)
+        chunk_end, nchunks_t = views[:2]
         if handle is None:
-            assert block is not None
-            chunk_end, nchunks_t, send_row, chunk_prefix, is_in, idx_copy = _small_views(
-                block, offsets, r, max_chunks, fresh
-            )
+            send_row, chunk_prefix, is_in, idx_copy = views[2:]
             psum_rank = block.as_strided((r,), (1,), 0)
             unaligned = block.as_strided((el,), (1,), r)
             if not do_expand:
                 psum_expert = block.as_strided((el,), (1,), r + el)
         exact_rows: int | None = None
         aligned_list: list[int] = []
-        if handle is not None:
-            prev = handle.backend_state
-            assert isinstance(prev, _HtState)
-            exact_rows = prev.exact_rows
+        if state is not None:
+            exact_rows = state.exact_rows
         elif do_cpu_sync:
             # The one host synchronisation of this call: the counts and every rank's verdict
             # on its routing (each source's, as announced to this rank).
-            assert block is not None
             host = self._read_counts(block, num_counts + r)
             if self._error_code.value:
                 self._raise_recorded()
@@ -440,7 +442,6 @@ class NvlinkBackend:
         # handle's (the replay wrote the same).
         meta: torch.Tensor | None = None
         if handle is None or do_expand:
-            assert block is not None  # a cached expanded dispatch has its own
             meta = block.as_strided((num_rows, 2), (2, 1), meta_offset)
             if unaligned is None:
                 unaligned = block.as_strided((el,), (1,), r)
@@ -500,11 +501,10 @@ class NvlinkBackend:
             )
         else:
             # The replay wrote the same layout; keep the handle's tensors, refresh the chunk rows.
-            prev = handle.backend_state
-            assert isinstance(prev, _HtState)
-            prev.chunk_end, prev.nchunks = chunk_end, nchunks_t
+            assert state is not None
+            state.chunk_end, state.nchunks = chunk_end, nchunks_t
             # The plans hold the addresses of the chunk rows replaced here.
-            prev.replay = prev.combine = None
+            state.replay = state.combine = None
         return DispatchResult(recv_x, recv_sf, recv_idx, recv_w, handle)
 
     def combine(
@@ -517,9 +517,7 @@ class NvlinkBackend:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """See :meth:`ep_core.backend.EPBackend.combine`; runs on the current stream."""
         self._check()
-        state = handle.backend_state
-        if not isinstance(state, _HtState):
-            raise ValueError("the handle was not made by the nvlink backend")
+        state = _ht_state(handle)
         weights = topk_weights
         meta = handle.recv_src_metadata
         if handle.do_expand:
@@ -534,7 +532,7 @@ class NvlinkBackend:
             weights is None,
             num_sms,
             ctx.combine_override,
-            ctx.trace_combine is not None and ctx.trace_combine.data_ptr(),
+            device_ptr(ctx.trace_combine),
         )
         found = state.combine
         if found is not None and found[0] == key:
@@ -645,6 +643,7 @@ class NvlinkBackend:
     def _replay(
         self,
         handle: EPHandle,
+        state: _HtState,
         x: torch.Tensor,
         x_scales: torch.Tensor | None,
         topk_idx: torch.Tensor,
@@ -663,11 +662,6 @@ class NvlinkBackend:
         writes the chunk rows (the same as the handle's dispatch wrote) into the handle's own
         tensors, which only this buffer's kernels read, in call order.
         """
-        state = handle.backend_state
-        if not isinstance(state, _HtState):
-            raise ValueError("the handle was not made by the nvlink backend")
-        if handle.do_expand:
-            raise ValueError("a cached dispatch must use the handle's do_expand")
         scales = None if x_scales is None else (x_scales.shape, x_scales.stride(), x_scales.dtype)
         key = (
             x.shape,
@@ -680,7 +674,7 @@ class NvlinkBackend:
             expert_alignment,
             num_sms,
             self.ht.dispatch_override,
-            self.ht.trace_dispatch is not None and self.ht.trace_dispatch.data_ptr(),
+            device_ptr(self.ht.trace_dispatch),
         )
         found = state.replay
         if found is not None and found[0] == key:

@@ -437,9 +437,9 @@ class HtContext:
 
 class _Launch:
     """A launch of one shape: its argument struct (fixed fields filled once, the others set by
-    each call), grid, block and shared memory; ``seen``: what set the struct's per-handle
-    fields last (a combine's handle and chunk rows, a :class:`DispatchReplay`), where a
-    launcher skips setting them again; ``None`` after a launcher that sets every field."""
+    each call), grid, block and shared memory; ``seen``: the plan (:class:`DispatchReplay`,
+    :class:`CombinePlan`) that wrote the struct's per-handle fields last (see :meth:`claim`);
+    ``None`` after a launcher that sets every field."""
 
     __slots__ = ("args", "block", "bound", "grid", "seen", "signatures", "smem")
 
@@ -453,6 +453,15 @@ class _Launch:
         self.seen: Any = None
         self.bound: Any = None  # the kernel's BoundLaunch of ``args`` (made at the first call)
         self.signatures: tuple[int, ...] = ()  # a combine's, without and with weights
+
+    def claim(self, owner: object, fixed: tuple[tuple[str, Any], ...]) -> None:
+        """Writes ``fixed`` (``(field, value)`` pairs) into the struct unless ``owner`` (a plan
+        holding those values) was the last to write them."""
+        if self.seen is not owner:
+            a = self.args
+            for name, value in fixed:
+                setattr(a, name, value)
+            self.seen = owner
 
     def launch(self, kernel: Any) -> None:
         """Enqueues ``kernel`` (cooperative) with the struct as it is now, on the current
@@ -643,13 +652,13 @@ def launch_dispatch(
     num_local_experts: int,
     expert_alignment: int,
     num_sms: int,
-    count_experts: bool = True,
 ) -> None:
     """Dispatch kernel on the current stream (cooperative, ``num_sms`` CTAs).
 
     ``counts``: ``[R psum per source | El counts | El aligned psum]``; the per-expert counts are
-    added to what is there (zeroed by the prologue), unless ``count_experts`` is false:
-    then neither they nor their prefix sums are written (a replay whose counts nobody reads).
+    added to what is there (zeroed by the prologue). A :class:`DispatchReplay`, whose counts
+    nobody reads, launches the same kernel with ``count_experts`` off: then neither they nor
+    their prefix sums are written.
 
     ``topk_bad``: the prologue's ``num_topk_bad`` verdict words on ``topk_idx``
     (``launch_layout``) or ``None``; the kernel announces their OR to every peer with its
@@ -691,7 +700,7 @@ def launch_dispatch(
         num_max_tokens,
         topk_weights is not None,
     )
-    a.count_experts = count_experts
+    a.count_experts = 1
     template.seen = None  # every field written: a replay plan writes its fixed ones again
     template.launch(kernel)
 
@@ -792,11 +801,8 @@ class DispatchReplay:
         """Enqueues the dispatch on the current stream; returns ``(recv_x, recv_x_scales,
         recv_topk_idx, recv_topk_weights)`` (operands of the shape the plan was made for)."""
         template = self.template
+        template.claim(self, self.fixed)
         a = template.args
-        if template.seen is not self:
-            for name, value in self.fixed:
-                setattr(a, name, value)
-            template.seen = self
         dev, rows, k = self.device, self.rows, self.num_topk
         out_x = torch.empty((rows, self.hidden), dtype=self.x_dtype, device=dev)
         out_idx = torch.empty((rows, k), dtype=torch.int64, device=dev)
@@ -977,11 +983,8 @@ class CombinePlan:
         ``meta`` the ``[M, 2]`` metadata); returns ``(out [T, H] bf16, out_w [T, k] or
         None)``."""
         template = self.template
+        template.claim(self, self.fixed)
         a = template.args
-        if template.seen is not self:
-            for name, value in self.fixed:
-                setattr(a, name, value)
-            template.seen = self
         out = torch.empty((self.num_tokens, self.hidden), dtype=torch.bfloat16, device=self.device)
         a.x, a.src_meta, a.out = x.data_ptr(), meta.data_ptr(), out.data_ptr()
         out_w = None
